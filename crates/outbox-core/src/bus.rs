@@ -1,0 +1,189 @@
+//! The message bus between relay and consumer (Kafka).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::event::{ms_to_system_time, HEADER_CREATED_AT_MS, HEADER_EVENT_ID};
+use crate::{Event, Result};
+
+/// Where a message sits on the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Position {
+    /// Partition of the topic.
+    pub partition: i32,
+    /// Offset within the partition.
+    pub offset: i64,
+}
+
+/// The broker's answer for one published event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The broker durably acknowledged the event at this position.
+    Acknowledged(Position),
+    /// Not acknowledged, for a reason that may pass (timeout, broker down): keep it pending.
+    Retryable(String),
+    /// The broker can never take this event (too large, invalid): dead-letter it.
+    Rejected(String),
+}
+
+impl Delivery {
+    /// Whether the broker acknowledged the event.
+    pub fn is_acknowledged(&self) -> bool {
+        matches!(self, Delivery::Acknowledged(_))
+    }
+}
+
+/// Publishes events and reports, per event, what the broker said.
+#[async_trait]
+pub trait Bus: Send + Sync {
+    /// Publishes `events` in order and waits for the broker's answer on each.
+    ///
+    /// The result has one [`Delivery`] per event, in the same order. Events of
+    /// one key are published in the order given. `Err` means the bus itself is
+    /// unusable (for example a fatal producer error); no event of the batch
+    /// may be considered acknowledged then.
+    async fn publish(&self, events: &[Event]) -> Result<Vec<Delivery>>;
+}
+
+/// One message read from the bus, with its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Topic it was read from.
+    pub topic: String,
+    /// Where it sits.
+    pub position: Position,
+    /// Message key.
+    pub key: Option<Bytes>,
+    /// Message value; `None` for a tombstone.
+    pub payload: Option<Bytes>,
+    /// Headers whose values are valid UTF-8; others are dropped by the bus adapter.
+    pub headers: BTreeMap<String, String>,
+    /// Broker or producer timestamp, milliseconds since the Unix epoch.
+    pub timestamp_ms: Option<i64>,
+}
+
+/// Why a [`Record`] is not a valid outbox event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The event id header is absent.
+    #[error("message has no {HEADER_EVENT_ID} header")]
+    MissingEventId,
+    /// The event id header is not a UUID.
+    #[error("header {HEADER_EVENT_ID} is not a uuid: {0:?}")]
+    InvalidEventId(String),
+    /// The message has no value.
+    #[error("message has no payload")]
+    MissingPayload,
+}
+
+impl Record {
+    /// The event id carried in the [`HEADER_EVENT_ID`] header.
+    pub fn event_id(&self) -> std::result::Result<Uuid, DecodeError> {
+        let raw = self
+            .headers
+            .get(HEADER_EVENT_ID)
+            .ok_or(DecodeError::MissingEventId)?;
+        Uuid::parse_str(raw).map_err(|_| DecodeError::InvalidEventId(raw.clone()))
+    }
+
+    /// Rebuilds the [`Event`] the relay published.
+    ///
+    /// Reserved `outbox-` headers are removed from [`Event::headers`]. The
+    /// creation time falls back to the message timestamp.
+    pub fn to_event(&self) -> std::result::Result<Event, DecodeError> {
+        let id = self.event_id()?;
+        let payload = self.payload.clone().ok_or(DecodeError::MissingPayload)?;
+        let created_ms = self
+            .headers
+            .get(HEADER_CREATED_AT_MS)
+            .and_then(|v| v.parse::<i64>().ok())
+            .or(self.timestamp_ms)
+            .unwrap_or(0);
+        let headers = self
+            .headers
+            .iter()
+            .filter(|(k, _)| !k.starts_with("outbox-"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Ok(Event {
+            id,
+            topic: self.topic.clone(),
+            key: self.key.clone(),
+            payload,
+            headers,
+            created_at: ms_to_system_time(created_ms),
+        })
+    }
+}
+
+/// Positions to commit: for each (topic, partition), the offset of the next message to read.
+pub type Checkpoint = BTreeMap<(String, i32), i64>;
+
+/// A consumer of the bus whose positions move only when told.
+#[async_trait]
+pub trait Subscription: Send {
+    /// Waits up to `max_wait` for messages and returns at most `max_records` of
+    /// them (possibly none), in partition order.
+    async fn poll_batch(&mut self, max_records: usize, max_wait: Duration) -> Result<Vec<Record>>;
+
+    /// Records that everything before these positions was durably handled.
+    async fn commit(&mut self, checkpoint: &Checkpoint) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(headers: &[(&str, &str)]) -> Record {
+        Record {
+            topic: "t".into(),
+            position: Position {
+                partition: 0,
+                offset: 7,
+            },
+            key: Some(Bytes::from_static(b"k")),
+            payload: Some(Bytes::from_static(b"{}")),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            timestamp_ms: Some(42),
+        }
+    }
+
+    #[test]
+    fn decodes_event_and_strips_reserved_headers() {
+        let id = Uuid::now_v7();
+        let id_text = id.to_string();
+        let event = record(&[
+            (HEADER_EVENT_ID, &id_text),
+            (HEADER_CREATED_AT_MS, "1000"),
+            ("app", "x"),
+        ])
+        .to_event()
+        .unwrap();
+        assert_eq!(event.id, id);
+        assert_eq!(event.created_ms_for_test(), 1000);
+        assert_eq!(event.headers.len(), 1);
+    }
+
+    #[test]
+    fn rejects_missing_or_bad_id() {
+        assert_eq!(record(&[]).event_id(), Err(DecodeError::MissingEventId));
+        assert!(matches!(
+            record(&[(HEADER_EVENT_ID, "nope")]).event_id(),
+            Err(DecodeError::InvalidEventId(_))
+        ));
+    }
+
+    impl Event {
+        fn created_ms_for_test(&self) -> i64 {
+            self.created_at_ms()
+        }
+    }
+}

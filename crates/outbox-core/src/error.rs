@@ -1,0 +1,102 @@
+//! The one error type of the pipeline, classified as retryable or permanent.
+
+use std::fmt;
+
+/// A boxed error from an adapter (Postgres, Kafka, ClickHouse client errors).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Result alias used across the workspace.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Which part of the pipeline failed; used in messages and as a metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Stage {
+    /// Reading or acknowledging events in the source (Postgres).
+    Source,
+    /// Publishing to or consuming from the bus (Kafka).
+    Bus,
+    /// Writing to the sink (ClickHouse).
+    Sink,
+    /// Configuration rejected before anything ran.
+    Config,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stage::Source => "source",
+            Stage::Bus => "bus",
+            Stage::Sink => "sink",
+            Stage::Config => "config",
+        })
+    }
+}
+
+/// An error of the pipeline.
+///
+/// Every adapter maps its client errors into one of two classes. A
+/// [`Error::Retryable`] failure (service down, timeout, leader change) leaves
+/// the work where it was and the drivers retry it with backoff, forever. A
+/// [`Error::Permanent`] failure (bad credentials, missing permission, invalid
+/// configuration) will not heal by waiting: drivers stop and report it.
+///
+/// ```
+/// use outbox_core::{Error, Stage};
+///
+/// let err = Error::retryable(Stage::Bus, "kafka at 127.0.0.1:9092 is not answering");
+/// assert!(err.is_retryable());
+/// assert_eq!(err.stage(), Stage::Bus);
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A transient failure: retry later.
+    #[error("{stage}: {source}")]
+    Retryable {
+        /// Where it happened.
+        stage: Stage,
+        /// What happened.
+        #[source]
+        source: BoxError,
+    },
+    /// A failure that retrying will not fix.
+    #[error("{stage}: {source}")]
+    Permanent {
+        /// Where it happened.
+        stage: Stage,
+        /// What happened.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl Error {
+    /// A retryable error.
+    pub fn retryable(stage: Stage, source: impl Into<BoxError>) -> Self {
+        Error::Retryable {
+            stage,
+            source: source.into(),
+        }
+    }
+
+    /// A permanent error.
+    pub fn permanent(stage: Stage, source: impl Into<BoxError>) -> Self {
+        Error::Permanent {
+            stage,
+            source: source.into(),
+        }
+    }
+
+    /// Whether waiting and retrying can succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Retryable { .. })
+    }
+
+    /// Where the error happened.
+    pub fn stage(&self) -> Stage {
+        match self {
+            Error::Retryable { stage, .. } | Error::Permanent { stage, .. } => *stage,
+        }
+    }
+}

@@ -1,0 +1,22 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+mod backoff;
+mod bus;
+mod consume;
+mod error;
+mod event;
+mod relay;
+mod sink;
+mod source;
+
+pub use backoff::Backoff;
+pub use bus::{Bus, Checkpoint, DecodeError, Delivery, Position, Record, Subscription};
+pub use consume::{checkpoint_after, Consume, ConsumeConfig, ConsumeStats};
+pub use error::{BoxError, Error, Result, Stage};
+pub use event::{
+    ms_to_system_time, system_time_to_ms, Event, HEADER_CREATED_AT_MS, HEADER_EVENT_ID,
+};
+pub use relay::{hold_back_after_failures, Relay, RelayConfig, RelayStats};
+pub use sink::{RecordStatus, Sink, WriteReport};
+pub use source::{AckSummary, Claimed, Source};

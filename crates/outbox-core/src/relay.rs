@@ -1,0 +1,257 @@
+//! The relay: claims events from a [`Source`], publishes them on a [`Bus`],
+//! acknowledges what the broker acknowledged.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::bus::{Bus, Delivery};
+use crate::source::{AckSummary, Source};
+use crate::{Backoff, Event, Result};
+
+/// Settings of a [`Relay`].
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Most events claimed and published at once. Default: 1000.
+    pub batch_size: usize,
+    /// Longest wait for new events when the outbox is empty. Default: 500 ms.
+    pub idle_wait: Duration,
+    /// Return from [`Relay::run`] as soon as the outbox is empty. Default: false.
+    pub stop_when_idle: bool,
+    /// First delay after a retryable failure. Default: 100 ms.
+    pub backoff_initial: Duration,
+    /// Longest delay between retries. Default: 10 s.
+    pub backoff_max: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 1000,
+            idle_wait: Duration::from_millis(500),
+            stop_when_idle: false,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Totals over the life of a [`Relay::run`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Batches claimed.
+    pub batches: u64,
+    /// Events the broker acknowledged and the source completed.
+    pub published: u64,
+    /// Events moved to the dead-letter place.
+    pub dead_lettered: u64,
+    /// Events left pending after a failed publish (they are retried).
+    pub released: u64,
+    /// Retryable failures seen.
+    pub retries: u64,
+}
+
+/// Drives a [`Source`] into a [`Bus`].
+///
+/// Each cycle claims a batch, publishes it, waits for every delivery report
+/// and then acknowledges the batch to the source, which removes only the
+/// events the broker acknowledged. A relay killed at any point therefore
+/// leaves every unacknowledged event pending; what it may leave behind is an
+/// event that was published but not yet removed, which the next claim
+/// publishes again (sinks recognise it by its id).
+///
+/// ```no_run
+/// # async fn example<S: outbox_core::Source, B: outbox_core::Bus>(source: S, bus: B) -> outbox_core::Result<()> {
+/// use outbox_core::{Relay, RelayConfig};
+/// use tokio_util::sync::CancellationToken;
+///
+/// let shutdown = CancellationToken::new();
+/// let relay = Relay::new(source, bus, RelayConfig::default());
+/// let stats = relay.run(shutdown.clone()).await?;
+/// println!("published {}", stats.published);
+/// # Ok(()) }
+/// ```
+pub struct Relay<S, B> {
+    source: S,
+    bus: B,
+    config: RelayConfig,
+}
+
+impl<S: Source, B: Bus> Relay<S, B> {
+    /// A relay over `source` and `bus`.
+    pub fn new(source: S, bus: B, config: RelayConfig) -> Self {
+        Self {
+            source,
+            bus,
+            config,
+        }
+    }
+
+    /// The source, for inspection.
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    /// One claim → publish → acknowledge cycle. `Ok(None)` when nothing was pending.
+    pub async fn run_once(&self) -> Result<Option<AckSummary>> {
+        let Some(claimed) = self.source.claim(self.config.batch_size.max(1)).await? else {
+            return Ok(None);
+        };
+        let batch_len = claimed.events.len();
+        let deliveries = match self.bus.publish(&claimed.events).await {
+            Ok(deliveries) => hold_back_after_failures(&claimed.events, deliveries),
+            // Dropping the claim abandons it: every event stays pending.
+            Err(err) => return Err(err),
+        };
+        let summary = self.source.acknowledge(claimed, &deliveries).await?;
+        debug!(
+            batch_len,
+            completed = summary.completed,
+            dead_lettered = summary.dead_lettered,
+            released = summary.released,
+            "relay batch acknowledged"
+        );
+        Ok(Some(summary))
+    }
+
+    /// Runs until `shutdown` is cancelled (or the outbox is empty, with
+    /// [`RelayConfig::stop_when_idle`]), retrying retryable failures forever.
+    ///
+    /// A batch in flight when `shutdown` fires is finished first, so the
+    /// relay stops with nothing claimed. Returns the first permanent error.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<RelayStats> {
+        let mut stats = RelayStats::default();
+        let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
+        while !shutdown.is_cancelled() {
+            match self.run_once().await {
+                Ok(Some(summary)) => {
+                    stats.batches += 1;
+                    stats.published += summary.completed as u64;
+                    stats.dead_lettered += summary.dead_lettered as u64;
+                    stats.released += summary.released as u64;
+                    if summary.released > 0 {
+                        stats.retries += 1;
+                        let delay = backoff.next_delay();
+                        warn!(
+                            released = summary.released,
+                            delay_ms = delay.as_millis() as u64,
+                            "broker did not acknowledge every event; they stay pending and are retried"
+                        );
+                        sleep_or_cancel(delay, &shutdown).await;
+                    } else {
+                        backoff.reset();
+                    }
+                }
+                Ok(None) => {
+                    backoff.reset();
+                    if self.config.stop_when_idle {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        waited = self.source.wait_for_events(self.config.idle_wait) => {
+                            if let Err(err) = waited {
+                                warn!(error = %err, "waiting for new events failed; polling instead");
+                                sleep_or_cancel(self.config.idle_wait, &shutdown).await;
+                            }
+                        }
+                    }
+                }
+                Err(err) if err.is_retryable() => {
+                    stats.retries += 1;
+                    let delay = backoff.next_delay();
+                    warn!(error = %err, attempt = backoff.attempts(), delay_ms = delay.as_millis() as u64, "relay cycle failed; retrying");
+                    sleep_or_cancel(delay, &shutdown).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        info!(
+            published = stats.published,
+            dead_lettered = stats.dead_lettered,
+            batches = stats.batches,
+            "relay stopped"
+        );
+        Ok(stats)
+    }
+}
+
+pub(crate) async fn sleep_or_cancel(delay: Duration, shutdown: &CancellationToken) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(delay) => {}
+    }
+}
+
+/// Keeps per-key order across a partly failed batch.
+///
+/// When an event of key K was not acknowledged (retryable), a later event of
+/// K that was acknowledged must not be completed: the earlier one would then
+/// be published after it. Such events are turned into
+/// [`Delivery::Retryable`], so both are published again, in order. Events
+/// without a key have no order to keep.
+///
+/// ```
+/// use outbox_core::{hold_back_after_failures, Delivery, Event, Position};
+///
+/// let events = vec![Event::new("t", "1").with_key("k"), Event::new("t", "2").with_key("k")];
+/// let acked = Delivery::Acknowledged(Position { partition: 0, offset: 9 });
+/// let out = hold_back_after_failures(&events, vec![Delivery::Retryable("timeout".into()), acked]);
+/// assert!(matches!(out[1], Delivery::Retryable(_)));
+/// ```
+pub fn hold_back_after_failures(events: &[Event], deliveries: Vec<Delivery>) -> Vec<Delivery> {
+    let mut failed_keys: HashSet<(&str, &Bytes)> = HashSet::new();
+    events
+        .iter()
+        .zip(deliveries)
+        .map(|(event, delivery)| {
+            let Some(key) = event.key.as_ref() else {
+                return delivery;
+            };
+            let scoped = (event.topic.as_str(), key);
+            match delivery {
+                Delivery::Retryable(reason) => {
+                    failed_keys.insert(scoped);
+                    Delivery::Retryable(reason)
+                }
+                Delivery::Acknowledged(_) if failed_keys.contains(&scoped) => Delivery::Retryable(
+                    "held back: an earlier event of the same key was not acknowledged".into(),
+                ),
+                other => other,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Position;
+
+    #[test]
+    fn holds_back_only_the_failed_key() {
+        let events = vec![
+            Event::new("t", "a1").with_key("a"),
+            Event::new("t", "b1").with_key("b"),
+            Event::new("t", "a2").with_key("a"),
+            Event::new("t", "n"),
+        ];
+        let ack = |offset| {
+            Delivery::Acknowledged(Position {
+                partition: 0,
+                offset,
+            })
+        };
+        let out = hold_back_after_failures(
+            &events,
+            vec![Delivery::Retryable("x".into()), ack(1), ack(2), ack(3)],
+        );
+        assert!(matches!(out[0], Delivery::Retryable(_)));
+        assert_eq!(out[1], ack(1));
+        assert!(matches!(out[2], Delivery::Retryable(_)));
+        assert_eq!(out[3], ack(3));
+    }
+}

@@ -1,0 +1,49 @@
+//! Where events end: a store such as ClickHouse.
+
+use async_trait::async_trait;
+
+use crate::bus::Record;
+use crate::Result;
+
+/// What a sink did with one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordStatus {
+    /// Durably written by this call.
+    Written,
+    /// Already durably written before (a redelivery); not written again.
+    Duplicate,
+    /// Can never be written (undecodable, does not fit the table); durably
+    /// stored in the sink's dead-letter place with this reason.
+    DeadLettered(String),
+}
+
+/// What a sink durably did with a batch.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WriteReport {
+    /// Records written by this call.
+    pub written: usize,
+    /// Records recognised as already written.
+    pub duplicates: usize,
+    /// Records moved to the dead-letter place, with their reasons.
+    pub dead_lettered: Vec<(crate::Position, String)>,
+}
+
+impl WriteReport {
+    /// Number of records handled (every record of the batch when `Ok`).
+    pub fn handled(&self) -> usize {
+        self.written + self.duplicates + self.dead_lettered.len()
+    }
+}
+
+/// Durable storage for consumed records.
+///
+/// `Ok` from [`Sink::write`] is the acknowledgement the consumer waits for
+/// before it moves its bus positions: every record of the batch is then
+/// durably written, known to be written already, or dead-lettered. `Err`
+/// means nothing can be assumed about the batch; the consumer retries the
+/// same records, and the sink must not write any of them twice.
+#[async_trait]
+pub trait Sink: Send {
+    /// Writes `records` durably.
+    async fn write(&mut self, records: &[Record]) -> Result<WriteReport>;
+}

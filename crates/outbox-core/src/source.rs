@@ -1,0 +1,63 @@
+//! Where events come from: the outbox.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::bus::Delivery;
+use crate::{Event, Result};
+
+/// A batch of events claimed from a [`Source`], plus the source's handle on the claim.
+///
+/// While a batch is claimed, no other relay can claim its events. Dropping it
+/// without [`Source::acknowledge`] abandons the claim: the events stay pending
+/// and will be claimed again.
+#[derive(Debug)]
+pub struct Claimed<C> {
+    /// The events, in the order they must be published.
+    pub events: Vec<Event>,
+    /// What the source needs to finish the claim.
+    pub claim: C,
+}
+
+/// What [`Source::acknowledge`] did with a batch.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AckSummary {
+    /// Events removed (or marked done) because the broker acknowledged them.
+    pub completed: usize,
+    /// Events moved to the dead-letter place because they can never be published.
+    pub dead_lettered: usize,
+    /// Events left pending, to be claimed again.
+    pub released: usize,
+}
+
+/// A store of pending events, such as a Postgres outbox table.
+///
+/// The contract that makes the relay lose nothing: an event is removed or
+/// marked done in [`Source::acknowledge`] only if its [`Delivery`] says the
+/// broker acknowledged it (or rejected it for good, in which case it is
+/// dead-lettered, never dropped). Anything else stays pending.
+#[async_trait]
+pub trait Source: Send + Sync {
+    /// The source's handle on a claimed batch (for Postgres: the open transaction).
+    type Claim: Send;
+
+    /// Claims up to `max_events` pending events, oldest first. `Ok(None)` when nothing is pending.
+    async fn claim(&self, max_events: usize) -> Result<Option<Claimed<Self::Claim>>>;
+
+    /// Finishes a claim: `deliveries[i]` is the outcome of `claimed.events[i]`.
+    async fn acknowledge(
+        &self,
+        claimed: Claimed<Self::Claim>,
+        deliveries: &[Delivery],
+    ) -> Result<AckSummary>;
+
+    /// Waits until new events may be pending, or `timeout` passed.
+    ///
+    /// The default sleeps for `timeout`; sources that can be notified (Postgres
+    /// `LISTEN`) return earlier.
+    async fn wait_for_events(&self, timeout: Duration) -> Result<()> {
+        tokio::time::sleep(timeout).await;
+        Ok(())
+    }
+}

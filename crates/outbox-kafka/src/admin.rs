@@ -1,0 +1,77 @@
+//! Topic creation (tansu and many clusters do not create topics on produce).
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+
+use crate::{BusError, KafkaConfig};
+
+/// Creates each of `topics` that does not exist yet, with the partition count
+/// and replication factor of `config`. Existing topics are left as they are.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), outbox_kafka::BusError> {
+/// let config = outbox_kafka::KafkaConfig::default();
+/// outbox_kafka::ensure_topics(&config, &["user_events"]).await?;
+/// # Ok(()) }
+/// ```
+pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), BusError> {
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let mut client_config = config.client_config();
+    config.apply_extra(&mut client_config);
+    let admin: AdminClient<DefaultClientContext> =
+        client_config.create().map_err(|source| BusError::Config {
+            brokers: config.brokers.clone(),
+            source,
+        })?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|topic| {
+            NewTopic::new(
+                topic,
+                config.topic_partitions,
+                TopicReplication::Fixed(config.topic_replication),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = tokio::time::timeout(
+        Duration::from_secs(15),
+        admin.create_topics(&new_topics, &options),
+    )
+    .await
+    .map_err(|_| BusError::Unreachable {
+        brokers: config.brokers.clone(),
+        detail: "creating topics timed out after 15 s".into(),
+    })?
+    .map_err(|e| BusError::Unreachable {
+        brokers: config.brokers.clone(),
+        detail: e.to_string(),
+    })?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(BusError::CreateTopic {
+                    brokers: config.brokers.clone(),
+                    retryable: !matches!(
+                        code,
+                        RDKafkaErrorCode::InvalidTopic
+                            | RDKafkaErrorCode::TopicAuthorizationFailed
+                            | RDKafkaErrorCode::ClusterAuthorizationFailed
+                            | RDKafkaErrorCode::InvalidPartitions
+                            | RDKafkaErrorCode::InvalidReplicationFactor
+                            | RDKafkaErrorCode::PolicyViolation
+                    ),
+                    topic,
+                    detail: code.to_string(),
+                })
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! The Kafka [`Bus`]: an idempotent producer that publishes whole batches.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::join_all;
+use outbox_core::{Bus, Delivery, Event, Position, HEADER_CREATED_AT_MS, HEADER_EVENT_ID};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use tracing::{info, warn};
+
+use crate::error::is_permanent_delivery_code;
+use crate::{ensure_topics, BusError, KafkaConfig};
+
+/// Publishes batches of events with an idempotent producer
+/// (`enable.idempotence=true`, `acks=all`) and reports, per event, whether
+/// the broker acknowledged it.
+///
+/// The event id travels in the `outbox-event-id` header and the creation time
+/// in `outbox-created-at-ms`; the key selects the partition (murmur2, as the
+/// Java client). Topics are created on first use when
+/// [`KafkaConfig::create_topics`] is set. After a fatal producer error (for
+/// example a broker that lost the producer's id) the producer is recreated
+/// and the batch reported as retryable.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use outbox_core::{Bus, Event};
+/// use outbox_kafka::{KafkaBus, KafkaConfig};
+///
+/// let bus = KafkaBus::new(KafkaConfig::default())?;
+/// let deliveries = bus.publish(&[Event::new("user_events", "{}").with_key("alice")]).await?;
+/// assert!(deliveries[0].is_acknowledged());
+/// # Ok(()) }
+/// ```
+pub struct KafkaBus {
+    config: KafkaConfig,
+    producer: RwLock<FutureProducer>,
+    known_topics: Mutex<HashSet<String>>,
+}
+
+impl KafkaBus {
+    /// A bus with a new producer. No connection is made until the first publish.
+    pub fn new(config: KafkaConfig) -> Result<Self, BusError> {
+        let producer = create_producer(&config)?;
+        Ok(Self {
+            config,
+            producer: RwLock::new(producer),
+            known_topics: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Asks the brokers for their metadata: the start-up check of the binaries.
+    pub async fn check_connection(&self) -> Result<(), BusError> {
+        let producer = self.producer();
+        let brokers = self.config.brokers.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Timeout::After(Duration::from_secs(10)))
+                .map(|_| ())
+                .map_err(|e| BusError::Unreachable {
+                    brokers,
+                    detail: e.to_string(),
+                })
+        })
+        .await
+        .map_err(|e| BusError::Unreachable {
+            brokers: self.config.brokers.clone(),
+            detail: e.to_string(),
+        })?
+    }
+
+    /// Waits until every message handed to the producer was delivered or failed.
+    pub async fn flush(&self, timeout: Duration) -> Result<(), BusError> {
+        let producer = self.producer();
+        let brokers = self.config.brokers.clone();
+        tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)))
+            .await
+            .map_err(|e| BusError::Unreachable {
+                brokers: brokers.clone(),
+                detail: e.to_string(),
+            })?
+            .map_err(|e| BusError::Unreachable {
+                brokers,
+                detail: e.to_string(),
+            })
+    }
+
+    fn producer(&self) -> FutureProducer {
+        match self.producer.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    async fn ensure_known_topics(&self, events: &[Event]) -> Result<(), BusError> {
+        if !self.config.create_topics {
+            return Ok(());
+        }
+        let missing: Vec<String> = {
+            let known = self
+                .known_topics
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut missing: Vec<String> = events
+                .iter()
+                .filter(|e| !known.contains(&e.topic))
+                .map(|e| e.topic.clone())
+                .collect();
+            missing.sort();
+            missing.dedup();
+            missing
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = missing.iter().map(String::as_str).collect();
+        ensure_topics(&self.config, &names).await?;
+        let mut known = self
+            .known_topics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        known.extend(missing);
+        Ok(())
+    }
+
+    /// Replaces the producer after a fatal error; in-flight messages of the old one are lost to it
+    /// but still pending in the source.
+    fn recreate_producer(&self, reason: &str) -> Result<(), BusError> {
+        warn!(reason, "recreating the kafka producer after a fatal error");
+        let fresh = create_producer(&self.config)?;
+        let mut guard = self
+            .producer
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *guard = fresh;
+        info!("kafka producer recreated");
+        Ok(())
+    }
+}
+
+fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, BusError> {
+    config
+        .producer_config()
+        .create()
+        .map_err(|source| BusError::Config {
+            brokers: config.brokers.clone(),
+            source,
+        })
+}
+
+fn headers_for(event: &Event, event_id: &str, created_ms: &str) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(event.headers.len() + 2)
+        .insert(Header {
+            key: HEADER_EVENT_ID,
+            value: Some(event_id),
+        })
+        .insert(Header {
+            key: HEADER_CREATED_AT_MS,
+            value: Some(created_ms),
+        });
+    for (name, value) in &event.headers {
+        if name.starts_with("outbox-") {
+            continue;
+        }
+        headers = headers.insert(Header {
+            key: name,
+            value: Some(value),
+        });
+    }
+    headers
+}
+
+fn classify(err: &KafkaError) -> Delivery {
+    match err.rdkafka_error_code() {
+        Some(code) if is_permanent_delivery_code(code) => {
+            Delivery::Rejected(format!("kafka rejected the event: {err}"))
+        }
+        _ => Delivery::Retryable(format!("kafka did not acknowledge the event: {err}")),
+    }
+}
+
+#[async_trait]
+impl Bus for KafkaBus {
+    async fn publish(&self, events: &[Event]) -> outbox_core::Result<Vec<Delivery>> {
+        self.ensure_known_topics(events).await?;
+        let producer = self.producer();
+        let mut pending = Vec::with_capacity(events.len());
+        for event in events {
+            let event_id = event.id.to_string();
+            let created_ms = event.created_at_ms().to_string();
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&event.topic)
+                .payload(&event.payload[..])
+                .timestamp(event.created_at_ms())
+                .headers(headers_for(event, &event_id, &created_ms));
+            if let Some(key) = &event.key {
+                record = record.key(&key[..]);
+            }
+            // Enqueue in order; a full local queue drains as deliveries complete.
+            let outcome = loop {
+                match producer.send_result(record) {
+                    Ok(future) => break Ok(future),
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                        record = returned;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((err, _)) => break Err(err),
+                }
+            };
+            pending.push(outcome);
+        }
+        let mut deliveries = Vec::with_capacity(events.len());
+        let mut futures = Vec::new();
+        let mut slots = Vec::new();
+        for (index, outcome) in pending.into_iter().enumerate() {
+            match outcome {
+                Ok(future) => {
+                    slots.push(index);
+                    futures.push(future);
+                    deliveries.push(Delivery::Retryable(String::new()));
+                }
+                Err(err) => deliveries.push(classify(&err)),
+            }
+        }
+        for (index, result) in slots.into_iter().zip(join_all(futures).await) {
+            deliveries[index] = match result {
+                Ok(Ok(delivery)) => Delivery::Acknowledged(Position {
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                }),
+                Ok(Err((err, _message))) => classify(&err),
+                Err(_canceled) => Delivery::Retryable("kafka producer was dropped".into()),
+            };
+        }
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            drop(producer);
+            self.recreate_producer(&reason)?;
+            // Messages acknowledged before the fatal error stay acknowledged;
+            // the rest are retried with the new producer.
+            warn!(%code, reason, "kafka producer reported a fatal error");
+        }
+        Ok(deliveries)
+    }
+}

@@ -1,0 +1,141 @@
+//! Settings of the Kafka producer and consumer.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+
+/// Where the brokers are and how the producer behaves.
+///
+/// ```
+/// let config = outbox_kafka::KafkaConfig::default();
+/// assert_eq!(config.brokers, "127.0.0.1:9092");
+/// ```
+#[derive(Clone)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated. Default: `127.0.0.1:9092`.
+    pub brokers: String,
+    /// `client.id` reported to the brokers. Default: `outbox`.
+    pub client_id: String,
+    /// How long the producer tries to deliver one message before it reports
+    /// failure (`message.timeout.ms`). The relay holds its claim that long at
+    /// most. Default: 30 s.
+    pub message_timeout: Duration,
+    /// How long the producer waits to fill a request (`linger.ms`). Default: 5 ms.
+    pub linger: Duration,
+    /// Create a topic the first time an event is published to it. Default: true.
+    pub create_topics: bool,
+    /// Partitions of topics this crate creates. Default: 3.
+    pub topic_partitions: i32,
+    /// Replication factor of topics this crate creates. Default: 1.
+    pub topic_replication: i32,
+    /// Further librdkafka properties (e.g. `security.protocol`, `sasl.*`),
+    /// applied last. Values are never logged.
+    pub extra: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            client_id: "outbox".into(),
+            message_timeout: Duration::from_secs(30),
+            linger: Duration::from_millis(5),
+            create_topics: true,
+            topic_partitions: 3,
+            topic_replication: 1,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("client_id", &self.client_id)
+            .field("message_timeout", &self.message_timeout)
+            .field("linger", &self.linger)
+            .field("create_topics", &self.create_topics)
+            .field("topic_partitions", &self.topic_partitions)
+            .field("extra_keys", &self.extra.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl KafkaConfig {
+    /// The common librdkafka properties.
+    pub(crate) fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("client.id", &self.client_id)
+            // Connection problems are reported through errors we classify;
+            // librdkafka's own log lines would repeat them every few ms.
+            .set("log_level", "3");
+        config
+    }
+
+    pub(crate) fn apply_extra(&self, config: &mut ClientConfig) {
+        for (key, value) in &self.extra {
+            config.set(key, value);
+        }
+    }
+
+    /// The idempotent producer's properties.
+    pub(crate) fn producer_config(&self) -> ClientConfig {
+        let mut config = self.client_config();
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("max.in.flight.requests.per.connection", "5")
+            .set(
+                "message.timeout.ms",
+                self.message_timeout.as_millis().to_string(),
+            )
+            .set("linger.ms", self.linger.as_millis().to_string())
+            // Same key → same partition as the Java client computes.
+            .set("partitioner", "murmur2_random")
+            .set("compression.type", "lz4");
+        self.apply_extra(&mut config);
+        config
+    }
+}
+
+/// Settings of a [`crate::KafkaSubscription`].
+///
+/// ```
+/// let config = outbox_kafka::ConsumerConfig::new("user_events_clickhouse", ["user_events"]);
+/// assert_eq!(config.topics, vec!["user_events".to_string()]);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Consumer group.
+    pub group_id: String,
+    /// Topics to read.
+    pub topics: Vec<String>,
+    /// `session.timeout.ms`. Default: 10 s.
+    pub session_timeout: Duration,
+    /// After the first message of a batch arrived, how long to keep
+    /// collecting more before handing the batch over. Default: 20 ms.
+    pub batch_linger: Duration,
+    /// `auto.offset.reset` for partitions without a committed position. Default: `earliest`.
+    pub auto_offset_reset: String,
+}
+
+impl ConsumerConfig {
+    /// A consumer of `topics` in group `group_id`, with the defaults.
+    pub fn new<I, S>(group_id: impl Into<String>, topics: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            group_id: group_id.into(),
+            topics: topics.into_iter().map(Into::into).collect(),
+            session_timeout: Duration::from_secs(10),
+            batch_linger: Duration::from_millis(20),
+            auto_offset_reset: "earliest".into(),
+        }
+    }
+}

@@ -1,0 +1,17 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+mod admin;
+mod bus;
+mod config;
+mod error;
+mod subscription;
+
+pub use admin::ensure_topics;
+pub use bus::KafkaBus;
+pub use config::{ConsumerConfig, KafkaConfig};
+pub use error::{is_permanent_delivery_code, is_permanent_kafka, BusError};
+pub use subscription::KafkaSubscription;
+
+/// Re-exported so users name the same client types as this crate.
+pub use rdkafka;

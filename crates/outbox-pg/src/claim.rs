@@ -1,0 +1,85 @@
+//! The open transaction behind a claimed batch.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Object, Pool};
+
+use crate::connect::connection;
+use crate::PgError;
+
+/// A pooled connection with an open claim transaction.
+///
+/// The row locks taken by `FOR UPDATE` live as long as this transaction.
+/// Dropping the guard without [`PgClaim::finish`] detaches the connection
+/// from the pool and closes it, so the server rolls the transaction back and
+/// every claimed event stays pending; a connection with an open transaction
+/// is never handed to another user of the pool.
+#[derive(Debug)]
+pub struct PgClaim {
+    conn: Option<Object>,
+    pub(crate) ids: Vec<i64>,
+}
+
+impl PgClaim {
+    /// Opens a claim transaction whose session Postgres ends if it stays idle
+    /// in it for longer than `claim_timeout`.
+    pub(crate) async fn begin(
+        pool: &Pool,
+        target: &str,
+        claim_timeout: Duration,
+    ) -> Result<Self, PgError> {
+        let conn = connection(pool, target).await?;
+        let guard = Self {
+            conn: Some(conn),
+            ids: Vec::new(),
+        };
+        guard
+            .client()?
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}; SET LOCAL TIME ZONE 'UTC'",
+                claim_timeout.as_millis()
+            ))
+            .await
+            .map_err(|e| PgError::query("claim (begin)", e))?;
+        Ok(guard)
+    }
+
+    pub(crate) fn client(&self) -> Result<&Object, PgError> {
+        self.conn
+            .as_ref()
+            .ok_or_else(|| PgError::Config("claim already finished".into()))
+    }
+
+    /// Ends the transaction with `COMMIT` or `ROLLBACK` and returns the
+    /// connection to the pool.
+    pub(crate) async fn finish(mut self, commit: bool) -> Result<(), PgError> {
+        let Some(conn) = self.conn.take() else {
+            return Ok(());
+        };
+        let sql = if commit { "COMMIT" } else { "ROLLBACK" };
+        match conn.batch_execute(sql).await {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                // The transaction state is unknown: never reuse this connection.
+                let _ = Object::take(conn);
+                Err(PgError::query(
+                    if commit {
+                        "claim (commit)"
+                    } else {
+                        "claim (rollback)"
+                    },
+                    err,
+                ))
+            }
+        }
+    }
+}
+
+impl Drop for PgClaim {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // Closing the connection rolls the transaction back server-side.
+            drop(Object::take(conn));
+        }
+    }
+}

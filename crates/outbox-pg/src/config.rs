@@ -1,0 +1,118 @@
+//! Configuration of the outbox tables and sources.
+
+use std::time::Duration;
+
+use crate::{PgError, SqlIdent, SqlName};
+
+/// Names and limits of the outbox tables.
+///
+/// ```
+/// let config = outbox_pg::OutboxConfig::default();
+/// assert_eq!(config.table, "outbox");
+/// config.validate().unwrap();
+/// ```
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// Outbox table, optionally `schema.table`. Default: `outbox`.
+    pub table: String,
+    /// Dead-letter table. Default: `outbox_dead_letter`.
+    pub dead_letter_table: String,
+    /// How long a claim may hold its transaction open while the broker
+    /// answers. Postgres ends a session idle in its transaction for longer
+    /// (`idle_in_transaction_session_timeout`), releasing the claim of a
+    /// relay that hung or was stopped. Keep it above the bus's delivery
+    /// timeout. Default: 60 s.
+    pub claim_timeout: Duration,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            table: "outbox".into(),
+            dead_letter_table: "outbox_dead_letter".into(),
+            claim_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl OutboxConfig {
+    /// Checks every name and limit.
+    pub fn validate(&self) -> Result<(), PgError> {
+        self.table()?;
+        self.dead_letter_table()?;
+        if self.claim_timeout < Duration::from_secs(1) {
+            return Err(PgError::Config("claim_timeout must be at least 1 s".into()));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn table(&self) -> Result<SqlName, PgError> {
+        SqlName::parse(&self.table)
+    }
+
+    pub(crate) fn dead_letter_table(&self) -> Result<SqlName, PgError> {
+        SqlName::parse(&self.dead_letter_table)
+    }
+}
+
+/// A business table with an "already sent" flag, read by [`crate::FlagTableSource`].
+///
+/// The default is the original demo: rows of `user_logins` with
+/// `sent_to_kafka = false`, published to `user_events` keyed by `username`.
+///
+/// ```
+/// let config = outbox_pg::FlagTableConfig::default();
+/// assert_eq!(config.flag_column, "sent_to_kafka");
+/// config.validate().unwrap();
+/// ```
+#[derive(Debug, Clone)]
+pub struct FlagTableConfig {
+    /// The table. Default: `user_logins`.
+    pub table: String,
+    /// Integer primary key, also the publishing order. Default: `id`.
+    pub id_column: String,
+    /// Boolean column set to true once the broker acknowledged the row. Default: `sent_to_kafka`.
+    pub flag_column: String,
+    /// Column whose text value is the message key; `None` for no key. Default: `username`.
+    pub key_column: Option<String>,
+    /// Destination topic. Default: `user_events`.
+    pub topic: String,
+    /// Where rows the broker can never take are recorded. Default: `outbox_dead_letter`.
+    pub dead_letter_table: String,
+    /// See [`OutboxConfig::claim_timeout`]. Default: 60 s.
+    pub claim_timeout: Duration,
+}
+
+impl Default for FlagTableConfig {
+    fn default() -> Self {
+        Self {
+            table: "user_logins".into(),
+            id_column: "id".into(),
+            flag_column: "sent_to_kafka".into(),
+            key_column: Some("username".into()),
+            topic: "user_events".into(),
+            dead_letter_table: "outbox_dead_letter".into(),
+            claim_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl FlagTableConfig {
+    /// Checks every name and limit.
+    pub fn validate(&self) -> Result<(), PgError> {
+        SqlName::parse(&self.table)?;
+        SqlName::parse(&self.dead_letter_table)?;
+        SqlIdent::parse(&self.id_column)?;
+        SqlIdent::parse(&self.flag_column)?;
+        if let Some(key) = &self.key_column {
+            SqlIdent::parse(key)?;
+        }
+        if self.topic.is_empty() {
+            return Err(PgError::Config("topic must not be empty".into()));
+        }
+        if self.claim_timeout < Duration::from_secs(1) {
+            return Err(PgError::Config("claim_timeout must be at least 1 s".into()));
+        }
+        Ok(())
+    }
+}

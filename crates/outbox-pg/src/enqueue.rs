@@ -1,0 +1,93 @@
+//! Writing events into the outbox inside the caller's transaction.
+
+use std::time::SystemTime;
+
+use deadpool_postgres::GenericClient;
+use outbox_core::Event;
+use uuid::Uuid;
+
+use crate::{OutboxConfig, PgError};
+
+/// A handle on one outbox table, for services that enqueue events.
+///
+/// [`Outbox::enqueue`] writes on the connection it is given, so the events
+/// become visible exactly when the caller's transaction commits, together
+/// with the business rows, and vanish if it rolls back.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use outbox_core::Event;
+/// use outbox_pg::{Outbox, OutboxConfig, PgConfig};
+///
+/// let pool = PgConfig::default().create_pool()?;
+/// let outbox = Outbox::new(&OutboxConfig::default())?;
+///
+/// let mut client = pool.get().await?;
+/// let tx = client.transaction().await?;
+/// tx.execute("INSERT INTO accounts (name) VALUES ($1)", &[&"alice"]).await?;
+/// outbox
+///     .enqueue(&tx, &[Event::new("accounts", r#"{"name":"alice"}"#).with_key("alice")])
+///     .await?;
+/// tx.commit().await?; // the row and its event, atomically
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    insert_sql: String,
+}
+
+impl Outbox {
+    /// A handle on the outbox table named in `config` (validated here).
+    pub fn new(config: &OutboxConfig) -> Result<Self, PgError> {
+        config.validate()?;
+        let table = config.table()?;
+        Ok(Self {
+            insert_sql: format!(
+                "INSERT INTO {table} (event_id, topic, key, payload, headers, created_at) \
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::bytea[], $5::jsonb[], $6::timestamptz[])"
+            ),
+        })
+    }
+
+    /// Writes `events` with one statement on `client`, which should be inside
+    /// a transaction the caller commits (a `tokio_postgres::Transaction`, a
+    /// deadpool `Transaction`, or a client on which the caller ran `BEGIN`).
+    ///
+    /// Returns the number of rows written. An event id that is already in the
+    /// outbox fails the statement (and so the caller's transaction).
+    pub async fn enqueue<C>(&self, client: &C, events: &[Event]) -> Result<u64, PgError>
+    where
+        C: GenericClient + Sync,
+    {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+        let topics: Vec<&str> = events.iter().map(|e| e.topic.as_str()).collect();
+        let keys: Vec<Option<&[u8]>> = events.iter().map(|e| e.key.as_deref()).collect();
+        let payloads: Vec<&[u8]> = events.iter().map(|e| &e.payload[..]).collect();
+        let headers: Vec<serde_json::Value> = events
+            .iter()
+            .map(|e| {
+                serde_json::Value::Object(
+                    e.headers
+                        .iter()
+                        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                        .collect(),
+                )
+            })
+            .collect();
+        let created: Vec<SystemTime> = events.iter().map(|e| e.created_at).collect();
+        let statement = client
+            .prepare_cached(&self.insert_sql)
+            .await
+            .map_err(|e| PgError::query("enqueue (prepare)", e))?;
+        client
+            .execute(
+                &statement,
+                &[&ids, &topics, &keys, &payloads, &headers, &created],
+            )
+            .await
+            .map_err(|e| PgError::query("enqueue", e))
+    }
+}

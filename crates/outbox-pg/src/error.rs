@@ -1,0 +1,135 @@
+//! Errors of the Postgres adapter and their classification.
+
+use outbox_core::Stage;
+use tokio_postgres::error::SqlState;
+
+/// An error of the Postgres outbox.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PgError {
+    /// A table or column name from configuration is not a safe identifier.
+    #[error("invalid identifier {value:?}: {reason}")]
+    InvalidIdentifier {
+        /// The rejected text.
+        value: String,
+        /// Why.
+        reason: String,
+    },
+    /// Configuration that cannot work.
+    #[error("invalid postgres configuration: {0}")]
+    Config(String),
+    /// No connection could be had from the pool.
+    #[error("postgres at {target}: cannot connect: {detail}")]
+    Connect {
+        /// host:port/database.
+        target: String,
+        /// What went wrong, with a hint.
+        detail: String,
+        /// Whether waiting can help.
+        retryable: bool,
+    },
+    /// A statement failed.
+    #[error("postgres {operation} failed: {detail}")]
+    Query {
+        /// What was being done.
+        operation: &'static str,
+        /// What went wrong.
+        detail: String,
+        /// The underlying error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// An event read from the outbox cannot be decoded.
+    #[error("outbox row {seq} is malformed: {reason}")]
+    MalformedRow {
+        /// The row's sequence number.
+        seq: i64,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl PgError {
+    pub(crate) fn query(operation: &'static str, source: tokio_postgres::Error) -> Self {
+        PgError::Query {
+            operation,
+            detail: describe(&source),
+            source,
+        }
+    }
+
+    /// Whether waiting and retrying can succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            PgError::InvalidIdentifier { .. }
+            | PgError::Config(_)
+            | PgError::MalformedRow { .. } => false,
+            PgError::Connect { retryable, .. } => *retryable,
+            PgError::Query { source, .. } => is_retryable_pg(source),
+        }
+    }
+}
+
+impl From<PgError> for outbox_core::Error {
+    fn from(err: PgError) -> Self {
+        if err.is_retryable() {
+            outbox_core::Error::retryable(Stage::Source, err)
+        } else {
+            outbox_core::Error::permanent(Stage::Source, err)
+        }
+    }
+}
+
+/// Whether a driver error can heal by itself: lost connections, server
+/// restarts, overload, serialization conflicts and timeouts.
+pub fn is_retryable_pg(err: &tokio_postgres::Error) -> bool {
+    let Some(code) = err.code() else {
+        // No SQLSTATE: I/O error, closed connection, timeout.
+        return true;
+    };
+    if *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
+        || *code == SqlState::LOCK_NOT_AVAILABLE
+        || *code == SqlState::QUERY_CANCELED
+    {
+        return true;
+    }
+    // 08 connection, 40 rollback (serialization, deadlock), 53 resources,
+    // 57 operator intervention (shutdown), 58 system error.
+    matches!(&code.code()[..2], "08" | "40" | "53" | "57" | "58")
+}
+
+/// One line describing a driver error, with the server's message and code when there is one.
+pub fn describe(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(hint) = hint_for(db.code()) {
+            text.push_str("; ");
+            text.push_str(hint);
+        }
+        return text;
+    }
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+pub(crate) fn hint_for(code: &SqlState) -> Option<&'static str> {
+    Some(match code.code() {
+        "28P01" | "28000" => "check the postgres user and password",
+        "3D000" => "the database does not exist: create it or fix the database name",
+        "42P01" => {
+            "the table does not exist: run the outbox migration (init.sql or outbox_pg::migrate)"
+        }
+        "42703" => "a configured column does not exist in the table",
+        "42501" => "the postgres user lacks a privilege on the outbox tables",
+        "53300" => {
+            "postgres has no free connection slots: lower the pool size or raise max_connections"
+        }
+        _ => return None,
+    })
+}

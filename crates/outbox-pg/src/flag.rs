@@ -1,0 +1,186 @@
+//! A business table with an "already sent" flag as a [`Source`] (the original demo).
+
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_postgres::Pool;
+use outbox_core::{AckSummary, Claimed, Delivery, Event, Source};
+use uuid::Uuid;
+
+use crate::claim::PgClaim;
+use crate::source::AckPlan;
+use crate::{FlagTableConfig, PgError, SqlIdent, SqlName};
+
+/// Namespace of the deterministic event ids given to flag-table rows.
+pub const FLAG_ROW_NAMESPACE: Uuid = Uuid::from_u128(0x6f75_7462_6f78_4000_8000_666c_6167_726f);
+
+/// The event id of row `id` of `table`: the same on every publish of that
+/// row, so a sink recognises a republished row.
+///
+/// ```
+/// let a = outbox_pg::flag_row_event_id("user_logins", 1);
+/// assert_eq!(a, outbox_pg::flag_row_event_id("user_logins", 1));
+/// assert_ne!(a, outbox_pg::flag_row_event_id("user_logins", 2));
+/// ```
+pub fn flag_row_event_id(table: &str, id: i64) -> Uuid {
+    Uuid::new_v5(&FLAG_ROW_NAMESPACE, format!("{table}/{id}").as_bytes())
+}
+
+/// Publishes rows of a business table whose flag column is false, and sets
+/// the flag only after the broker acknowledged them.
+///
+/// Rows are claimed in id order with `FOR UPDATE SKIP LOCKED`, so several
+/// relays share the work. The payload is the row as a JSON object without
+/// the flag column; the key is the text of the key column; the event id is
+/// [`flag_row_event_id`]. A row the broker rejects for good is recorded in
+/// the dead-letter table (origin = the table) and flagged, so it does not
+/// block the rest.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use outbox_pg::{FlagTableConfig, FlagTableSource, PgConfig};
+///
+/// let pg = PgConfig::default();
+/// let source = FlagTableSource::new(pg.create_pool()?, pg.target(), FlagTableConfig::default())?;
+/// # Ok(()) }
+/// ```
+pub struct FlagTableSource {
+    pool: Pool,
+    target: String,
+    config: FlagTableConfig,
+    table_plain: String,
+    claim_sql: String,
+    mark_sql: String,
+    dead_letter_sql: String,
+}
+
+impl FlagTableSource {
+    /// A source over the table in `config` (validated here).
+    pub fn new(
+        pool: Pool,
+        target: impl Into<String>,
+        config: FlagTableConfig,
+    ) -> Result<Self, PgError> {
+        config.validate()?;
+        let table = SqlName::parse(&config.table)?;
+        let dead = SqlName::parse(&config.dead_letter_table)?;
+        let id = SqlIdent::parse(&config.id_column)?;
+        let flag = SqlIdent::parse(&config.flag_column)?;
+        let key_expr = match &config.key_column {
+            Some(key) => format!("t.{}::text", SqlIdent::parse(key)?),
+            None => "NULL::text".to_string(),
+        };
+        // The flag name is passed as a parameter, never spliced as a string literal.
+        let claim_sql = format!(
+            "SELECT t.{id}::bigint AS id, {key_expr} AS key, (to_jsonb(t) - $2::text)::text AS payload \
+             FROM {table} t WHERE NOT t.{flag} ORDER BY t.{id} LIMIT $1 FOR UPDATE SKIP LOCKED"
+        );
+        let mark_sql = format!("UPDATE {table} SET {flag} = true WHERE {id} = ANY($1::bigint[])");
+        let dead_letter_sql = format!(
+            "WITH failed AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::uuid[]) AS f(id, reason, event_id)), \
+             marked AS (UPDATE {table} t SET {flag} = true FROM failed f WHERE t.{id} = f.id \
+                        RETURNING f.event_id, {key_expr} AS key, (to_jsonb(t) - $4::text)::text AS payload, f.reason) \
+             INSERT INTO {dead} (event_id, topic, key, payload, headers, created_at, attempts, reason, origin) \
+             SELECT event_id, $5::text, convert_to(key, 'UTF8'), convert_to(payload, 'UTF8'), '{{}}'::jsonb, now(), 1, reason, $6::text FROM marked"
+        );
+        Ok(Self {
+            pool,
+            target: target.into(),
+            table_plain: table.plain(),
+            config,
+            claim_sql,
+            mark_sql,
+            dead_letter_sql,
+        })
+    }
+}
+
+#[async_trait]
+impl Source for FlagTableSource {
+    type Claim = PgClaim;
+
+    async fn claim(&self, max_events: usize) -> outbox_core::Result<Option<Claimed<PgClaim>>> {
+        let mut claim = PgClaim::begin(&self.pool, &self.target, self.config.claim_timeout).await?;
+        let limit = i64::try_from(max_events).unwrap_or(i64::MAX);
+        let client = claim.client()?;
+        let statement = client
+            .prepare_cached(&self.claim_sql)
+            .await
+            .map_err(|e| PgError::query("claim (prepare)", e))?;
+        let rows = client
+            .query(&statement, &[&limit, &self.config.flag_column])
+            .await
+            .map_err(|e| PgError::query("claim", e))?;
+        if rows.is_empty() {
+            claim.finish(false).await?;
+            return Ok(None);
+        }
+        let now = SystemTime::now();
+        let mut events = Vec::with_capacity(rows.len());
+        let mut ids = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: i64 = row
+                .try_get("id")
+                .map_err(|e| PgError::query("claim (decode id)", e))?;
+            let key: Option<String> = row
+                .try_get("key")
+                .map_err(|e| PgError::query("claim (decode key)", e))?;
+            let payload: String = row
+                .try_get("payload")
+                .map_err(|e| PgError::query("claim (decode payload)", e))?;
+            let mut event = Event::new(self.config.topic.clone(), Bytes::from(payload))
+                .with_id(flag_row_event_id(&self.table_plain, id))
+                .with_created_at(now)
+                .with_header("content-type", "application/json");
+            if let Some(key) = key {
+                event = event.with_key(key);
+            }
+            ids.push(id);
+            events.push(event);
+        }
+        claim.ids = ids;
+        Ok(Some(Claimed { events, claim }))
+    }
+
+    async fn acknowledge(
+        &self,
+        claimed: Claimed<PgClaim>,
+        deliveries: &[Delivery],
+    ) -> outbox_core::Result<AckSummary> {
+        let claim = claimed.claim;
+        let plan = AckPlan::new(&claim.ids, deliveries)?;
+        let client = claim.client()?;
+        if !plan.completed.is_empty() {
+            client
+                .execute(&self.mark_sql, &[&plan.completed])
+                .await
+                .map_err(|e| PgError::query("acknowledge (set flag)", e))?;
+        }
+        if !plan.dead.0.is_empty() {
+            let event_ids: Vec<Uuid> = plan
+                .dead
+                .0
+                .iter()
+                .map(|id| flag_row_event_id(&self.table_plain, *id))
+                .collect();
+            client
+                .execute(
+                    &self.dead_letter_sql,
+                    &[
+                        &plan.dead.0,
+                        &plan.dead.1,
+                        &event_ids,
+                        &self.config.flag_column,
+                        &self.config.topic,
+                        &self.table_plain,
+                    ],
+                )
+                .await
+                .map_err(|e| PgError::query("acknowledge (dead-letter)", e))?;
+        }
+        // Retryable rows keep their flag false and are claimed again.
+        claim.finish(true).await?;
+        Ok(plan.summary())
+    }
+}

@@ -1,0 +1,77 @@
+//! The outbox schema and its migration.
+
+use deadpool_postgres::GenericClient;
+
+use crate::{OutboxConfig, PgError};
+
+/// The SQL that creates the outbox and dead-letter tables named in `config`.
+///
+/// Every statement is idempotent (`IF NOT EXISTS`). `init.sql` at the root of
+/// the repository holds the same SQL for the default names.
+///
+/// ```
+/// let sql = outbox_pg::schema_sql(&outbox_pg::OutboxConfig::default()).unwrap();
+/// assert!(sql.contains(r#"CREATE TABLE IF NOT EXISTS "outbox""#));
+/// ```
+pub fn schema_sql(config: &OutboxConfig) -> Result<String, PgError> {
+    let table = config.table()?;
+    let dead = config.dead_letter_table()?;
+    let event_id_key = table.with_suffix("_event_id_key")?;
+    let dead_event_idx = dead.with_suffix("_event_id_idx")?;
+    Ok(format!(
+        r#"-- Pending events. A row lives from the service's commit until the broker
+-- acknowledged it; the relay then deletes it in its claim transaction.
+CREATE TABLE IF NOT EXISTS {table} (
+    seq        bigserial   PRIMARY KEY,
+    event_id   uuid        NOT NULL,
+    topic      text        NOT NULL,
+    key        bytea,
+    payload    bytea       NOT NULL,
+    headers    jsonb       NOT NULL DEFAULT '{{}}'::jsonb,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    attempts   integer     NOT NULL DEFAULT 0,
+    last_error text,
+    CONSTRAINT "{event_id_key_name}" UNIQUE (event_id)
+);
+
+-- Events the broker can never take (too large, invalid), kept with the reason.
+CREATE TABLE IF NOT EXISTS {dead} (
+    id               bigserial   PRIMARY KEY,
+    event_id         uuid        NOT NULL,
+    topic            text        NOT NULL,
+    key              bytea,
+    payload          bytea       NOT NULL,
+    headers          jsonb       NOT NULL DEFAULT '{{}}'::jsonb,
+    created_at       timestamptz NOT NULL,
+    attempts         integer     NOT NULL,
+    reason           text        NOT NULL,
+    origin           text        NOT NULL,
+    dead_lettered_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS "{dead_event_idx_name}" ON {dead} (event_id);
+"#,
+        event_id_key_name = event_id_key.name(),
+        dead_event_idx_name = dead_event_idx.name(),
+    ))
+}
+
+/// Advisory lock key taken while migrating (arbitrary, fixed).
+const MIGRATION_LOCK_KEY: i64 = 7_243_019_812;
+
+/// Creates the outbox tables if they do not exist. Safe to run at every start
+/// and from several processes at once.
+pub async fn migrate<C: GenericClient + Sync>(
+    client: &C,
+    config: &OutboxConfig,
+) -> Result<(), PgError> {
+    let sql = schema_sql(config)?;
+    // Concurrent CREATE ... IF NOT EXISTS can still race on the catalog, so
+    // migrations are serialised by an advisory lock. Statements sent in one
+    // simple query run as one transaction, so the transaction-scoped lock is
+    // released at its end even if a statement fails.
+    let wrapped = format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY});\n{sql}");
+    client
+        .batch_execute(&wrapped)
+        .await
+        .map_err(|e| PgError::query("migration", e))
+}

@@ -1,0 +1,242 @@
+//! The outbox table as a [`Source`].
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_postgres::Pool;
+use outbox_core::{AckSummary, Claimed, Delivery, Event, Source};
+use uuid::Uuid;
+
+use crate::claim::PgClaim;
+use crate::{OutboxConfig, PgError};
+
+/// Claims pending events of the outbox table with
+/// `SELECT … ORDER BY seq FOR UPDATE SKIP LOCKED`, in batches.
+///
+/// The claim keeps its transaction open while the bus publishes. On
+/// acknowledgement, in that same transaction, events the broker acknowledged
+/// are deleted, events it rejected for good move to the dead-letter table
+/// with their reason, and the others get their attempt count raised and stay
+/// pending. A relay that dies at any point leaves its transaction to be
+/// rolled back by the server: nothing is removed that was not acknowledged.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use outbox_core::Source;
+/// use outbox_pg::{OutboxConfig, PgConfig, PgOutboxSource};
+///
+/// let config = PgConfig::default();
+/// let source = PgOutboxSource::new(config.create_pool()?, config.target(), OutboxConfig::default())?;
+/// if let Some(batch) = source.claim(100).await? {
+///     println!("claimed {}", batch.events.len());
+/// }
+/// # Ok(()) }
+/// ```
+pub struct PgOutboxSource {
+    pool: Pool,
+    target: String,
+    config: OutboxConfig,
+    claim_sql: String,
+    delete_sql: String,
+    dead_letter_sql: String,
+    release_sql: String,
+}
+
+impl PgOutboxSource {
+    /// A source over the tables in `config`; `target` names the server in messages.
+    pub fn new(
+        pool: Pool,
+        target: impl Into<String>,
+        config: OutboxConfig,
+    ) -> Result<Self, PgError> {
+        config.validate()?;
+        let table = config.table()?;
+        let dead = config.dead_letter_table()?;
+        let origin = table.plain().replace('\'', "");
+        Ok(Self {
+            pool,
+            target: target.into(),
+            claim_sql: format!(
+                "SELECT seq, event_id, topic, key, payload, headers, created_at FROM {table} \
+                 ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED"
+            ),
+            delete_sql: format!("DELETE FROM {table} WHERE seq = ANY($1)"),
+            dead_letter_sql: format!(
+                "WITH failed AS (SELECT * FROM unnest($1::bigint[], $2::text[]) AS f(seq, reason)), \
+                 moved AS (DELETE FROM {table} t USING failed f WHERE t.seq = f.seq \
+                           RETURNING t.event_id, t.topic, t.key, t.payload, t.headers, t.created_at, t.attempts, f.reason) \
+                 INSERT INTO {dead} (event_id, topic, key, payload, headers, created_at, attempts, reason, origin) \
+                 SELECT event_id, topic, key, payload, headers, created_at, attempts + 1, reason, '{origin}' FROM moved"
+            ),
+            release_sql: format!(
+                "UPDATE {table} t SET attempts = t.attempts + 1, last_error = f.reason \
+                 FROM unnest($1::bigint[], $2::text[]) AS f(seq, reason) WHERE t.seq = f.seq"
+            ),
+            config,
+        })
+    }
+
+    /// The pool this source claims from.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+}
+
+#[async_trait]
+impl Source for PgOutboxSource {
+    type Claim = PgClaim;
+
+    async fn claim(&self, max_events: usize) -> outbox_core::Result<Option<Claimed<PgClaim>>> {
+        let mut claim = PgClaim::begin(&self.pool, &self.target, self.config.claim_timeout).await?;
+        let limit = i64::try_from(max_events).unwrap_or(i64::MAX);
+        let client = claim.client()?;
+        let statement = client
+            .prepare_cached(&self.claim_sql)
+            .await
+            .map_err(|e| PgError::query("claim (prepare)", e))?;
+        let rows = client
+            .query(&statement, &[&limit])
+            .await
+            .map_err(|e| PgError::query("claim", e))?;
+        if rows.is_empty() {
+            claim.finish(false).await?;
+            return Ok(None);
+        }
+        let mut events = Vec::with_capacity(rows.len());
+        let mut ids = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let (seq, event) = decode_row(row)?;
+            ids.push(seq);
+            events.push(event);
+        }
+        claim.ids = ids;
+        Ok(Some(Claimed { events, claim }))
+    }
+
+    async fn acknowledge(
+        &self,
+        claimed: Claimed<PgClaim>,
+        deliveries: &[Delivery],
+    ) -> outbox_core::Result<AckSummary> {
+        let claim = claimed.claim;
+        let plan = AckPlan::new(&claim.ids, deliveries)?;
+        let client = claim.client()?;
+        if !plan.completed.is_empty() {
+            client
+                .execute(&self.delete_sql, &[&plan.completed])
+                .await
+                .map_err(|e| PgError::query("acknowledge (delete)", e))?;
+        }
+        if !plan.dead.0.is_empty() {
+            client
+                .execute(&self.dead_letter_sql, &[&plan.dead.0, &plan.dead.1])
+                .await
+                .map_err(|e| PgError::query("acknowledge (dead-letter)", e))?;
+        }
+        if !plan.released.0.is_empty() {
+            client
+                .execute(&self.release_sql, &[&plan.released.0, &plan.released.1])
+                .await
+                .map_err(|e| PgError::query("acknowledge (release)", e))?;
+        }
+        claim.finish(true).await?;
+        Ok(plan.summary())
+    }
+}
+
+/// How the ids of a claim split by delivery outcome.
+pub(crate) struct AckPlan {
+    pub(crate) completed: Vec<i64>,
+    pub(crate) dead: (Vec<i64>, Vec<String>),
+    pub(crate) released: (Vec<i64>, Vec<String>),
+}
+
+impl AckPlan {
+    pub(crate) fn new(ids: &[i64], deliveries: &[Delivery]) -> Result<Self, outbox_core::Error> {
+        if ids.len() != deliveries.len() {
+            return Err(outbox_core::Error::permanent(
+                outbox_core::Stage::Bus,
+                format!(
+                    "bus returned {} deliveries for {} events; nothing was acknowledged",
+                    deliveries.len(),
+                    ids.len()
+                ),
+            ));
+        }
+        let mut plan = AckPlan {
+            completed: Vec::new(),
+            dead: (Vec::new(), Vec::new()),
+            released: (Vec::new(), Vec::new()),
+        };
+        for (id, delivery) in ids.iter().zip(deliveries) {
+            match delivery {
+                Delivery::Acknowledged(_) => plan.completed.push(*id),
+                Delivery::Rejected(reason) => {
+                    plan.dead.0.push(*id);
+                    plan.dead.1.push(reason.clone());
+                }
+                Delivery::Retryable(reason) => {
+                    plan.released.0.push(*id);
+                    plan.released.1.push(reason.clone());
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    pub(crate) fn summary(&self) -> AckSummary {
+        AckSummary {
+            completed: self.completed.len(),
+            dead_lettered: self.dead.0.len(),
+            released: self.released.0.len(),
+        }
+    }
+}
+
+fn decode_row(row: &tokio_postgres::Row) -> Result<(i64, Event), PgError> {
+    let seq: i64 = row
+        .try_get("seq")
+        .map_err(|e| PgError::query("claim (decode seq)", e))?;
+    let malformed = |reason: String| PgError::MalformedRow { seq, reason };
+    let id: Uuid = row
+        .try_get("event_id")
+        .map_err(|e| malformed(e.to_string()))?;
+    let topic: String = row.try_get("topic").map_err(|e| malformed(e.to_string()))?;
+    let key: Option<Vec<u8>> = row.try_get("key").map_err(|e| malformed(e.to_string()))?;
+    let payload: Vec<u8> = row
+        .try_get("payload")
+        .map_err(|e| malformed(e.to_string()))?;
+    let headers: serde_json::Value = row
+        .try_get("headers")
+        .map_err(|e| malformed(e.to_string()))?;
+    let created_at: SystemTime = row
+        .try_get("created_at")
+        .map_err(|e| malformed(e.to_string()))?;
+    Ok((
+        seq,
+        Event {
+            id,
+            topic,
+            key: key.map(Bytes::from),
+            payload: Bytes::from(payload),
+            headers: headers_from_json(headers),
+            created_at,
+        },
+    ))
+}
+
+/// Headers are stored as a JSON object; non-string values keep their JSON text.
+fn headers_from_json(value: serde_json::Value) -> BTreeMap<String, String> {
+    match value {
+        serde_json::Value::Object(map) => map
+            .into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => (k, s),
+                other => (k, other.to_string()),
+            })
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}

@@ -1,0 +1,411 @@
+#!/usr/bin/env bash
+# Local stack without Docker: PostgreSQL, the tansu Kafka-protocol broker and
+# ClickHouse, on the demo's ports, with their data under .stack/ in the checkout.
+#
+#   scripts/stack.sh up       install what is missing, start what is down, wait until each answers
+#   scripts/stack.sh down     stop the servers this checkout started
+#   scripts/stack.sh status   say what runs
+#   scripts/stack.sh reset    down, then delete .stack/ (all data)
+#   scripts/stack.sh restart SERVICE   restart postgres|kafka|clickhouse (data kept)
+#
+# Idempotent: rerunning `up` starts only what is down. A server left on one of
+# our ports by an earlier checkout (postgres, tansu or clickhouse) is stopped;
+# any other program holding a port is reported, not touched.
+#
+# Environment: STACK_DIR (default <checkout>/.stack), OUTBOX_CACHE (default
+# ~/.cache/outbox-stack: where the tansu binary is built once), and the ports
+# PG_PORT (5432), KAFKA_PORT (9092), CH_HTTP_PORT (8123), CH_TCP_PORT (9000).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STACK_DIR="${STACK_DIR:-$ROOT/.stack}"
+OUTBOX_CACHE="${OUTBOX_CACHE:-$HOME/.cache/outbox-stack}"
+PG_PORT="${PG_PORT:-5432}"
+KAFKA_PORT="${KAFKA_PORT:-9092}"
+CH_HTTP_PORT="${CH_HTTP_PORT:-8123}"
+CH_TCP_PORT="${CH_TCP_PORT:-9000}"
+CH_INTERSERVER_PORT="${CH_INTERSERVER_PORT:-9009}"
+TANSU_VERSION="0.6.0"
+TANSU_BIN="$OUTBOX_CACHE/tansu-$TANSU_VERSION/bin/tansu"
+
+log() { printf '[stack] %s\n' "$*" >&2; }
+die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi
+}
+
+apt_install() {
+  log "installing Debian packages: $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null 2>&1 || {
+    as_root apt-get update -q >/dev/null 2>&1 || true
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null ||
+      die "could not install $* with apt-get; install them by hand and rerun"
+  }
+}
+
+# pid of the process listening on a TCP port, empty when free.
+port_pid() {
+  ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2 || true
+}
+
+pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+
+# Stops a pid: SIGTERM, then SIGKILL after $2 seconds (default 20).
+stop_pid() {
+  local pid="$1" wait_s="${2:-20}" i
+  pid_alive "$pid" || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < wait_s * 10; i++)); do
+    pid_alive "$pid" || return 0
+    sleep 0.1
+  done
+  log "pid $pid did not stop within ${wait_s}s; killing it"
+  kill -KILL "$pid" 2>/dev/null || true
+  sleep 0.2
+}
+
+# Frees a port held by a stale server of ours (an earlier checkout or run);
+# refuses to touch anything else.
+free_port() {
+  local port="$1" name="$2" pid comm
+  pid="$(port_pid "$port")"
+  [ -z "$pid" ] && return 0
+  comm="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
+  case "$comm" in
+    *postgres* | *tansu* | *clickhouse*)
+      log "port $port ($name) is held by a server left by an earlier run (pid $pid: ${comm:0:80}); stopping it"
+      if [[ "$comm" == *postgres* ]] && ls /etc/postgresql/*/main >/dev/null 2>&1; then
+        # The Debian cluster, if that is what holds it, is stopped the Debian way.
+        for v in $(ls /etc/postgresql); do
+          pg_ctlcluster --skip-systemctl-redirect "$v" main stop >/dev/null 2>&1 || true
+        done
+      fi
+      stop_pid "$pid" 30
+      [ -z "$(port_pid "$port")" ] || die "port $port ($name) is still held after stopping pid $pid"
+      ;;
+    *)
+      die "port $port ($name) is held by another program (pid $pid: ${comm:0:80}); stop it or set the port variable"
+      ;;
+  esac
+}
+
+wait_for() {
+  local what="$1" timeout_s="$2" logfile="$3"
+  shift 3
+  local deadline=$((SECONDS + timeout_s))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then
+      log "$what did not answer within ${timeout_s}s; last lines of $logfile:"
+      tail -n 20 "$logfile" >&2 2>/dev/null || true
+      die "$what did not come up"
+    fi
+    sleep 0.25
+  done
+}
+
+# ---------------------------------------------------------------- PostgreSQL
+
+pg_bin() {
+  local dir
+  dir="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
+  if [ -z "$dir" ] || [ ! -x "$dir/initdb" ]; then
+    apt_install postgresql
+    dir="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
+  fi
+  echo "$dir"
+}
+
+PG_DATA="$STACK_DIR/postgres/data"
+PG_RUN="$STACK_DIR/postgres/run"
+PG_LOG="$STACK_DIR/postgres/postgres.log"
+
+pg_pid() { head -1 "$PG_DATA/postmaster.pid" 2>/dev/null || true; }
+
+pg_ready() { pg_isready -q -h 127.0.0.1 -p "$PG_PORT" -d postgres; }
+
+# Runs a command as the postgres OS user (the server refuses to run as root).
+as_pg() {
+  if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+pg_up() {
+  local bin
+  bin="$(pg_bin)"
+  if pid_alive "$(pg_pid)" && pg_ready; then
+    log "postgres already running (pid $(pg_pid), port $PG_PORT)"
+    return 0
+  fi
+  mkdir -p "$STACK_DIR/postgres"
+  if [ "$(id -u)" -eq 0 ]; then
+    id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql postgres
+    chown postgres "$STACK_DIR/postgres"
+    # The server runs as postgres and must be able to reach its folder.
+    chmod o+x "$STACK_DIR" "$ROOT" 2>/dev/null || true
+  fi
+  if [ ! -s "$PG_DATA/PG_VERSION" ]; then
+    log "initialising postgres in $PG_DATA"
+    as_pg "$bin/initdb" -D "$PG_DATA" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+      --encoding=UTF8 --locale=C.UTF-8 >"$STACK_DIR/postgres/initdb.log" 2>&1 ||
+      die "initdb failed; see $STACK_DIR/postgres/initdb.log"
+    cat >>"$PG_DATA/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$PG_RUN'
+max_connections = 200
+EOF
+  fi
+  as_pg mkdir -p "$PG_RUN"
+  rm -f "$PG_DATA/postmaster.pid.stale"
+  if [ -f "$PG_DATA/postmaster.pid" ] && ! pid_alive "$(pg_pid)"; then
+    log "removing stale postgres pid file"
+    rm -f "$PG_DATA/postmaster.pid"
+  fi
+  free_port "$PG_PORT" postgres
+  log "starting postgres on 127.0.0.1:$PG_PORT"
+  as_pg "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 start >/dev/null ||
+    { tail -n 20 "$PG_LOG" >&2 || true; die "postgres did not start"; }
+  wait_for "postgres on 127.0.0.1:$PG_PORT" 60 "$PG_LOG" pg_ready
+  as_pg "$bin/psql" -h "$PG_RUN" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -q >/dev/null <<'EOF'
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'admin') THEN
+    CREATE ROLE admin LOGIN PASSWORD 'admin';
+  END IF;
+END $$;
+SELECT 'CREATE DATABASE test_db OWNER admin'
+WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'test_db') \gexec
+EOF
+  log "postgres ready (db test_db, user admin)"
+}
+
+pg_down() {
+  local pid
+  pid="$(pg_pid)"
+  if pid_alive "$pid"; then
+    log "stopping postgres (pid $pid)"
+    as_pg "$(pg_bin)/pg_ctl" -D "$PG_DATA" -m fast -w -t 30 stop >/dev/null 2>&1 || stop_pid "$pid" 10
+  fi
+}
+
+# -------------------------------------------------------------------- tansu
+
+tansu_install() {
+  [ -x "$TANSU_BIN" ] && return 0
+  command -v cargo >/dev/null || die "cargo is needed to build the tansu broker"
+  log "building tansu $TANSU_VERSION into $OUTBOX_CACHE (once; about 11 minutes on 2 cores)"
+  mkdir -p "$OUTBOX_CACHE"
+  CARGO_TARGET_DIR="$OUTBOX_CACHE/tansu-build" cargo install tansu --version "$TANSU_VERSION" \
+    --locked --features libsql --root "$OUTBOX_CACHE/tansu-$TANSU_VERSION" \
+    >"$OUTBOX_CACHE/tansu-install.log" 2>&1 ||
+    { tail -n 30 "$OUTBOX_CACHE/tansu-install.log" >&2; die "building tansu failed"; }
+}
+
+KAFKA_DIR="$STACK_DIR/kafka"
+KAFKA_PID="$KAFKA_DIR/tansu.pid"
+KAFKA_LOG="$KAFKA_DIR/tansu.log"
+
+kafka_ready() { (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null; }
+
+kafka_up() {
+  tansu_install
+  mkdir -p "$KAFKA_DIR"
+  local pid
+  pid="$(cat "$KAFKA_PID" 2>/dev/null || true)"
+  if pid_alive "$pid" && kafka_ready; then
+    log "kafka (tansu) already running (pid $pid, port $KAFKA_PORT)"
+    return 0
+  fi
+  rm -f "$KAFKA_PID"
+  free_port "$KAFKA_PORT" kafka
+  log "starting kafka (tansu) on 127.0.0.1:$KAFKA_PORT"
+  # tansu resolves the sqlite path relative to its working directory.
+  (cd "$KAFKA_DIR" && exec setsid "$TANSU_BIN" broker \
+    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --storage-engine "sqlite://tansu.db" >>"$KAFKA_LOG" 2>&1 </dev/null) &
+  echo $! >"$KAFKA_PID"
+  wait_for "kafka (tansu) on 127.0.0.1:$KAFKA_PORT" 30 "$KAFKA_LOG" kafka_ready
+  log "kafka ready"
+}
+
+kafka_down() {
+  local pid
+  pid="$(cat "$KAFKA_PID" 2>/dev/null || true)"
+  if pid_alive "$pid"; then
+    log "stopping kafka (pid $pid)"
+    stop_pid "$pid" 10
+  fi
+  rm -f "$KAFKA_PID"
+}
+
+# --------------------------------------------------------------- ClickHouse
+
+CH_DIR="$STACK_DIR/clickhouse"
+CH_PID="$CH_DIR/clickhouse.pid"
+CH_LOG="$CH_DIR/log/clickhouse-server.log"
+
+ch_ready() {
+  [ "$(curl -fsS --max-time 2 -u user:strongpassword \
+    "http://127.0.0.1:$CH_HTTP_PORT/?query=SELECT%201" 2>/dev/null)" = "1" ]
+}
+
+ch_config() {
+  mkdir -p "$CH_DIR"/{data,tmp,user_files,format_schemas,log}
+  local listen='<listen_host>127.0.0.1</listen_host>'
+  if [ -f /proc/net/if_inet6 ] && grep -q '00000000000000000000000000000001' /proc/net/if_inet6; then
+    listen="$listen<listen_host>::1</listen_host>"
+  fi
+  cat >"$CH_DIR/config.xml" <<EOF
+<?xml version="1.0"?>
+<yandex>
+    <logger>
+        <level>warning</level>
+        <log>$CH_DIR/log/clickhouse-server.log</log>
+        <errorlog>$CH_DIR/log/clickhouse-server.err.log</errorlog>
+        <size>100M</size>
+        <count>3</count>
+    </logger>
+    <http_port>$CH_HTTP_PORT</http_port>
+    <tcp_port>$CH_TCP_PORT</tcp_port>
+    <interserver_http_port>$CH_INTERSERVER_PORT</interserver_http_port>
+    $listen
+    <listen_try>1</listen_try>
+    <max_connections>1024</max_connections>
+    <keep_alive_timeout>3</keep_alive_timeout>
+    <max_concurrent_queries>100</max_concurrent_queries>
+    <uncompressed_cache_size>1073741824</uncompressed_cache_size>
+    <mark_cache_size>1073741824</mark_cache_size>
+    <path>$CH_DIR/data/</path>
+    <tmp_path>$CH_DIR/tmp/</tmp_path>
+    <user_files_path>$CH_DIR/user_files/</user_files_path>
+    <format_schema_path>$CH_DIR/format_schemas/</format_schema_path>
+    <users_config>users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mlock_executable>false</mlock_executable>
+    <builtin_dictionaries_reload_interval>3600</builtin_dictionaries_reload_interval>
+    <max_session_timeout>3600</max_session_timeout>
+    <default_session_timeout>60</default_session_timeout>
+</yandex>
+EOF
+  cat >"$CH_DIR/users.xml" <<'EOF'
+<?xml version="1.0"?>
+<yandex>
+    <profiles>
+        <default>
+            <max_memory_usage>10000000000</max_memory_usage>
+            <load_balancing>random</load_balancing>
+        </default>
+    </profiles>
+    <users>
+        <default>
+            <password></password>
+            <networks><ip>::1</ip><ip>127.0.0.1</ip></networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </default>
+        <user>
+            <password>strongpassword</password>
+            <networks><ip>::1</ip><ip>127.0.0.1</ip></networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </user>
+    </users>
+    <quotas>
+        <default>
+            <interval>
+                <duration>3600</duration>
+                <queries>0</queries>
+                <errors>0</errors>
+                <result_rows>0</result_rows>
+                <read_rows>0</read_rows>
+                <execution_time>0</execution_time>
+            </interval>
+        </default>
+    </quotas>
+</yandex>
+EOF
+}
+
+ch_up() {
+  command -v clickhouse-server >/dev/null || apt_install clickhouse-server clickhouse-client
+  local pid
+  pid="$(cat "$CH_PID" 2>/dev/null || true)"
+  if pid_alive "$pid" && ch_ready; then
+    log "clickhouse already running (pid $pid, port $CH_HTTP_PORT)"
+    return 0
+  fi
+  if pid_alive "$pid"; then
+    # Started but not answering yet (a large data folder takes ~20 s).
+    wait_for "clickhouse on 127.0.0.1:$CH_HTTP_PORT" 120 "$CH_LOG" ch_ready
+    return 0
+  fi
+  rm -f "$CH_PID"
+  ch_config
+  free_port "$CH_HTTP_PORT" "clickhouse http"
+  free_port "$CH_TCP_PORT" "clickhouse native"
+  free_port "$CH_INTERSERVER_PORT" "clickhouse interserver"
+  log "starting clickhouse on 127.0.0.1:$CH_HTTP_PORT (http) / $CH_TCP_PORT (native)"
+  (cd "$CH_DIR" && exec setsid clickhouse-server --config-file="$CH_DIR/config.xml" \
+    >>"$CH_DIR/log/stdout.log" 2>&1 </dev/null) &
+  echo $! >"$CH_PID"
+  wait_for "clickhouse on 127.0.0.1:$CH_HTTP_PORT" 120 "$CH_DIR/log/stdout.log" ch_ready
+  log "clickhouse ready (user user)"
+}
+
+ch_down() {
+  local pid
+  pid="$(cat "$CH_PID" 2>/dev/null || true)"
+  if pid_alive "$pid"; then
+    log "stopping clickhouse (pid $pid)"
+    stop_pid "$pid" 30
+  fi
+  rm -f "$CH_PID"
+}
+
+# -------------------------------------------------------------------- main
+
+status() {
+  local rc=0
+  if pid_alive "$(pg_pid)" && pg_ready; then echo "postgres   up    pid $(pg_pid) 127.0.0.1:$PG_PORT"; else echo "postgres   down"; rc=1; fi
+  local k c
+  k="$(cat "$KAFKA_PID" 2>/dev/null || true)"
+  c="$(cat "$CH_PID" 2>/dev/null || true)"
+  if pid_alive "$k" && kafka_ready; then echo "kafka      up    pid $k 127.0.0.1:$KAFKA_PORT (tansu)"; else echo "kafka      down"; rc=1; fi
+  if pid_alive "$c" && ch_ready; then echo "clickhouse up    pid $c 127.0.0.1:$CH_HTTP_PORT"; else echo "clickhouse down"; rc=1; fi
+  return $rc
+}
+
+case "${1:-}" in
+  up)
+    mkdir -p "$STACK_DIR"
+    pg_up
+    kafka_up
+    ch_up
+    ;;
+  down)
+    ch_down
+    kafka_down
+    pg_down
+    ;;
+  status) status ;;
+  reset)
+    "$0" down
+    log "deleting $STACK_DIR"
+    rm -rf "$STACK_DIR"
+    ;;
+  restart)
+    case "${2:-}" in
+      postgres) pg_down; pg_up ;;
+      kafka) kafka_down; kafka_up ;;
+      clickhouse) ch_down; ch_up ;;
+      *) die "usage: $0 restart postgres|kafka|clickhouse" ;;
+    esac
+    ;;
+  tansu-bin) tansu_install; echo "$TANSU_BIN" ;;
+  *)
+    echo "usage: $0 up|down|status|reset|restart SERVICE|tansu-bin" >&2
+    exit 2
+    ;;
+esac
