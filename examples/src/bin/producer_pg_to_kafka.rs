@@ -1,1 +1,173 @@
-fn main() {}
+//! The relay: publishes pending events from PostgreSQL to Kafka.
+//!
+//! Default: the original demo, rows of `user_logins` with
+//! `sent_to_kafka = false` → topic `user_events`. With `--source outbox`, the
+//! events services enqueued in the outbox table.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use examples::{init_tracing, retry_startup, shutdown_on_signals, KafkaArgs, LogArgs, PgArgs};
+use outbox_core::{Relay, RelayConfig, Source};
+use outbox_kafka::KafkaBus;
+use outbox_pg::{FlagTableConfig, FlagTableSource, OutboxConfig, PgOutboxSource};
+use tracing::{error, info};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SourceKind {
+    /// A business table with a boolean "sent" column (the original demo).
+    FlagTable,
+    /// The outbox table written by `outbox_pg::Outbox::enqueue`.
+    Outbox,
+}
+
+/// Publish pending events from PostgreSQL to Kafka; an event is marked done
+/// only after the broker acknowledged it.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    pg: PgArgs,
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    log: LogArgs,
+    /// What to read.
+    #[arg(long, env = "OUTBOX_SOURCE", value_enum, default_value = "flag-table")]
+    source: SourceKind,
+    /// Flag table (with --source flag-table).
+    #[arg(long, env = "OUTBOX_FLAG_TABLE", default_value = "user_logins")]
+    table: String,
+    /// Id column of the flag table.
+    #[arg(long, env = "OUTBOX_FLAG_ID_COLUMN", default_value = "id")]
+    id_column: String,
+    /// Boolean "sent" column of the flag table.
+    #[arg(long, env = "OUTBOX_FLAG_COLUMN", default_value = "sent_to_kafka")]
+    flag_column: String,
+    /// Column whose value is the message key (flag table).
+    #[arg(long, env = "OUTBOX_FLAG_KEY_COLUMN", default_value = "username")]
+    key_column: String,
+    /// Topic the flag table's rows go to.
+    #[arg(long, env = "OUTBOX_TOPIC", default_value = "user_events")]
+    topic: String,
+    /// Outbox table (with --source outbox).
+    #[arg(long, env = "OUTBOX_TABLE", default_value = "outbox")]
+    outbox_table: String,
+    /// Dead-letter table for events the broker can never take.
+    #[arg(
+        long,
+        env = "OUTBOX_DEAD_LETTER_TABLE",
+        default_value = "outbox_dead_letter"
+    )]
+    dead_letter_table: String,
+    /// Do not create the outbox tables at start (for a role without DDL rights).
+    #[arg(long, env = "OUTBOX_NO_MIGRATE")]
+    no_migrate: bool,
+    /// Most events per batch.
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000)]
+    batch_size: usize,
+    /// Exit once nothing is pending instead of waiting for new events.
+    #[arg(long)]
+    drain: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log);
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            error!("{err:#}");
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let startup = Duration::from_secs(cli.log.startup_timeout_secs);
+    let outbox_config = OutboxConfig {
+        table: cli.outbox_table.clone(),
+        dead_letter_table: cli.dead_letter_table.clone(),
+        ..OutboxConfig::default()
+    };
+    outbox_config
+        .validate()
+        .context("invalid outbox configuration")?;
+    let flag_config = FlagTableConfig {
+        table: cli.table.clone(),
+        id_column: cli.id_column.clone(),
+        flag_column: cli.flag_column.clone(),
+        key_column: Some(cli.key_column.clone()),
+        topic: cli.topic.clone(),
+        dead_letter_table: cli.dead_letter_table.clone(),
+        ..FlagTableConfig::default()
+    };
+    flag_config
+        .validate()
+        .context("invalid flag-table configuration")?;
+    if cli.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+
+    let pg = cli.pg.config("producer_pg_to_kafka");
+    let target = pg.target();
+    let pool = pg.create_pool()?;
+    retry_startup("postgres", startup, || {
+        outbox_pg::check_connection(&pool, &target)
+    })
+    .await?;
+    if !cli.no_migrate {
+        let client = outbox_pg::connection(&pool, &target).await?;
+        outbox_pg::migrate(&client, &outbox_config).await?;
+    }
+
+    let kafka = cli.kafka.config("producer_pg_to_kafka");
+    let bus = KafkaBus::new(kafka.clone())?;
+    retry_startup("kafka", startup, || bus.check_connection()).await?;
+    if matches!(cli.source, SourceKind::FlagTable) {
+        outbox_kafka::ensure_topics(&kafka, &[cli.topic.as_str()]).await?;
+    }
+
+    let relay_config = RelayConfig {
+        batch_size: cli.batch_size,
+        stop_when_idle: cli.drain,
+        ..RelayConfig::default()
+    };
+    let shutdown = shutdown_on_signals();
+    match cli.source {
+        SourceKind::FlagTable => {
+            info!(table = %cli.table, topic = %cli.topic, "relaying flag table");
+            let source = FlagTableSource::new(pool, target, flag_config)?;
+            run_relay(source, bus, relay_config, shutdown).await
+        }
+        SourceKind::Outbox => {
+            info!(table = %cli.outbox_table, "relaying outbox table");
+            let source = PgOutboxSource::new(pool, target, outbox_config)?;
+            run_relay(source, bus, relay_config, shutdown).await
+        }
+    }
+}
+
+async fn run_relay<S: Source>(
+    source: S,
+    bus: KafkaBus,
+    config: RelayConfig,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let relay = Relay::new(source, bus, config);
+    let stats = relay.run(shutdown).await?;
+    info!(
+        published = stats.published,
+        dead_lettered = stats.dead_lettered,
+        "producer finished"
+    );
+    println!(
+        "published {} events ({} dead-lettered)",
+        stats.published, stats.dead_lettered
+    );
+    Ok(())
+}

@@ -1,1 +1,321 @@
-fn main() {}
+//! Integration tests of outbox-pg against a real PostgreSQL.
+//!
+//! Needs the server of `scripts/stack.sh up`; override its address with
+//! `OUTBOX_PG_HOST` / `OUTBOX_PG_PORT`. Each test uses tables named after it.
+
+use std::time::Duration;
+
+use outbox_core::{Delivery, Event, Position, Source};
+use outbox_pg::{
+    migrate, schema_sql, FlagTableConfig, FlagTableSource, Outbox, OutboxConfig, PgConfig, PgError,
+    PgOutboxSource,
+};
+
+fn pg_config() -> PgConfig {
+    PgConfig {
+        host: std::env::var("OUTBOX_PG_HOST").unwrap_or_else(|_| "127.0.0.1".into()),
+        port: std::env::var("OUTBOX_PG_PORT")
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(5432),
+        ..PgConfig::default()
+    }
+}
+
+fn outbox_config(name: &str) -> OutboxConfig {
+    OutboxConfig {
+        table: format!("t_{name}"),
+        dead_letter_table: format!("t_{name}_dead"),
+        ..OutboxConfig::default()
+    }
+}
+
+/// A fresh pool and freshly created outbox tables for one test.
+async fn setup(name: &str) -> (deadpool_postgres::Pool, OutboxConfig) {
+    let pool = pg_config().create_pool().unwrap();
+    let config = outbox_config(name);
+    let client = pool.get().await.unwrap();
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS t_{name}; DROP TABLE IF EXISTS t_{name}_dead;"
+        ))
+        .await
+        .unwrap();
+    migrate(&client, &config).await.unwrap();
+    (pool, config)
+}
+
+fn ack(offset: i64) -> Delivery {
+    Delivery::Acknowledged(Position {
+        partition: 0,
+        offset,
+    })
+}
+
+#[test]
+fn init_sql_holds_the_generated_schema() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../init.sql");
+    let text = std::fs::read_to_string(path).unwrap();
+    let begin = "-- BEGIN outbox schema";
+    let end = "-- END outbox schema";
+    let start = text.find(begin).expect("init.sql lacks the BEGIN marker");
+    let body_start = start + text[start..].find('\n').unwrap() + 1;
+    let body_end = text.find(end).expect("init.sql lacks the END marker");
+    let generated = schema_sql(&OutboxConfig::default()).unwrap();
+    if std::env::var("UPDATE_INIT_SQL").is_ok() {
+        let updated = format!("{}{}{}", &text[..body_start], generated, &text[body_end..]);
+        std::fs::write(path, updated).unwrap();
+        return;
+    }
+    assert_eq!(
+        &text[body_start..body_end],
+        generated,
+        "init.sql is out of date: run UPDATE_INIT_SQL=1 cargo test -p outbox-pg init_sql"
+    );
+}
+
+#[tokio::test]
+async fn migration_is_idempotent_and_names_are_validated() {
+    let (pool, config) = setup("migrate").await;
+    let client = pool.get().await.unwrap();
+    migrate(&client, &config).await.unwrap();
+    migrate(&client, &config).await.unwrap();
+    let hostile = OutboxConfig {
+        table: "outbox; DROP TABLE user_logins; --".into(),
+        ..OutboxConfig::default()
+    };
+    let err = migrate(&client, &hostile).await.unwrap_err();
+    assert!(matches!(err, PgError::InvalidIdentifier { .. }), "{err}");
+    assert!(err.to_string().contains("invalid identifier"), "{err}");
+    assert!(Outbox::new(&hostile).is_err());
+}
+
+/// Invariant: an event is claimable exactly when its transaction committed.
+#[tokio::test]
+async fn committed_events_are_claimed_and_rolled_back_ones_never() {
+    let (pool, config) = setup("commit_rollback").await;
+    let outbox = Outbox::new(&config).unwrap();
+    let committed: Vec<Event> = (0..3)
+        .map(|i| Event::new("orders", format!("c{i}")).with_key("k"))
+        .collect();
+    let rolled_back: Vec<Event> = (0..2)
+        .map(|i| Event::new("orders", format!("r{i}")))
+        .collect();
+
+    let mut client = pool.get().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    assert_eq!(outbox.enqueue(&tx, &committed).await.unwrap(), 3);
+    tx.commit().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    assert_eq!(outbox.enqueue(&tx, &rolled_back).await.unwrap(), 2);
+    tx.rollback().await.unwrap();
+
+    let source = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let claimed = source.claim(100).await.unwrap().expect("events pending");
+    let ids: Vec<_> = claimed.events.iter().map(|e| e.id).collect();
+    println!("committed=3 rolled_back=2 claimed={}", ids.len());
+    assert_eq!(ids, committed.iter().map(|e| e.id).collect::<Vec<_>>());
+    assert_eq!(claimed.events[0].payload, "c0");
+    assert_eq!(claimed.events[0].key.as_deref(), Some(&b"k"[..]));
+    let summary = source
+        .acknowledge(claimed, &[ack(0), ack(1), ack(2)])
+        .await
+        .unwrap();
+    assert_eq!(summary.completed, 3);
+    assert!(source.claim(100).await.unwrap().is_none());
+}
+
+/// Invariant: only acknowledged events leave the outbox; rejected ones are
+/// dead-lettered with their reason; retryable ones stay pending.
+#[tokio::test]
+async fn acknowledge_applies_each_outcome() {
+    let (pool, config) = setup("outcomes").await;
+    let outbox = Outbox::new(&config).unwrap();
+    let events: Vec<Event> = (0..3).map(|i| Event::new("t", format!("e{i}"))).collect();
+    let client = pool.get().await.unwrap();
+    outbox.enqueue(&client, &events).await.unwrap();
+
+    let source = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let claimed = source.claim(10).await.unwrap().unwrap();
+    let summary = source
+        .acknowledge(
+            claimed,
+            &[
+                ack(5),
+                Delivery::Rejected("message too large".into()),
+                Delivery::Retryable("timed out".into()),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (summary.completed, summary.dead_lettered, summary.released),
+        (1, 1, 1)
+    );
+
+    let pending = client
+        .query("SELECT event_id, attempts, last_error FROM t_outcomes", &[])
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].get::<_, uuid::Uuid>(0), events[2].id);
+    assert_eq!(pending[0].get::<_, i32>(1), 1);
+    assert_eq!(pending[0].get::<_, String>(2), "timed out");
+
+    let dead = client
+        .query(
+            "SELECT event_id, reason, origin, attempts FROM t_outcomes_dead",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].get::<_, uuid::Uuid>(0), events[1].id);
+    assert_eq!(dead[0].get::<_, String>(1), "message too large");
+    assert_eq!(dead[0].get::<_, String>(2), "t_outcomes");
+    assert_eq!(dead[0].get::<_, i32>(3), 1);
+}
+
+/// Invariant: a claim that is dropped (relay died) leaves every event pending,
+/// and two claims at once never share an event (SKIP LOCKED).
+#[tokio::test]
+async fn claims_are_exclusive_and_abandoned_claims_release() {
+    let (pool, config) = setup("exclusive").await;
+    let outbox = Outbox::new(&config).unwrap();
+    let events: Vec<Event> = (0..10).map(|i| Event::new("t", format!("e{i}"))).collect();
+    let client = pool.get().await.unwrap();
+    outbox.enqueue(&client, &events).await.unwrap();
+
+    let source = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let first = source.claim(6).await.unwrap().unwrap();
+    let second = source.claim(6).await.unwrap().unwrap();
+    assert_eq!(first.events.len(), 6);
+    assert_eq!(second.events.len(), 4);
+    assert!(first
+        .events
+        .iter()
+        .all(|e| second.events.iter().all(|o| o.id != e.id)));
+    drop(first);
+    drop(second);
+    // Closing the connections rolls back; the rows are claimable again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = source.claim(100).await.unwrap().unwrap();
+    println!("claimed_after_abandon={}", again.events.len());
+    assert_eq!(again.events.len(), 10);
+}
+
+/// Invariant: a flag-table row is flagged only after acknowledgement, with a
+/// stable event id, and is never claimed again once flagged.
+#[tokio::test]
+async fn flag_table_source_sets_the_flag_only_when_acknowledged() {
+    let (pool, config) = setup("flag").await;
+    let client = pool.get().await.unwrap();
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS flag_logins;
+             CREATE TABLE flag_logins (id bigserial PRIMARY KEY, username text NOT NULL,
+               event_type text NOT NULL, event_time timestamptz NOT NULL DEFAULT now(),
+               sent_to_kafka boolean NOT NULL DEFAULT false);
+             INSERT INTO flag_logins (username, event_type) VALUES ('a','login'),('b','login'),('a','logout');",
+        )
+        .await
+        .unwrap();
+    let source = FlagTableSource::new(
+        pool.clone(),
+        "test",
+        FlagTableConfig {
+            table: "flag_logins".into(),
+            topic: "flag_events".into(),
+            dead_letter_table: config.dead_letter_table.clone(),
+            ..FlagTableConfig::default()
+        },
+    )
+    .unwrap();
+    let claimed = source.claim(10).await.unwrap().unwrap();
+    assert_eq!(claimed.events.len(), 3);
+    let payload: serde_json::Value = serde_json::from_slice(&claimed.events[0].payload).unwrap();
+    assert_eq!(payload["username"], "a");
+    assert!(payload.get("sent_to_kafka").is_none());
+    assert_eq!(claimed.events[0].key.as_deref(), Some(&b"a"[..]));
+    assert_eq!(
+        claimed.events[0].id,
+        outbox_pg::flag_row_event_id("flag_logins", 1)
+    );
+    // Not acknowledged: nothing flagged.
+    let summary = source
+        .acknowledge(
+            claimed,
+            &[
+                ack(0),
+                Delivery::Retryable("down".into()),
+                Delivery::Rejected("too large".into()),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (summary.completed, summary.released, summary.dead_lettered),
+        (1, 1, 1)
+    );
+    let flags: Vec<bool> = client
+        .query("SELECT sent_to_kafka FROM flag_logins ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(flags, vec![true, false, true]);
+    let again = source.claim(10).await.unwrap().unwrap();
+    assert_eq!(again.events.len(), 1);
+    assert_eq!(
+        again.events[0].id,
+        outbox_pg::flag_row_event_id("flag_logins", 2)
+    );
+    let dead: i64 = client
+        .query_one(
+            "SELECT count(*) FROM t_flag_dead WHERE origin = 'flag_logins' AND reason = 'too large'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dead, 1);
+}
+
+#[tokio::test]
+async fn wrong_password_is_a_clear_permanent_error() {
+    let config = PgConfig {
+        password: "wrong".into(),
+        ..pg_config()
+    };
+    let pool = config.create_pool().unwrap();
+    let err = outbox_pg::check_connection(&pool, &config.target())
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    println!("{text}");
+    assert!(!err.is_retryable());
+    assert!(
+        text.contains("127.0.0.1:") && text.contains("password"),
+        "{text}"
+    );
+    assert!(!text.contains("wrong"), "password leaked: {text}");
+}
+
+#[tokio::test]
+async fn unreachable_server_is_a_retryable_error_naming_it() {
+    let config = PgConfig {
+        port: 1,
+        connect_timeout: Duration::from_secs(2),
+        ..pg_config()
+    };
+    let pool = config.create_pool().unwrap();
+    let err = outbox_pg::check_connection(&pool, &config.target())
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    println!("{text}");
+    assert!(err.is_retryable());
+    assert!(text.contains("127.0.0.1:1/test_db"), "{text}");
+    assert!(text.contains("is PostgreSQL running"), "{text}");
+}

@@ -1,0 +1,130 @@
+//! Errors of the ClickHouse sink and their classification.
+
+use outbox_core::Stage;
+
+/// An error of the ClickHouse sink.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SinkError {
+    /// A database or table name is not a safe identifier.
+    #[error("invalid clickhouse {field} {value:?}: only letters, digits and '_' are allowed, not starting with a digit")]
+    InvalidIdentifier {
+        /// Which setting.
+        field: String,
+        /// The rejected value.
+        value: String,
+    },
+    /// Configuration that cannot work.
+    #[error("invalid clickhouse configuration: {0}")]
+    Config(String),
+    /// A request to the server failed.
+    #[error("clickhouse at {url}: {operation} failed: {detail}")]
+    Request {
+        /// Endpoint.
+        url: String,
+        /// What was being done.
+        operation: &'static str,
+        /// What went wrong, with a hint.
+        detail: String,
+        /// Whether waiting can help.
+        retryable: bool,
+        /// The underlying error.
+        #[source]
+        source: clickhouse::error::Error,
+    },
+}
+
+impl SinkError {
+    pub(crate) fn request(
+        url: &str,
+        operation: &'static str,
+        source: clickhouse::error::Error,
+    ) -> Self {
+        let (retryable, hint) = classify(&source);
+        let mut detail = source.to_string();
+        // Server messages can be long multi-line stack traces: keep the first line.
+        if let Some(first) = detail.lines().next() {
+            detail = first.to_string();
+        }
+        if let Some(hint) = hint {
+            detail.push_str("; ");
+            detail.push_str(hint);
+        }
+        SinkError::Request {
+            url: url.to_string(),
+            operation,
+            detail,
+            retryable,
+            source,
+        }
+    }
+
+    /// Whether waiting and retrying can succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SinkError::InvalidIdentifier { .. } | SinkError::Config(_) => false,
+            SinkError::Request { retryable, .. } => *retryable,
+        }
+    }
+}
+
+impl From<SinkError> for outbox_core::Error {
+    fn from(err: SinkError) -> Self {
+        if err.is_retryable() {
+            outbox_core::Error::retryable(Stage::Sink, err)
+        } else {
+            outbox_core::Error::permanent(Stage::Sink, err)
+        }
+    }
+}
+
+/// The ClickHouse error code in a server response (`Code: 60. ...`).
+pub fn server_code(err: &clickhouse::error::Error) -> Option<u32> {
+    let clickhouse::error::Error::BadResponse(text) = err else {
+        return None;
+    };
+    let start = text.find("Code: ")? + "Code: ".len();
+    let digits: String = text[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+/// Which failures are permanent: the named server codes below (auth, missing
+/// objects, bad SQL or data) and client-side encoding errors. Network
+/// failures, timeouts and every other server code are retried.
+fn classify(err: &clickhouse::error::Error) -> (bool, Option<&'static str>) {
+    use clickhouse::error::Error as E;
+    match err {
+        E::Network(_) | E::TimedOut => (true, Some("is ClickHouse running and reachable there?")),
+        E::BadResponse(_) => match server_code(err) {
+            Some(192 | 193 | 516 | 194) => (false, Some("check the clickhouse user and password")),
+            Some(497) => (false, Some("the clickhouse user lacks a privilege")),
+            Some(81) => (false, Some("the database does not exist")),
+            Some(60) => (false, Some("the table does not exist")),
+            Some(16 | 47) => (false, Some("the table lacks a column the sink writes")),
+            Some(62) => (false, None),
+            Some(27 | 53 | 117 | 70 | 72 | 69) => (false, Some("a value does not fit the table")),
+            _ => (true, None),
+        },
+        E::InvalidParams(_) | E::SchemaMismatch(_) | E::Unsupported(_) => (false, None),
+        _ => (true, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_server_codes() {
+        let err = clickhouse::error::Error::BadResponse(
+            "Code: 193, e.displayText() = DB::Exception: Wrong password for user user".into(),
+        );
+        assert_eq!(server_code(&err), Some(193));
+        assert!(!SinkError::request("u", "insert", err).is_retryable());
+        let other = clickhouse::error::Error::BadResponse("Code: 999. whatever".into());
+        assert!(SinkError::request("u", "insert", other).is_retryable());
+    }
+}

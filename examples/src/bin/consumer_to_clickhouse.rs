@@ -1,0 +1,144 @@
+//! The consumer: reads Kafka and writes ClickHouse, each event once.
+//!
+//! Default: the original demo, topic `user_events` → table `user_logins`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use examples::{
+    init_tracing, retry_startup, shutdown_on_signals, ClickHouseArgs, KafkaArgs, LogArgs,
+    UserLoginMapper,
+};
+use outbox_core::{Consume, ConsumeConfig};
+use outbox_kafka::{ConsumerConfig, KafkaSubscription};
+use sink_clickhouse::{ClickHouseSink, RawEventMapper, RowMapper};
+use tracing::{error, info};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RowFormat {
+    /// The demo's `user_logins` columns parsed from the JSON payload.
+    UserLogins,
+    /// The whole event envelope (topic, key, payload, headers, created_at).
+    Raw,
+}
+
+/// Read events from Kafka and write them to ClickHouse; Kafka positions move
+/// only after ClickHouse accepted the rows, and rows already written are
+/// recognised by their stored position.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    clickhouse: ClickHouseArgs,
+    #[command(flatten)]
+    log: LogArgs,
+    /// Topic to read.
+    #[arg(long, env = "OUTBOX_TOPIC", default_value = "user_events")]
+    topic: String,
+    /// Consumer group.
+    #[arg(
+        long,
+        env = "OUTBOX_GROUP_ID",
+        default_value = "user_events_clickhouse"
+    )]
+    group_id: String,
+    /// How records become rows.
+    #[arg(
+        long,
+        env = "OUTBOX_ROW_FORMAT",
+        value_enum,
+        default_value = "user-logins"
+    )]
+    format: RowFormat,
+    /// Most records per ClickHouse insert.
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 10_000)]
+    batch_size: usize,
+    /// Longest wait to fill a batch (ms).
+    #[arg(long, env = "OUTBOX_BATCH_WAIT_MS", default_value_t = 200)]
+    batch_wait_ms: u64,
+    /// Kafka session timeout (ms).
+    #[arg(long, env = "OUTBOX_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    session_timeout_ms: u64,
+    /// Exit after this many seconds without any record.
+    #[arg(long)]
+    exit_after_idle_secs: Option<u64>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log);
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            error!("{err:#}");
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.format {
+        RowFormat::UserLogins => run_with(cli, UserLoginMapper).await,
+        RowFormat::Raw => run_with(cli, RawEventMapper).await,
+    }
+}
+
+async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
+    let startup = Duration::from_secs(cli.log.startup_timeout_secs);
+    let ch_config = cli.clickhouse.config();
+    ch_config
+        .validate()
+        .context("invalid clickhouse configuration")?;
+    if cli.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    let probe = sink_clickhouse::client_for(&sink_clickhouse::ClickHouseConfig {
+        database: "default".into(),
+        ..ch_config.clone()
+    });
+    retry_startup("clickhouse", startup, || async {
+        probe.query("SELECT 1").execute().await.map_err(|e| {
+            sink_clickhouse::SinkError::Config(format!(
+                "clickhouse at {}: {}",
+                ch_config.url,
+                e.to_string().lines().next().unwrap_or_default()
+            ))
+        })
+    })
+    .await
+    .ok();
+    let sink = ClickHouseSink::new(ch_config, mapper).await?;
+
+    let kafka = cli.kafka.config("consumer_to_clickhouse");
+    let bus = outbox_kafka::KafkaBus::new(kafka.clone())?;
+    retry_startup("kafka", startup, || bus.check_connection()).await?;
+    drop(bus);
+    // Subscribing to a topic that does not exist yet would wait silently.
+    outbox_kafka::ensure_topics(&kafka, &[cli.topic.as_str()]).await?;
+    let mut consumer_config = ConsumerConfig::new(cli.group_id.clone(), [cli.topic.clone()]);
+    consumer_config.session_timeout = Duration::from_millis(cli.session_timeout_ms);
+    let subscription = KafkaSubscription::new(&kafka, consumer_config)?;
+
+    let config = ConsumeConfig {
+        batch_size: cli.batch_size,
+        max_wait: Duration::from_millis(cli.batch_wait_ms),
+        stop_after_idle: cli.exit_after_idle_secs.map(Duration::from_secs),
+        ..ConsumeConfig::default()
+    };
+    info!(topic = %cli.topic, group = %cli.group_id, "consuming");
+    let shutdown = shutdown_on_signals();
+    let stats = Consume::new(subscription, sink, config)
+        .run(shutdown)
+        .await?;
+    println!(
+        "wrote {} rows ({} duplicates skipped, {} dead-lettered)",
+        stats.written, stats.duplicates, stats.dead_lettered
+    );
+    Ok(())
+}

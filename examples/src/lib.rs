@@ -1,0 +1,312 @@
+//! Shared wiring of the example binaries: command-line options (each also
+//! read from an environment variable), logging, signals, start-up checks and
+//! the demo's ClickHouse row.
+
+use std::future::Future;
+use std::time::Duration;
+
+use clap::Args;
+use clickhouse::Row;
+use outbox_core::Record;
+use serde::{Deserialize, Serialize};
+use sink_clickhouse::{RowMapper, RowMeta};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// PostgreSQL connection options.
+#[derive(Debug, Clone, Args)]
+pub struct PgArgs {
+    /// PostgreSQL host.
+    #[arg(long, env = "OUTBOX_PG_HOST", default_value = "127.0.0.1")]
+    pub pg_host: String,
+    /// PostgreSQL port.
+    #[arg(long, env = "OUTBOX_PG_PORT", default_value_t = 5432)]
+    pub pg_port: u16,
+    /// PostgreSQL user.
+    #[arg(long, env = "OUTBOX_PG_USER", default_value = "admin")]
+    pub pg_user: String,
+    /// PostgreSQL password (prefer the environment variable).
+    #[arg(
+        long,
+        env = "OUTBOX_PG_PASSWORD",
+        default_value = "admin",
+        hide_default_value = true,
+        hide_env_values = true
+    )]
+    pub pg_password: String,
+    /// PostgreSQL database.
+    #[arg(long, env = "OUTBOX_PG_DATABASE", default_value = "test_db")]
+    pub pg_database: String,
+}
+
+impl PgArgs {
+    /// The adapter's configuration.
+    pub fn config(&self, application_name: &str) -> outbox_pg::PgConfig {
+        outbox_pg::PgConfig {
+            host: self.pg_host.clone(),
+            port: self.pg_port,
+            user: self.pg_user.clone(),
+            password: self.pg_password.clone(),
+            dbname: self.pg_database.clone(),
+            application_name: application_name.into(),
+            ..outbox_pg::PgConfig::default()
+        }
+    }
+}
+
+/// Kafka connection options.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "OUTBOX_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+    /// Partitions of topics created by this program.
+    #[arg(long, env = "OUTBOX_TOPIC_PARTITIONS", default_value_t = 3)]
+    pub topic_partitions: i32,
+    /// How long the producer tries to deliver a message before reporting failure (ms).
+    #[arg(
+        long,
+        env = "OUTBOX_KAFKA_MESSAGE_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub kafka_message_timeout_ms: u64,
+}
+
+impl KafkaArgs {
+    /// The adapter's configuration.
+    pub fn config(&self, client_id: &str) -> outbox_kafka::KafkaConfig {
+        outbox_kafka::KafkaConfig {
+            brokers: self.kafka_brokers.clone(),
+            client_id: client_id.into(),
+            topic_partitions: self.topic_partitions,
+            message_timeout: Duration::from_millis(self.kafka_message_timeout_ms),
+            ..outbox_kafka::KafkaConfig::default()
+        }
+    }
+}
+
+/// ClickHouse connection options.
+#[derive(Debug, Clone, Args)]
+pub struct ClickHouseArgs {
+    /// ClickHouse HTTP endpoint.
+    #[arg(
+        long,
+        env = "OUTBOX_CLICKHOUSE_URL",
+        default_value = "http://127.0.0.1:8123"
+    )]
+    pub clickhouse_url: String,
+    /// ClickHouse user.
+    #[arg(long, env = "OUTBOX_CLICKHOUSE_USER", default_value = "user")]
+    pub clickhouse_user: String,
+    /// ClickHouse password (prefer the environment variable).
+    #[arg(
+        long,
+        env = "OUTBOX_CLICKHOUSE_PASSWORD",
+        default_value = "strongpassword",
+        hide_default_value = true,
+        hide_env_values = true
+    )]
+    pub clickhouse_password: String,
+    /// ClickHouse database.
+    #[arg(long, env = "OUTBOX_CLICKHOUSE_DATABASE", default_value = "default")]
+    pub clickhouse_database: String,
+    /// ClickHouse table the rows go to.
+    #[arg(long, env = "OUTBOX_CLICKHOUSE_TABLE", default_value = "user_logins")]
+    pub clickhouse_table: String,
+    /// ClickHouse table for records that can never be written.
+    #[arg(
+        long,
+        env = "OUTBOX_CLICKHOUSE_DEAD_LETTER_TABLE",
+        default_value = "outbox_dead_letter"
+    )]
+    pub clickhouse_dead_letter_table: String,
+}
+
+impl ClickHouseArgs {
+    /// The adapter's configuration.
+    pub fn config(&self) -> sink_clickhouse::ClickHouseConfig {
+        sink_clickhouse::ClickHouseConfig {
+            url: self.clickhouse_url.clone(),
+            user: self.clickhouse_user.clone(),
+            password: self.clickhouse_password.clone(),
+            database: self.clickhouse_database.clone(),
+            table: self.clickhouse_table.clone(),
+            dead_letter_table: self.clickhouse_dead_letter_table.clone(),
+            ..sink_clickhouse::ClickHouseConfig::default()
+        }
+    }
+}
+
+/// Logging options.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, env = "OUTBOX_LOG_JSON")]
+    pub log_json: bool,
+    /// How long to retry reaching a service at start before giving up (s).
+    #[arg(long, env = "OUTBOX_STARTUP_TIMEOUT_SECS", default_value_t = 15)]
+    pub startup_timeout_secs: u64,
+}
+
+/// Installs the tracing subscriber (`RUST_LOG` filters, default `info`).
+pub fn init_tracing(args: &LogArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(term) => term,
+                    Err(err) => {
+                        warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops cleanly");
+                        let _ = ctrl_c.await;
+                        cancel.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+        }
+        info!("shutdown requested; finishing the batch in flight");
+        cancel.cancel();
+    });
+    token
+}
+
+/// Runs a start-up check until it succeeds, fails for good, or `timeout` passes.
+pub async fn retry_startup<F, Fut, E>(what: &str, timeout: Duration, mut check: F) -> Result<(), E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display + Retryable,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match check().await {
+            Ok(()) => return Ok(()),
+            Err(err) if err.retryable() && tokio::time::Instant::now() + delay < deadline => {
+                warn!(error = %err, "{what} not ready yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Errors that say whether a retry can help.
+pub trait Retryable {
+    /// Whether a retry can help.
+    fn retryable(&self) -> bool;
+}
+
+impl Retryable for outbox_pg::PgError {
+    fn retryable(&self) -> bool {
+        self.is_retryable()
+    }
+}
+
+impl Retryable for outbox_kafka::BusError {
+    fn retryable(&self) -> bool {
+        self.is_retryable()
+    }
+}
+
+impl Retryable for sink_clickhouse::SinkError {
+    fn retryable(&self) -> bool {
+        self.is_retryable()
+    }
+}
+
+/// The ClickHouse row of the demo table `user_logins`.
+#[derive(Debug, Clone, Row, Serialize, Deserialize)]
+pub struct UserLoginRow {
+    /// The Postgres row id.
+    pub id: u64,
+    /// Who.
+    pub username: String,
+    /// What.
+    pub event_type: String,
+    /// When, seconds since the epoch (ClickHouse `DateTime`).
+    pub event_time: u32,
+    /// Event id.
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub event_id: uuid::Uuid,
+    /// Kafka partition.
+    pub kafka_partition: i32,
+    /// Kafka offset.
+    pub kafka_offset: i64,
+    /// Ingestion time.
+    pub ingested_at: u32,
+}
+
+/// The JSON payload of a `user_logins` event (the row as Postgres renders it).
+#[derive(Debug, Deserialize)]
+struct UserLoginPayload {
+    id: u64,
+    username: String,
+    event_type: String,
+    event_time: String,
+}
+
+/// Maps `user_events` records to [`UserLoginRow`]s.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UserLoginMapper;
+
+impl RowMapper for UserLoginMapper {
+    type Row = UserLoginRow;
+
+    fn columns_ddl(&self) -> String {
+        "id UInt64, username String, event_type String, event_time DateTime".into()
+    }
+
+    fn map(&self, record: &Record, meta: RowMeta) -> Result<UserLoginRow, String> {
+        let payload = record.payload.as_deref().ok_or("message has no payload")?;
+        let parsed: UserLoginPayload = serde_json::from_slice(payload)
+            .map_err(|e| format!("payload is not a user_logins row: {e}"))?;
+        let time = time::OffsetDateTime::parse(
+            &parsed.event_time,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .map_err(|e| format!("event_time {:?} is not RFC 3339: {e}", parsed.event_time))?;
+        let event_time = u32::try_from(time.unix_timestamp()).map_err(|_| {
+            format!(
+                "event_time {:?} does not fit ClickHouse DateTime (1970..2106)",
+                parsed.event_time
+            )
+        })?;
+        Ok(UserLoginRow {
+            id: parsed.id,
+            username: parsed.username,
+            event_type: parsed.event_type,
+            event_time,
+            event_id: meta.event_id,
+            kafka_partition: meta.kafka_partition,
+            kafka_offset: meta.kafka_offset,
+            ingested_at: meta.ingested_at,
+        })
+    }
+}
