@@ -1,0 +1,53 @@
+# Two commands on a fresh machine:
+#   make demo   stack up, demo rows Postgres → Kafka → ClickHouse, rows shown
+#   make test   stack up, fmt, clippy, every test; stack stopped at the end
+#               (KEEP_STACK=1 leaves it running)
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# CI builds from a fresh clone: keep the cargo target dir outside it.
+ifeq ($(CI),true)
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/outbox-stack/target
+endif
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: help demo test stack-up stack-down stack-status stack-reset build fmt clippy unit
+
+help:
+	@echo "make demo        run the demo pipeline end to end and show the ClickHouse rows"
+	@echo "make test        stack up, cargo fmt --check, clippy, all tests (KEEP_STACK=1 keeps the stack)"
+	@echo "make stack-up    start PostgreSQL, Kafka (tansu) and ClickHouse (installs what is missing)"
+	@echo "make stack-down  stop them; make stack-reset also deletes their data"
+
+stack-up:
+	@scripts/stack.sh up
+
+stack-down:
+	@scripts/stack.sh down
+
+stack-status:
+	@scripts/stack.sh status
+
+stack-reset:
+	@scripts/stack.sh reset
+
+build:
+	cargo build --workspace --bins
+
+demo:
+	@scripts/demo.sh
+
+fmt:
+	cargo fmt --all -- --check
+
+clippy:
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test:
+	@set -euo pipefail; \
+	if [ "$${KEEP_STACK:-0}" != "1" ]; then trap 'scripts/stack.sh down' EXIT; fi; \
+	scripts/stack.sh up; \
+	echo "== cargo fmt --check"; cargo fmt --all -- --check; \
+	echo "== cargo clippy"; cargo clippy --workspace --all-targets -- -D warnings; \
+	echo "== cargo test"; cargo test --workspace --all-targets; \
+	echo "== doc tests"; cargo test --workspace --doc
