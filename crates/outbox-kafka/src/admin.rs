@@ -38,20 +38,24 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), 
             )
         })
         .collect();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = tokio::time::timeout(
-        Duration::from_secs(15),
-        admin.create_topics(&new_topics, &options),
-    )
-    .await
-    .map_err(|_| BusError::Unreachable {
-        brokers: config.brokers.clone(),
-        detail: "creating topics timed out after 15 s".into(),
-    })?
-    .map_err(|e| BusError::Unreachable {
-        brokers: config.brokers.clone(),
-        detail: e.to_string(),
-    })?;
+    // Bounded like a delivery: a relay waiting on a dead broker retries
+    // instead of hanging.
+    let limit = config
+        .message_timeout
+        .clamp(Duration::from_secs(1), Duration::from_secs(15));
+    let options = AdminOptions::new()
+        .operation_timeout(Some(limit))
+        .request_timeout(Some(limit));
+    let results = tokio::time::timeout(limit, admin.create_topics(&new_topics, &options))
+        .await
+        .map_err(|_| BusError::Unreachable {
+            brokers: config.brokers.clone(),
+            detail: format!("creating topics timed out after {} ms", limit.as_millis()),
+        })?
+        .map_err(|e| BusError::Unreachable {
+            brokers: config.brokers.clone(),
+            detail: e.to_string(),
+        })?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

@@ -227,15 +227,38 @@ impl Bus for KafkaBus {
                 Err(err) => deliveries.push(classify(&err)),
             }
         }
+        let mut lost_topics = Vec::new();
         for (index, result) in slots.into_iter().zip(join_all(futures).await) {
             deliveries[index] = match result {
                 Ok(Ok(delivery)) => Delivery::Acknowledged(Position {
                     partition: delivery.partition,
                     offset: delivery.offset,
                 }),
-                Ok(Err((err, _message))) => classify(&err),
+                Ok(Err((err, _message))) => {
+                    if matches!(
+                        err.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::UnknownTopicOrPartition
+                                | RDKafkaErrorCode::UnknownTopic
+                        )
+                    ) {
+                        lost_topics.push(events[index].topic.as_str());
+                    }
+                    classify(&err)
+                }
                 Err(_canceled) => Delivery::Retryable("kafka producer was dropped".into()),
             };
+        }
+        // A broker that lost a topic (restarted without its data) makes us
+        // create it again on the next attempt.
+        if !lost_topics.is_empty() {
+            let mut known = self
+                .known_topics
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for topic in lost_topics {
+                known.remove(topic);
+            }
         }
         if let Some((code, reason)) = producer.client().fatal_error() {
             drop(producer);
