@@ -162,6 +162,24 @@ pub fn init_tracing(args: &LogArgs) {
     }
 }
 
+/// One line for an error and its causes, leaving out causes whose text the
+/// message already contains (adapter messages embed their cause's detail).
+pub fn render_error(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        let first_line = part.lines().next().unwrap_or_default();
+        if text.contains(first_line) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
 /// A token cancelled on SIGINT or SIGTERM.
 pub fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();

@@ -102,6 +102,22 @@ impl KafkaConfig {
     }
 }
 
+/// How a [`crate::KafkaSubscription`] gets its partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Assignment {
+    /// This consumer reads every partition of its topics (`assign`), from the
+    /// group's committed positions. No broker-side rebalancing: a restarted
+    /// consumer resumes at once, and no partition is ever left with a dead
+    /// owner. One consumer per topic. Default.
+    #[default]
+    AllPartitions,
+    /// The broker's consumer group splits partitions among members
+    /// (`subscribe`). Scales out, but a partition may briefly have two
+    /// writers during a rebalance, and some brokers (tansu 0.6) do not hand a
+    /// dead member's partitions to the survivors.
+    Group,
+}
+
 /// Settings of a [`crate::KafkaSubscription`].
 ///
 /// ```
@@ -116,11 +132,17 @@ pub struct ConsumerConfig {
     pub topics: Vec<String>,
     /// `session.timeout.ms`. Default: 10 s.
     pub session_timeout: Duration,
+    /// `max.poll.interval.ms`, also the time a rejoining group waits for a
+    /// member that died without leaving. Must be at least the session
+    /// timeout. Default: 60 s.
+    pub max_poll_interval: Duration,
     /// After the first message of a batch arrived, how long to keep
     /// collecting more before handing the batch over. Default: 20 ms.
     pub batch_linger: Duration,
     /// `auto.offset.reset` for partitions without a committed position. Default: `earliest`.
     pub auto_offset_reset: String,
+    /// How partitions are obtained. Default: [`Assignment::AllPartitions`].
+    pub assignment: Assignment,
 }
 
 impl ConsumerConfig {
@@ -134,8 +156,10 @@ impl ConsumerConfig {
             group_id: group_id.into(),
             topics: topics.into_iter().map(Into::into).collect(),
             session_timeout: Duration::from_secs(10),
+            max_poll_interval: Duration::from_secs(60),
             batch_linger: Duration::from_millis(20),
             auto_offset_reset: "earliest".into(),
+            assignment: Assignment::default(),
         }
     }
 }

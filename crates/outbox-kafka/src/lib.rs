@@ -9,7 +9,7 @@ mod subscription;
 
 pub use admin::ensure_topics;
 pub use bus::KafkaBus;
-pub use config::{ConsumerConfig, KafkaConfig};
+pub use config::{Assignment, ConsumerConfig, KafkaConfig};
 pub use error::{is_permanent_delivery_code, is_permanent_kafka, BusError};
 pub use subscription::KafkaSubscription;
 

@@ -11,9 +11,11 @@ use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::time::Instant;
 
-use crate::{BusError, ConsumerConfig, KafkaConfig};
+use crate::{Assignment, BusError, ConsumerConfig, KafkaConfig};
 
-/// Reads topics in a consumer group with automatic commits turned off.
+/// Reads topics with automatic commits turned off, either every partition
+/// (the default, [`crate::Assignment::AllPartitions`]) or the partitions the
+/// broker's consumer group gives it.
 ///
 /// [`Subscription::commit`] is the only thing that moves the group's
 /// positions, and the consumer loop calls it only after the sink durably
@@ -49,6 +51,14 @@ impl KafkaSubscription {
                 "session.timeout.ms",
                 config.session_timeout.as_millis().to_string(),
             )
+            .set(
+                "max.poll.interval.ms",
+                config
+                    .max_poll_interval
+                    .max(config.session_timeout)
+                    .as_millis()
+                    .to_string(),
+            )
             .set("fetch.wait.max.ms", "10")
             .set("enable.partition.eof", "false");
         kafka.apply_extra(&mut client_config);
@@ -58,13 +68,23 @@ impl KafkaSubscription {
                 source,
             })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
-        consumer
-            .subscribe(&topics)
-            .map_err(|source| BusError::Consumer {
-                brokers: kafka.brokers.clone(),
-                operation: "subscribe",
-                source,
-            })?;
+        let consumer_error = |operation, source| BusError::Consumer {
+            brokers: kafka.brokers.clone(),
+            operation,
+            source,
+        };
+        match config.assignment {
+            Assignment::Group => consumer
+                .subscribe(&topics)
+                .map_err(|e| consumer_error("subscribe", e))?,
+            Assignment::AllPartitions => {
+                let list = all_partitions_from_committed(&consumer, &topics, &config)
+                    .map_err(|e| consumer_error("assign", e))?;
+                consumer
+                    .assign(&list)
+                    .map_err(|e| consumer_error("assign", e))?;
+            }
+        }
         Ok(Self {
             consumer,
             brokers: kafka.brokers.clone(),
@@ -88,6 +108,44 @@ impl KafkaSubscription {
             source,
         }
     }
+}
+
+/// Every partition of `topics`, each at the group's committed position (or
+/// where `auto.offset.reset` says when there is none). Blocks for up to a few
+/// seconds on broker round trips; called once, at start.
+fn all_partitions_from_committed(
+    consumer: &StreamConsumer,
+    topics: &[&str],
+    config: &ConsumerConfig,
+) -> Result<TopicPartitionList, rdkafka::error::KafkaError> {
+    let timeout = Duration::from_secs(10);
+    let mut wanted = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+        for topic_metadata in metadata.topics() {
+            if let Some(err) = topic_metadata.error() {
+                return Err(rdkafka::error::KafkaError::MetadataFetch(err.into()));
+            }
+            for partition in topic_metadata.partitions() {
+                wanted.add_partition(topic_metadata.name(), partition.id());
+            }
+        }
+    }
+    let committed = consumer.committed_offsets(wanted, timeout)?;
+    let fallback = if config.auto_offset_reset == "latest" {
+        Offset::End
+    } else {
+        Offset::Beginning
+    };
+    let mut list = TopicPartitionList::new();
+    for element in committed.elements() {
+        let offset = match element.offset() {
+            Offset::Offset(n) if n >= 0 => Offset::Offset(n),
+            _ => fallback,
+        };
+        list.add_partition_offset(element.topic(), element.partition(), offset)?;
+    }
+    Ok(list)
 }
 
 fn to_record(message: &BorrowedMessage<'_>) -> Record {

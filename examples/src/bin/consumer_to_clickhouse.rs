@@ -12,9 +12,17 @@ use examples::{
     UserLoginMapper,
 };
 use outbox_core::{Consume, ConsumeConfig};
-use outbox_kafka::{ConsumerConfig, KafkaSubscription};
+use outbox_kafka::{Assignment, ConsumerConfig, KafkaSubscription};
 use sink_clickhouse::{ClickHouseSink, RawEventMapper, RowMapper};
 use tracing::{error, info};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AssignmentArg {
+    /// Read every partition of the topic (one consumer per topic; exactly-once).
+    AllPartitions,
+    /// Let the broker's consumer group split partitions among consumers.
+    Group,
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum RowFormat {
@@ -46,6 +54,14 @@ struct Cli {
         default_value = "user_events_clickhouse"
     )]
     group_id: String,
+    /// How partitions are obtained.
+    #[arg(
+        long,
+        env = "OUTBOX_ASSIGNMENT",
+        value_enum,
+        default_value = "all-partitions"
+    )]
+    assignment: AssignmentArg,
     /// How records become rows.
     #[arg(
         long,
@@ -63,6 +79,9 @@ struct Cli {
     /// Kafka session timeout (ms).
     #[arg(long, env = "OUTBOX_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     session_timeout_ms: u64,
+    /// Kafka max poll interval (ms): also how long a rejoin waits for a member that died.
+    #[arg(long, env = "OUTBOX_MAX_POLL_INTERVAL_MS", default_value_t = 60_000)]
+    max_poll_interval_ms: u64,
     /// Exit after this many seconds without any record.
     #[arg(long)]
     exit_after_idle_secs: Option<u64>,
@@ -75,8 +94,9 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            error!("{err:#}");
-            eprintln!("error: {err:#}");
+            let message = examples::render_error(&err);
+            error!("{message}");
+            eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }
@@ -123,6 +143,11 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
     outbox_kafka::ensure_topics(&kafka, &[cli.topic.as_str()]).await?;
     let mut consumer_config = ConsumerConfig::new(cli.group_id.clone(), [cli.topic.clone()]);
     consumer_config.session_timeout = Duration::from_millis(cli.session_timeout_ms);
+    consumer_config.max_poll_interval = Duration::from_millis(cli.max_poll_interval_ms);
+    consumer_config.assignment = match cli.assignment {
+        AssignmentArg::AllPartitions => Assignment::AllPartitions,
+        AssignmentArg::Group => Assignment::Group,
+    };
     let subscription = KafkaSubscription::new(&kafka, consumer_config)?;
 
     let config = ConsumeConfig {

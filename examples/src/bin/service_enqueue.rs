@@ -49,8 +49,9 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            error!("{err:#}");
-            eprintln!("error: {err:#}");
+            let message = examples::render_error(&err);
+            error!("{message}");
+            eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }

@@ -1,1 +1,172 @@
-fn main() {}
+//! Integration tests of outbox-kafka against a real Kafka-protocol broker.
+//!
+//! Needs the broker of `scripts/stack.sh up`; override its address with
+//! `OUTBOX_KAFKA_BROKERS`. Each test uses its own topic and group.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use outbox_core::{Bus, Checkpoint, Delivery, Event, Subscription};
+use outbox_kafka::{ConsumerConfig, KafkaBus, KafkaConfig, KafkaSubscription};
+use uuid::Uuid;
+
+fn kafka() -> KafkaConfig {
+    KafkaConfig {
+        brokers: std::env::var("OUTBOX_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
+        message_timeout: Duration::from_secs(10),
+        ..KafkaConfig::default()
+    }
+}
+
+fn unique(name: &str) -> String {
+    format!("it_{name}_{}", Uuid::now_v7().simple())
+}
+
+fn consumer_config(group: &str, topic: &str) -> ConsumerConfig {
+    let mut config = ConsumerConfig::new(group, [topic]);
+    config.session_timeout = Duration::from_secs(6);
+    config.max_poll_interval = Duration::from_secs(7);
+    config
+}
+
+/// Reads until `expected` records arrived or 30 s passed, committing nothing.
+async fn read(sub: &mut KafkaSubscription, expected: usize) -> Vec<outbox_core::Record> {
+    let mut records = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while records.len() < expected && tokio::time::Instant::now() < deadline {
+        records.extend(
+            sub.poll_batch(1000, Duration::from_millis(500))
+                .await
+                .unwrap(),
+        );
+    }
+    records
+}
+
+/// Invariant: every event of a batch gets the broker's answer; keys keep one
+/// partition and their order; the event id travels in the header.
+#[tokio::test]
+async fn publishes_a_batch_and_reports_each_delivery() {
+    let topic = unique("publish");
+    let bus = KafkaBus::new(kafka()).unwrap();
+    let events: Vec<Event> = (0..300)
+        .map(|i| {
+            Event::new(topic.clone(), format!("{i}"))
+                .with_key(format!("key{}", i % 7))
+                .with_header("app", "test")
+        })
+        .collect();
+    let deliveries = bus.publish(&events).await.unwrap();
+    assert_eq!(deliveries.len(), 300);
+    let mut partition_of_key: HashMap<String, i32> = HashMap::new();
+    let mut last_offset: HashMap<i32, i64> = HashMap::new();
+    for (event, delivery) in events.iter().zip(&deliveries) {
+        let Delivery::Acknowledged(position) = delivery else {
+            panic!("not acknowledged: {delivery:?}");
+        };
+        let key = String::from_utf8(event.key.clone().unwrap().to_vec()).unwrap();
+        assert_eq!(
+            *partition_of_key.entry(key).or_insert(position.partition),
+            position.partition
+        );
+        let last = last_offset.entry(position.partition).or_insert(-1);
+        assert!(
+            position.offset > *last,
+            "offsets must grow in publish order"
+        );
+        *last = position.offset;
+    }
+
+    let mut sub = KafkaSubscription::new(&kafka(), consumer_config(&unique("g"), &topic)).unwrap();
+    let records = read(&mut sub, 300).await;
+    println!("published=300 acknowledged=300 read={}", records.len());
+    assert_eq!(records.len(), 300);
+    let by_id: HashMap<Uuid, &Event> = events.iter().map(|e| (e.id, e)).collect();
+    for record in &records {
+        let decoded = record.to_event().unwrap();
+        let original = by_id[&decoded.id];
+        assert_eq!(decoded.payload, original.payload);
+        assert_eq!(decoded.headers.get("app").map(String::as_str), Some("test"));
+        assert_eq!(decoded.created_at_ms(), original.created_at_ms());
+    }
+}
+
+/// Invariant (poison isolated): an event the broker can never take is
+/// reported as rejected, and the other events of its batch are delivered.
+#[tokio::test]
+async fn too_large_event_is_rejected_and_the_rest_delivered() {
+    let topic = unique("too_large");
+    let bus = KafkaBus::new(kafka()).unwrap();
+    let events = vec![
+        Event::new(topic.clone(), "small"),
+        Event::new(topic.clone(), vec![b'x'; 3 * 1024 * 1024]),
+        Event::new(topic.clone(), "small again"),
+    ];
+    let deliveries = bus.publish(&events).await.unwrap();
+    println!("{deliveries:?}");
+    assert!(deliveries[0].is_acknowledged());
+    assert!(matches!(&deliveries[1], Delivery::Rejected(reason) if reason.contains("too large")));
+    assert!(deliveries[2].is_acknowledged());
+}
+
+/// Invariant: positions move only on commit. Records read but not committed
+/// are read again by the next member of the group; committed ones are not.
+#[tokio::test]
+async fn positions_move_only_when_committed() {
+    let topic = unique("commit");
+    let group = unique("group");
+    let bus = KafkaBus::new(KafkaConfig {
+        topic_partitions: 1,
+        ..kafka()
+    })
+    .unwrap();
+    let events: Vec<Event> = (0..50)
+        .map(|i| Event::new(topic.clone(), format!("{i}")))
+        .collect();
+    assert!(bus
+        .publish(&events)
+        .await
+        .unwrap()
+        .iter()
+        .all(Delivery::is_acknowledged));
+
+    let mut first = KafkaSubscription::new(&kafka(), consumer_config(&group, &topic)).unwrap();
+    let seen = read(&mut first, 50).await;
+    assert_eq!(seen.len(), 50);
+    drop(first); // no commit: like a consumer killed before its commit
+
+    let mut second = KafkaSubscription::new(&kafka(), consumer_config(&group, &topic)).unwrap();
+    let again = read(&mut second, 50).await;
+    assert_eq!(again.len(), 50, "uncommitted records must be read again");
+    let mut checkpoint = Checkpoint::new();
+    checkpoint.insert((topic.clone(), 0), 30);
+    second.commit(&checkpoint).await.unwrap();
+    // Async commit: give it a moment to reach the broker before leaving.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(second);
+
+    let mut third = KafkaSubscription::new(&kafka(), consumer_config(&group, &topic)).unwrap();
+    let rest = read(&mut third, 20).await;
+    println!(
+        "first_read=50 reread_uncommitted={} after_commit_at_30={}",
+        again.len(),
+        rest.len()
+    );
+    assert_eq!(rest.len(), 20);
+    assert_eq!(rest[0].position.offset, 30);
+}
+
+#[tokio::test]
+async fn unreachable_broker_is_named_in_the_error() {
+    let bus = KafkaBus::new(KafkaConfig {
+        brokers: "127.0.0.1:1".into(),
+        ..kafka()
+    })
+    .unwrap();
+    let err = bus.check_connection().await.unwrap_err();
+    let text = err.to_string();
+    println!("{text}");
+    assert!(err.is_retryable());
+    assert!(text.contains("kafka at 127.0.0.1:1"), "{text}");
+    assert!(text.contains("is the broker running"), "{text}");
+}

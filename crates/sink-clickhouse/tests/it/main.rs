@@ -12,7 +12,8 @@ use uuid::Uuid;
 
 fn config(name: &str) -> ClickHouseConfig {
     ClickHouseConfig {
-        url: std::env::var("OUTBOX_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
+        url: std::env::var("OUTBOX_CLICKHOUSE_URL")
+            .unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
         table: format!("it_{name}"),
         dead_letter_table: format!("it_{name}_dead"),
         ..ClickHouseConfig::default()
@@ -34,7 +35,9 @@ async fn fresh_sink(name: &str) -> ClickHouseSink<RawEventMapper> {
 
 /// A sink with the same config but no memory of what it wrote: a restarted consumer.
 async fn restarted_sink(name: &str) -> ClickHouseSink<RawEventMapper> {
-    ClickHouseSink::new(config(name), RawEventMapper).await.unwrap()
+    ClickHouseSink::new(config(name), RawEventMapper)
+        .await
+        .unwrap()
 }
 
 fn record(partition: i32, offset: i64, id: Uuid) -> Record {
@@ -51,7 +54,9 @@ fn record(partition: i32, offset: i64, id: Uuid) -> Record {
 }
 
 fn batch(partition: i32, offsets: std::ops::Range<i64>) -> Vec<Record> {
-    offsets.map(|o| record(partition, o, Uuid::now_v7())).collect()
+    offsets
+        .map(|o| record(partition, o, Uuid::now_v7()))
+        .collect()
 }
 
 /// (rows, distinct event ids) without FINAL.
@@ -63,7 +68,9 @@ async fn counts(sink: &ClickHouseSink<RawEventMapper>, table: &str) -> (u64, u64
     }
     let c = sink
         .client()
-        .query(&format!("SELECT count() AS rows, uniqExact(event_id) AS distinct FROM `{table}`"))
+        .query(&format!(
+            "SELECT count() AS rows, uniqExact(event_id) AS distinct FROM `{table}`"
+        ))
         .fetch_one::<Counts>()
         .await
         .unwrap();
@@ -148,7 +155,10 @@ async fn poison_record_is_dead_lettered_and_the_rest_flows() {
 
     let mut restarted = restarted_sink("poison").await;
     let again = restarted.write(&records).await.unwrap();
-    assert_eq!((again.written, again.duplicates, again.dead_lettered.len()), (0, 10, 0));
+    assert_eq!(
+        (again.written, again.duplicates, again.dead_lettered.len()),
+        (0, 10, 0)
+    );
 
     #[derive(clickhouse::Row, serde::Deserialize)]
     struct Dead {
@@ -161,7 +171,11 @@ async fn poison_record_is_dead_lettered_and_the_rest_flows() {
         .fetch_all::<Dead>()
         .await
         .unwrap();
-    println!("written=9 dead_lettered={} reason={:?}", dead.len(), dead[0].reason);
+    println!(
+        "written=9 dead_lettered={} reason={:?}",
+        dead.len(),
+        dead[0].reason
+    );
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].kafka_offset, 4);
     assert_eq!(counts(&restarted, "it_poison").await, (9, 9));
@@ -173,26 +187,44 @@ async fn wrong_password_and_bad_names_are_clear_permanent_errors() {
         password: "not-the-password".into(),
         ..config("auth")
     };
-    let err = ClickHouseSink::new(bad, RawEventMapper).await.err().unwrap();
+    let err = ClickHouseSink::new(bad, RawEventMapper)
+        .await
+        .err()
+        .unwrap();
     let text = err.to_string();
     println!("{text}");
     assert!(!err.is_retryable(), "{text}");
-    assert!(text.contains("clickhouse at http://127.0.0.1:8123"), "{text}");
+    assert!(
+        text.contains("clickhouse at http://127.0.0.1:8123"),
+        "{text}"
+    );
     assert!(text.contains("user and password"), "{text}");
-    assert!(!text.contains("not-the-password"), "password leaked: {text}");
+    assert!(
+        !text.contains("not-the-password"),
+        "password leaked: {text}"
+    );
 
     let hostile = ClickHouseConfig {
         table: "t; DROP TABLE x".into(),
         ..config("names")
     };
-    let err = ClickHouseSink::new(hostile, RawEventMapper).await.err().unwrap();
-    assert!(err.to_string().contains("invalid clickhouse table"), "{err}");
+    let err = ClickHouseSink::new(hostile, RawEventMapper)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("invalid clickhouse table"),
+        "{err}"
+    );
 
     let down = ClickHouseConfig {
         url: "http://127.0.0.1:1".into(),
         ..config("down")
     };
-    let err = ClickHouseSink::new(down, RawEventMapper).await.err().unwrap();
+    let err = ClickHouseSink::new(down, RawEventMapper)
+        .await
+        .err()
+        .unwrap();
     assert!(err.is_retryable(), "{err}");
     assert!(err.to_string().contains("is ClickHouse running"), "{err}");
 }
