@@ -116,9 +116,16 @@ pg_bin() {
   echo "$dir"
 }
 
-PG_DATA="$STACK_DIR/postgres/data"
-PG_RUN="$STACK_DIR/postgres/run"
-PG_LOG="$STACK_DIR/postgres/postgres.log"
+# Resolved through the link that a checkout under a private folder uses
+# (see pg_up): the server must be given paths it can reach.
+pg_paths() {
+  local home="$STACK_DIR/postgres"
+  [ -L "$home" ] && home="$(readlink -f "$home")"
+  PG_DATA="$home/data"
+  PG_RUN="$home/run"
+  PG_LOG="$home/postgres.log"
+}
+pg_paths
 
 pg_pid() { head -1 "$PG_DATA/postmaster.pid" 2>/dev/null || true; }
 
@@ -126,7 +133,8 @@ pg_ready() { pg_isready -q -h 127.0.0.1 -p "$PG_PORT" -d postgres; }
 
 # Runs a command as the postgres OS user (the server refuses to run as root).
 as_pg() {
-  if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+  # From /, which it can always enter (the checkout may be private).
+  if [ "$(id -u)" -eq 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 pg_up() {
@@ -136,18 +144,31 @@ pg_up() {
     log "postgres already running (pid $(pg_pid), port $PG_PORT)"
     return 0
   fi
-  mkdir -p "$STACK_DIR/postgres"
   if [ "$(id -u)" -eq 0 ]; then
     id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql postgres
-    chown postgres "$STACK_DIR/postgres"
     # The server runs as postgres and must be able to reach its folder.
     chmod o+x "$STACK_DIR" "$ROOT" 2>/dev/null || true
+    if [ ! -e "$STACK_DIR/postgres" ] && ! runuser -u postgres -- test -x "$STACK_DIR"; then
+      # A checkout under a private folder (e.g. /root): keep the data in a
+      # folder of this checkout's own under /var/tmp, linked from .stack/.
+      local elsewhere
+      elsewhere="/var/tmp/outbox-stack-$(printf '%s' "$ROOT" | sha1sum | cut -c1-12)/postgres"
+      log "postgres cannot reach $STACK_DIR; its data goes to $elsewhere (linked from .stack/postgres)"
+      mkdir -p "$elsewhere"
+      chmod 755 "$(dirname "$elsewhere")"
+      ln -sfn "$elsewhere" "$STACK_DIR/postgres"
+    fi
+    mkdir -p "$STACK_DIR/postgres/"
+    chown postgres "$STACK_DIR/postgres/"
+  else
+    mkdir -p "$STACK_DIR/postgres"
   fi
+  pg_paths
   if [ ! -s "$PG_DATA/PG_VERSION" ]; then
     log "initialising postgres in $PG_DATA"
     as_pg "$bin/initdb" -D "$PG_DATA" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
       --encoding=UTF8 --locale=C.UTF-8 >"$STACK_DIR/postgres/initdb.log" 2>&1 ||
-      die "initdb failed; see $STACK_DIR/postgres/initdb.log"
+      { tail -n 5 "$STACK_DIR/postgres/initdb.log" >&2; die "initdb failed; see $STACK_DIR/postgres/initdb.log"; }
     cat >>"$PG_DATA/postgresql.conf" <<EOF
 listen_addresses = '127.0.0.1'
 port = $PG_PORT
@@ -393,6 +414,7 @@ case "${1:-}" in
   reset)
     "$0" down
     log "deleting $STACK_DIR"
+    if [ -L "$STACK_DIR/postgres" ]; then rm -rf "$(dirname "$(readlink -f "$STACK_DIR/postgres")")"; fi
     rm -rf "$STACK_DIR"
     ;;
   restart)

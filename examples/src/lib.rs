@@ -2,6 +2,11 @@
 //! read from an environment variable), logging, signals, start-up checks and
 //! the demo's ClickHouse row.
 
+/// The code of the repository's README, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 use std::future::Future;
 use std::time::Duration;
 
