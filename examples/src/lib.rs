@@ -185,6 +185,20 @@ pub fn render_error(err: &anyhow::Error) -> String {
     text
 }
 
+/// The exit of a binary: 0 on success; otherwise the error, logged and
+/// printed as one `error: …` line on stderr, and 1.
+pub fn exit_with(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            let message = render_error(&err);
+            tracing::error!("{message}");
+            eprintln!("error: {message}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// A token cancelled on SIGINT or SIGTERM.
 pub fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();

@@ -44,6 +44,50 @@ impl PgClaim {
         Ok(guard)
     }
 
+    /// Opens a claim and runs the claim query `sql` in it. `None` (with the
+    /// connection back in the pool) when it selects nothing.
+    pub(crate) async fn open(
+        pool: &Pool,
+        target: &str,
+        claim_timeout: Duration,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<(Self, Vec<tokio_postgres::Row>)>, PgError> {
+        let claim = Self::begin(pool, target, claim_timeout).await?;
+        let client = claim.client()?;
+        let statement = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| PgError::query("claim (prepare)", e))?;
+        let rows = client
+            .query(&statement, params)
+            .await
+            .map_err(|e| PgError::query("claim", e))?;
+        if rows.is_empty() {
+            claim.finish(false).await?;
+            return Ok(None);
+        }
+        Ok(Some((claim, rows)))
+    }
+
+    /// Runs one acknowledgement statement in the claim transaction, if `ids` is not empty.
+    pub(crate) async fn execute_for(
+        &self,
+        operation: &'static str,
+        sql: &str,
+        ids: &[i64],
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<(), PgError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.client()?
+            .execute(sql, params)
+            .await
+            .map_err(|e| PgError::query(operation, e))?;
+        Ok(())
+    }
+
     pub(crate) fn client(&self) -> Result<&Object, PgError> {
         self.conn
             .as_ref()

@@ -101,21 +101,18 @@ impl Source for FlagTableSource {
     type Claim = PgClaim;
 
     async fn claim(&self, max_events: usize) -> outbox_core::Result<Option<Claimed<PgClaim>>> {
-        let mut claim = PgClaim::begin(&self.pool, &self.target, self.config.claim_timeout).await?;
         let limit = i64::try_from(max_events).unwrap_or(i64::MAX);
-        let client = claim.client()?;
-        let statement = client
-            .prepare_cached(&self.claim_sql)
-            .await
-            .map_err(|e| PgError::query("claim (prepare)", e))?;
-        let rows = client
-            .query(&statement, &[&limit, &self.config.flag_column])
-            .await
-            .map_err(|e| PgError::query("claim", e))?;
-        if rows.is_empty() {
-            claim.finish(false).await?;
+        let Some((mut claim, rows)) = PgClaim::open(
+            &self.pool,
+            &self.target,
+            self.config.claim_timeout,
+            &self.claim_sql,
+            &[&limit, &self.config.flag_column],
+        )
+        .await?
+        else {
             return Ok(None);
-        }
+        };
         let now = SystemTime::now();
         let mut events = Vec::with_capacity(rows.len());
         let mut ids = Vec::with_capacity(rows.len());
@@ -150,35 +147,35 @@ impl Source for FlagTableSource {
     ) -> outbox_core::Result<AckSummary> {
         let claim = claimed.claim;
         let plan = AckPlan::new(&claim.ids, deliveries)?;
-        let client = claim.client()?;
-        if !plan.completed.is_empty() {
-            client
-                .execute(&self.mark_sql, &[&plan.completed])
-                .await
-                .map_err(|e| PgError::query("acknowledge (set flag)", e))?;
-        }
-        if !plan.dead.0.is_empty() {
-            let event_ids: Vec<Uuid> = plan
-                .dead
-                .0
-                .iter()
-                .map(|id| flag_row_event_id(&self.table_plain, *id))
-                .collect();
-            client
-                .execute(
-                    &self.dead_letter_sql,
-                    &[
-                        &plan.dead.0,
-                        &plan.dead.1,
-                        &event_ids,
-                        &self.config.flag_column,
-                        &self.config.topic,
-                        &self.table_plain,
-                    ],
-                )
-                .await
-                .map_err(|e| PgError::query("acknowledge (dead-letter)", e))?;
-        }
+        claim
+            .execute_for(
+                "acknowledge (set flag)",
+                &self.mark_sql,
+                &plan.completed,
+                &[&plan.completed],
+            )
+            .await?;
+        let dead_ids: Vec<Uuid> = plan
+            .dead
+            .0
+            .iter()
+            .map(|id| flag_row_event_id(&self.table_plain, *id))
+            .collect();
+        claim
+            .execute_for(
+                "acknowledge (dead-letter)",
+                &self.dead_letter_sql,
+                &plan.dead.0,
+                &[
+                    &plan.dead.0,
+                    &plan.dead.1,
+                    &dead_ids,
+                    &self.config.flag_column,
+                    &self.config.topic,
+                    &self.table_plain,
+                ],
+            )
+            .await?;
         // Retryable rows keep their flag false and are claimed again.
         claim.finish(true).await?;
         Ok(plan.summary())

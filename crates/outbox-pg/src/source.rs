@@ -89,21 +89,18 @@ impl Source for PgOutboxSource {
     type Claim = PgClaim;
 
     async fn claim(&self, max_events: usize) -> outbox_core::Result<Option<Claimed<PgClaim>>> {
-        let mut claim = PgClaim::begin(&self.pool, &self.target, self.config.claim_timeout).await?;
         let limit = i64::try_from(max_events).unwrap_or(i64::MAX);
-        let client = claim.client()?;
-        let statement = client
-            .prepare_cached(&self.claim_sql)
-            .await
-            .map_err(|e| PgError::query("claim (prepare)", e))?;
-        let rows = client
-            .query(&statement, &[&limit])
-            .await
-            .map_err(|e| PgError::query("claim", e))?;
-        if rows.is_empty() {
-            claim.finish(false).await?;
+        let Some((mut claim, rows)) = PgClaim::open(
+            &self.pool,
+            &self.target,
+            self.config.claim_timeout,
+            &self.claim_sql,
+            &[&limit],
+        )
+        .await?
+        else {
             return Ok(None);
-        }
+        };
         let mut events = Vec::with_capacity(rows.len());
         let mut ids = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -122,25 +119,30 @@ impl Source for PgOutboxSource {
     ) -> outbox_core::Result<AckSummary> {
         let claim = claimed.claim;
         let plan = AckPlan::new(&claim.ids, deliveries)?;
-        let client = claim.client()?;
-        if !plan.completed.is_empty() {
-            client
-                .execute(&self.delete_sql, &[&plan.completed])
-                .await
-                .map_err(|e| PgError::query("acknowledge (delete)", e))?;
-        }
-        if !plan.dead.0.is_empty() {
-            client
-                .execute(&self.dead_letter_sql, &[&plan.dead.0, &plan.dead.1])
-                .await
-                .map_err(|e| PgError::query("acknowledge (dead-letter)", e))?;
-        }
-        if !plan.released.0.is_empty() {
-            client
-                .execute(&self.release_sql, &[&plan.released.0, &plan.released.1])
-                .await
-                .map_err(|e| PgError::query("acknowledge (release)", e))?;
-        }
+        claim
+            .execute_for(
+                "acknowledge (delete)",
+                &self.delete_sql,
+                &plan.completed,
+                &[&plan.completed],
+            )
+            .await?;
+        claim
+            .execute_for(
+                "acknowledge (dead-letter)",
+                &self.dead_letter_sql,
+                &plan.dead.0,
+                &[&plan.dead.0, &plan.dead.1],
+            )
+            .await?;
+        claim
+            .execute_for(
+                "acknowledge (release)",
+                &self.release_sql,
+                &plan.released.0,
+                &[&plan.released.0, &plan.released.1],
+            )
+            .await?;
         claim.finish(true).await?;
         Ok(plan.summary())
     }

@@ -14,7 +14,7 @@ use examples::{
 use outbox_core::{Consume, ConsumeConfig};
 use outbox_kafka::{Assignment, ConsumerConfig, KafkaSubscription};
 use sink_clickhouse::{ClickHouseSink, RawEventMapper, RowMapper};
-use tracing::{error, info};
+use tracing::info;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum AssignmentArg {
@@ -91,15 +91,7 @@ struct Cli {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log);
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            let message = examples::render_error(&err);
-            error!("{message}");
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    examples::exit_with(run(cli).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

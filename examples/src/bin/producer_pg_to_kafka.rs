@@ -13,7 +13,7 @@ use examples::{init_tracing, retry_startup, shutdown_on_signals, KafkaArgs, LogA
 use outbox_core::{Relay, RelayConfig, Source};
 use outbox_kafka::KafkaBus;
 use outbox_pg::{FlagTableConfig, FlagTableSource, OutboxConfig, PgOutboxSource};
-use tracing::{error, info};
+use tracing::info;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum SourceKind {
@@ -77,15 +77,7 @@ struct Cli {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log);
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            let message = examples::render_error(&err);
-            error!("{message}");
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    examples::exit_with(run(cli).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -12,7 +12,6 @@ use clap::Parser;
 use examples::{init_tracing, LogArgs, PgArgs};
 use outbox_core::Event;
 use outbox_pg::{Outbox, OutboxConfig};
-use tracing::error;
 
 /// Insert user_logins rows and their events atomically.
 #[derive(Debug, Parser)]
@@ -46,15 +45,7 @@ struct Cli {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log);
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            let message = examples::render_error(&err);
-            error!("{message}");
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    examples::exit_with(run(cli).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
