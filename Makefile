@@ -49,5 +49,7 @@ test:
 	scripts/stack.sh up; \
 	echo "== cargo fmt --check"; cargo fmt --all -- --check; \
 	echo "== cargo clippy"; cargo clippy --workspace --all-targets -- -D warnings; \
-	echo "== cargo test"; cargo test --workspace --all-targets; \
+	echo "== cargo test"; cargo test --workspace --all-targets --exclude examples; \
+	echo "== end-to-end tests (one at a time: they share one broker)"; \
+	cargo test -p examples --all-targets -- --test-threads=1; \
 	echo "== doc tests"; cargo test --workspace --doc

@@ -34,8 +34,14 @@ CREATE TABLE IF NOT EXISTS "outbox" (
     created_at timestamptz NOT NULL DEFAULT now(),
     attempts   integer     NOT NULL DEFAULT 0,
     last_error text,
+    -- The lane of the key (of the event id when there is no key): one claim
+    -- at a time works a lane, which keeps the order of each key.
+    lane       integer     GENERATED ALWAYS AS (((hashtextextended(encode(coalesce(key, uuid_send(event_id)), 'hex'), 0) % 64) + 64) % 64) STORED,
     CONSTRAINT "outbox_event_id_key" UNIQUE (event_id)
 );
+-- Upgrade of tables created before lanes existed.
+ALTER TABLE "outbox" ADD COLUMN IF NOT EXISTS lane integer GENERATED ALWAYS AS (((hashtextextended(encode(coalesce(key, uuid_send(event_id)), 'hex'), 0) % 64) + 64) % 64) STORED;
+CREATE INDEX IF NOT EXISTS "outbox_lane_seq_idx" ON "outbox" (lane, seq);
 
 -- Events the broker can never take (too large, invalid), kept with the reason.
 CREATE TABLE IF NOT EXISTS "outbox_dead_letter" (

@@ -9,7 +9,8 @@ use crate::PgError;
 
 /// A pooled connection with an open claim transaction.
 ///
-/// The row locks taken by `FOR UPDATE` live as long as this transaction.
+/// The row locks taken by `FOR UPDATE` live as long as this transaction, and
+/// the lane locks until just after it.
 /// Dropping the guard without [`PgClaim::finish`] detaches the connection
 /// from the pool and closes it, so the server rolls the transaction back and
 /// every claimed event stays pending; a connection with an open transaction
@@ -18,6 +19,10 @@ use crate::PgError;
 pub struct PgClaim {
     conn: Option<Object>,
     pub(crate) ids: Vec<i64>,
+    /// Lane locks (session-level advisory locks in `lock_namespace`) held
+    /// until the transaction ends.
+    pub(crate) lanes: Vec<i32>,
+    pub(crate) lock_namespace: i32,
 }
 
 impl PgClaim {
@@ -32,6 +37,8 @@ impl PgClaim {
         let guard = Self {
             conn: Some(conn),
             ids: Vec::new(),
+            lanes: Vec::new(),
+            lock_namespace: 0,
         };
         guard
             .client()?
@@ -94,14 +101,48 @@ impl PgClaim {
             .ok_or_else(|| PgError::Config("claim already finished".into()))
     }
 
-    /// Ends the transaction with `COMMIT` or `ROLLBACK` and returns the
-    /// connection to the pool.
+    /// Releases the locks of lanes this claim took no event from.
+    pub(crate) async fn release_unused_lanes(&mut self, used: &[i32]) -> Result<(), PgError> {
+        let unused: Vec<i32> = self
+            .lanes
+            .iter()
+            .copied()
+            .filter(|lane| !used.contains(lane))
+            .collect();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        self.client()?
+            .execute(
+                "SELECT pg_advisory_unlock($1::int, l) FROM unnest($2::int[]) AS u(l)",
+                &[&self.lock_namespace, &unused],
+            )
+            .await
+            .map_err(|e| PgError::query("claim (release lanes)", e))?;
+        self.lanes.retain(|lane| used.contains(lane));
+        Ok(())
+    }
+
+    /// Ends the transaction with `COMMIT` or `ROLLBACK`, then releases the
+    /// lane locks (only after the end, so the next claim of a lane sees this
+    /// one's result), and returns the connection to the pool.
     pub(crate) async fn finish(mut self, commit: bool) -> Result<(), PgError> {
         let Some(conn) = self.conn.take() else {
             return Ok(());
         };
-        let sql = if commit { "COMMIT" } else { "ROLLBACK" };
-        match conn.batch_execute(sql).await {
+        let mut sql = String::from(if commit { "COMMIT" } else { "ROLLBACK" });
+        if !self.lanes.is_empty() {
+            // Integers only: safe to inline. Statements of one simple query
+            // stop at the first error, and the error path below closes the
+            // connection, which releases the locks too.
+            let lanes: Vec<String> = self.lanes.iter().map(i32::to_string).collect();
+            sql.push_str(&format!(
+                "; SELECT pg_advisory_unlock({}, l) FROM unnest('{{{}}}'::int[]) AS u(l)",
+                self.lock_namespace,
+                lanes.join(",")
+            ));
+        }
+        match conn.batch_execute(&sql).await {
             Ok(()) => Ok(()),
             Err(err) => {
                 // The transaction state is unknown: never reuse this connection.

@@ -20,9 +20,17 @@ pub struct OutboxConfig {
     /// How long a claim may hold its transaction open while the broker
     /// answers. Postgres ends a session idle in its transaction for longer
     /// (`idle_in_transaction_session_timeout`), releasing the claim of a
-    /// relay that hung or was stopped. Keep it above the bus's delivery
-    /// timeout. Default: 60 s.
+    /// relay that hung or was stopped: this bounds how long a stalled relay
+    /// keeps its lanes. Keep it above the bus's delivery timeout. Default: 20 s.
     pub claim_timeout: Duration,
+    /// Number of lanes events are spread over by key (by event id when there
+    /// is no key). Fixed when the table is created: changing it later needs
+    /// an empty outbox. Default: 64.
+    pub lanes: u16,
+    /// Most lanes one claim takes. Several relays work in parallel on
+    /// different lanes; one lane is only ever worked by one claim, which is
+    /// what keeps per-key order. Default: 8.
+    pub lanes_per_claim: u16,
 }
 
 impl Default for OutboxConfig {
@@ -30,7 +38,9 @@ impl Default for OutboxConfig {
         Self {
             table: "outbox".into(),
             dead_letter_table: "outbox_dead_letter".into(),
-            claim_timeout: Duration::from_secs(60),
+            claim_timeout: Duration::from_secs(20),
+            lanes: 64,
+            lanes_per_claim: 8,
         }
     }
 }
@@ -42,6 +52,15 @@ impl OutboxConfig {
         self.dead_letter_table()?;
         if self.claim_timeout < Duration::from_secs(1) {
             return Err(PgError::Config("claim_timeout must be at least 1 s".into()));
+        }
+        if !(1..=4096).contains(&self.lanes) {
+            return Err(PgError::Config(format!(
+                "lanes must be between 1 and 4096, not {}",
+                self.lanes
+            )));
+        }
+        if self.lanes_per_claim == 0 {
+            return Err(PgError::Config("lanes_per_claim must be at least 1".into()));
         }
         Ok(())
     }
@@ -79,7 +98,7 @@ pub struct FlagTableConfig {
     pub topic: String,
     /// Where rows the broker can never take are recorded. Default: `outbox_dead_letter`.
     pub dead_letter_table: String,
-    /// See [`OutboxConfig::claim_timeout`]. Default: 60 s.
+    /// See [`OutboxConfig::claim_timeout`]. Default: 20 s.
     pub claim_timeout: Duration,
 }
 
@@ -92,7 +111,7 @@ impl Default for FlagTableConfig {
             key_column: Some("username".into()),
             topic: "user_events".into(),
             dead_letter_table: "outbox_dead_letter".into(),
-            claim_timeout: Duration::from_secs(60),
+            claim_timeout: Duration::from_secs(20),
         }
     }
 }

@@ -18,6 +18,12 @@ pub fn schema_sql(config: &OutboxConfig) -> Result<String, PgError> {
     let dead = config.dead_letter_table()?;
     let event_id_key = table.with_suffix("_event_id_key")?;
     let dead_event_idx = dead.with_suffix("_event_id_idx")?;
+    let lane_idx = table.with_suffix("_lane_seq_idx")?;
+    config.validate()?;
+    let lane_expr = format!(
+        "((hashtextextended(encode(coalesce(key, uuid_send(event_id)), 'hex'), 0) % {lanes}) + {lanes}) % {lanes}",
+        lanes = config.lanes
+    );
     Ok(format!(
         r#"-- Pending events. A row lives from the service's commit until the broker
 -- acknowledged it; the relay then deletes it in its claim transaction.
@@ -31,8 +37,14 @@ CREATE TABLE IF NOT EXISTS {table} (
     created_at timestamptz NOT NULL DEFAULT now(),
     attempts   integer     NOT NULL DEFAULT 0,
     last_error text,
+    -- The lane of the key (of the event id when there is no key): one claim
+    -- at a time works a lane, which keeps the order of each key.
+    lane       integer     GENERATED ALWAYS AS ({lane_expr}) STORED,
     CONSTRAINT "{event_id_key_name}" UNIQUE (event_id)
 );
+-- Upgrade of tables created before lanes existed.
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS lane integer GENERATED ALWAYS AS ({lane_expr}) STORED;
+CREATE INDEX IF NOT EXISTS "{lane_idx_name}" ON {table} (lane, seq);
 
 -- Events the broker can never take (too large, invalid), kept with the reason.
 CREATE TABLE IF NOT EXISTS {dead} (
@@ -52,6 +64,7 @@ CREATE INDEX IF NOT EXISTS "{dead_event_idx_name}" ON {dead} (event_id);
 "#,
         event_id_key_name = event_id_key.name(),
         dead_event_idx_name = dead_event_idx.name(),
+        lane_idx_name = lane_idx.name(),
     ))
 }
 

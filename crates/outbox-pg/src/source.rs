@@ -1,6 +1,7 @@
 //! The outbox table as a [`Source`].
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -12,8 +13,22 @@ use uuid::Uuid;
 use crate::claim::PgClaim;
 use crate::{OutboxConfig, PgError};
 
-/// Claims pending events of the outbox table with
-/// `SELECT … ORDER BY seq FOR UPDATE SKIP LOCKED`, in batches.
+/// Claims pending events of the outbox table in batches, lane by lane.
+///
+/// **Per-key order with many relays.** Every event has a lane, a hash of its
+/// key (of its id when it has none). A claim first takes
+/// transaction-scoped advisory locks on up to
+/// [`OutboxConfig::lanes_per_claim`] lanes that have pending events
+/// (`pg_try_advisory_xact_lock`, so relays skip each other's lanes instead
+/// of waiting), then `SELECT … WHERE lane = ANY(…) ORDER BY seq FOR UPDATE
+/// SKIP LOCKED`. A lane is therefore worked by one claim at a time, in
+/// insertion order, and the next claim of that lane starts only after the
+/// previous one committed or rolled back. Plain `SKIP LOCKED` over the rows
+/// would let relay B publish event 2 of a key while relay A still holds
+/// event 1. A dead relay's locks vanish with its connection; a relay that
+/// hangs holding them is cut off by Postgres after
+/// [`OutboxConfig::claim_timeout`]. Lanes to try start at a rotating
+/// position, so none starves.
 ///
 /// The claim keeps its transaction open while the bus publishes. On
 /// acknowledgement, in that same transaction, events the broker acknowledged
@@ -38,6 +53,9 @@ pub struct PgOutboxSource {
     pool: Pool,
     target: String,
     config: OutboxConfig,
+    pending_lanes_sql: String,
+    lock_namespace: i32,
+    rotation: AtomicUsize,
     claim_sql: String,
     delete_sql: String,
     dead_letter_sql: String,
@@ -58,9 +76,27 @@ impl PgOutboxSource {
         Ok(Self {
             pool,
             target: target.into(),
+            // A loose index scan over (lane, seq): one probe per lane with
+            // pending events, however many events there are.
+            pending_lanes_sql: format!(
+                "WITH RECURSIVE lanes AS ( \
+                   (SELECT lane FROM {table} ORDER BY lane LIMIT 1) \
+                   UNION ALL \
+                   SELECT (SELECT o.lane FROM {table} o WHERE o.lane > lanes.lane ORDER BY o.lane LIMIT 1) \
+                   FROM lanes WHERE lanes.lane IS NOT NULL) \
+                 SELECT lane FROM lanes WHERE lane IS NOT NULL"
+            ),
+            lock_namespace: lock_namespace(&table.plain()),
+            rotation: AtomicUsize::new(fastrand_seed()),
             claim_sql: format!(
-                "SELECT seq, event_id, topic, key, payload, headers, created_at FROM {table} \
-                 ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED"
+                "WITH locked AS MATERIALIZED ( \
+                   SELECT l FROM unnest($1::int[]) AS u(l) \
+                   WHERE pg_try_advisory_lock($2::int, l) LIMIT $3) \
+                 SELECT t.seq, t.event_id, t.topic, t.key, t.payload, t.headers, t.created_at, t.lane, \
+                        (SELECT array_agg(l) FROM locked) AS locked_lanes \
+                 FROM {table} t \
+                 WHERE t.lane IN (SELECT l FROM locked) \
+                 ORDER BY t.seq LIMIT $4 FOR UPDATE OF t SKIP LOCKED"
             ),
             delete_sql: format!("DELETE FROM {table} WHERE seq = ANY($1)"),
             dead_letter_sql: format!(
@@ -82,6 +118,43 @@ impl PgOutboxSource {
     pub fn pool(&self) -> &Pool {
         &self.pool
     }
+
+    /// Lanes that have pending events, in lane order.
+    async fn pending_lanes(&self) -> Result<Vec<i32>, PgError> {
+        let client = crate::connect::connection(&self.pool, &self.target).await?;
+        let statement = client
+            .prepare_cached(&self.pending_lanes_sql)
+            .await
+            .map_err(|e| PgError::query("claim (find lanes)", e))?;
+        let rows = client
+            .query(&statement, &[])
+            .await
+            .map_err(|e| PgError::query("claim (find lanes)", e))?;
+        rows.iter()
+            .map(|row| row.try_get::<_, i32>(0))
+            .collect::<Result<_, _>>()
+            .map_err(|e| PgError::query("claim (find lanes)", e))
+    }
+}
+
+/// The advisory-lock namespace of an outbox table's lanes: a stable hash of
+/// its name (FNV-1a), so two outbox tables never share lane locks.
+fn lock_namespace(table: &str) -> i32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in format!("outbox-lanes:{table}").bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    i32::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// A different starting lane per process, so relays started together do not
+/// all try the same lanes first.
+fn fastrand_seed() -> usize {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as usize ^ std::process::id() as usize)
+        .unwrap_or(0)
 }
 
 #[async_trait]
@@ -90,17 +163,39 @@ impl Source for PgOutboxSource {
 
     async fn claim(&self, max_events: usize) -> outbox_core::Result<Option<Claimed<PgClaim>>> {
         let limit = i64::try_from(max_events).unwrap_or(i64::MAX);
-        let Some((mut claim, rows)) = PgClaim::open(
-            &self.pool,
-            &self.target,
-            self.config.claim_timeout,
-            &self.claim_sql,
-            &[&limit],
-        )
-        .await?
-        else {
+        let mut lanes = self.pending_lanes().await?;
+        if lanes.is_empty() {
+            return Ok(None);
+        }
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed) % lanes.len();
+        lanes.rotate_left(start);
+        let per_claim = i64::from(self.config.lanes_per_claim);
+        let mut claim = PgClaim::begin(&self.pool, &self.target, self.config.claim_timeout).await?;
+        claim.lock_namespace = self.lock_namespace;
+        let rows = claim
+            .client()?
+            .query(
+                &self.claim_sql,
+                &[&lanes, &self.lock_namespace, &per_claim, &limit],
+            )
+            .await
+            .map_err(|e| PgError::query("claim", e))?;
+        let Some(first) = rows.first() else {
+            // Locks taken on lanes emptied meanwhile are unknown here: let
+            // the connection go, which releases every lock it held.
+            drop(claim);
             return Ok(None);
         };
+        claim.lanes = first
+            .try_get::<_, Option<Vec<i32>>>("locked_lanes")
+            .map_err(|e| PgError::query("claim (decode lanes)", e))?
+            .unwrap_or_default();
+        let used: Vec<i32> = rows
+            .iter()
+            .map(|row| row.try_get::<_, i32>("lane"))
+            .collect::<Result<_, _>>()
+            .map_err(|e| PgError::query("claim (decode lanes)", e))?;
+        claim.release_unused_lanes(&used).await?;
         let mut events = Vec::with_capacity(rows.len());
         let mut ids = Vec::with_capacity(rows.len());
         for row in &rows {

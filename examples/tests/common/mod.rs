@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use outbox_kafka::rdkafka::consumer::{Consumer, StreamConsumer};
 use outbox_kafka::rdkafka::message::Headers;
-use outbox_kafka::rdkafka::{ClientConfig, Message};
+use outbox_kafka::rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use outbox_kafka::KafkaConfig;
 use outbox_pg::PgConfig;
 use uuid::Uuid;
@@ -59,9 +59,10 @@ pub struct Read {
     pub payload: String,
 }
 
-/// Reads `topic` from the beginning in a fresh group until `expected`
-/// messages arrived and then `settle` passed without more (to catch extras),
-/// or 60 s passed.
+/// Reads every partition of `topic` from the beginning (explicit
+/// assignment: no group coordination involved) until `expected` messages
+/// arrived and then `settle` passed without more (to catch extras), or 60 s
+/// passed.
 pub async fn read_topic(
     brokers: &str,
     topic: &str,
@@ -76,7 +77,16 @@ pub async fn read_topic(
         .set("session.timeout.ms", "6000")
         .create()
         .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for partition in metadata.topics()[0].partitions() {
+        assignment
+            .add_partition_offset(topic, partition.id(), Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -295,4 +305,13 @@ pub fn terminate(child: &mut Child, limit: Duration) -> Option<std::process::Exi
         std::thread::sleep(Duration::from_millis(50));
     }
     None
+}
+
+/// Awaits `future`, failing the test if it takes longer than `limit`: relays
+/// retry forever by design, so a broken service would otherwise hang a test.
+pub async fn within<F: std::future::Future>(limit: Duration, what: &str, future: F) -> F::Output {
+    match tokio::time::timeout(limit, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("{what} did not finish within {limit:?} (is the stack healthy? scripts/stack.sh status)"),
+    }
 }

@@ -177,31 +177,75 @@ async fn acknowledge_applies_each_outcome() {
 }
 
 /// Invariant: a claim that is dropped (relay died) leaves every event pending,
-/// and two claims at once never share an event (SKIP LOCKED).
+/// and two claims at once never share an event nor a lane (lane locks plus
+/// SKIP LOCKED), so no key is worked by two relays at once.
 #[tokio::test]
-async fn claims_are_exclusive_and_abandoned_claims_release() {
-    let (pool, config) = setup("exclusive").await;
+async fn claims_are_exclusive_by_lane_and_abandoned_claims_release() {
+    let (pool, mut config) = setup("exclusive").await;
+    // Enough lanes per claim for one claim to take every free lane.
+    config.lanes_per_claim = 64;
     let outbox = Outbox::new(&config).unwrap();
-    let events: Vec<Event> = (0..10).map(|i| Event::new("t", format!("e{i}"))).collect();
+    let events: Vec<Event> = (0..40)
+        .map(|i| Event::new("t", format!("e{i}")).with_key(format!("key{}", i / 4)))
+        .collect();
     let client = pool.get().await.unwrap();
     outbox.enqueue(&client, &events).await.unwrap();
+    let lane_of = |ids: Vec<uuid::Uuid>| {
+        let client = &client;
+        async move {
+            let rows = client
+                .query(
+                    "SELECT DISTINCT lane FROM t_exclusive WHERE event_id = ANY($1)",
+                    &[&ids],
+                )
+                .await
+                .unwrap();
+            rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>()
+        }
+    };
 
     let source = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
-    let first = source.claim(6).await.unwrap().unwrap();
-    let second = source.claim(6).await.unwrap().unwrap();
-    assert_eq!(first.events.len(), 6);
-    assert_eq!(second.events.len(), 4);
+    let first = source.claim(15).await.unwrap().unwrap();
+    let second = source
+        .claim(100)
+        .await
+        .unwrap()
+        .expect("other lanes are free");
+    let first_lanes = lane_of(first.events.iter().map(|e| e.id).collect()).await;
+    let second_lanes = lane_of(second.events.iter().map(|e| e.id).collect()).await;
+    println!(
+        "first: events={} lanes={first_lanes:?}; second: events={} lanes={second_lanes:?}",
+        first.events.len(),
+        second.events.len()
+    );
+    assert_eq!(first.events.len(), 15);
     assert!(first
         .events
         .iter()
         .all(|e| second.events.iter().all(|o| o.id != e.id)));
+    assert!(
+        first_lanes.iter().all(|l| !second_lanes.contains(l)),
+        "a lane was claimed twice"
+    );
+    // Within a claim, each key's events come in enqueue order.
+    for claimed in [&first, &second] {
+        let mut last_index: std::collections::HashMap<_, usize> = Default::default();
+        for event in &claimed.events {
+            let index = events.iter().position(|e| e.id == event.id).unwrap();
+            let previous = last_index.insert(event.key.clone(), index);
+            assert!(
+                previous.is_none_or(|p| p < index),
+                "key order broken in a claim"
+            );
+        }
+    }
     drop(first);
     drop(second);
-    // Closing the connections rolls back; the rows are claimable again.
+    // Closing the connections rolls back and releases the lanes.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let again = source.claim(100).await.unwrap().unwrap();
     println!("claimed_after_abandon={}", again.events.len());
-    assert_eq!(again.events.len(), 10);
+    assert_eq!(again.events.len(), 40);
 }
 
 /// Invariant: a flag-table row is flagged only after acknowledgement, with a
@@ -318,4 +362,63 @@ async fn unreachable_server_is_a_retryable_error_naming_it() {
     assert!(err.is_retryable());
     assert!(text.contains("127.0.0.1:1/test_db"), "{text}");
     assert!(text.contains("is PostgreSQL running"), "{text}");
+}
+
+/// Invariant (no stalled lane, nothing marked done by a stalled relay): a
+/// relay that holds a claim without finishing it (hung, SIGSTOPped) loses
+/// its lanes after `claim_timeout`; another relay then claims the same
+/// events, and the stalled relay's late acknowledgement removes nothing.
+#[tokio::test]
+async fn stalled_claim_is_handed_over_after_the_claim_timeout() {
+    let (pool, mut config) = setup("handover").await;
+    config.claim_timeout = Duration::from_secs(2);
+    let outbox = Outbox::new(&config).unwrap();
+    let events: Vec<Event> = (0..20)
+        .map(|i| Event::new("t", format!("e{i}")).with_key(format!("key{}", i % 3)))
+        .collect();
+    let client = pool.get().await.unwrap();
+    outbox.enqueue(&client, &events).await.unwrap();
+
+    let stalled_relay = PgOutboxSource::new(pool.clone(), "test", config.clone()).unwrap();
+    let other_relay = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let stalled = stalled_relay.claim(100).await.unwrap().unwrap();
+    assert_eq!(stalled.events.len(), 20);
+    assert!(
+        other_relay.claim(100).await.unwrap().is_none(),
+        "lanes must stay with their claimer"
+    );
+
+    let started = std::time::Instant::now();
+    let taken = loop {
+        if let Some(claimed) = other_relay.claim(100).await.unwrap() {
+            break claimed;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "lanes never handed over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let handover = started.elapsed();
+    let late = stalled_relay.acknowledge(stalled, &vec![ack(0); 20]).await;
+    let still_pending: i64 = client
+        .query_one("SELECT count(*) FROM t_handover", &[])
+        .await
+        .unwrap()
+        .get(0);
+    println!(
+        "claim_timeout=2s handover_after={handover:?} taken={} stalled_ack_failed={} pending={still_pending}",
+        taken.events.len(),
+        late.is_err()
+    );
+    assert_eq!(taken.events.len(), 20);
+    assert!(handover < Duration::from_secs(5));
+    assert!(late.is_err(), "a stalled relay must not mark anything done");
+    assert_eq!(still_pending, 20);
+    let ids: Vec<_> = taken.events.iter().map(|e| e.id).collect();
+    assert_eq!(
+        ids,
+        events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        "order kept across the handover"
+    );
 }
