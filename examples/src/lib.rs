@@ -72,7 +72,7 @@ pub struct KafkaArgs {
     #[arg(
         long,
         env = "OUTBOX_KAFKA_MESSAGE_TIMEOUT_MS",
-        default_value_t = 30_000
+        default_value_t = 10_000
     )]
     pub kafka_message_timeout_ms: u64,
 }
@@ -118,6 +118,9 @@ pub struct ClickHouseArgs {
     /// ClickHouse table the rows go to.
     #[arg(long, env = "OUTBOX_CLICKHOUSE_TABLE", default_value = "user_logins")]
     pub clickhouse_table: String,
+    /// Latest event ids remembered per partition, to skip events the relay published twice.
+    #[arg(long, env = "OUTBOX_DEDUP_WINDOW", default_value_t = 100_000)]
+    pub dedup_window: usize,
     /// ClickHouse table for records that can never be written.
     #[arg(
         long,
@@ -137,6 +140,7 @@ impl ClickHouseArgs {
             database: self.clickhouse_database.clone(),
             table: self.clickhouse_table.clone(),
             dead_letter_table: self.clickhouse_dead_letter_table.clone(),
+            dedup_window: self.dedup_window,
             ..sink_clickhouse::ClickHouseConfig::default()
         }
     }

@@ -1,6 +1,6 @@
 //! The Kafka [`Bus`]: an idempotent producer that publishes whole batches.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
@@ -22,7 +22,8 @@ use crate::{ensure_topics, BusError, KafkaConfig};
 ///
 /// The event id travels in the `outbox-event-id` header and the creation time
 /// in `outbox-created-at-ms`; the key selects the partition (murmur2, as the
-/// Java client). Topics are created on first use when
+/// Java client), and an event without a key goes to a partition chosen by
+/// its id, so a copy published again always lands beside the first one. Topics are created on first use when
 /// [`KafkaConfig::create_topics`] is set. After a fatal producer error (for
 /// example a broker that lost the producer's id) the producer is recreated
 /// and the batch reported as retryable.
@@ -41,6 +42,7 @@ pub struct KafkaBus {
     config: KafkaConfig,
     producer: RwLock<FutureProducer>,
     known_topics: Mutex<HashSet<String>>,
+    partition_counts: Mutex<HashMap<String, i32>>,
 }
 
 impl KafkaBus {
@@ -51,6 +53,7 @@ impl KafkaBus {
             config,
             producer: RwLock::new(producer),
             known_topics: Mutex::new(HashSet::new()),
+            partition_counts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -129,6 +132,51 @@ impl KafkaBus {
         Ok(())
     }
 
+    /// Partitions of `topic`, from the brokers' metadata (cached).
+    async fn partition_count(&self, topic: &str) -> Result<i32, BusError> {
+        if let Some(count) = self
+            .partition_counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(topic)
+        {
+            return Ok(*count);
+        }
+        let producer = self.producer();
+        let brokers = self.config.brokers.clone();
+        let name = topic.to_string();
+        let unreachable = |detail: String| BusError::Unreachable {
+            brokers: brokers.clone(),
+            detail,
+        };
+        let count = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&name), Timeout::After(Duration::from_secs(10)))
+                .map(|metadata| {
+                    metadata
+                        .topics()
+                        .first()
+                        .map(|t| t.partitions().len())
+                        .unwrap_or(0)
+                })
+        })
+        .await
+        .map_err(|e| unreachable(e.to_string()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+        let count = i32::try_from(count).unwrap_or(i32::MAX);
+        if count == 0 {
+            return Err(unreachable(format!(
+                "topic {topic:?} has no partitions yet"
+            )));
+        }
+        self.partition_counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(topic.to_string(), count);
+        Ok(count)
+    }
+
     /// Replaces the producer after a fatal error; in-flight messages of the old one are lost to it
     /// but still pending in the source.
     fn recreate_producer(&self, reason: &str) -> Result<(), BusError> {
@@ -176,6 +224,17 @@ fn headers_for(event: &Event, event_id: &str, created_ms: &str) -> OwnedHeaders 
     headers
 }
 
+/// A stable partition for an event id (FNV-1a over its bytes).
+fn partition_for_id(id: uuid::Uuid, partitions: i32) -> i32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in id.as_bytes() {
+        hash ^= u32::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    let partitions = u32::try_from(partitions.max(1)).unwrap_or(1);
+    i32::try_from(hash % partitions).unwrap_or(0)
+}
+
 fn classify(err: &KafkaError) -> Delivery {
     match err.rdkafka_error_code() {
         Some(code) if is_permanent_delivery_code(code) => {
@@ -198,8 +257,14 @@ impl Bus for KafkaBus {
                 .payload(&event.payload[..])
                 .timestamp(event.created_at_ms())
                 .headers(headers_for(event, &event_id, &created_ms));
-            if let Some(key) = &event.key {
-                record = record.key(&key[..]);
+            match &event.key {
+                Some(key) => record = record.key(&key[..]),
+                // No key: a partition chosen by the event id, so a republished
+                // event lands where its first copy did and sinks can tell.
+                None => {
+                    let count = self.partition_count(&event.topic).await?;
+                    record = record.partition(partition_for_id(event.id, count));
+                }
             }
             // Enqueue in order; a full local queue drains as deliveries complete.
             let outcome = loop {
@@ -256,8 +321,13 @@ impl Bus for KafkaBus {
                 .known_topics
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut counts = self
+                .partition_counts
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             for topic in lost_topics {
                 known.remove(topic);
+                counts.remove(topic);
             }
         }
         if let Some((code, reason)) = producer.client().fatal_error() {

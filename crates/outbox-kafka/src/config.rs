@@ -19,7 +19,8 @@ pub struct KafkaConfig {
     pub client_id: String,
     /// How long the producer tries to deliver one message before it reports
     /// failure (`message.timeout.ms`). The relay holds its claim that long at
-    /// most. Default: 30 s.
+    /// most, so keep it below the source's claim timeout (20 s by default).
+    /// Default: 10 s.
     pub message_timeout: Duration,
     /// How long the producer waits to fill a request (`linger.ms`). Default: 5 ms.
     pub linger: Duration,
@@ -39,7 +40,7 @@ impl Default for KafkaConfig {
         Self {
             brokers: "127.0.0.1:9092".into(),
             client_id: "outbox".into(),
-            message_timeout: Duration::from_secs(30),
+            message_timeout: Duration::from_secs(10),
             linger: Duration::from_millis(5),
             create_topics: true,
             topic_partitions: 3,

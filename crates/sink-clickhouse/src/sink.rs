@@ -1,6 +1,6 @@
 //! The ClickHouse [`Sink`]: batched RowBinary inserts, exactly-once by position.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -8,13 +8,18 @@ use clickhouse::{Client, Row};
 use outbox_core::{Position, Record, Sink, WriteReport};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
+use uuid::Uuid;
 
 use crate::mapper::{RowMapper, RowMeta, META_COLUMNS_DDL};
 use crate::{ClickHouseConfig, SinkError};
 
 /// Writes consumed records into one ClickHouse table, each record once.
 ///
-/// **How duplicates are avoided.** Every row stores the Kafka partition and
+/// **How duplicates are avoided.** A record can come twice in two ways, and
+/// both are handled.
+///
+/// *Redelivery of the same message* (the consumer died after the insert and
+/// before its Kafka commit): every row stores the Kafka partition and
 /// offset it came from. Whenever a partition's records do not continue
 /// where this sink last wrote (at start, after a rebalance, after a failed
 /// insert), the sink reads which offsets at or after the first one are
@@ -22,8 +27,19 @@ use crate::{ClickHouseConfig, SinkError};
 /// them. So a consumer killed after the insert but before its Kafka commit
 /// re-reads the batch and writes nothing twice, and an insert cut off by a
 /// crash, which ClickHouse 18.16 keeps as whatever rows had arrived, is
-/// completed with just the missing rows. The table is a
-/// `ReplacingMergeTree` ordered by position, as a last safety net.
+/// completed with just the missing rows.
+///
+/// *A second copy of the event at a new offset* (the relay died after the
+/// broker acknowledged the batch and before it removed the events from the
+/// outbox, so they were published again): the copy carries the same event
+/// id and lands in the same partition (same key; keyless events are placed
+/// by id). The sink remembers the ids of the last
+/// [`ClickHouseConfig::dedup_window`] rows of each partition, loaded from
+/// the table when it looks a partition up, and skips a record whose id is
+/// among them.
+///
+/// The table is a `ReplacingMergeTree` ordered by position, as a last
+/// safety net.
 ///
 /// Records that can never be rows (no event id, undecodable payload, values
 /// that do not fit) go to the dead-letter table with their reason; the rest
@@ -54,6 +70,48 @@ struct PartitionState {
     next_expected: i64,
     /// Offsets at or after `next_expected` found already stored.
     stored: BTreeSet<i64>,
+    /// Ids of the latest rows written to this partition.
+    recent: RecentIds,
+}
+
+/// A bounded set of the latest ids, oldest evicted first.
+#[derive(Debug)]
+struct RecentIds {
+    order: VecDeque<Uuid>,
+    set: HashSet<Uuid>,
+    capacity: usize,
+}
+
+impl RecentIds {
+    fn new(capacity: usize) -> Self {
+        Self {
+            order: VecDeque::new(),
+            set: HashSet::new(),
+            capacity,
+        }
+    }
+
+    fn contains(&self, id: &Uuid) -> bool {
+        self.set.contains(id)
+    }
+
+    fn insert(&mut self, id: Uuid) {
+        if self.capacity == 0 || !self.set.insert(id) {
+            return;
+        }
+        self.order.push_back(id);
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+}
+
+#[derive(Row, Deserialize)]
+struct IdRow {
+    #[serde(with = "clickhouse::serde::uuid")]
+    event_id: Uuid,
 }
 
 #[derive(Row, Deserialize)]
@@ -205,6 +263,35 @@ impl<M: RowMapper> ClickHouseSink<M> {
         Ok(rows.into_iter().map(|r| r.kafka_offset).collect())
     }
 
+    /// Ids of the latest `dedup_window` rows of a partition, oldest first.
+    async fn recent_ids(&self, partition: i32) -> Result<RecentIds, SinkError> {
+        let capacity = self.config.dedup_window;
+        let mut recent = RecentIds::new(capacity);
+        if capacity == 0 {
+            return Ok(recent);
+        }
+        let window = i64::try_from(capacity).unwrap_or(i64::MAX);
+        let sql = format!(
+            "SELECT event_id FROM {table} WHERE kafka_partition = ? AND kafka_offset > \
+               (SELECT max(kafka_offset) FROM {table} WHERE kafka_partition = ?) - ? \
+             ORDER BY kafka_offset",
+            table = self.table_ref()
+        );
+        let rows = self
+            .client
+            .query(&sql)
+            .bind(partition)
+            .bind(partition)
+            .bind(window)
+            .fetch_all::<IdRow>()
+            .await
+            .map_err(|e| SinkError::request(&self.config.url, "event id lookup", e))?;
+        for row in rows {
+            recent.insert(row.event_id);
+        }
+        Ok(recent)
+    }
+
     async fn insert_rows<R>(&self, table: &str, rows: &[R]) -> Result<(), SinkError>
     where
         R: clickhouse::RowOwned + clickhouse::RowWrite,
@@ -260,11 +347,13 @@ impl<M: RowMapper> ClickHouseSink<M> {
                         "found records already written"
                     );
                 }
+                let recent = self.recent_ids(*partition).await?;
                 self.partitions.insert(
                     key,
                     PartitionState {
                         next_expected: *first,
                         stored,
+                        recent,
                     },
                 );
             }
@@ -273,16 +362,30 @@ impl<M: RowMapper> ClickHouseSink<M> {
         let ingested_at = now_s();
         let mut report = WriteReport::default();
         let mut rows = Vec::with_capacity(records.len());
+        let mut row_ids: Vec<((String, i32), Uuid)> = Vec::with_capacity(records.len());
+        let mut batch_ids: HashSet<Uuid> = HashSet::new();
         let mut dead = Vec::new();
         for record in records {
             let key = (record.topic.clone(), record.position.partition);
-            let already = self
-                .partitions
-                .get(&key)
-                .is_some_and(|state| state.stored.contains(&record.position.offset));
-            if already {
+            let state = self.partitions.get(&key);
+            if state.is_some_and(|state| state.stored.contains(&record.position.offset)) {
                 report.duplicates += 1;
                 continue;
+            }
+            if let Ok(id) = record.event_id() {
+                let copy = state.is_some_and(|state| state.recent.contains(&id))
+                    || (self.config.dedup_window > 0 && !batch_ids.insert(id));
+                if copy {
+                    debug!(
+                        partition = record.position.partition,
+                        offset = record.position.offset,
+                        event_id = %id,
+                        "second copy of an event skipped"
+                    );
+                    report.duplicates += 1;
+                    continue;
+                }
+                row_ids.push((key, id));
             }
             let mapped = record
                 .event_id()
@@ -317,6 +420,11 @@ impl<M: RowMapper> ClickHouseSink<M> {
             let key = (record.topic.clone(), record.position.partition);
             if let Some(state) = self.partitions.get_mut(&key) {
                 state.next_expected = state.next_expected.max(record.position.offset + 1);
+            }
+        }
+        for (key, id) in row_ids {
+            if let Some(state) = self.partitions.get_mut(&key) {
+                state.recent.insert(id);
             }
         }
         for state in self.partitions.values_mut() {
