@@ -123,6 +123,24 @@ impl PgClaim {
         Ok(())
     }
 
+    /// Rolls back and releases every advisory lock of the session, for a
+    /// claim that found nothing; the connection goes back to the pool.
+    pub(crate) async fn release_all_lanes_and_rollback(mut self) -> Result<(), PgError> {
+        let Some(conn) = self.conn.take() else {
+            return Ok(());
+        };
+        match conn
+            .batch_execute("ROLLBACK; SELECT pg_advisory_unlock_all()")
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                let _ = Object::take(conn);
+                Err(PgError::query("claim (rollback)", err))
+            }
+        }
+    }
+
     /// Ends the transaction with `COMMIT` or `ROLLBACK`, then releases the
     /// lane locks (only after the end, so the next claim of a lane sees this
     /// one's result), and returns the connection to the pool.

@@ -181,9 +181,10 @@ impl Source for PgOutboxSource {
             .await
             .map_err(|e| PgError::query("claim", e))?;
         let Some(first) = rows.first() else {
-            // Locks taken on lanes emptied meanwhile are unknown here: let
-            // the connection go, which releases every lock it held.
-            drop(claim);
+            // Which lanes were locked (if any, before their rows were taken
+            // by a claim that just committed) is unknown here: this session
+            // holds no other advisory locks, so release them all.
+            claim.release_all_lanes_and_rollback().await?;
             return Ok(None);
         };
         claim.lanes = first
