@@ -7,6 +7,7 @@
 #   scripts/stack.sh status   say what runs
 #   scripts/stack.sh reset    down, then delete .stack/ (all data)
 #   scripts/stack.sh restart SERVICE   restart postgres|kafka|clickhouse (data kept)
+#   scripts/stack.sh crash SERVICE     SIGKILL it, then start it again (data kept)
 #
 # Idempotent: rerunning `up` starts only what is down. A server left on one of
 # our ports by an earlier checkout (postgres, tansu or clickhouse) is stopped;
@@ -425,9 +426,28 @@ case "${1:-}" in
       *) die "usage: $0 restart postgres|kafka|clickhouse" ;;
     esac
     ;;
+  crash)
+    # SIGKILL a service and start it again: what a crash and a supervisor restart do.
+    case "${2:-}" in
+      postgres) pid="$(pg_pid)" ;;
+      kafka) pid="$(cat "$KAFKA_PID" 2>/dev/null || true)" ;;
+      clickhouse) pid="$(cat "$CH_PID" 2>/dev/null || true)" ;;
+      *) die "usage: $0 crash postgres|kafka|clickhouse" ;;
+    esac
+    if pid_alive "$pid"; then
+      log "killing ${2} (pid $pid) with SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      while pid_alive "$pid"; do sleep 0.1; done
+    fi
+    case "${2}" in
+      postgres) pg_up ;;
+      kafka) kafka_up ;;
+      clickhouse) ch_up ;;
+    esac
+    ;;
   tansu-bin) tansu_install; echo "$TANSU_BIN" ;;
   *)
-    echo "usage: $0 up|down|status|reset|restart SERVICE|tansu-bin" >&2
+    echo "usage: $0 up|down|status|reset|restart SERVICE|crash SERVICE|tansu-bin" >&2
     exit 2
     ;;
 esac

@@ -155,6 +155,10 @@ pub struct LogArgs {
     /// How long to retry reaching a service at start before giving up (s).
     #[arg(long, env = "OUTBOX_STARTUP_TIMEOUT_SECS", default_value_t = 15)]
     pub startup_timeout_secs: u64,
+    /// After SIGTERM/SIGINT, how long to let work in flight finish before
+    /// exiting anyway (s). Abandoned work is not lost: it was not committed.
+    #[arg(long, env = "OUTBOX_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
 }
 
 /// Installs the tracing subscriber (`RUST_LOG` filters, default `info`).
@@ -203,8 +207,12 @@ pub fn exit_with(result: anyhow::Result<()>) -> std::process::ExitCode {
     }
 }
 
-/// A token cancelled on SIGINT or SIGTERM.
-pub fn shutdown_on_signals() -> CancellationToken {
+/// A token cancelled on SIGINT or SIGTERM. If the process has not ended
+/// `drain_timeout` after the signal (a batch stuck on a service that stopped
+/// answering, a client library blocking on close), it exits with code 0 from
+/// a plain thread, which fires even if the async runtime is blocked: work in
+/// flight was not committed, so it stays pending or is read again.
+pub fn shutdown_on_signals(drain_timeout: Duration) -> CancellationToken {
     let token = CancellationToken::new();
     let cancel = token.clone();
     tokio::spawn(async move {
@@ -230,8 +238,19 @@ pub fn shutdown_on_signals() -> CancellationToken {
         {
             let _ = ctrl_c.await;
         }
-        info!("shutdown requested; finishing the batch in flight");
+        info!(
+            drain_timeout_s = drain_timeout.as_secs(),
+            "shutdown requested; finishing the batch in flight"
+        );
         cancel.cancel();
+        std::thread::spawn(move || {
+            std::thread::sleep(drain_timeout);
+            eprintln!(
+                "warning: work in flight did not finish within the drain timeout ({} s); exiting, it stays uncommitted",
+                drain_timeout.as_secs()
+            );
+            std::process::exit(0);
+        });
     });
     token
 }

@@ -249,7 +249,7 @@ impl<M: RowMapper> ClickHouseSink<M> {
             self.table_ref(),
             self.dead_letter_ref()
         );
-        let rows = self
+        let query = self
             .client
             .query(&sql)
             .bind(partition)
@@ -257,10 +257,26 @@ impl<M: RowMapper> ClickHouseSink<M> {
             .bind(topic)
             .bind(partition)
             .bind(from)
-            .fetch_all::<OffsetRow>()
-            .await
-            .map_err(|e| SinkError::request(&self.config.url, "position lookup", e))?;
+            .fetch_all::<OffsetRow>();
+        let rows = self.bounded("position lookup", query).await?;
         Ok(rows.into_iter().map(|r| r.kafka_offset).collect())
+    }
+
+    /// Runs a query with the insert timeout as its limit: a server that
+    /// stopped answering must not hang the consumer.
+    async fn bounded<T>(
+        &self,
+        operation: &'static str,
+        query: impl std::future::Future<Output = clickhouse::error::Result<T>>,
+    ) -> Result<T, SinkError> {
+        match tokio::time::timeout(self.config.insert_timeout, query).await {
+            Ok(result) => result.map_err(|e| SinkError::request(&self.config.url, operation, e)),
+            Err(_) => Err(SinkError::request(
+                &self.config.url,
+                operation,
+                clickhouse::error::Error::TimedOut,
+            )),
+        }
     }
 
     /// Ids of the latest `dedup_window` rows of a partition, oldest first.
@@ -277,15 +293,14 @@ impl<M: RowMapper> ClickHouseSink<M> {
              ORDER BY kafka_offset",
             table = self.table_ref()
         );
-        let rows = self
+        let query = self
             .client
             .query(&sql)
             .bind(partition)
             .bind(partition)
             .bind(window)
-            .fetch_all::<IdRow>()
-            .await
-            .map_err(|e| SinkError::request(&self.config.url, "event id lookup", e))?;
+            .fetch_all::<IdRow>();
+        let rows = self.bounded("event id lookup", query).await?;
         for row in rows {
             recent.insert(row.event_id);
         }

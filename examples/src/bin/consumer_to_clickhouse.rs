@@ -149,7 +149,7 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
         ..ConsumeConfig::default()
     };
     info!(topic = %cli.topic, group = %cli.group_id, "consuming");
-    let shutdown = shutdown_on_signals();
+    let shutdown = shutdown_on_signals(Duration::from_secs(cli.log.drain_timeout_secs));
     let stats = Consume::new(subscription, sink, config)
         .run(shutdown)
         .await?;

@@ -130,7 +130,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         stop_when_idle: cli.drain,
         ..RelayConfig::default()
     };
-    let shutdown = shutdown_on_signals();
+    let shutdown = shutdown_on_signals(Duration::from_secs(cli.log.drain_timeout_secs));
     match cli.source {
         SourceKind::FlagTable => {
             info!(table = %cli.table, topic = %cli.topic, "relaying flag table");
