@@ -79,3 +79,46 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), 
     }
     Ok(())
 }
+
+/// Number of partitions of `topic`, from the brokers' metadata.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), outbox_kafka::BusError> {
+/// let n = outbox_kafka::topic_partitions(&outbox_kafka::KafkaConfig::default(), "user_events").await?;
+/// # Ok(()) }
+/// ```
+pub async fn topic_partitions(config: &KafkaConfig, topic: &str) -> Result<i32, BusError> {
+    let mut client_config = config.client_config();
+    config.apply_extra(&mut client_config);
+    let brokers = config.brokers.clone();
+    let unreachable = move |detail: String| BusError::Unreachable {
+        brokers: brokers.clone(),
+        detail,
+    };
+    let client: rdkafka::producer::BaseProducer =
+        client_config.create().map_err(|source| BusError::Config {
+            brokers: config.brokers.clone(),
+            source,
+        })?;
+    let name = topic.to_string();
+    let count = tokio::task::spawn_blocking(move || {
+        use rdkafka::producer::Producer;
+        client
+            .client()
+            .fetch_metadata(Some(&name), Duration::from_secs(10))
+            .map(|m| {
+                m.topics()
+                    .first()
+                    .map(|t| t.partitions().len())
+                    .unwrap_or(0)
+            })
+    })
+    .await
+    .map_err(|e| unreachable(e.to_string()))?
+    .map_err(|e| unreachable(e.to_string()))?;
+    let count = i32::try_from(count).unwrap_or(i32::MAX);
+    if count == 0 {
+        return Err(unreachable(format!("topic {topic:?} has no partitions")));
+    }
+    Ok(count)
+}

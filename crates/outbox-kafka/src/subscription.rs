@@ -9,6 +9,7 @@ use outbox_core::{Checkpoint, Position, Record, Subscription};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::{Assignment, BusError, ConsumerConfig, KafkaConfig};
@@ -36,6 +37,16 @@ pub struct KafkaSubscription {
     consumer: StreamConsumer,
     brokers: String,
     batch_linger: Duration,
+    topic: Option<String>,
+    fallback_offset: Offset,
+    ownership: Option<Ownership>,
+}
+
+/// The partitions this consumer may work, and the report of those it works.
+struct Ownership {
+    owned: watch::Receiver<Vec<i32>>,
+    applied: watch::Sender<Vec<i32>>,
+    current: Vec<i32>,
 }
 
 impl KafkaSubscription {
@@ -84,12 +95,104 @@ impl KafkaSubscription {
                     .assign(&list)
                     .map_err(|e| consumer_error("assign", e))?;
             }
+            // Nothing until follow_ownership hands partitions over.
+            Assignment::Leased => {}
         }
         Ok(Self {
             consumer,
             brokers: kafka.brokers.clone(),
             batch_linger: config.batch_linger,
+            topic: config.topics.first().cloned(),
+            fallback_offset: if config.auto_offset_reset == "latest" {
+                Offset::End
+            } else {
+                Offset::Beginning
+            },
+            ownership: None,
         })
+    }
+
+    /// Works exactly the partitions (of the first configured topic) that
+    /// `owned` holds, re-read at every poll, and reports on `applied` the set
+    /// it works once the previous batch is done, so the owner may hand a
+    /// dropped partition to another consumer. Positions of a newly owned
+    /// partition come from the group's committed offsets.
+    pub fn follow_ownership(
+        &mut self,
+        owned: watch::Receiver<Vec<i32>>,
+        applied: watch::Sender<Vec<i32>>,
+    ) {
+        self.ownership = Some(Ownership {
+            owned,
+            applied,
+            current: Vec::new(),
+        });
+    }
+
+    /// Applies a change of ownership between batches.
+    fn apply_ownership(&mut self) -> Result<(), BusError> {
+        let Some(ownership) = self.ownership.as_mut() else {
+            return Ok(());
+        };
+        let wanted = ownership.owned.borrow_and_update().clone();
+        if wanted != ownership.current {
+            let Some(topic) = self.topic.as_deref() else {
+                return Ok(());
+            };
+            let consumer_error = |source| BusError::Consumer {
+                brokers: self.brokers.clone(),
+                operation: "assign",
+                source,
+            };
+            let mut wanted_list = TopicPartitionList::new();
+            for partition in &wanted {
+                wanted_list.add_partition(topic, *partition);
+            }
+            // Positions from the group's commits, asked explicitly: tansu
+            // 0.6 was seen to stall when librdkafka fetched them itself
+            // (`Offset::Stored`). A blocking call, made only when ownership
+            // changes.
+            let fetch = || {
+                self.consumer
+                    .committed_offsets(wanted_list.clone(), Duration::from_secs(10))
+            };
+            let committed = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor())
+            {
+                Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                    tokio::task::block_in_place(fetch)
+                }
+                _ => fetch(),
+            }
+            .map_err(consumer_error)?;
+            let mut list = TopicPartitionList::new();
+            for element in committed.elements() {
+                let offset = match element.offset() {
+                    Offset::Offset(n) if n >= 0 => Offset::Offset(n),
+                    _ => self.fallback_offset,
+                };
+                list.add_partition_offset(element.topic(), element.partition(), offset)
+                    .map_err(consumer_error)?;
+            }
+            self.consumer
+                .assign(&list)
+                .map_err(|source| BusError::Consumer {
+                    brokers: self.brokers.clone(),
+                    operation: "assign",
+                    source,
+                })?;
+            tracing::info!(topic, partitions = ?wanted, "working partitions");
+            ownership.current = wanted;
+        }
+        let current = ownership.current.clone();
+        ownership.applied.send_if_modified(|reported| {
+            if *reported == current {
+                false
+            } else {
+                reported.clone_from(&current);
+                true
+            }
+        });
+        Ok(())
     }
 
     /// The underlying rdkafka consumer, for inspection (assignment, lag).
@@ -177,6 +280,7 @@ impl Subscription for KafkaSubscription {
         max_records: usize,
         max_wait: Duration,
     ) -> outbox_core::Result<Vec<Record>> {
+        self.apply_ownership()?;
         let mut records = Vec::new();
         let mut deadline = Instant::now() + max_wait;
         while records.len() < max_records {
@@ -186,6 +290,12 @@ impl Subscription for KafkaSubscription {
             };
             match received {
                 Ok(message) => {
+                    if let Some(ownership) = &self.ownership {
+                        // A message fetched just before a partition was dropped.
+                        if !ownership.current.contains(&message.partition()) {
+                            continue;
+                        }
+                    }
                     if records.is_empty() {
                         // Low load: hand the batch over soon. High load: the
                         // linger fills it from messages already fetched.

@@ -8,6 +8,7 @@ mod enqueue;
 mod error;
 mod flag;
 mod ident;
+mod leases;
 mod schema;
 mod source;
 
@@ -18,6 +19,7 @@ pub use enqueue::Outbox;
 pub use error::{describe, is_retryable_pg, PgError};
 pub use flag::{flag_row_event_id, FlagTableSource, FLAG_ROW_NAMESPACE};
 pub use ident::{SqlIdent, SqlName};
+pub use leases::{PartitionLeaseConfig, PartitionLeases};
 pub use schema::{migrate, schema_sql};
 pub use source::PgOutboxSource;
 

@@ -8,12 +8,14 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use examples::{
-    init_tracing, retry_startup, shutdown_on_signals, ClickHouseArgs, KafkaArgs, LogArgs,
+    init_tracing, retry_startup, shutdown_on_signals, ClickHouseArgs, KafkaArgs, LogArgs, PgArgs,
     UserLoginMapper,
 };
 use outbox_core::{Consume, ConsumeConfig};
 use outbox_kafka::{Assignment, ConsumerConfig, KafkaSubscription};
+use outbox_pg::{PartitionLeaseConfig, PartitionLeases};
 use sink_clickhouse::{ClickHouseSink, RawEventMapper, RowMapper};
+use tokio::sync::watch;
 use tracing::info;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -22,6 +24,10 @@ enum AssignmentArg {
     AllPartitions,
     /// Let the broker's consumer group split partitions among consumers.
     Group,
+    /// Share partitions with the other consumers of the group through
+    /// PostgreSQL leases: each partition has one writer, and a dead
+    /// consumer's partitions are taken over within the lease timeout.
+    Leased,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -44,6 +50,11 @@ struct Cli {
     clickhouse: ClickHouseArgs,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    pg: PgArgs,
+    /// With --assignment leased: how long a silent consumer keeps its partitions (ms).
+    #[arg(long, env = "OUTBOX_LEASE_TIMEOUT_MS", default_value_t = 6_000)]
+    lease_timeout_ms: u64,
     /// Topic to read.
     #[arg(long, env = "OUTBOX_TOPIC", default_value = "user_events")]
     topic: String,
@@ -139,8 +150,35 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
     consumer_config.assignment = match cli.assignment {
         AssignmentArg::AllPartitions => Assignment::AllPartitions,
         AssignmentArg::Group => Assignment::Group,
+        AssignmentArg::Leased => Assignment::Leased,
     };
-    let subscription = KafkaSubscription::new(&kafka, consumer_config)?;
+    let mut subscription = KafkaSubscription::new(&kafka, consumer_config)?;
+    let shutdown = shutdown_on_signals(Duration::from_secs(cli.log.drain_timeout_secs));
+    if matches!(cli.assignment, AssignmentArg::Leased) {
+        let pg = cli.pg.config("consumer_to_clickhouse leases");
+        let pool = pg.create_pool()?;
+        let target = pg.target();
+        retry_startup("postgres", startup, || {
+            outbox_pg::check_connection(&pool, &target)
+        })
+        .await?;
+        let partitions = outbox_kafka::topic_partitions(&kafka, &cli.topic).await?;
+        let mut lease_config =
+            PartitionLeaseConfig::new(cli.group_id.clone(), cli.topic.clone(), partitions);
+        lease_config.session_timeout = Duration::from_millis(cli.lease_timeout_ms);
+        lease_config.takeover_delay = lease_config.session_timeout;
+        let (owned_tx, owned_rx) = watch::channel(Vec::new());
+        let (applied_tx, applied_rx) = watch::channel(Vec::new());
+        subscription.follow_ownership(owned_rx, applied_tx);
+        let leases = PartitionLeases::new(pg, lease_config);
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(err) = leases.run(owned_tx, applied_rx, token.clone()).await {
+                tracing::error!(error = %err, "partition leases failed for good; stopping");
+                token.cancel();
+            }
+        });
+    }
 
     let config = ConsumeConfig {
         batch_size: cli.batch_size,
@@ -149,7 +187,6 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
         ..ConsumeConfig::default()
     };
     info!(topic = %cli.topic, group = %cli.group_id, "consuming");
-    let shutdown = shutdown_on_signals(Duration::from_secs(cli.log.drain_timeout_secs));
     let stats = Consume::new(subscription, sink, config)
         .run(shutdown)
         .await?;

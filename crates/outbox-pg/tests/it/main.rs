@@ -422,3 +422,97 @@ async fn stalled_claim_is_handed_over_after_the_claim_timeout() {
         "order kept across the handover"
     );
 }
+
+/// One lease member: its `owned` view, its `applied` reporter, its stop token.
+struct Member {
+    owned: tokio::sync::watch::Receiver<Vec<i32>>,
+    applied: tokio::sync::watch::Sender<Vec<i32>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+fn lease_member(group: &str) -> Member {
+    let mut config = outbox_pg::PartitionLeaseConfig::new(group, "topic", 4);
+    config.heartbeat = Duration::from_millis(200);
+    config.session_timeout = Duration::from_secs(2);
+    config.takeover_delay = Duration::from_millis(500);
+    let (owned_tx, owned) = tokio::sync::watch::channel(Vec::new());
+    let (applied, applied_rx) = tokio::sync::watch::channel(Vec::new());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let leases = outbox_pg::PartitionLeases::new(pg_config(), config);
+    tokio::spawn(leases.run(owned_tx, applied_rx, stop.clone()));
+    Member {
+        owned,
+        applied,
+        stop,
+    }
+}
+
+/// The consumer loop's side: work (report) exactly what is owned.
+fn follow(member: &Member) {
+    let owned = member.owned.borrow().clone();
+    member.applied.send_replace(owned);
+}
+
+async fn settle(members: &[&Member], expect: &[usize], limit: Duration) -> Vec<Vec<i32>> {
+    let started = std::time::Instant::now();
+    loop {
+        for member in members {
+            follow(member);
+        }
+        let views: Vec<Vec<i32>> = members.iter().map(|m| m.owned.borrow().clone()).collect();
+        let mut sizes: Vec<usize> = views.iter().map(Vec::len).collect();
+        sizes.sort();
+        if sizes == expect {
+            return views;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "ownership never settled to {expect:?}: {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Invariants (one writer per partition, no stalled partition): members of a
+/// group split the partitions fairly and never own one twice; a newcomer
+/// gets partitions only after their owner stopped working them; a member
+/// that stops (or dies) has its partitions taken over within the session
+/// timeout.
+#[tokio::test]
+async fn partition_leases_share_and_hand_over() {
+    let group = format!("g{}", uuid::Uuid::now_v7().simple());
+    let a = lease_member(&group);
+    let b = lease_member(&group);
+    let views = settle(&[&a, &b], &[2, 2], Duration::from_secs(10)).await;
+    let mut all: Vec<i32> = views.concat();
+    all.sort();
+    assert_eq!(
+        all,
+        vec![0, 1, 2, 3],
+        "each partition exactly once: {views:?}"
+    );
+
+    // A newcomer: partitions move only when their owner reports it stopped working them.
+    let c = lease_member(&group);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        c.owned.borrow().is_empty(),
+        "taken before the owners let go"
+    );
+    let views = settle(&[&a, &b, &c], &[1, 1, 2], Duration::from_secs(10)).await;
+    println!("three members: {views:?}");
+    let mut all: Vec<i32> = views.concat();
+    all.sort();
+    assert_eq!(all, vec![0, 1, 2, 3]);
+
+    // A member stops for good: the others take its partitions.
+    let started = std::time::Instant::now();
+    a.stop.cancel();
+    let views = settle(&[&b, &c], &[2, 2], Duration::from_secs(10)).await;
+    println!("after one left: {views:?} in {:?}", started.elapsed());
+    let mut all: Vec<i32> = views.concat();
+    all.sort();
+    assert_eq!(all, vec![0, 1, 2, 3]);
+    b.stop.cancel();
+    c.stop.cancel();
+}
