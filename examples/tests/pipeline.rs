@@ -262,7 +262,14 @@ fn run_producer(table: &str, topic: &str) -> (bool, String) {
     )
 }
 
-fn run_consumer(topic: &str, table: &str, group: &str, idle_secs: u64) -> (bool, String) {
+fn run_consumer(
+    topic: &str,
+    table: &str,
+    group: &str,
+    idle_secs: u64,
+    extra: &[&str],
+) -> (bool, String) {
+    let idle = idle_secs.to_string();
     let output = command("consumer_to_clickhouse")
         .args([
             "--topic",
@@ -271,11 +278,15 @@ fn run_consumer(topic: &str, table: &str, group: &str, idle_secs: u64) -> (bool,
             table,
             "--group-id",
             group,
+        ])
+        .args([
             "--exit-after-idle-secs",
-            &idle_secs.to_string(),
+            &idle,
             "--session-timeout-ms",
             "6000",
         ])
+        .args(["--max-poll-interval-ms", "7000"])
+        .args(extra)
         .output()
         .unwrap();
     (
@@ -303,7 +314,7 @@ async fn demo_path_end_to_end_with_reruns() {
         ok && out.contains("published 0 events"),
         "rerun must publish nothing: {out}"
     );
-    let (ok, out) = run_consumer(&topic, &table, &group, 6);
+    let (ok, out) = run_consumer(&topic, &table, &group, 6, &[]);
     assert!(ok, "{out}");
     assert_eq!(ch_counts(&table).await, (120, 120));
 
@@ -315,7 +326,7 @@ async fn demo_path_end_to_end_with_reruns() {
         .unwrap();
     let (ok, out) = run_producer(&table, &topic);
     assert!(ok && out.contains("published 2 events"), "{out}");
-    let (ok, out) = run_consumer(&topic, &table, &group, 6);
+    let (ok, out) = run_consumer(&topic, &table, &group, 6, &[]);
     assert!(ok, "{out}");
 
     let (rows, distinct) = ch_counts(&table).await;
@@ -709,7 +720,7 @@ async fn relay_crash_after_ack_leaves_no_duplicate_in_clickhouse() {
     .await;
     let (in_kafka, distinct_in_kafka, _) = count_ids(read.iter().filter_map(|r| r.event_id));
 
-    let (ok, out) = run_consumer_raw(&topic, &name, &unique("group"), 6);
+    let (ok, out) = run_consumer(&topic, &name, &unique("group"), 6, &["--format", "raw"]);
     assert!(ok, "{out}");
     let (rows, distinct) = ch_counts(&name).await;
     println!(
@@ -726,29 +737,6 @@ async fn relay_crash_after_ack_leaves_no_duplicate_in_clickhouse() {
         (rows, distinct),
         (committed.len() as u64, committed.len() as u64)
     );
-}
-
-fn run_consumer_raw(topic: &str, table: &str, group: &str, idle_secs: u64) -> (bool, String) {
-    let output = command("consumer_to_clickhouse")
-        .args([
-            "--topic",
-            topic,
-            "--clickhouse-table",
-            table,
-            "--group-id",
-            group,
-            "--format",
-            "raw",
-            "--exit-after-idle-secs",
-            &idle_secs.to_string(),
-        ])
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned()
-            + &String::from_utf8_lossy(&output.stderr),
-    )
 }
 
 /// Invariant (no stalled partition, no duplicate, with two consumers): two

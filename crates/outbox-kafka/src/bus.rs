@@ -142,34 +142,7 @@ impl KafkaBus {
         {
             return Ok(*count);
         }
-        let producer = self.producer();
-        let brokers = self.config.brokers.clone();
-        let name = topic.to_string();
-        let unreachable = |detail: String| BusError::Unreachable {
-            brokers: brokers.clone(),
-            detail,
-        };
-        let count = tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(Some(&name), Timeout::After(Duration::from_secs(10)))
-                .map(|metadata| {
-                    metadata
-                        .topics()
-                        .first()
-                        .map(|t| t.partitions().len())
-                        .unwrap_or(0)
-                })
-        })
-        .await
-        .map_err(|e| unreachable(e.to_string()))?
-        .map_err(|e| unreachable(e.to_string()))?;
-        let count = i32::try_from(count).unwrap_or(i32::MAX);
-        if count == 0 {
-            return Err(unreachable(format!(
-                "topic {topic:?} has no partitions yet"
-            )));
-        }
+        let count = crate::topic_partitions(&self.config, topic).await?;
         self.partition_counts
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
