@@ -873,3 +873,55 @@ async fn dead_consumer_partitions_are_taken_over() {
         "the survivor must write every partition after the kill"
     );
 }
+
+/// A committed event wakes an idle relay at once (LISTEN/NOTIFY) instead of
+/// at its next poll: with a 30 s poll interval, the event is in Kafka within
+/// a few seconds.
+#[tokio::test]
+async fn committed_event_wakes_the_idle_relay() {
+    let name = unique("wake");
+    let topic = name.clone();
+    let (pool, config) = outbox_tables(&name).await;
+    outbox_kafka::ensure_topics(&kafka(&brokers()), &[topic.as_str()])
+        .await
+        .unwrap();
+    let source = PgOutboxSource::new(pool.clone(), "test", config.clone())
+        .unwrap()
+        .listen_for_events(pg());
+    let bus = KafkaBus::new(kafka(&brokers())).unwrap();
+    let relay = Relay::new(
+        source,
+        bus,
+        RelayConfig {
+            idle_wait: Duration::from_secs(30),
+            ..RelayConfig::default()
+        },
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let token = stop.clone();
+    let running = tokio::spawn(async move { relay.run(token).await });
+    tokio::time::sleep(Duration::from_secs(2)).await; // the relay is idle now
+
+    let started = std::time::Instant::now();
+    let ids = enqueue_in_transactions(&pool, &config, &topic, 1, 1, true).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while pending(&pool, &name).await > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let latency = started.elapsed();
+    stop.cancel();
+    let stats = within(Duration::from_secs(30), "the relay", running)
+        .await
+        .unwrap()
+        .unwrap();
+    println!(
+        "poll_interval=30s commit_to_published={latency:?} published={}",
+        stats.published
+    );
+    assert_eq!(ids.len(), 1);
+    assert_eq!(stats.published, 1);
+    assert!(
+        latency < Duration::from_secs(5),
+        "the relay was not woken: {latency:?}"
+    );
+}

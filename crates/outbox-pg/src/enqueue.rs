@@ -34,6 +34,7 @@ use crate::{OutboxConfig, PgError};
 #[derive(Debug, Clone)]
 pub struct Outbox {
     insert_sql: String,
+    channel: String,
 }
 
 impl Outbox {
@@ -42,6 +43,7 @@ impl Outbox {
         config.validate()?;
         let table = config.table()?;
         Ok(Self {
+            channel: crate::notify::channel_for(&table),
             insert_sql: format!(
                 "INSERT INTO {table} (event_id, topic, key, payload, headers, created_at) \
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::bytea[], $5::jsonb[], $6::timestamptz[])"
@@ -82,12 +84,23 @@ impl Outbox {
             .prepare_cached(&self.insert_sql)
             .await
             .map_err(|e| PgError::query("enqueue (prepare)", e))?;
-        client
+        let written = client
             .execute(
                 &statement,
                 &[&ids, &topics, &keys, &payloads, &headers, &created],
             )
             .await
-            .map_err(|e| PgError::query("enqueue", e))
+            .map_err(|e| PgError::query("enqueue", e))?;
+        // Delivered by Postgres when (and only if) the caller commits: wakes
+        // idle relays at once instead of at their next poll.
+        let notify = client
+            .prepare_cached("SELECT pg_notify($1, '')")
+            .await
+            .map_err(|e| PgError::query("enqueue (notify)", e))?;
+        client
+            .execute(&notify, &[&self.channel])
+            .await
+            .map_err(|e| PgError::query("enqueue (notify)", e))?;
+        Ok(written)
     }
 }

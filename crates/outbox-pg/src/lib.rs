@@ -9,6 +9,7 @@ mod error;
 mod flag;
 mod ident;
 mod leases;
+mod notify;
 mod schema;
 mod source;
 

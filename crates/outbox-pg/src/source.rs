@@ -11,7 +11,7 @@ use outbox_core::{AckSummary, Claimed, Delivery, Event, Source};
 use uuid::Uuid;
 
 use crate::claim::PgClaim;
-use crate::{OutboxConfig, PgError};
+use crate::{OutboxConfig, PgConfig, PgError};
 
 /// Claims pending events of the outbox table in batches, lane by lane.
 ///
@@ -56,6 +56,8 @@ pub struct PgOutboxSource {
     pending_lanes_sql: String,
     lock_namespace: i32,
     rotation: AtomicUsize,
+    listener: Option<crate::notify::Listener>,
+    channel: String,
     claim_sql: String,
     delete_sql: String,
     dead_letter_sql: String,
@@ -88,6 +90,8 @@ impl PgOutboxSource {
             ),
             lock_namespace: lock_namespace(&table.plain()),
             rotation: AtomicUsize::new(fastrand_seed()),
+            listener: None,
+            channel: crate::notify::channel_for(&table),
             claim_sql: format!(
                 "WITH locked AS MATERIALIZED ( \
                    SELECT l FROM unnest($1::int[]) AS u(l) \
@@ -117,6 +121,15 @@ impl PgOutboxSource {
     /// The pool this source claims from.
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// Wakes the relay as soon as [`crate::Outbox::enqueue`] commits events
+    /// (`LISTEN` on a connection of its own, to the server of `pg`), instead
+    /// of at its next poll. Rows written by other means are still found by
+    /// the poll. Must be called inside a Tokio runtime.
+    pub fn listen_for_events(mut self, pg: PgConfig) -> Self {
+        self.listener = Some(crate::notify::Listener::start(pg, self.channel.clone()));
+        self
     }
 
     /// Lanes that have pending events, in lane order.
@@ -206,6 +219,14 @@ impl Source for PgOutboxSource {
         }
         claim.ids = ids;
         Ok(Some(Claimed { events, claim }))
+    }
+
+    async fn wait_for_events(&self, timeout: std::time::Duration) -> outbox_core::Result<()> {
+        match &self.listener {
+            Some(listener) => listener.wait(timeout).await,
+            None => tokio::time::sleep(timeout).await,
+        }
+        Ok(())
     }
 
     async fn acknowledge(

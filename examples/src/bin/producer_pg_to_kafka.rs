@@ -139,7 +139,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         SourceKind::Outbox => {
             info!(table = %cli.outbox_table, "relaying outbox table");
-            let source = PgOutboxSource::new(pool, target, outbox_config)?;
+            let source =
+                PgOutboxSource::new(pool, target, outbox_config)?.listen_for_events(pg.clone());
             run_relay(source, bus, relay_config, shutdown).await
         }
     }
