@@ -11,11 +11,15 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/outbox-stack/target
 endif
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: help demo test stack-up stack-down stack-status stack-reset build fmt clippy unit
+DURATION ?= 150s
+SEED ?=
+
+.PHONY: chaos help demo test stack-up stack-down stack-status stack-reset build fmt clippy unit
 
 help:
 	@echo "make demo        run the demo pipeline end to end and show the ClickHouse rows"
 	@echo "make test        stack up, cargo fmt --check, clippy, all tests (KEEP_STACK=1 keeps the stack)"
+	@echo "make chaos       attack the pipeline (DURATION=150s, SEED=…) and verify it; see chaos/README.md"
 	@echo "make stack-up    start PostgreSQL, Kafka (tansu) and ClickHouse (installs what is missing)"
 	@echo "make stack-down  stop them; make stack-reset also deletes their data"
 
@@ -36,6 +40,11 @@ build:
 
 demo:
 	@scripts/demo.sh
+
+chaos:
+	@scripts/stack.sh up
+	cargo build -q -p examples --bins
+	cargo run -q -p chaos -- --duration $(DURATION) $(if $(SEED),--seed $(SEED),)
 
 fmt:
 	cargo fmt --all -- --check

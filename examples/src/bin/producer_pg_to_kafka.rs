@@ -65,6 +65,10 @@ struct Cli {
     /// Do not create the outbox tables at start (for a role without DDL rights).
     #[arg(long, env = "OUTBOX_NO_MIGRATE")]
     no_migrate: bool,
+    /// How long a claim may wait for the broker before Postgres ends it and
+    /// its lanes go to another relay (s).
+    #[arg(long, env = "OUTBOX_CLAIM_TIMEOUT_SECS", default_value_t = 20)]
+    claim_timeout_secs: u64,
     /// Most events per batch.
     #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000)]
     batch_size: usize,
@@ -85,6 +89,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let outbox_config = OutboxConfig {
         table: cli.outbox_table.clone(),
         dead_letter_table: cli.dead_letter_table.clone(),
+        claim_timeout: Duration::from_secs(cli.claim_timeout_secs),
         ..OutboxConfig::default()
     };
     outbox_config
@@ -97,7 +102,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         key_column: Some(cli.key_column.clone()),
         topic: cli.topic.clone(),
         dead_letter_table: cli.dead_letter_table.clone(),
-        ..FlagTableConfig::default()
+        claim_timeout: Duration::from_secs(cli.claim_timeout_secs),
     };
     flag_config
         .validate()

@@ -1,0 +1,572 @@
+//! The chaos harness: see README.md. It attacks the pipeline built from the
+//! shipped binaries, then verifies no loss, no duplicate, no phantom and
+//! per-key order from the real stores, and exits non-zero on a violation.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use outbox_core::Event;
+use outbox_pg::{migrate, Outbox, OutboxConfig, PgConfig};
+use uuid::Uuid;
+
+/// Attack the pipeline with kills, stops and service restarts, then verify
+/// its guarantees from PostgreSQL and ClickHouse.
+#[derive(Debug, Parser)]
+struct Cli {
+    /// How long to attack: seconds, or with a unit (90s, 3m, 30m).
+    #[arg(long, default_value = "150s")]
+    duration: String,
+    /// Seed of every random choice (printed; a random one when absent).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Events the writer commits per second, roughly.
+    #[arg(long, default_value_t = 200)]
+    events_per_second: u32,
+    /// Passed to the consumers; 0 turns off their recognition of events the
+    /// relay published twice (a deliberately broken variant).
+    #[arg(long, default_value_t = 100_000)]
+    dedup_window: usize,
+    /// Do not restart tansu, PostgreSQL and ClickHouse.
+    #[arg(long)]
+    no_service_restarts: bool,
+    /// PostgreSQL host.
+    #[arg(long, env = "OUTBOX_PG_HOST", default_value = "127.0.0.1")]
+    pg_host: String,
+    /// PostgreSQL port.
+    #[arg(long, env = "OUTBOX_PG_PORT", default_value_t = 5432)]
+    pg_port: u16,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "OUTBOX_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    kafka_brokers: String,
+    /// ClickHouse HTTP endpoint.
+    #[arg(
+        long,
+        env = "OUTBOX_CLICKHOUSE_URL",
+        default_value = "http://127.0.0.1:8123"
+    )]
+    clickhouse_url: String,
+}
+
+/// Lanes of a relay are handed over after this long.
+const CLAIM_TIMEOUT_SECS: u64 = 5;
+/// A consumer's partitions move after this long.
+const LEASE_TIMEOUT_MS: u64 = 4000;
+const KEYS: usize = 32;
+
+fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let value: u64 = number
+        .parse()
+        .with_context(|| format!("bad duration {text:?}"))?;
+    Ok(match unit {
+        "" | "s" => Duration::from_secs(value),
+        "m" => Duration::from_secs(value * 60),
+        "h" => Duration::from_secs(value * 3600),
+        other => bail!("unknown duration unit {other:?} (use s, m or h)"),
+    })
+}
+
+/// One process of the pipeline.
+struct Proc {
+    label: String,
+    program: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+    stopped: bool,
+    restart_at: Option<Instant>,
+}
+
+impl Proc {
+    fn start(&mut self, env: &[(String, String)]) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.program.display()))?;
+        self.child = Some(child);
+        self.stopped = false;
+        self.restart_at = None;
+        Ok(())
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status();
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.stopped = false;
+    }
+
+    fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    relay_kills: u32,
+    relay_stops: u32,
+    consumer_kills: u32,
+    long_pauses: u32,
+    service_restarts: BTreeMap<&'static str, u32>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("chaos: error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let duration = parse_duration(&cli.duration)?;
+    let seed = cli.seed.unwrap_or_else(|| fastrand::u64(..));
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let name = format!("chaos_{}", &Uuid::now_v7().simple().to_string()[20..]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .context("no directory for the binaries")?
+        .to_path_buf();
+    let logs = root.join(".stack").join("chaos").join(&name);
+    std::fs::create_dir_all(&logs)?;
+    println!(
+        "chaos: name={name} seed={seed} duration={duration:?} logs={}",
+        logs.display()
+    );
+
+    // The stores.
+    let pg = PgConfig {
+        host: cli.pg_host.clone(),
+        port: cli.pg_port,
+        ..PgConfig::default()
+    };
+    let pool = pg.create_pool()?;
+    let outbox_config = OutboxConfig {
+        table: name.clone(),
+        dead_letter_table: format!("{name}_dead"),
+        claim_timeout: Duration::from_secs(CLAIM_TIMEOUT_SECS),
+        ..OutboxConfig::default()
+    };
+    let ledger = format!("{name}_ledger");
+    {
+        let client = pool.get().await?;
+        migrate(&client, &outbox_config).await?;
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {ledger} (event_id uuid PRIMARY KEY)"
+            ))
+            .await?;
+    }
+    let kafka = outbox_kafka::KafkaConfig {
+        brokers: cli.kafka_brokers.clone(),
+        topic_partitions: 4,
+        ..outbox_kafka::KafkaConfig::default()
+    };
+    outbox_kafka::ensure_topics(&kafka, &[name.as_str()]).await?;
+
+    // The processes.
+    let env = vec![
+        ("OUTBOX_PG_HOST".to_string(), cli.pg_host.clone()),
+        ("OUTBOX_PG_PORT".to_string(), cli.pg_port.to_string()),
+        (
+            "OUTBOX_KAFKA_BROKERS".to_string(),
+            cli.kafka_brokers.clone(),
+        ),
+        (
+            "OUTBOX_CLICKHOUSE_URL".to_string(),
+            cli.clickhouse_url.clone(),
+        ),
+    ];
+    let mut relays: Vec<Proc> = (0..3)
+        .map(|i| Proc {
+            label: format!("relay{i}"),
+            program: bin_dir.join("producer_pg_to_kafka"),
+            args: [
+                "--source",
+                "outbox",
+                "--outbox-table",
+                &name,
+                "--dead-letter-table",
+                &format!("{name}_dead"),
+                "--claim-timeout-secs",
+                &CLAIM_TIMEOUT_SECS.to_string(),
+                "--batch-size",
+                "200",
+            ]
+            .map(String::from)
+            .to_vec(),
+            log: logs.join(format!("relay{i}.log")),
+            child: None,
+            stopped: false,
+            restart_at: None,
+        })
+        .collect();
+    let mut consumers: Vec<Proc> = (0..2)
+        .map(|i| Proc {
+            label: format!("consumer{i}"),
+            program: bin_dir.join("consumer_to_clickhouse"),
+            args: [
+                "--topic",
+                &name,
+                "--clickhouse-table",
+                &name,
+                "--clickhouse-dead-letter-table",
+                &format!("{name}_dead"),
+                "--group-id",
+                &name,
+                "--format",
+                "raw",
+                "--assignment",
+                "leased",
+                "--lease-timeout-ms",
+                &LEASE_TIMEOUT_MS.to_string(),
+                "--batch-size",
+                "500",
+                "--dedup-window",
+                &cli.dedup_window.to_string(),
+            ]
+            .map(String::from)
+            .to_vec(),
+            log: logs.join(format!("consumer{i}.log")),
+            child: None,
+            stopped: false,
+            restart_at: None,
+        })
+        .collect();
+    for proc in relays.iter_mut().chain(consumers.iter_mut()) {
+        proc.start(&env)?;
+    }
+
+    // The writer.
+    let writing = Arc::new(AtomicBool::new(true));
+    let attempted = Arc::new(AtomicU64::new(0));
+    let rolled_back = Arc::new(AtomicU64::new(0));
+    let writer = tokio::spawn(write_events(
+        pool.clone(),
+        outbox_config.clone(),
+        ledger.clone(),
+        name.clone(),
+        cli.events_per_second,
+        seed,
+        writing.clone(),
+        attempted.clone(),
+        rolled_back.clone(),
+    ));
+
+    // The attack.
+    let mut tally = Tally::default();
+    let started = Instant::now();
+    let script = root.join("scripts").join("stack.sh");
+    while started.elapsed() < duration {
+        tokio::time::sleep(Duration::from_millis(rng.u64(1500..5000))).await;
+        let now = Instant::now();
+        for proc in relays.iter_mut().chain(consumers.iter_mut()) {
+            if proc.restart_at.is_some_and(|at| at <= now) {
+                proc.start(&env)?;
+            }
+        }
+        match rng.u32(0..100) {
+            0..=34 => {
+                let relay = &mut relays[rng.usize(0..3)];
+                if relay.running() && !relay.stopped {
+                    relay.kill();
+                    tally.relay_kills += 1;
+                    let pause = if rng.bool() { 0 } else { rng.u64(5..20) };
+                    relay.restart_at = Some(Instant::now() + Duration::from_secs(pause));
+                    println!(
+                        "chaos: +{:>4}s SIGKILL {} (restart in {pause}s)",
+                        started.elapsed().as_secs(),
+                        relay.label
+                    );
+                }
+            }
+            35..=54 => {
+                let index = rng.usize(0..3);
+                let relay = &mut relays[index];
+                if relay.running() && !relay.stopped {
+                    relay.signal("-STOP");
+                    relay.stopped = true;
+                    tally.relay_stops += 1;
+                    let hold = CLAIM_TIMEOUT_SECS + rng.u64(2..8);
+                    println!(
+                        "chaos: +{:>4}s SIGSTOP {} for {hold}s",
+                        started.elapsed().as_secs(),
+                        relay.label
+                    );
+                    tokio::time::sleep(Duration::from_secs(hold)).await;
+                    let relay = &mut relays[index];
+                    relay.signal("-CONT");
+                    relay.stopped = false;
+                }
+            }
+            55..=79 => {
+                let consumer = &mut consumers[rng.usize(0..2)];
+                if consumer.running() {
+                    consumer.kill();
+                    tally.consumer_kills += 1;
+                    // Sometimes long enough that the survivor must take over.
+                    let pause = if rng.bool() {
+                        0
+                    } else {
+                        tally.long_pauses += 1;
+                        LEASE_TIMEOUT_MS / 1000 + rng.u64(5..15)
+                    };
+                    consumer.restart_at = Some(Instant::now() + Duration::from_secs(pause));
+                    println!(
+                        "chaos: +{:>4}s SIGKILL {} (restart in {pause}s)",
+                        started.elapsed().as_secs(),
+                        consumer.label
+                    );
+                }
+            }
+            _ if !cli.no_service_restarts => {
+                let service = ["kafka", "postgres", "clickhouse"][rng.usize(0..3)];
+                println!(
+                    "chaos: +{:>4}s crash and restart {service}",
+                    started.elapsed().as_secs()
+                );
+                let script = script.clone();
+                let ok = tokio::task::spawn_blocking(move || {
+                    Command::new("bash")
+                        .arg(&script)
+                        .args(["crash", service])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .map(|s| s.success())
+                        .unwrap_or(false)
+                })
+                .await?;
+                if !ok {
+                    bail!("restarting {service} failed");
+                }
+                *tally.service_restarts.entry(service).or_default() += 1;
+            }
+            _ => {}
+        }
+    }
+
+    // Stop attacking; let everything drain.
+    writing.store(false, Ordering::SeqCst);
+    writer.await??;
+    for proc in relays.iter_mut().chain(consumers.iter_mut()) {
+        if proc.stopped {
+            proc.signal("-CONT");
+            proc.stopped = false;
+        }
+        if !proc.running() {
+            proc.start(&env)?;
+        }
+    }
+    let committed: HashSet<Uuid> = {
+        let client = pool.get().await?;
+        client
+            .query(&format!("SELECT event_id FROM {ledger}"), &[])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    };
+    let ch = sink_clickhouse::client_for(&sink_clickhouse::ClickHouseConfig {
+        url: cli.clickhouse_url.clone(),
+        ..sink_clickhouse::ClickHouseConfig::default()
+    });
+    let drain_started = Instant::now();
+    loop {
+        let pending: i64 = pool
+            .get()
+            .await?
+            .query_one(&format!("SELECT count(*) FROM {name}"), &[])
+            .await?
+            .get(0);
+        let in_ch: u64 = ch
+            .query(&format!("SELECT count() FROM `{name}`"))
+            .fetch_one::<u64>()
+            .await
+            .unwrap_or(0);
+        if pending == 0 && in_ch >= committed.len() as u64 {
+            break;
+        }
+        if drain_started.elapsed() > Duration::from_secs(300) {
+            println!("chaos: drain timed out: pending={pending} in_clickhouse={in_ch}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await; // anything extra lands now
+    for proc in relays.iter_mut().chain(consumers.iter_mut()) {
+        proc.signal("-TERM");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for proc in relays.iter_mut().chain(consumers.iter_mut()) {
+        proc.kill();
+    }
+
+    // Verify from the stores.
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct Landed {
+        #[serde(with = "clickhouse::serde::uuid")]
+        event_id: Uuid,
+        payload: String,
+        kafka_partition: i32,
+        kafka_offset: i64,
+    }
+    let mut rows = ch
+        .query(&format!(
+            "SELECT event_id, payload, kafka_partition, kafka_offset FROM `{name}`"
+        ))
+        .fetch_all::<Landed>()
+        .await?;
+    rows.sort_by_key(|r| (r.kafka_partition, r.kafka_offset));
+    let distinct: HashSet<Uuid> = rows.iter().map(|r| r.event_id).collect();
+    let lost = committed.difference(&distinct).count();
+    let duplicated = rows.len() - distinct.len();
+    let phantom = distinct.difference(&committed).count();
+    let mut last_seq: HashMap<String, i64> = HashMap::new();
+    let mut out_of_order = 0;
+    let mut seen: HashSet<Uuid> = HashSet::new();
+    // Order is judged on first occurrences; copies are counted as duplicates.
+    for row in rows.iter().filter(|r| seen.insert(r.event_id)) {
+        let value: serde_json::Value = serde_json::from_str(&row.payload).unwrap_or_default();
+        let key = value["key"].as_str().unwrap_or_default().to_string();
+        let seq = value["seq"].as_i64().unwrap_or(-1);
+        let previous = last_seq.entry(key).or_insert(-1);
+        if seq <= *previous {
+            out_of_order += 1;
+        }
+        *previous = (*previous).max(seq);
+    }
+    let dead_pg: i64 = pool
+        .get()
+        .await?
+        .query_one(&format!("SELECT count(*) FROM {name}_dead"), &[])
+        .await?
+        .get(0);
+    let dead_ch: u64 = ch
+        .query(&format!("SELECT count() FROM `{name}_dead`"))
+        .fetch_one::<u64>()
+        .await
+        .unwrap_or(0);
+    let restarts: Vec<String> = tally
+        .service_restarts
+        .iter()
+        .map(|(service, n)| format!("{service}:{n}"))
+        .collect();
+    let ok = lost == 0 && duplicated == 0 && phantom == 0 && out_of_order == 0;
+    println!(
+        "chaos: {} seed={seed} duration={}s committed={} rolled_back={} in_clickhouse={} lost={lost} duplicated={duplicated} phantom={phantom} out_of_order={out_of_order} dead_letters={} relay_kills={} relay_stops={} consumer_kills={} consumer_long_pauses={} service_restarts=[{}]",
+        if ok { "PASS" } else { "FAIL" },
+        duration.as_secs(),
+        committed.len(),
+        rolled_back.load(Ordering::SeqCst),
+        rows.len(),
+        dead_pg + i64::try_from(dead_ch).unwrap_or(i64::MAX),
+        tally.relay_kills,
+        tally.relay_stops,
+        tally.consumer_kills,
+        tally.long_pauses,
+        restarts.join(" ")
+    );
+    println!(
+        "chaos: attempted events={}",
+        attempted.load(Ordering::SeqCst)
+    );
+    Ok(ok)
+}
+
+/// Commits events of random keys in transactions of 1–10 events, a tenth of
+/// them rolled back, each with a ledger row in the same transaction.
+#[allow(clippy::too_many_arguments)]
+async fn write_events(
+    pool: outbox_pg::deadpool_postgres::Pool,
+    config: OutboxConfig,
+    ledger: String,
+    topic: String,
+    events_per_second: u32,
+    seed: u64,
+    writing: Arc<AtomicBool>,
+    attempted: Arc<AtomicU64>,
+    rolled_back: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
+    let outbox = Outbox::new(&config)?;
+    let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed);
+    let mut next_seq = vec![0i64; KEYS];
+    let insert = format!("INSERT INTO {ledger} (event_id) SELECT unnest($1::uuid[])");
+    while writing.load(Ordering::SeqCst) {
+        let size = rng.usize(1..=10);
+        let events: Vec<Event> = (0..size)
+            .map(|_| {
+                let key = rng.usize(0..KEYS);
+                // The sequence grows on every attempt: a rolled-back event
+                // leaves a gap, never a repeat.
+                let seq = next_seq[key];
+                next_seq[key] += 1;
+                Event::new(
+                    topic.clone(),
+                    format!("{{\"key\":\"k{key}\",\"seq\":{seq}}}"),
+                )
+                .with_key(format!("k{key}"))
+            })
+            .collect();
+        let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+        let rollback = rng.u32(0..10) == 0;
+        let result: anyhow::Result<()> = async {
+            let mut client = pool.get().await?;
+            let tx = client.transaction().await?;
+            tx.execute(&insert, &[&ids]).await?;
+            outbox.enqueue(&tx, &events).await?;
+            if rollback {
+                tx.rollback().await?;
+            } else {
+                tx.commit().await?;
+            }
+            Ok(())
+        }
+        .await;
+        attempted.fetch_add(size as u64, Ordering::SeqCst);
+        if result.is_ok() && rollback {
+            rolled_back.fetch_add(size as u64, Ordering::SeqCst);
+        }
+        if result.is_err() {
+            // PostgreSQL restarting: the outcome is in the ledger.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let pace = Duration::from_secs_f64(size as f64 / f64::from(events_per_second.max(1)));
+        tokio::time::sleep(pace).await;
+    }
+    Ok(())
+}
