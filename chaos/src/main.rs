@@ -142,8 +142,9 @@ struct Tally {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+        Ok(Verdict::Passed) => ExitCode::SUCCESS,
+        Ok(Verdict::Violated) => ExitCode::FAILURE,
+        Ok(Verdict::DidNotDrain) => ExitCode::from(3),
         Err(err) => {
             eprintln!("chaos: error: {err:#}");
             ExitCode::from(2)
@@ -151,7 +152,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<bool> {
+async fn run(cli: Cli) -> anyhow::Result<Verdict> {
     let duration = parse_duration(&cli.duration)?;
     let seed = cli.seed.unwrap_or_else(|| fastrand::u64(..));
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -167,6 +168,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         "chaos: name={name} seed={seed} duration={duration:?} logs={}",
         logs.display()
     );
+    let started_at_log_len = tansu_log_len(&root);
 
     // The stores.
     let pg = PgConfig {
@@ -406,6 +408,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         ..sink_clickhouse::ClickHouseConfig::default()
     });
     let drain_started = Instant::now();
+    let mut drained = true;
     loop {
         let pending: i64 = pool
             .get()
@@ -423,6 +426,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         if drain_started.elapsed() > Duration::from_secs(300) {
             println!("chaos: drain timed out: pending={pending} in_clickhouse={in_ch}");
+            drained = false;
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -453,7 +457,24 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         .await?;
     rows.sort_by_key(|r| (r.kafka_partition, r.kafka_offset));
     let distinct: HashSet<Uuid> = rows.iter().map(|r| r.event_id).collect();
-    let lost = committed.difference(&distinct).count();
+    // Still in the outbox is undelivered, not lost: only a run that drained
+    // can call a missing event lost.
+    let still_pending: HashSet<Uuid> = pool
+        .get()
+        .await?
+        .query(&format!("SELECT event_id FROM {name}"), &[])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let undelivered = committed
+        .iter()
+        .filter(|id| !distinct.contains(id) && still_pending.contains(id))
+        .count();
+    let lost = committed
+        .iter()
+        .filter(|id| !distinct.contains(id) && !still_pending.contains(id))
+        .count();
     let duplicated = rows.len() - distinct.len();
     let phantom = distinct.difference(&committed).count();
     let mut last_seq: HashMap<String, i64> = HashMap::new();
@@ -486,10 +507,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         .iter()
         .map(|(service, n)| format!("{service}:{n}"))
         .collect();
-    let ok = lost == 0 && duplicated == 0 && phantom == 0 && out_of_order == 0;
+    let violated = lost > 0 || duplicated > 0 || phantom > 0 || out_of_order > 0;
+    let broker_broke = tansu_panicked_since(&root, started_at_log_len);
+    let verdict = match (violated, drained) {
+        (true, _) => "FAIL",
+        (false, true) => "PASS",
+        (false, false) => "DID-NOT-DRAIN",
+    };
     println!(
-        "chaos: {} seed={seed} duration={}s committed={} rolled_back={} in_clickhouse={} lost={lost} duplicated={duplicated} phantom={phantom} out_of_order={out_of_order} dead_letters={} relay_kills={} relay_stops={} consumer_kills={} consumer_long_pauses={} service_restarts=[{}]",
-        if ok { "PASS" } else { "FAIL" },
+        "chaos: {verdict} seed={seed} duration={}s committed={} rolled_back={} in_clickhouse={} lost={lost} duplicated={duplicated} phantom={phantom} out_of_order={out_of_order} undelivered={undelivered} dead_letters={} relay_kills={} relay_stops={} consumer_kills={} consumer_long_pauses={} service_restarts=[{}] broker_panicked={broker_broke}",
         duration.as_secs(),
         committed.len(),
         rolled_back.load(Ordering::SeqCst),
@@ -505,7 +531,43 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         "chaos: attempted events={}",
         attempted.load(Ordering::SeqCst)
     );
-    Ok(ok)
+    if broker_broke {
+        println!(
+            "chaos: the local broker (tansu 0.6.0) panicked during the run (see .stack/kafka/tansu.log); \
+             its storage refuses every request afterwards: restart it with scripts/stack.sh crash kafka"
+        );
+    }
+    if violated {
+        return Ok(Verdict::Violated);
+    }
+    Ok(if drained {
+        Verdict::Passed
+    } else {
+        Verdict::DidNotDrain
+    })
+}
+
+/// How a run ended.
+enum Verdict {
+    Passed,
+    Violated,
+    DidNotDrain,
+}
+
+/// Length of tansu's log now, to look for panics written after it.
+fn tansu_log_len(root: &Path) -> u64 {
+    std::fs::metadata(root.join(".stack/kafka/tansu.log"))
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+/// Whether tansu logged a panic since the log had `from` bytes.
+fn tansu_panicked_since(root: &Path, from: u64) -> bool {
+    let Ok(text) = std::fs::read(root.join(".stack/kafka/tansu.log")) else {
+        return false;
+    };
+    let start = usize::try_from(from).unwrap_or(0).min(text.len());
+    String::from_utf8_lossy(&text[start..]).contains("panicked")
 }
 
 /// Commits events of random keys in transactions of 1–10 events, a tenth of
