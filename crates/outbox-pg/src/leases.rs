@@ -187,8 +187,8 @@ impl PartitionLeases {
                     &[&self.application_name],
                 )
                 .await
-                .map_err(|e| PgError::query("partition lease (heartbeat)", e))?
-                .get(0);
+                .and_then(|row| row.try_get(0))
+                .map_err(|e| PgError::query("partition lease (heartbeat)", e))?;
             let members = usize::try_from(members.max(1)).unwrap_or(1);
             let partitions = usize::try_from(self.config.partitions.max(0)).unwrap_or(0);
             // How many partitions each member holds (members holding none
@@ -206,7 +206,7 @@ impl PartitionLeases {
             } else {
                 holders
                     .iter()
-                    .map(|row| usize::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+                    .map(|row| usize::try_from(row.try_get::<_, i64>(0).unwrap_or(0)).unwrap_or(0))
                     .min()
                     .unwrap_or(0)
             };
@@ -266,8 +266,8 @@ impl PartitionLeases {
                             &[&self.lock_namespace, &partition],
                         )
                         .await
-                        .map_err(|e| PgError::query("partition lease (acquire)", e))?
-                        .get(0);
+                        .and_then(|row| row.try_get(0))
+                        .map_err(|e| PgError::query("partition lease (acquire)", e))?;
                     if got {
                         info!(topic = %self.config.topic, partition, "partition taken");
                         owned.insert(partition);
