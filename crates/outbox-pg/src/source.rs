@@ -89,7 +89,7 @@ impl PgOutboxSource {
                  SELECT lane FROM lanes WHERE lane IS NOT NULL"
             ),
             lock_namespace: lock_namespace(&table.plain()),
-            rotation: AtomicUsize::new(fastrand_seed()),
+            rotation: AtomicUsize::new(rotation_seed()),
             listener: None,
             channel: crate::notify::channel_for(&table),
             claim_sql: format!(
@@ -163,7 +163,7 @@ fn lock_namespace(table: &str) -> i32 {
 
 /// A different starting lane per process, so relays started together do not
 /// all try the same lanes first.
-fn fastrand_seed() -> usize {
+fn rotation_seed() -> usize {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos() as usize ^ std::process::id() as usize)
