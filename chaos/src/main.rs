@@ -127,6 +127,17 @@ impl Proc {
     fn running(&self) -> bool {
         self.child.is_some()
     }
+
+    /// Whether the process ended on its own (a supervisor restarts it).
+    fn exited(&mut self) -> bool {
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(Some(_))) => {
+                self.child = None;
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -135,6 +146,7 @@ struct Tally {
     relay_stops: u32,
     consumer_kills: u32,
     long_pauses: u32,
+    unexpected_exits: u32,
     service_restarts: BTreeMap<&'static str, u32>,
 }
 
@@ -297,6 +309,16 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         tokio::time::sleep(Duration::from_millis(rng.u64(1500..5000))).await;
         let now = Instant::now();
         for proc in relays.iter_mut().chain(consumers.iter_mut()) {
+            if proc.restart_at.is_none() && proc.exited() {
+                // Like a supervisor: a process that ended on its own is started again.
+                tally.unexpected_exits += 1;
+                println!(
+                    "chaos: +{:>4}s {} exited on its own; restarting it",
+                    started.elapsed().as_secs(),
+                    proc.label
+                );
+                proc.start(&env)?;
+            }
             if proc.restart_at.is_some_and(|at| at <= now) {
                 proc.start(&env)?;
             }
@@ -424,6 +446,12 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         if pending == 0 && in_ch >= committed.len() as u64 {
             break;
         }
+        for proc in relays.iter_mut().chain(consumers.iter_mut()) {
+            if proc.exited() {
+                tally.unexpected_exits += 1;
+                proc.start(&env)?;
+            }
+        }
         if drain_started.elapsed() > Duration::from_secs(300) {
             println!("chaos: drain timed out: pending={pending} in_clickhouse={in_ch}");
             drained = false;
@@ -467,14 +495,34 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         .iter()
         .map(|row| row.get(0))
         .collect();
+    // Missing from ClickHouse but in Kafka (acknowledged, not yet consumed)
+    // is undelivered too; only an event in none of the stores is lost.
+    let missing: Vec<Uuid> = committed
+        .iter()
+        .filter(|id| !distinct.contains(id) && !still_pending.contains(id))
+        .copied()
+        .collect();
+    let in_kafka = if missing.is_empty() {
+        HashSet::new()
+    } else {
+        let brokers = cli.kafka_brokers.clone();
+        let topic = name.clone();
+        match tokio::task::spawn_blocking(move || read_event_ids(&brokers, &topic)).await? {
+            Ok(ids) => ids,
+            Err(err) => {
+                println!(
+                    "chaos: cannot read the topic back ({err:#}); counting those events as lost"
+                );
+                HashSet::new()
+            }
+        }
+    };
     let undelivered = committed
         .iter()
         .filter(|id| !distinct.contains(id) && still_pending.contains(id))
-        .count();
-    let lost = committed
-        .iter()
-        .filter(|id| !distinct.contains(id) && !still_pending.contains(id))
-        .count();
+        .count()
+        + missing.iter().filter(|id| in_kafka.contains(id)).count();
+    let lost = missing.iter().filter(|id| !in_kafka.contains(id)).count();
     let duplicated = rows.len() - distinct.len();
     let phantom = distinct.difference(&committed).count();
     let mut last_seq: HashMap<String, i64> = HashMap::new();
@@ -515,7 +563,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         (false, false) => "DID-NOT-DRAIN",
     };
     println!(
-        "chaos: {verdict} seed={seed} duration={}s committed={} rolled_back={} in_clickhouse={} lost={lost} duplicated={duplicated} phantom={phantom} out_of_order={out_of_order} undelivered={undelivered} dead_letters={} relay_kills={} relay_stops={} consumer_kills={} consumer_long_pauses={} service_restarts=[{}] broker_panicked={broker_broke}",
+        "chaos: {verdict} seed={seed} duration={}s committed={} rolled_back={} in_clickhouse={} lost={lost} duplicated={duplicated} phantom={phantom} out_of_order={out_of_order} undelivered={undelivered} dead_letters={} relay_kills={} relay_stops={} consumer_kills={} consumer_long_pauses={} unexpected_exits={} service_restarts=[{}] broker_panicked={broker_broke}",
         duration.as_secs(),
         committed.len(),
         rolled_back.load(Ordering::SeqCst),
@@ -525,6 +573,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         tally.relay_stops,
         tally.consumer_kills,
         tally.long_pauses,
+        tally.unexpected_exits,
         restarts.join(" ")
     );
     println!(
@@ -552,6 +601,63 @@ enum Verdict {
     Passed,
     Violated,
     DidNotDrain,
+}
+
+/// Every event id in `topic`, read from the beginning of each partition to
+/// its end (explicit assignment: no group involved).
+fn read_event_ids(brokers: &str, topic: &str) -> anyhow::Result<HashSet<Uuid>> {
+    use outbox_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+    use outbox_kafka::rdkafka::message::Headers;
+    use outbox_kafka::rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{topic}_verify"))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    let mut ends = HashMap::new();
+    let mut list = TopicPartitionList::new();
+    for partition in &partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, *partition, Duration::from_secs(30))?;
+        if high > 0 {
+            ends.insert(*partition, high);
+            list.add_partition_offset(topic, *partition, Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&list)?;
+    let mut ids = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !ends.is_empty() && Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let message = message?;
+        if let Some(id) = message.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == outbox_core::HEADER_EVENT_ID)
+                .and_then(|h| h.value)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| Uuid::parse_str(v).ok())
+        }) {
+            ids.insert(id);
+        }
+        if ends
+            .get(&message.partition())
+            .is_some_and(|end| message.offset() + 1 >= *end)
+        {
+            ends.remove(&message.partition());
+        }
+    }
+    if !ends.is_empty() {
+        bail!("reading the topic back timed out");
+    }
+    Ok(ids)
 }
 
 /// Length of tansu's log now, to look for panics written after it.
