@@ -143,7 +143,11 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
     retry_startup("kafka", startup, || bus.check_connection()).await?;
     drop(bus);
     // Subscribing to a topic that does not exist yet would wait silently.
-    outbox_kafka::ensure_topics(&kafka, &[cli.topic.as_str()]).await?;
+    let topics = [cli.topic.as_str()];
+    retry_startup("kafka", startup, || {
+        outbox_kafka::ensure_topics(&kafka, &topics)
+    })
+    .await?;
     let mut consumer_config = ConsumerConfig::new(cli.group_id.clone(), [cli.topic.clone()]);
     consumer_config.session_timeout = Duration::from_millis(cli.session_timeout_ms);
     consumer_config.max_poll_interval = Duration::from_millis(cli.max_poll_interval_ms);
@@ -162,7 +166,13 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
             outbox_pg::check_connection(&pool, &target)
         })
         .await?;
-        let partitions = outbox_kafka::topic_partitions(&kafka, &cli.topic).await?;
+        let partitions = std::cell::Cell::new(0);
+        retry_startup("kafka", startup, || async {
+            partitions.set(outbox_kafka::topic_partitions(&kafka, &cli.topic).await?);
+            Ok::<_, outbox_kafka::BusError>(())
+        })
+        .await?;
+        let partitions = partitions.get();
         let mut lease_config =
             PartitionLeaseConfig::new(cli.group_id.clone(), cli.topic.clone(), partitions);
         lease_config.session_timeout = Duration::from_millis(cli.lease_timeout_ms);

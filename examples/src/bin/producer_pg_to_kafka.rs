@@ -127,7 +127,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let bus = KafkaBus::new(kafka.clone())?;
     retry_startup("kafka", startup, || bus.check_connection()).await?;
     if matches!(cli.source, SourceKind::FlagTable) {
-        outbox_kafka::ensure_topics(&kafka, &[cli.topic.as_str()]).await?;
+        let topics = [cli.topic.as_str()];
+        retry_startup("kafka", startup, || {
+            outbox_kafka::ensure_topics(&kafka, &topics)
+        })
+        .await?;
     }
 
     let relay_config = RelayConfig {
