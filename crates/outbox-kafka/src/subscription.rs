@@ -103,11 +103,7 @@ impl KafkaSubscription {
             brokers: kafka.brokers.clone(),
             batch_linger: config.batch_linger,
             topic: config.topics.first().cloned(),
-            fallback_offset: if config.auto_offset_reset == "latest" {
-                Offset::End
-            } else {
-                Offset::Beginning
-            },
+            fallback_offset: fallback_offset(&config),
             ownership: None,
         })
     }
@@ -148,38 +144,17 @@ impl KafkaSubscription {
             for partition in &wanted {
                 wanted_list.add_partition(topic, *partition);
             }
-            // Positions from the group's commits, asked explicitly: tansu
-            // 0.6 was seen to stall when librdkafka fetched them itself
-            // (`Offset::Stored`). A blocking call, made only when ownership
-            // changes.
-            let fetch = || {
-                self.consumer
-                    .committed_offsets(wanted_list.clone(), Duration::from_secs(10))
-            };
-            let committed = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor())
-            {
+            // A blocking call: off the async worker when the runtime allows.
+            let fetch =
+                || positions_from_committed(&self.consumer, wanted_list, self.fallback_offset);
+            let list = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
                 Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
                     tokio::task::block_in_place(fetch)
                 }
                 _ => fetch(),
             }
             .map_err(consumer_error)?;
-            let mut list = TopicPartitionList::new();
-            for element in committed.elements() {
-                let offset = match element.offset() {
-                    Offset::Offset(n) if n >= 0 => Offset::Offset(n),
-                    _ => self.fallback_offset,
-                };
-                list.add_partition_offset(element.topic(), element.partition(), offset)
-                    .map_err(consumer_error)?;
-            }
-            self.consumer
-                .assign(&list)
-                .map_err(|source| BusError::Consumer {
-                    brokers: self.brokers.clone(),
-                    operation: "assign",
-                    source,
-                })?;
+            self.consumer.assign(&list).map_err(consumer_error)?;
             tracing::info!(topic, partitions = ?wanted, "working partitions");
             ownership.current = wanted;
         }
@@ -234,12 +209,28 @@ fn all_partitions_from_committed(
             }
         }
     }
-    let committed = consumer.committed_offsets(wanted, timeout)?;
-    let fallback = if config.auto_offset_reset == "latest" {
+    positions_from_committed(consumer, wanted, fallback_offset(config))
+}
+
+/// Where `config` starts a partition that has no committed position.
+fn fallback_offset(config: &ConsumerConfig) -> Offset {
+    if config.auto_offset_reset == "latest" {
         Offset::End
     } else {
         Offset::Beginning
-    };
+    }
+}
+
+/// `wanted`, each partition at the group's committed position, or at
+/// `fallback` when it has none. Positions are asked explicitly: tansu 0.6 was
+/// seen to stall when librdkafka fetched them itself (`Offset::Stored`).
+/// Blocks for a broker round trip; called at start and when ownership changes.
+fn positions_from_committed(
+    consumer: &StreamConsumer,
+    wanted: TopicPartitionList,
+    fallback: Offset,
+) -> Result<TopicPartitionList, rdkafka::error::KafkaError> {
+    let committed = consumer.committed_offsets(wanted, Duration::from_secs(10))?;
     let mut list = TopicPartitionList::new();
     for element in committed.elements() {
         let offset = match element.offset() {

@@ -70,11 +70,9 @@ impl PgConfig {
         format!("{}:{}/{}", self.host, self.port, self.dbname)
     }
 
-    /// Builds a connection pool. No connection is opened yet: see [`check_connection`].
-    pub fn create_pool(&self) -> Result<Pool, PgError> {
-        if self.pool_size == 0 {
-            return Err(PgError::Config("pool_size must be at least 1".into()));
-        }
+    /// The driver settings of one connection, for the pool and for the
+    /// dedicated sessions (lease heartbeat, event listener).
+    pub(crate) fn client_config(&self) -> tokio_postgres::Config {
         let mut pg = tokio_postgres::Config::new();
         pg.host(&self.host)
             .port(self.port)
@@ -84,8 +82,16 @@ impl PgConfig {
             .application_name(&self.application_name)
             .connect_timeout(self.connect_timeout)
             .keepalives_idle(Duration::from_secs(30));
+        pg
+    }
+
+    /// Builds a connection pool. No connection is opened yet: see [`check_connection`].
+    pub fn create_pool(&self) -> Result<Pool, PgError> {
+        if self.pool_size == 0 {
+            return Err(PgError::Config("pool_size must be at least 1".into()));
+        }
         let manager = Manager::from_config(
-            pg,
+            self.client_config(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,

@@ -90,11 +90,7 @@ impl PartitionLeases {
     /// Leases for `config`, on the server of `pg`.
     pub fn new(pg: PgConfig, config: PartitionLeaseConfig) -> Self {
         let scope = format!("{}/{}", config.group, config.topic);
-        let mut hash: u32 = 0x811c_9dc5;
-        for byte in format!("outbox-partitions:{scope}").bytes() {
-            hash ^= u32::from(byte);
-            hash = hash.wrapping_mul(0x0100_0193);
-        }
+        let hash = crate::stable_hash(&format!("outbox-partitions:{scope}"));
         // application_name is at most 63 bytes; the hash keeps it unique.
         let application_name = format!("outbox-consumer {hash:08x}");
         Self {
@@ -134,14 +130,8 @@ impl PartitionLeases {
     }
 
     async fn connect(&self) -> Result<Client, PgError> {
-        let mut pg = tokio_postgres::Config::new();
-        pg.host(&self.pg.host)
-            .port(self.pg.port)
-            .user(&self.pg.user)
-            .password(&self.pg.password)
-            .dbname(&self.pg.dbname)
-            .application_name(&self.application_name)
-            .connect_timeout(self.pg.connect_timeout);
+        let mut pg = self.pg.client_config();
+        pg.application_name(&self.application_name);
         let (client, connection) = pg.connect(NoTls).await.map_err(|e| PgError::Connect {
             target: self.pg.target(),
             detail: describe(&e),

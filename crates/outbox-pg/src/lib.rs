@@ -24,5 +24,13 @@ pub use leases::{PartitionLeaseConfig, PartitionLeases};
 pub use schema::{migrate, schema_sql};
 pub use source::PgOutboxSource;
 
+/// A stable 32-bit hash (FNV-1a) of `text`: advisory-lock namespaces must be
+/// the same in every process and every release, which std's hasher is not.
+pub(crate) fn stable_hash(text: &str) -> u32 {
+    text.bytes().fold(0x811c_9dc5, |hash: u32, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    })
+}
+
 /// Re-exported so users name the same pool type as this crate.
 pub use deadpool_postgres;

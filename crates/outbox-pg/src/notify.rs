@@ -44,15 +44,7 @@ impl Drop for Listener {
 }
 
 async fn listen_forever(pg: PgConfig, channel: String, wake: Arc<Notify>, stop: CancellationToken) {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(&pg.host)
-        .port(pg.port)
-        .user(&pg.user)
-        .password(&pg.password)
-        .dbname(&pg.dbname)
-        .application_name(&pg.application_name)
-        .connect_timeout(pg.connect_timeout);
+    let config = pg.client_config();
     while !stop.is_cancelled() {
         match config.connect(NoTls).await {
             Ok((client, mut connection)) => {

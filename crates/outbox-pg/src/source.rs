@@ -151,14 +151,9 @@ impl PgOutboxSource {
 }
 
 /// The advisory-lock namespace of an outbox table's lanes: a stable hash of
-/// its name (FNV-1a), so two outbox tables never share lane locks.
+/// its name, so two outbox tables never share lane locks.
 fn lock_namespace(table: &str) -> i32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in format!("outbox-lanes:{table}").bytes() {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    i32::from_ne_bytes(hash.to_ne_bytes())
+    i32::from_ne_bytes(crate::stable_hash(&format!("outbox-lanes:{table}")).to_ne_bytes())
 }
 
 /// A different starting lane per process, so relays started together do not

@@ -9,7 +9,7 @@ mod sink;
 pub use config::{validate_identifier, ClickHouseConfig};
 pub use error::{server_code, SinkError};
 pub use mapper::{RawEventMapper, RawEventRow, RowMapper, RowMeta, META_COLUMNS_DDL};
-pub use sink::{client_for, ClickHouseSink};
+pub use sink::{check_connection, client_for, ClickHouseSink};
 
 /// Re-exported so users derive rows with the same client version.
 pub use clickhouse;

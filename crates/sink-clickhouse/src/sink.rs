@@ -149,6 +149,22 @@ pub fn client_for(config: &ClickHouseConfig) -> Client {
         .with_validation(false)
 }
 
+/// Runs `SELECT 1` on the server of `config`, with a classified error
+/// (retryable when the server is down, permanent for bad credentials): the
+/// start-up check of the binaries.
+pub async fn check_connection(config: &ClickHouseConfig) -> Result<(), SinkError> {
+    // A client without a database: the configured one may not exist yet.
+    let probe = client_for(&ClickHouseConfig {
+        database: "default".into(),
+        ..config.clone()
+    });
+    probe
+        .query("SELECT 1")
+        .execute()
+        .await
+        .map_err(|e| SinkError::request(&config.url, "connection check", e))
+}
+
 impl<M: RowMapper> ClickHouseSink<M> {
     /// Validates `config`, checks the server answers and creates the tables
     /// if [`ClickHouseConfig::create_tables`] is set.
@@ -167,18 +183,9 @@ impl<M: RowMapper> ClickHouseSink<M> {
         Ok(sink)
     }
 
-    /// Runs `SELECT 1`.
+    /// Runs `SELECT 1` (see [`check_connection`]).
     pub async fn check_connection(&self) -> Result<(), SinkError> {
-        // A client without a database: the configured one may not exist yet.
-        let probe = client_for(&ClickHouseConfig {
-            database: "default".into(),
-            ..self.config.clone()
-        });
-        probe
-            .query("SELECT 1")
-            .execute()
-            .await
-            .map_err(|e| SinkError::request(&self.config.url, "connection check", e))
+        check_connection(&self.config).await
     }
 
     /// The DDL of the data table.

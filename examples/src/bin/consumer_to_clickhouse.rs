@@ -121,21 +121,10 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
     if cli.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
-    let probe = sink_clickhouse::client_for(&sink_clickhouse::ClickHouseConfig {
-        database: "default".into(),
-        ..ch_config.clone()
-    });
-    retry_startup("clickhouse", startup, || async {
-        probe.query("SELECT 1").execute().await.map_err(|e| {
-            sink_clickhouse::SinkError::Config(format!(
-                "clickhouse at {}: {}",
-                ch_config.url,
-                e.to_string().lines().next().unwrap_or_default()
-            ))
-        })
+    retry_startup("clickhouse", startup, || {
+        sink_clickhouse::check_connection(&ch_config)
     })
-    .await
-    .ok();
+    .await?;
     let sink = ClickHouseSink::new(ch_config, mapper).await?;
 
     let kafka = cli.kafka.config("consumer_to_clickhouse");
