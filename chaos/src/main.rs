@@ -35,6 +35,14 @@ struct Cli {
     /// Do not restart tansu, PostgreSQL and ClickHouse.
     #[arg(long)]
     no_service_restarts: bool,
+    /// Run the deliberately broken `unsafe_relay` (deletes before publishing,
+    /// no lanes) instead of the shipped relay: the run must then fail.
+    #[arg(long)]
+    unsafe_relay: bool,
+    /// How long the pipeline may take to drain after the attack before the
+    /// run is called DID-NOT-DRAIN (or FAIL, when a violation is already certain).
+    #[arg(long, default_value = "300s")]
+    drain_timeout: String,
     /// PostgreSQL host.
     #[arg(long, env = "OUTBOX_PG_HOST", default_value = "127.0.0.1")]
     pg_host: String,
@@ -148,6 +156,7 @@ struct Tally {
     long_pauses: u32,
     unexpected_exits: u32,
     service_restarts: BTreeMap<&'static str, u32>,
+    broker_panic_restarts: u32,
 }
 
 #[tokio::main]
@@ -166,6 +175,7 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<Verdict> {
     let duration = parse_duration(&cli.duration)?;
+    let drain_timeout = parse_duration(&cli.drain_timeout)?;
     let seed = cli.seed.unwrap_or_else(|| fastrand::u64(..));
     let mut rng = fastrand::Rng::with_seed(seed);
     let name = format!("chaos_{}", &Uuid::now_v7().simple().to_string()[20..]);
@@ -180,7 +190,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         "chaos: name={name} seed={seed} duration={duration:?} logs={}",
         logs.display()
     );
-    let started_at_log_len = tansu_log_len(&root);
+    let mut broker_watch = BrokerWatch::new(&root);
 
     // The stores.
     let pg = PgConfig {
@@ -224,25 +234,48 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
             "OUTBOX_CLICKHOUSE_URL".to_string(),
             cli.clickhouse_url.clone(),
         ),
+        // A binary restarted while a service is down waits for it instead of
+        // exiting at its start-up check.
+        ("OUTBOX_STARTUP_TIMEOUT_SECS".to_string(), "300".to_string()),
     ];
+    let relay_program = bin_dir.join(if cli.unsafe_relay {
+        "unsafe_relay"
+    } else {
+        "producer_pg_to_kafka"
+    });
+    let relay_args: Vec<String> = if cli.unsafe_relay {
+        ["--outbox-table", &name, "--batch-size", "200"]
+            .map(String::from)
+            .to_vec()
+    } else {
+        [
+            "--source",
+            "outbox",
+            "--outbox-table",
+            &name,
+            "--dead-letter-table",
+            &format!("{name}_dead"),
+            "--claim-timeout-secs",
+            &CLAIM_TIMEOUT_SECS.to_string(),
+            "--batch-size",
+            "200",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    for program in [&relay_program, &bin_dir.join("consumer_to_clickhouse")] {
+        if !program.exists() {
+            bail!(
+                "{} is not built: run `cargo build -p examples -p chaos --bins` first",
+                program.display()
+            );
+        }
+    }
     let mut relays: Vec<Proc> = (0..3)
         .map(|i| Proc {
             label: format!("relay{i}"),
-            program: bin_dir.join("producer_pg_to_kafka"),
-            args: [
-                "--source",
-                "outbox",
-                "--outbox-table",
-                &name,
-                "--dead-letter-table",
-                &format!("{name}_dead"),
-                "--claim-timeout-secs",
-                &CLAIM_TIMEOUT_SECS.to_string(),
-                "--batch-size",
-                "200",
-            ]
-            .map(String::from)
-            .to_vec(),
+            program: relay_program.clone(),
+            args: relay_args.clone(),
             log: logs.join(format!("relay{i}.log")),
             child: None,
             stopped: false,
@@ -307,6 +340,9 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
     let script = root.join("scripts").join("stack.sh");
     while started.elapsed() < duration {
         tokio::time::sleep(Duration::from_millis(rng.u64(1500..5000))).await;
+        broker_watch
+            .restart_if_panicked(&script, &mut tally)
+            .await?;
         let now = Instant::now();
         for proc in relays.iter_mut().chain(consumers.iter_mut()) {
             if proc.restart_at.is_none() && proc.exited() {
@@ -383,21 +419,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
                     "chaos: +{:>4}s crash and restart {service}",
                     started.elapsed().as_secs()
                 );
-                let script = script.clone();
-                let ok = tokio::task::spawn_blocking(move || {
-                    Command::new("bash")
-                        .arg(&script)
-                        .args(["crash", service])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status()
-                        .map(|s| s.success())
-                        .unwrap_or(false)
-                })
-                .await?;
-                if !ok {
-                    bail!("restarting {service} failed");
-                }
+                crash_service(&script, service).await?;
                 *tally.service_restarts.entry(service).or_default() += 1;
             }
             _ => {}
@@ -446,13 +468,16 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         if pending == 0 && in_ch >= committed.len() as u64 {
             break;
         }
+        broker_watch
+            .restart_if_panicked(&script, &mut tally)
+            .await?;
         for proc in relays.iter_mut().chain(consumers.iter_mut()) {
             if proc.exited() {
                 tally.unexpected_exits += 1;
                 proc.start(&env)?;
             }
         }
-        if drain_started.elapsed() > Duration::from_secs(300) {
+        if drain_started.elapsed() > drain_timeout {
             println!("chaos: drain timed out: pending={pending} in_clickhouse={in_ch}");
             drained = false;
             break;
@@ -556,14 +581,15 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         .map(|(service, n)| format!("{service}:{n}"))
         .collect();
     let violated = lost > 0 || duplicated > 0 || phantom > 0 || out_of_order > 0;
-    let broker_broke = tansu_panicked_since(&root, started_at_log_len);
+    // A panic in the last seconds, after the watchdog last looked.
+    let broker_broke = broker_watch.panicked_since_last_look();
     let verdict = match (violated, drained) {
         (true, _) => "FAIL",
         (false, true) => "PASS",
         (false, false) => "DID-NOT-DRAIN",
     };
     println!(
-        "chaos: {verdict} seed={seed} duration={}s committed={} rolled_back={} in_clickhouse={} lost={lost} duplicated={duplicated} phantom={phantom} out_of_order={out_of_order} undelivered={undelivered} dead_letters={} relay_kills={} relay_stops={} consumer_kills={} consumer_long_pauses={} unexpected_exits={} service_restarts=[{}] broker_panicked={broker_broke}",
+        "chaos: {verdict} seed={seed} duration={}s committed={} rolled_back={} in_clickhouse={} lost={lost} duplicated={duplicated} phantom={phantom} out_of_order={out_of_order} undelivered={undelivered} dead_letters={} relay_kills={} relay_stops={} consumer_kills={} consumer_long_pauses={} unexpected_exits={} service_restarts=[{}] broker_panic_restarts={} relay={}",
         duration.as_secs(),
         committed.len(),
         rolled_back.load(Ordering::SeqCst),
@@ -574,7 +600,9 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         tally.consumer_kills,
         tally.long_pauses,
         tally.unexpected_exits,
-        restarts.join(" ")
+        restarts.join(" "),
+        tally.broker_panic_restarts,
+        if cli.unsafe_relay { "unsafe" } else { "shipped" },
     );
     println!(
         "chaos: attempted events={}",
@@ -582,7 +610,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
     );
     if broker_broke {
         println!(
-            "chaos: the local broker (tansu 0.6.0) panicked during the run (see .stack/kafka/tansu.log); \
+            "chaos: the local broker (tansu 0.6.0) panicked at the end of the run (see .stack/kafka/tansu.log); \
              its storage refuses every request afterwards: restart it with scripts/stack.sh crash kafka"
         );
     }
@@ -660,20 +688,72 @@ fn read_event_ids(brokers: &str, topic: &str) -> anyhow::Result<HashSet<Uuid>> {
     Ok(ids)
 }
 
-/// Length of tansu's log now, to look for panics written after it.
-fn tansu_log_len(root: &Path) -> u64 {
-    std::fs::metadata(root.join(".stack/kafka/tansu.log"))
-        .map(|m| m.len())
-        .unwrap_or(0)
+/// SIGKILLs a service of the local stack and starts it again (`stack.sh crash`).
+async fn crash_service(script: &Path, service: &'static str) -> anyhow::Result<()> {
+    let script = script.to_path_buf();
+    let ok = tokio::task::spawn_blocking(move || {
+        Command::new("bash")
+            .arg(&script)
+            .args(["crash", service])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    })
+    .await?;
+    if !ok {
+        bail!("restarting {service} failed");
+    }
+    Ok(())
 }
 
-/// Whether tansu logged a panic since the log had `from` bytes.
-fn tansu_panicked_since(root: &Path, from: u64) -> bool {
-    let Ok(text) = std::fs::read(root.join(".stack/kafka/tansu.log")) else {
-        return false;
-    };
-    let start = usize::try_from(from).unwrap_or(0).min(text.len());
-    String::from_utf8_lossy(&text[start..]).contains("panicked")
+/// Watches tansu's log for panics.
+///
+/// tansu 0.6.0 sometimes panics in its storage actor (idempotent-producer
+/// check) when producers reconnect after restarts; the process then keeps
+/// its port but refuses every request until restarted. A supervisor in
+/// production would restart a broker that stopped serving; this plays that
+/// part, so a run measures the pipeline rather than the local broker's bug.
+/// Each such restart is counted in the summary (`broker_panic_restarts`).
+struct BrokerWatch {
+    log: PathBuf,
+    looked_up_to: u64,
+}
+
+impl BrokerWatch {
+    fn new(root: &Path) -> Self {
+        let log = root.join(".stack/kafka/tansu.log");
+        let looked_up_to = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        Self { log, looked_up_to }
+    }
+
+    /// Whether tansu logged a panic since the last look.
+    fn panicked_since_last_look(&mut self) -> bool {
+        let Ok(text) = std::fs::read(&self.log) else {
+            return false;
+        };
+        let start = usize::try_from(self.looked_up_to)
+            .unwrap_or(0)
+            .min(text.len());
+        self.looked_up_to = text.len() as u64;
+        String::from_utf8_lossy(&text[start..]).contains("panicked")
+    }
+
+    async fn restart_if_panicked(
+        &mut self,
+        script: &Path,
+        tally: &mut Tally,
+    ) -> anyhow::Result<()> {
+        if self.panicked_since_last_look() {
+            println!("chaos: the broker (tansu) panicked; restarting it like a supervisor would");
+            crash_service(script, "kafka").await?;
+            tally.broker_panic_restarts += 1;
+            // The restart's own log lines are not a new panic.
+            self.panicked_since_last_look();
+        }
+        Ok(())
+    }
 }
 
 /// Commits events of random keys in transactions of 1–10 events, a tenth of
