@@ -13,13 +13,15 @@ export CARGO_TERM_COLOR ?= never
 
 DURATION ?= 150s
 SEED ?=
+SIZE ?= full
 
-.PHONY: chaos help demo test stack-up stack-down stack-status stack-reset build fmt clippy unit
+.PHONY: bench chaos help demo test stack-up stack-down stack-status stack-reset build fmt clippy unit
 
 help:
 	@echo "make demo        run the demo pipeline end to end and show the ClickHouse rows"
 	@echo "make test        stack up, cargo fmt --check, clippy, all tests (KEEP_STACK=1 keeps the stack)"
 	@echo "make chaos       attack the pipeline (DURATION=150s, SEED=…) and verify it; see chaos/README.md"
+	@echo "make bench       measure raw limits, the original design and ours (SIZE=small|full); see docs/performance.md"
 	@echo "make stack-up    start PostgreSQL, Kafka (tansu) and ClickHouse (installs what is missing)"
 	@echo "make stack-down  stop them; make stack-reset also deletes their data"
 
@@ -46,6 +48,11 @@ chaos:
 	cargo build -q -p examples -p chaos --bins
 	cargo run -q -p chaos -- --duration $(DURATION) $(if $(SEED),--seed $(SEED),)
 
+bench:
+	@scripts/stack.sh up
+	cargo build --release -q -p examples -p bench --bins
+	cargo run --release -q -p bench -- --size $(SIZE) --out target/bench
+
 fmt:
 	cargo fmt --all -- --check
 
@@ -58,10 +65,13 @@ test:
 	scripts/stack.sh up; \
 	echo "== cargo fmt --check"; cargo fmt --all -- --check; \
 	echo "== cargo clippy"; cargo clippy --workspace --all-targets -- -D warnings; \
-	echo "== cargo test"; cargo test --workspace --all-targets --exclude examples --exclude chaos; \
+	echo "== cargo test"; cargo test --workspace --all-targets --exclude examples --exclude chaos --exclude bench; \
 	echo "== end-to-end tests (one at a time: they share one broker)"; \
 	cargo test -p examples --all-targets -- --test-threads=1; \
 	echo "== chaos: short attacked runs (fixed and random seed) and a broken relay the harness must catch"; \
 	cargo build -p examples -p chaos --bins; \
 	cargo test -p chaos --all-targets -- --test-threads=1 --nocapture; \
+	echo "== benchmark smoke run (checks it runs and reports; asserts no figure)"; \
+	cargo build -p bench --bins; \
+	cargo test -p bench --all-targets -- --nocapture; \
 	echo "== doc tests"; cargo test --workspace --doc

@@ -228,15 +228,22 @@ KAFKA_LOG="$KAFKA_DIR/tansu.log"
 
 kafka_ready() { (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null; }
 
-kafka_up() {
-  tansu_install
-  mkdir -p "$KAFKA_DIR"
-  local pid
-  pid="$(cat "$KAFKA_PID" 2>/dev/null || true)"
-  if pid_alive "$pid" && kafka_ready; then
-    log "kafka (tansu) already running (pid $pid, port $KAFKA_PORT)"
-    return 0
-  fi
+# tansu 0.6 reads each fetched record's headers by (topition, offset_id) but
+# its schema has no index there: every record fetched scans the whole header
+# table, so consuming slows down with everything the broker ever stored
+# (a 50k-message topic took over 10 minutes to read back). The index makes
+# the lookup a b-tree search. Added while tansu is stopped; idempotent.
+tansu_header_index() {
+  python3 - "$KAFKA_DIR/tansu.db" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], timeout=30)
+if db.execute("select 1 from sqlite_master where type = 'table' and name = 'header'").fetchone():
+    db.execute("create index if not exists header_topition_offset_id on header (topition, offset_id)")
+    db.commit()
+PY
+}
+
+tansu_start() {
   rm -f "$KAFKA_PID"
   free_port "$KAFKA_PORT" kafka
   log "starting kafka (tansu) on 127.0.0.1:$KAFKA_PORT"
@@ -247,6 +254,24 @@ kafka_up() {
     --storage-engine "sqlite://tansu.db" >>"$KAFKA_LOG" 2>&1 </dev/null) &
   echo $! >"$KAFKA_PID"
   wait_for "kafka (tansu) on 127.0.0.1:$KAFKA_PORT" 30 "$KAFKA_LOG" kafka_ready
+}
+
+kafka_up() {
+  tansu_install
+  mkdir -p "$KAFKA_DIR"
+  local pid
+  pid="$(cat "$KAFKA_PID" 2>/dev/null || true)"
+  if pid_alive "$pid" && kafka_ready; then
+    log "kafka (tansu) already running (pid $pid, port $KAFKA_PORT)"
+    return 0
+  fi
+  if [ ! -f "$KAFKA_DIR/tansu.db" ]; then
+    # tansu creates its schema on first start; stop it again to index it.
+    tansu_start
+    kafka_down
+  fi
+  tansu_header_index || die "cannot add the header index to $KAFKA_DIR/tansu.db"
+  tansu_start
   log "kafka ready"
 }
 

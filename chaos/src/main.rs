@@ -52,6 +52,18 @@ struct Cli {
     /// Kafka bootstrap servers.
     #[arg(long, env = "OUTBOX_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     kafka_brokers: String,
+    /// Run the relays with the idempotent producer. Off by default: librdkafka's
+    /// idempotent producer bumps its epoch after a message timeout, which these
+    /// attacks cause, and the local broker (tansu 0.6) panics on every produce
+    /// with an epoch it did not hand out, for as long as that producer lives.
+    /// Turn it on against Apache Kafka. The guarantees do not depend on it.
+    #[arg(
+        long,
+        env = "OUTBOX_KAFKA_IDEMPOTENCE",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    kafka_idempotence: bool,
     /// ClickHouse HTTP endpoint.
     #[arg(
         long,
@@ -83,6 +95,9 @@ fn parse_duration(text: &str) -> anyhow::Result<Duration> {
         other => bail!("unknown duration unit {other:?} (use s, m or h)"),
     })
 }
+
+/// What tansu logs once it serves requests.
+const TANSU_READY: &[u8] = b"ready in ";
 
 /// One process of the pipeline.
 struct Proc {
@@ -190,7 +205,13 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         "chaos: name={name} seed={seed} duration={duration:?} logs={}",
         logs.display()
     );
+    let script = root.join("scripts/stack.sh");
     let mut broker_watch = BrokerWatch::new(&root);
+    // A broker left wedged by an earlier run (a panic since its last start)
+    // would fail this one before it begins.
+    broker_watch
+        .restart_if_panicked(&script, &mut Tally::default())
+        .await?;
 
     // The stores.
     let pg = PgConfig {
@@ -218,6 +239,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
     let kafka = outbox_kafka::KafkaConfig {
         brokers: cli.kafka_brokers.clone(),
         topic_partitions: 4,
+        idempotence: cli.kafka_idempotence,
         ..outbox_kafka::KafkaConfig::default()
     };
     outbox_kafka::ensure_topics(&kafka, &[name.as_str()]).await?;
@@ -237,6 +259,10 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         // A binary restarted while a service is down waits for it instead of
         // exiting at its start-up check.
         ("OUTBOX_STARTUP_TIMEOUT_SECS".to_string(), "300".to_string()),
+        (
+            "OUTBOX_KAFKA_IDEMPOTENCE".to_string(),
+            cli.kafka_idempotence.to_string(),
+        ),
     ];
     let relay_program = bin_dir.join(if cli.unsafe_relay {
         "unsafe_relay"
@@ -337,7 +363,6 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
     // The attack.
     let mut tally = Tally::default();
     let started = Instant::now();
-    let script = root.join("scripts").join("stack.sh");
     while started.elapsed() < duration {
         tokio::time::sleep(Duration::from_millis(rng.u64(1500..5000))).await;
         broker_watch
@@ -530,6 +555,9 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
     let in_kafka = if missing.is_empty() {
         HashSet::new()
     } else {
+        broker_watch
+            .restart_if_panicked(&script, &mut tally)
+            .await?;
         let brokers = cli.kafka_brokers.clone();
         let topic = name.clone();
         match tokio::task::spawn_blocking(move || read_event_ids(&brokers, &topic)).await? {
@@ -589,7 +617,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         (false, false) => "DID-NOT-DRAIN",
     };
     println!(
-        "chaos: {verdict} seed={seed} duration={}s committed={} rolled_back={} in_clickhouse={} lost={lost} duplicated={duplicated} phantom={phantom} out_of_order={out_of_order} undelivered={undelivered} dead_letters={} relay_kills={} relay_stops={} consumer_kills={} consumer_long_pauses={} unexpected_exits={} service_restarts=[{}] broker_panic_restarts={} relay={}",
+        "chaos: {verdict} seed={seed} duration={}s committed={} rolled_back={} in_clickhouse={} lost={lost} duplicated={duplicated} phantom={phantom} out_of_order={out_of_order} undelivered={undelivered} dead_letters={} relay_kills={} relay_stops={} consumer_kills={} consumer_long_pauses={} unexpected_exits={} service_restarts=[{}] broker_panic_restarts={} relay={} idempotence={}",
         duration.as_secs(),
         committed.len(),
         rolled_back.load(Ordering::SeqCst),
@@ -603,6 +631,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         restarts.join(" "),
         tally.broker_panic_restarts,
         if cli.unsafe_relay { "unsafe" } else { "shipped" },
+        if cli.kafka_idempotence { "on" } else { "off" },
     );
     println!(
         "chaos: attempted events={}",
@@ -722,10 +751,19 @@ struct BrokerWatch {
 }
 
 impl BrokerWatch {
+    /// Starts looking at tansu's last start, so that a panic the broker is
+    /// still wedged on is seen at once.
     fn new(root: &Path) -> Self {
         let log = root.join(".stack/kafka/tansu.log");
-        let looked_up_to = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-        Self { log, looked_up_to }
+        let text = std::fs::read(&log).unwrap_or_default();
+        let last_start = text
+            .windows(TANSU_READY.len())
+            .rposition(|w| w == TANSU_READY)
+            .unwrap_or(text.len());
+        Self {
+            log,
+            looked_up_to: last_start as u64,
+        }
     }
 
     /// Whether tansu logged a panic since the last look.

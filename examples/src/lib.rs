@@ -75,6 +75,19 @@ pub struct KafkaArgs {
         default_value_t = 10_000
     )]
     pub kafka_message_timeout_ms: u64,
+    /// How long the producer waits to fill a request (`linger.ms`): more
+    /// is bigger requests, less is lower latency.
+    #[arg(long, env = "OUTBOX_KAFKA_LINGER_MS", default_value_t = 5)]
+    pub kafka_linger_ms: u64,
+    /// Use the idempotent producer. `false` for brokers that cannot take its
+    /// epoch bump after a timeout (tansu 0.6); the guarantees hold either way.
+    #[arg(
+        long,
+        env = "OUTBOX_KAFKA_IDEMPOTENCE",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub kafka_idempotence: bool,
 }
 
 impl KafkaArgs {
@@ -85,6 +98,8 @@ impl KafkaArgs {
             client_id: client_id.into(),
             topic_partitions: self.topic_partitions,
             message_timeout: Duration::from_millis(self.kafka_message_timeout_ms),
+            linger: Duration::from_millis(self.kafka_linger_ms),
+            idempotence: self.kafka_idempotence,
             ..outbox_kafka::KafkaConfig::default()
         }
     }

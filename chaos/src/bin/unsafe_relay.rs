@@ -14,8 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use outbox_core::{Bus, Event};
-use outbox_kafka::{KafkaBus, KafkaConfig};
-use outbox_pg::PgConfig;
+use outbox_kafka::KafkaBus;
 use uuid::Uuid;
 
 /// Publish the outbox unsafely (delete first, publish after).
@@ -27,31 +26,18 @@ struct Cli {
     /// Most events per batch.
     #[arg(long, default_value_t = 200)]
     batch_size: i64,
-    /// PostgreSQL host.
-    #[arg(long, env = "OUTBOX_PG_HOST", default_value = "127.0.0.1")]
-    pg_host: String,
-    /// PostgreSQL port.
-    #[arg(long, env = "OUTBOX_PG_PORT", default_value_t = 5432)]
-    pg_port: u16,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "OUTBOX_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    kafka_brokers: String,
+    #[command(flatten)]
+    pg: examples::PgArgs,
+    #[command(flatten)]
+    kafka: examples::KafkaArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let table = outbox_pg::SqlName::parse(&cli.outbox_table).context("--outbox-table")?;
-    let pool = PgConfig {
-        host: cli.pg_host.clone(),
-        port: cli.pg_port,
-        ..PgConfig::default()
-    }
-    .create_pool()?;
-    let bus = KafkaBus::new(KafkaConfig {
-        brokers: cli.kafka_brokers.clone(),
-        ..KafkaConfig::default()
-    })?;
+    let pool = cli.pg.config("unsafe_relay").create_pool()?;
+    let bus = KafkaBus::new(cli.kafka.config("unsafe_relay"))?;
     let take = format!(
         "DELETE FROM {table} WHERE seq IN \
            (SELECT seq FROM {table} ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) \

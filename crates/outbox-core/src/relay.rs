@@ -25,6 +25,15 @@ pub struct RelayConfig {
     pub backoff_initial: Duration,
     /// Longest delay between retries. Default: 10 s.
     pub backoff_max: Duration,
+    /// Batches claimed and published at the same time, each by its own
+    /// claim → publish → acknowledge loop. With 2, one batch is claimed and
+    /// acknowledged in Postgres while the other is on its way to the broker.
+    ///
+    /// Above 1 only with a source whose concurrent claims never hold events
+    /// of the same key (`outbox_pg::PgOutboxSource`, whose claims own
+    /// disjoint lanes); otherwise two batches could publish one key out of
+    /// order. Default: 1.
+    pub max_in_flight_batches: usize,
 }
 
 impl Default for RelayConfig {
@@ -35,6 +44,7 @@ impl Default for RelayConfig {
             stop_when_idle: false,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            max_in_flight_batches: 1,
         }
     }
 }
@@ -52,6 +62,16 @@ pub struct RelayStats {
     pub released: u64,
     /// Retryable failures seen.
     pub retries: u64,
+}
+
+impl RelayStats {
+    fn add(&mut self, other: RelayStats) {
+        self.batches += other.batches;
+        self.published += other.published;
+        self.dead_lettered += other.dead_lettered;
+        self.released += other.released;
+        self.retries += other.retries;
+    }
 }
 
 /// Drives a [`Source`] into a [`Bus`].
@@ -121,8 +141,37 @@ impl<S: Source, B: Bus> Relay<S, B> {
     /// [`RelayConfig::stop_when_idle`]), retrying retryable failures forever.
     ///
     /// A batch in flight when `shutdown` fires is finished first, so the
-    /// relay stops with nothing claimed. Returns the first permanent error.
+    /// relay stops with nothing claimed. Returns the first permanent error
+    /// (the other loops of [`RelayConfig::max_in_flight_batches`] then
+    /// finish their batch and stop too).
     pub async fn run(&self, shutdown: CancellationToken) -> Result<RelayStats> {
+        // A permanent failure of one loop stops the others, not the caller's token.
+        let stop = shutdown.child_token();
+        let loops = (0..self.config.max_in_flight_batches.max(1)).map(|_| self.run_loop(&stop));
+        let mut stats = RelayStats::default();
+        let mut first_error = None;
+        for result in futures::future::join_all(loops).await {
+            match result {
+                Ok(loop_stats) => stats.add(loop_stats),
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        info!(
+            published = stats.published,
+            dead_lettered = stats.dead_lettered,
+            batches = stats.batches,
+            "relay stopped"
+        );
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(stats),
+        }
+    }
+
+    /// One claim → publish → acknowledge loop.
+    async fn run_loop(&self, shutdown: &CancellationToken) -> Result<RelayStats> {
         let mut stats = RelayStats::default();
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
         while !shutdown.is_cancelled() {
@@ -140,7 +189,7 @@ impl<S: Source, B: Bus> Relay<S, B> {
                             delay_ms = delay.as_millis() as u64,
                             "broker did not acknowledge every event; they stay pending and are retried"
                         );
-                        sleep_or_cancel(delay, &shutdown).await;
+                        sleep_or_cancel(delay, shutdown).await;
                     } else {
                         backoff.reset();
                     }
@@ -155,7 +204,7 @@ impl<S: Source, B: Bus> Relay<S, B> {
                         waited = self.source.wait_for_events(self.config.idle_wait) => {
                             if let Err(err) = waited {
                                 warn!(error = %err, "waiting for new events failed; polling instead");
-                                sleep_or_cancel(self.config.idle_wait, &shutdown).await;
+                                sleep_or_cancel(self.config.idle_wait, shutdown).await;
                             }
                         }
                     }
@@ -164,17 +213,14 @@ impl<S: Source, B: Bus> Relay<S, B> {
                     stats.retries += 1;
                     let delay = backoff.next_delay();
                     warn!(error = %err, attempt = backoff.attempts(), delay_ms = delay.as_millis() as u64, "relay cycle failed; retrying");
-                    sleep_or_cancel(delay, &shutdown).await;
+                    sleep_or_cancel(delay, shutdown).await;
                 }
-                Err(err) => return Err(err),
+                Err(err) => {
+                    shutdown.cancel();
+                    return Err(err);
+                }
             }
         }
-        info!(
-            published = stats.published,
-            dead_lettered = stats.dead_lettered,
-            batches = stats.batches,
-            "relay stopped"
-        );
         Ok(stats)
     }
 }

@@ -24,6 +24,16 @@ pub struct KafkaConfig {
     pub message_timeout: Duration,
     /// How long the producer waits to fill a request (`linger.ms`). Default: 5 ms.
     pub linger: Duration,
+    /// Use librdkafka's idempotent producer (`enable.idempotence`, up to 5
+    /// requests in flight). Default: true.
+    ///
+    /// With `false` the producer keeps one request in flight so that a retry
+    /// can never overtake a later request, and a retry that the broker had in
+    /// fact written shows up as a second copy, which the ClickHouse sink drops
+    /// by event id: the pipeline's guarantees hold either way. Turn it off for
+    /// brokers that break on the idempotent producer's epoch bump after a
+    /// message timeout (tansu 0.6 panics; see `GUARANTEES.md`).
+    pub idempotence: bool,
     /// Create a topic the first time an event is published to it. Default: true.
     pub create_topics: bool,
     /// Partitions of topics this crate creates. Default: 3.
@@ -42,6 +52,7 @@ impl Default for KafkaConfig {
             client_id: "outbox".into(),
             message_timeout: Duration::from_secs(10),
             linger: Duration::from_millis(5),
+            idempotence: true,
             create_topics: true,
             topic_partitions: 3,
             topic_replication: 1,
@@ -57,6 +68,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("client_id", &self.client_id)
             .field("message_timeout", &self.message_timeout)
             .field("linger", &self.linger)
+            .field("idempotence", &self.idempotence)
             .field("create_topics", &self.create_topics)
             .field("topic_partitions", &self.topic_partitions)
             .field("extra_keys", &self.extra.keys().collect::<Vec<_>>())
@@ -83,13 +95,14 @@ impl KafkaConfig {
         }
     }
 
-    /// The idempotent producer's properties.
+    /// The producer's properties.
     pub(crate) fn producer_config(&self) -> ClientConfig {
         let mut config = self.client_config();
+        let in_flight = if self.idempotence { "5" } else { "1" };
         config
-            .set("enable.idempotence", "true")
+            .set("enable.idempotence", self.idempotence.to_string())
             .set("acks", "all")
-            .set("max.in.flight.requests.per.connection", "5")
+            .set("max.in.flight.requests.per.connection", in_flight)
             .set(
                 "message.timeout.ms",
                 self.message_timeout.as_millis().to_string(),

@@ -87,6 +87,10 @@ struct Cli {
     /// Longest wait to fill a batch (ms).
     #[arg(long, env = "OUTBOX_BATCH_WAIT_MS", default_value_t = 200)]
     batch_wait_ms: u64,
+    /// After the first record of a batch, how long to keep collecting more
+    /// (ms): the latency a quiet topic adds, and what fills batches under load.
+    #[arg(long, env = "OUTBOX_BATCH_LINGER_MS", default_value_t = 20)]
+    batch_linger_ms: u64,
     /// Kafka session timeout (ms).
     #[arg(long, env = "OUTBOX_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     session_timeout_ms: u64,
@@ -140,6 +144,7 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
     let mut consumer_config = ConsumerConfig::new(cli.group_id.clone(), [cli.topic.clone()]);
     consumer_config.session_timeout = Duration::from_millis(cli.session_timeout_ms);
     consumer_config.max_poll_interval = Duration::from_millis(cli.max_poll_interval_ms);
+    consumer_config.batch_linger = Duration::from_millis(cli.batch_linger_ms);
     consumer_config.assignment = match cli.assignment {
         AssignmentArg::AllPartitions => Assignment::AllPartitions,
         AssignmentArg::Group => Assignment::Group,

@@ -72,6 +72,10 @@ struct Cli {
     /// Most events per batch.
     #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000)]
     batch_size: usize,
+    /// Batches in flight at once (with --source outbox; each claim owns its
+    /// own lanes, so keys keep their order). A flag table allows only 1.
+    #[arg(long, env = "OUTBOX_IN_FLIGHT_BATCHES", default_value_t = 2)]
+    in_flight_batches: usize,
     /// Exit once nothing is pending instead of waiting for new events.
     #[arg(long)]
     drain: bool,
@@ -110,6 +114,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
+    if cli.in_flight_batches == 0 {
+        anyhow::bail!("--in-flight-batches must be at least 1");
+    }
+    // A flag table has no lanes: two claims at once could reorder a key.
+    let in_flight_batches = match cli.source {
+        SourceKind::FlagTable => 1,
+        SourceKind::Outbox => cli.in_flight_batches,
+    };
 
     let pg = cli.pg.config("producer_pg_to_kafka");
     let target = pg.target();
@@ -137,6 +149,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let relay_config = RelayConfig {
         batch_size: cli.batch_size,
         stop_when_idle: cli.drain,
+        max_in_flight_batches: in_flight_batches,
         ..RelayConfig::default()
     };
     let shutdown = shutdown_on_signals(Duration::from_secs(cli.log.drain_timeout_secs));

@@ -1,0 +1,429 @@
+//! The raw limit of each hop, with nothing of ours in the way, and the
+//! original demo's relay design as the baseline.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use futures::stream::{FuturesUnordered, StreamExt};
+use outbox_core::{Event, HEADER_CREATED_AT_MS, HEADER_EVENT_ID};
+use outbox_kafka::rdkafka::admin::{AdminClient, AdminOptions};
+use outbox_kafka::rdkafka::client::DefaultClientContext;
+use outbox_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+use outbox_kafka::rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use outbox_kafka::rdkafka::message::{Header, OwnedHeaders};
+use outbox_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
+use outbox_kafka::rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use outbox_pg::{migrate, Outbox, OutboxConfig};
+use sink_clickhouse::{ClickHouseConfig, ClickHouseSink, RawEventMapper, RawEventRow};
+use uuid::Uuid;
+
+use crate::{key, payload, say, Env};
+
+/// `count` items in `elapsed`.
+pub struct Measured {
+    pub topic: String,
+    pub count: usize,
+    pub elapsed: Duration,
+}
+
+impl Measured {
+    pub fn rate(&self) -> f64 {
+        self.count as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn report(self, what: &str, unit: &str) -> Self {
+        say(format!(
+            "{what}: {} in {:.2} s = {:.0} {unit}/s",
+            self.count,
+            self.elapsed.as_secs_f64(),
+            self.rate()
+        ));
+        self
+    }
+}
+
+/// The producer settings of `outbox-kafka`'s relay: idempotent, acks=all,
+/// same linger, compression and partitioner.
+fn producer(env: &Env) -> anyhow::Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("max.in.flight.requests.per.connection", "5")
+        .set("linger.ms", env.kafka.linger.as_millis().to_string())
+        .set("compression.type", "lz4")
+        .set("partitioner", "murmur2_random")
+        .set("message.timeout.ms", "60000")
+        .set("log_level", "3")
+        .create()?)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The rdkafka producer alone: `n` keyed 200-byte messages with the relay's
+/// two headers, as fast as the broker acknowledges them.
+pub async fn raw_produce(env: &Env, n: usize) -> anyhow::Result<Measured> {
+    let topic = env.name("raw");
+    outbox_kafka::ensure_topics(&env.kafka, &[topic.as_str()]).await?;
+    let producer = producer(env)?;
+    say(format!("raw produce: {n} messages to {topic}"));
+    let mut in_flight = FuturesUnordered::new();
+    let mut failed = 0usize;
+    let mut note = |result: Result<Result<_, (KafkaError, _)>, _>| {
+        if !matches!(result, Ok(Ok(_))) {
+            failed += 1;
+        }
+    };
+    let started = Instant::now();
+    for i in 0..n {
+        let key = key(i);
+        let payload = payload(i);
+        let id = Uuid::now_v7().to_string();
+        let created = now_ms().to_string();
+        let headers = OwnedHeaders::new_with_capacity(2)
+            .insert(Header {
+                key: HEADER_EVENT_ID,
+                value: Some(&id),
+            })
+            .insert(Header {
+                key: HEADER_CREATED_AT_MS,
+                value: Some(&created),
+            });
+        let mut record = FutureRecord::to(&topic)
+            .key(&key)
+            .payload(&payload)
+            .headers(headers);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    in_flight.push(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    if let Some(result) = in_flight.next().await {
+                        note(result);
+                    }
+                }
+                Err((err, _)) => bail!("raw produce failed: {err}"),
+            }
+        }
+    }
+    while let Some(result) = in_flight.next().await {
+        note(result);
+    }
+    let elapsed = started.elapsed();
+    if failed > 0 {
+        bail!("raw produce: {failed} of {n} messages were not acknowledged");
+    }
+    Ok(Measured {
+        topic,
+        count: n,
+        elapsed,
+    }
+    .report("raw produce", "msg"))
+}
+
+/// A plain rdkafka consumer reading `topic` back from the start of every
+/// partition until it has `n` messages.
+pub async fn raw_consume(env: &Env, topic: &str, n: usize) -> anyhow::Result<Measured> {
+    say(format!("raw consume: {n} messages from {topic}"));
+    let brokers = env.kafka.brokers.clone();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("{topic}_raw"))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .set("log_level", "3")
+            .create()?;
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(30))?;
+        let mut list = TopicPartitionList::new();
+        for partition in metadata
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        {
+            list.add_partition_offset(&topic, partition, Offset::Beginning)?;
+        }
+        let started = Instant::now();
+        consumer.assign(&list)?;
+        let mut count = 0usize;
+        let deadline = started + Duration::from_secs(600);
+        while count < n {
+            if Instant::now() > deadline {
+                bail!("raw consume read only {count} of {n} messages in 10 minutes");
+            }
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(_)) => count += 1,
+                Some(Err(err)) => bail!("raw consume failed: {err}"),
+                None => {}
+            }
+        }
+        Ok(Measured {
+            topic,
+            count,
+            elapsed: started.elapsed(),
+        }
+        .report("raw consume", "msg"))
+    })
+    .await?
+}
+
+/// The ClickHouse client alone: `n` rows of the consumer's raw table, in
+/// 50 000-row RowBinary inserts.
+pub async fn raw_insert(env: &Env, n: usize) -> anyhow::Result<Measured> {
+    let table = env.name("raw_insert");
+    let config = ClickHouseConfig {
+        table: table.clone(),
+        dead_letter_table: format!("{table}_dead"),
+        ..env.ch.clone()
+    };
+    let sink = ClickHouseSink::new(config, RawEventMapper).await?;
+    let rows: Vec<RawEventRow> = (0..n)
+        .map(|i| RawEventRow {
+            topic: table.clone(),
+            key: key(i),
+            payload: String::from_utf8_lossy(&payload(i)).into_owned(),
+            headers: "{}".into(),
+            created_at: (now_ms() / 1000) as u32,
+            event_id: Uuid::now_v7(),
+            kafka_partition: (i % 4) as i32,
+            kafka_offset: (i / 4) as i64,
+            ingested_at: (now_ms() / 1000) as u32,
+        })
+        .collect();
+    say(format!("raw insert: {n} rows into ClickHouse {table}"));
+    let client = sink.client();
+    let started = Instant::now();
+    for chunk in rows.chunks(50_000) {
+        let mut insert = client.insert::<RawEventRow>(&table).await?;
+        for row in chunk {
+            insert.write(row).await?;
+        }
+        insert.end().await?;
+    }
+    let elapsed = started.elapsed();
+    drop_ch_tables(env, &table).await;
+    Ok(Measured {
+        topic: table,
+        count: n,
+        elapsed,
+    }
+    .report("raw insert", "row"))
+}
+
+/// The outbox settings of a benchmark table.
+pub fn outbox_config(table: &str) -> OutboxConfig {
+    OutboxConfig {
+        table: table.to_string(),
+        dead_letter_table: format!("{table}_dead"),
+        ..OutboxConfig::default()
+    }
+}
+
+/// Creates the outbox table `config` names and enqueues `n` events for
+/// `topic` through [`Outbox::enqueue`], 1000 per transaction.
+pub async fn fill_outbox(
+    env: &Env,
+    config: &OutboxConfig,
+    topic: &str,
+    n: usize,
+) -> anyhow::Result<()> {
+    let mut client = env.pool.get().await?;
+    migrate(&client, config).await?;
+    let outbox = Outbox::new(config)?;
+    let started = Instant::now();
+    let mut next_report = n / 5;
+    for start in (0..n).step_by(1000) {
+        let events: Vec<Event> = (start..(start + 1000).min(n))
+            .map(|i| Event::new(topic, payload(i)).with_key(key(i)))
+            .collect();
+        let tx = client.transaction().await?;
+        outbox.enqueue(&tx, &events).await?;
+        tx.commit().await?;
+        if start >= next_report && n >= 100_000 {
+            say(format!("  enqueued {start} of {n}"));
+            next_report += n / 5;
+        }
+    }
+    say(format!(
+        "  enqueued {n} events into {} in {:.1} s",
+        config.table,
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// PostgreSQL alone: claim 1000 rows with `FOR UPDATE SKIP LOCKED`, delete
+/// them, commit; one worker, until the table is empty.
+pub async fn raw_claim(env: &Env, n: usize) -> anyhow::Result<Measured> {
+    let table = env.name("raw_claim");
+    let config = outbox_config(&table);
+    fill_outbox(env, &config, &table, n).await?;
+    let mut client = env.pool.get().await?;
+    // Settled table, as a relay would find a backlog.
+    client
+        .batch_execute(&format!("VACUUM ANALYZE {table}"))
+        .await?;
+    let select = client
+        .prepare(&format!(
+            "SELECT seq, event_id, topic, key, payload, headers, created_at FROM {table} \
+             ORDER BY seq LIMIT 1000 FOR UPDATE SKIP LOCKED"
+        ))
+        .await?;
+    let delete = client
+        .prepare(&format!("DELETE FROM {table} WHERE seq = ANY($1)"))
+        .await?;
+    say(format!("raw claim: {n} rows from PostgreSQL {table}"));
+    let started = Instant::now();
+    let mut count = 0usize;
+    loop {
+        let tx = client.transaction().await?;
+        let rows = tx.query(&select, &[]).await?;
+        if rows.is_empty() {
+            break;
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        tx.execute(&delete, &[&ids]).await?;
+        tx.commit().await?;
+        count += rows.len();
+    }
+    let elapsed = started.elapsed();
+    drop_pg_tables(env, &[&table, &format!("{table}_dead")]).await;
+    Ok(Measured {
+        topic: table,
+        count,
+        elapsed,
+    }
+    .report("raw claim", "row"))
+}
+
+/// The original demo's relay: select the unsent rows, send each one, wait
+/// for its delivery (flush), update its flag; row by row.
+pub async fn naive_relay(env: &Env, n: usize) -> anyhow::Result<Measured> {
+    let table = env.name("naive");
+    let topic = table.clone();
+    outbox_kafka::ensure_topics(&env.kafka, &[topic.as_str()]).await?;
+    let client = env.pool.get().await?;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id bigserial PRIMARY KEY, username text NOT NULL, \
+               event_type text NOT NULL, event_time timestamptz NOT NULL DEFAULT now(), \
+               sent_to_kafka boolean NOT NULL DEFAULT false); \
+             INSERT INTO {table} (username, event_type) \
+               SELECT 'user' || (g % 1000), 'login' FROM generate_series(1, {n}) AS g"
+        ))
+        .await?;
+    let producer = producer(env)?;
+    say(format!(
+        "original design: {n} rows of {table}, one at a time"
+    ));
+    let started = Instant::now();
+    let mut count = 0usize;
+    loop {
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT id, username FROM {table} WHERE sent_to_kafka = false ORDER BY id"
+                ),
+                &[],
+            )
+            .await?;
+        if rows.is_empty() {
+            break;
+        }
+        for row in rows {
+            let id: i64 = row.get(0);
+            let username: String = row.get(1);
+            let payload = payload(id as usize);
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(&username).payload(&payload),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(err, _)| anyhow::anyhow!("original design: send failed: {err}"))?;
+            client
+                .execute(
+                    &format!("UPDATE {table} SET sent_to_kafka = true WHERE id = $1"),
+                    &[&id],
+                )
+                .await?;
+            count += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    drop_pg_tables(env, &[&table]).await;
+    drop_topic(env, &topic).await;
+    Ok(Measured {
+        topic,
+        count,
+        elapsed,
+    }
+    .report("original design", "event"))
+}
+
+/// Drops PostgreSQL tables of the run (unless `--keep`).
+pub async fn drop_pg_tables(env: &Env, tables: &[&str]) {
+    if env.keep {
+        return;
+    }
+    if let Ok(client) = env.pool.get().await {
+        for table in tables {
+            let _ = client
+                .batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+                .await;
+        }
+    }
+}
+
+/// Drops a ClickHouse table of the run and its dead-letter table (unless `--keep`).
+pub async fn drop_ch_tables(env: &Env, table: &str) {
+    if env.keep {
+        return;
+    }
+    let client = sink_clickhouse::client_for(&env.ch);
+    for t in [table.to_string(), format!("{table}_dead")] {
+        let _ = client
+            .query(&format!("DROP TABLE IF EXISTS `{t}`"))
+            .execute()
+            .await;
+    }
+}
+
+/// Deletes a topic of the run (unless `--keep`), so the broker's storage
+/// does not grow by every run.
+pub async fn drop_topic(env: &Env, topic: &str) {
+    if env.keep {
+        return;
+    }
+    let admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka.brokers)
+        .set("log_level", "3")
+        .create();
+    if let Ok(admin) = admin {
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        if let Err(err) = admin.delete_topics(&[topic], &options).await {
+            say(format!("  could not delete topic {topic}: {err}"));
+        }
+    }
+}
+
+/// Sum of the high watermarks of `topic`: messages in it so far.
+pub fn topic_end(consumer: &BaseConsumer, topic: &str, partitions: i32) -> anyhow::Result<i64> {
+    let mut total = 0;
+    for partition in 0..partitions {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .with_context(|| format!("watermarks of {topic}/{partition}"))?;
+        total += high;
+    }
+    Ok(total)
+}

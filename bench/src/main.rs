@@ -1,0 +1,302 @@
+//! The benchmark (`make bench`): see README.md.
+//!
+//! In one run, against the local stack: the raw limit of each hop with
+//! nothing of ours in the way, the original demo's relay design, and the
+//! shipped relay and consumer binaries. Figures are reported as ratios to
+//! the raw limits measured in the same run, because these machines are noisy.
+
+mod hops;
+mod pipeline;
+mod procs;
+mod report;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use outbox_kafka::KafkaConfig;
+use outbox_pg::PgConfig;
+use sink_clickhouse::ClickHouseConfig;
+use uuid::Uuid;
+
+/// How much work each phase does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Size {
+    /// A few thousand events: checks that every phase runs (make test).
+    Smoke,
+    /// 50k-event backlog, 10 s latency runs: under 3 minutes.
+    Small,
+    /// 1M-event backlog, 30 s latency runs: the figures in docs/performance.md.
+    Full,
+}
+
+/// Event counts and durations of one run.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    /// Backlog the relays drain and the consumer writes.
+    pub backlog: usize,
+    /// Messages of each raw hop.
+    pub raw: usize,
+    /// Rows the original design relays (it moves about 1k/s).
+    pub naive: usize,
+    /// Length of each steady-rate latency run.
+    pub latency: Duration,
+    /// Batches timed to measure the cost of one claim.
+    pub claim_probes: usize,
+}
+
+impl Size {
+    fn sizes(self) -> Sizes {
+        match self {
+            Size::Smoke => Sizes {
+                backlog: 3_000,
+                raw: 3_000,
+                naive: 200,
+                latency: Duration::from_secs(3),
+                claim_probes: 3,
+            },
+            Size::Small => Sizes {
+                backlog: 50_000,
+                raw: 50_000,
+                naive: 2_000,
+                latency: Duration::from_secs(10),
+                claim_probes: 10,
+            },
+            Size::Full => Sizes {
+                backlog: 1_000_000,
+                raw: 300_000,
+                naive: 10_000,
+                latency: Duration::from_secs(30),
+                claim_probes: 20,
+            },
+        }
+    }
+}
+
+/// Measure raw limits, the original relay design and ours; write a table,
+/// target/bench/report.json and target/bench/report.svg.
+#[derive(Debug, Parser)]
+struct Cli {
+    /// How much work: smoke (seconds), small (< 3 min), full (1M events).
+    #[arg(long, value_enum, default_value = "full")]
+    size: Size,
+    /// Where the report goes.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// `--batch-size` of the relays.
+    #[arg(long, default_value_t = 1000)]
+    relay_batch_size: usize,
+    /// Keep the tables and topics of the run (dropped by default).
+    #[arg(long)]
+    keep: bool,
+    #[command(flatten)]
+    pg: examples::PgArgs,
+    #[command(flatten)]
+    kafka: examples::KafkaArgs,
+    #[command(flatten)]
+    clickhouse: examples::ClickHouseArgs,
+}
+
+/// What every phase needs: where the services are, where the binaries are.
+pub struct Env {
+    pub pg: PgConfig,
+    pub pool: outbox_pg::deadpool_postgres::Pool,
+    pub kafka: KafkaConfig,
+    pub ch: ClickHouseConfig,
+    pub bin_dir: PathBuf,
+    pub log_dir: PathBuf,
+    /// Prefix of every table and topic of this run.
+    pub run: String,
+    pub relay_batch_size: usize,
+    pub keep: bool,
+}
+
+impl Env {
+    /// A table/topic name of this run.
+    pub fn name(&self, what: &str) -> String {
+        format!("{}_{what}", self.run)
+    }
+
+    /// Environment of the binaries this benchmark starts (secrets go
+    /// through the environment, never the command line).
+    pub fn child_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("OUTBOX_PG_HOST".into(), self.pg.host.clone()),
+            ("OUTBOX_PG_PORT".into(), self.pg.port.to_string()),
+            ("OUTBOX_PG_USER".into(), self.pg.user.clone()),
+            ("OUTBOX_PG_PASSWORD".into(), self.pg.password.clone()),
+            ("OUTBOX_PG_DATABASE".into(), self.pg.dbname.clone()),
+            ("OUTBOX_KAFKA_BROKERS".into(), self.kafka.brokers.clone()),
+            (
+                "OUTBOX_TOPIC_PARTITIONS".into(),
+                self.kafka.topic_partitions.to_string(),
+            ),
+            ("OUTBOX_CLICKHOUSE_URL".into(), self.ch.url.clone()),
+            ("OUTBOX_CLICKHOUSE_USER".into(), self.ch.user.clone()),
+            (
+                "OUTBOX_CLICKHOUSE_PASSWORD".into(),
+                self.ch.password.clone(),
+            ),
+            (
+                "OUTBOX_CLICKHOUSE_DATABASE".into(),
+                self.ch.database.clone(),
+            ),
+            ("RUST_LOG".into(), "warn".into()),
+        ]
+    }
+}
+
+/// Progress line on stderr, so the table on stdout stays clean.
+pub fn say(text: impl AsRef<str>) {
+    eprintln!("[bench] {}", text.as_ref());
+}
+
+/// The 200-byte payload of event `i`.
+pub fn payload(i: usize) -> Vec<u8> {
+    let mut text = format!("{{\"user\":\"user{}\",\"seq\":{i},\"pad\":\"", i % 1000);
+    while text.len() < 198 {
+        text.push('x');
+    }
+    text.push_str("\"}");
+    text.into_bytes()
+}
+
+/// The key of event `i`: 1000 distinct keys.
+pub fn key(i: usize) -> String {
+    format!("user{}", i % 1000)
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bench: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let sizes = cli.size.sizes();
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .context("no directory for the binaries")?
+        .to_path_buf();
+    for binary in ["producer_pg_to_kafka", "consumer_to_clickhouse"] {
+        anyhow::ensure!(
+            bin_dir.join(binary).exists(),
+            "{} is not built: run `cargo build --release -p examples --bins` (or make bench)",
+            bin_dir.join(binary).display()
+        );
+    }
+    std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
+    let log_dir = cli.out.join("logs");
+    std::fs::create_dir_all(&log_dir)?;
+    let pg = cli.pg.config("bench");
+    let pool = pg.create_pool()?;
+    outbox_pg::check_connection(&pool, &pg.target())
+        .await
+        .context("postgres is needed (make stack-up)")?;
+    let ch = cli.clickhouse.config();
+    sink_clickhouse::check_connection(&ch)
+        .await
+        .context("clickhouse is needed (make stack-up)")?;
+    let kafka = cli.kafka.config("bench");
+    outbox_kafka::KafkaBus::new(kafka.clone())?
+        .check_connection()
+        .await
+        .context("kafka is needed (make stack-up)")?;
+    let env = Env {
+        pg,
+        pool,
+        kafka,
+        ch,
+        bin_dir,
+        log_dir,
+        run: format!("bench_{}", &Uuid::now_v7().simple().to_string()[24..]),
+        relay_batch_size: cli.relay_batch_size,
+        keep: cli.keep,
+    };
+    let machine = report::describe_machine(&env).await;
+    say(format!(
+        "run {} size={:?} backlog={} raw={} naive={} latency_run={:?} on {}",
+        env.run,
+        cli.size,
+        sizes.backlog,
+        sizes.raw,
+        sizes.naive,
+        sizes.latency,
+        machine["summary"].as_str().unwrap_or("?")
+    ));
+    let mut report = report::Report::new(format!("{:?}", cli.size).to_lowercase(), machine);
+
+    // The hops alone.
+    let produced = hops::raw_produce(&env, sizes.raw).await?;
+    report.figure("raw_produce_eps", produced.rate());
+    report.figure(
+        "raw_consume_eps",
+        hops::raw_consume(&env, &produced.topic, sizes.raw)
+            .await?
+            .rate(),
+    );
+    hops::drop_topic(&env, &produced.topic).await;
+    report.figure(
+        "raw_insert_rps",
+        hops::raw_insert(&env, sizes.raw).await?.rate(),
+    );
+    report.figure(
+        "raw_claim_eps",
+        hops::raw_claim(&env, sizes.raw).await?.rate(),
+    );
+
+    // The original demo's design.
+    report.figure(
+        "naive_relay_eps",
+        hops::naive_relay(&env, sizes.naive).await?.rate(),
+    );
+
+    // Ours: one relay, then three, draining a backlog; the consumer after.
+    let claim_empty = pipeline::claim_cost(&env, None, sizes.claim_probes).await?;
+    report.figure("claim_ms_empty", claim_empty);
+    let one = pipeline::relay_backlog(&env, 1, sizes.backlog).await?;
+    report.figure("relay_eps", one.rate);
+    report.figure("relay_rss_mb", one.peak_rss_mb);
+    report.timeline("relay ×1 (events/s into Kafka)", one.timeline.clone());
+    let claim_after = pipeline::claim_cost(&env, Some(&one.table), sizes.claim_probes).await?;
+    report.figure("claim_ms_after_backlog", claim_after);
+    let sink = pipeline::sink_backlog(&env, &one.topic, sizes.backlog).await?;
+    report.figure("sink_rps", sink.rate);
+    report.figure("consumer_rss_mb", sink.peak_rss_mb);
+    report.timeline("consumer (rows/s into ClickHouse)", sink.timeline.clone());
+    pipeline::drop_relay_run(&env, &one).await;
+    let three = pipeline::relay_backlog(&env, 3, sizes.backlog).await?;
+    report.figure("relay3_eps", three.rate);
+    report.figure(
+        "relay3_rss_mb",
+        three.peak_rss_mb, // the largest of the three
+    );
+    report.timeline("relay ×3 (events/s into Kafka)", three.timeline.clone());
+    pipeline::drop_relay_run(&env, &three).await;
+
+    // Latency at steady rates.
+    for (rate, prefix) in [(1000u32, "e2e"), (5000u32, "e2e_5k")] {
+        let run = pipeline::latency(&env, rate, sizes.latency).await?;
+        report.figure(&format!("{prefix}_p50_ms"), run.percentile(0.50));
+        report.figure(&format!("{prefix}_p99_ms"), run.percentile(0.99));
+        report.figure(&format!("{prefix}_max_ms"), run.percentile(1.0));
+        report.figure(&format!("{prefix}_events"), run.latencies_ms.len() as f64);
+        report.latencies(format!("{rate} events/s"), run.latencies_ms);
+    }
+
+    report.derive_ratios();
+    report.print_table();
+    let json = cli.out.join("report.json");
+    let svg = cli.out.join("report.svg");
+    report.write_json(&json)?;
+    report.write_svg(&svg)?;
+    say(format!("wrote {} and {}", json.display(), svg.display()));
+    Ok(())
+}

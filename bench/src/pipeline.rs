@@ -1,0 +1,464 @@
+//! Ours: the shipped relay and consumer binaries, measured from outside.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use outbox_core::{Delivery, Event, Position, Source};
+use outbox_kafka::rdkafka::consumer::BaseConsumer;
+use outbox_kafka::rdkafka::ClientConfig;
+use outbox_pg::{migrate, Outbox, PgOutboxSource};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::hops::{
+    drop_ch_tables, drop_pg_tables, drop_topic, fill_outbox, outbox_config, topic_end,
+};
+use crate::procs::Proc;
+use crate::{key, payload, say, Env};
+
+/// One drain of a backlog.
+pub struct BacklogRun {
+    pub table: String,
+    pub topic: String,
+    pub rate: f64,
+    pub peak_rss_mb: f64,
+    /// (seconds since start, events per second over the last sample).
+    pub timeline: Vec<(f64, f64)>,
+}
+
+fn relay_args(env: &Env, table: &str, drain: bool) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--source",
+        "outbox",
+        "--outbox-table",
+        table,
+        "--dead-letter-table",
+        &format!("{table}_dead"),
+        "--batch-size",
+        &env.relay_batch_size.to_string(),
+        "--topic-partitions",
+        &env.kafka.topic_partitions.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    if drain {
+        args.push("--drain".into());
+    }
+    args
+}
+
+/// The consumer binary writing `topic` into the raw table `table`.
+fn consumer_args(topic: &str, table: &str) -> Vec<String> {
+    [
+        "--topic",
+        topic,
+        "--group-id",
+        table,
+        "--clickhouse-table",
+        table,
+        "--clickhouse-dead-letter-table",
+        &format!("{table}_dead"),
+        "--format",
+        "raw",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn watermark_reader(env: &Env) -> anyhow::Result<BaseConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka.brokers)
+        .set("log_level", "3")
+        .create()?)
+}
+
+/// Enqueues `n` events, then times `relays` relay processes (`--drain`)
+/// from their start until the last one exits with the outbox empty.
+pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result<BacklogRun> {
+    let table = env.name(&format!("relay{relays}"));
+    let topic = table.clone();
+    outbox_kafka::ensure_topics(&env.kafka, &[topic.as_str()]).await?;
+    fill_outbox(env, &outbox_config(&table), &topic, n).await?;
+    say(format!("relay ×{relays}: draining {n} events from {table}"));
+    let started = Instant::now();
+    let mut procs = Vec::new();
+    for i in 0..relays {
+        procs.push(Proc::start(
+            &format!("relay{i}"),
+            &env.bin_dir.join("producer_pg_to_kafka"),
+            &relay_args(env, &table, true),
+            &env.child_env(),
+            &env.log_dir.join(format!("{table}_{i}.log")),
+        )?);
+    }
+    let reader = watermark_reader(env)?;
+    let mut timeline = Vec::new();
+    let mut last = (0.0, 0i64);
+    let limit = Duration::from_secs(120 + (n / 2000) as u64);
+    while procs.iter_mut().any(Proc::running) {
+        if started.elapsed() > limit {
+            bail!("relay ×{relays} did not drain {n} events within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = started.elapsed().as_secs_f64();
+        if let Ok(end) =
+            tokio::task::block_in_place(|| topic_end(&reader, &topic, env.kafka.topic_partitions))
+        {
+            timeline.push((now, (end - last.1) as f64 / (now - last.0)));
+            last = (now, end);
+        }
+    }
+    let elapsed = started.elapsed();
+    let mut peak: f64 = 0.0;
+    for proc in &mut procs {
+        let status = proc.wait(Duration::from_secs(5)).await?;
+        if !status.success() {
+            bail!(
+                "{} exited with {status}; see {}",
+                proc.label,
+                env.log_dir.display()
+            );
+        }
+        peak = peak.max(proc.peak_rss_mb());
+    }
+    let left: i64 = env
+        .pool
+        .get()
+        .await?
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await?
+        .get(0);
+    let in_topic =
+        tokio::task::block_in_place(|| topic_end(&reader, &topic, env.kafka.topic_partitions))?;
+    if left != 0 || in_topic < n as i64 {
+        bail!("relay ×{relays} left {left} events pending and published {in_topic} of {n}");
+    }
+    let rate = n as f64 / elapsed.as_secs_f64();
+    say(format!(
+        "relay ×{relays}: {n} events in {:.2} s = {rate:.0} events/s, peak RSS {peak:.1} MiB",
+        elapsed.as_secs_f64()
+    ));
+    Ok(BacklogRun {
+        table,
+        topic,
+        rate,
+        peak_rss_mb: peak,
+        timeline,
+    })
+}
+
+/// Drops the tables and topic of a relay run.
+pub async fn drop_relay_run(env: &Env, run: &BacklogRun) {
+    drop_pg_tables(env, &[&run.table, &format!("{}_dead", run.table)]).await;
+    drop_topic(env, &run.topic).await;
+}
+
+/// Times the consumer binary writing the `n` messages of `topic` into a new
+/// ClickHouse table, from its start until the table holds them all.
+pub async fn sink_backlog(env: &Env, topic: &str, n: usize) -> anyhow::Result<BacklogRun> {
+    let table = env.name("sink");
+    say(format!(
+        "consumer: writing {n} messages of {topic} into ClickHouse {table}"
+    ));
+    let ch = sink_clickhouse::client_for(&env.ch);
+    let started = Instant::now();
+    let mut proc = Proc::start(
+        "consumer",
+        &env.bin_dir.join("consumer_to_clickhouse"),
+        &consumer_args(topic, &table),
+        &env.child_env(),
+        &env.log_dir.join(format!("{table}.log")),
+    )?;
+    let mut timeline = Vec::new();
+    let mut last = (0.0, 0u64);
+    let limit = Duration::from_secs(120 + (n / 1000) as u64);
+    let elapsed = loop {
+        if started.elapsed() > limit {
+            bail!("the consumer wrote {} of {n} rows within {limit:?}", last.1);
+        }
+        if !proc.running() {
+            bail!("the consumer exited early; see {}", env.log_dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let rows = ch
+            .query(&format!("SELECT count() FROM `{table}`"))
+            .fetch_one::<u64>()
+            .await
+            .unwrap_or(0);
+        let now = started.elapsed().as_secs_f64();
+        if now - last.0 >= 0.5 || rows >= n as u64 {
+            timeline.push((now, (rows - last.1) as f64 / (now - last.0)));
+            last = (now, rows);
+        }
+        if rows >= n as u64 {
+            break started.elapsed();
+        }
+    };
+    proc.stop().await?;
+    let (rows, distinct) = ch
+        .query(&format!(
+            "SELECT count(), uniqExact(event_id) FROM `{table}`"
+        ))
+        .fetch_one::<(u64, u64)>()
+        .await?;
+    if rows != n as u64 || distinct != n as u64 {
+        bail!("the consumer wrote {rows} rows, {distinct} distinct, for {n} messages");
+    }
+    let rate = n as f64 / elapsed.as_secs_f64();
+    let peak = proc.peak_rss_mb();
+    say(format!(
+        "consumer: {n} rows in {:.2} s = {rate:.0} rows/s, peak RSS {peak:.1} MiB",
+        elapsed.as_secs_f64()
+    ));
+    drop_ch_tables(env, &table).await;
+    Ok(BacklogRun {
+        table,
+        topic: topic.to_string(),
+        rate,
+        peak_rss_mb: peak,
+        timeline,
+    })
+}
+
+/// Mean time of one claim + acknowledgement of 1000 events through
+/// `PgOutboxSource`, in ms: on a new table (`None`), or on `table` after a
+/// backlog went through it (its dead rows not yet vacuumed).
+pub async fn claim_cost(env: &Env, table: Option<&str>, probes: usize) -> anyhow::Result<f64> {
+    let owned;
+    let table = match table {
+        Some(table) => table,
+        None => {
+            owned = env.name("claim_probe");
+            &owned
+        }
+    };
+    let config = outbox_config(table);
+    fill_outbox(env, &config, table, probes * 1000).await?;
+    let source = PgOutboxSource::new(env.pool.clone(), env.pg.target(), config)?;
+    let started = Instant::now();
+    let mut batches = 0;
+    while let Some(claimed) = source.claim(1000).await? {
+        let acked = vec![
+            Delivery::Acknowledged(Position {
+                partition: 0,
+                offset: 0
+            });
+            claimed.events.len()
+        ];
+        source.acknowledge(claimed, &acked).await?;
+        batches += 1;
+    }
+    let ms = started.elapsed().as_secs_f64() * 1000.0 / f64::from(batches.max(1));
+    say(format!(
+        "claim cost on {table}: {ms:.2} ms per 1000-event claim + acknowledgement ({batches} batches)"
+    ));
+    if table.ends_with("claim_probe") {
+        drop_pg_tables(env, &[table, &format!("{table}_dead")]).await;
+    }
+    Ok(ms)
+}
+
+/// One steady-rate latency run.
+pub struct LatencyRun {
+    /// Commit of the enqueue transaction → row visible in ClickHouse, ms, sorted.
+    pub latencies_ms: Vec<f64>,
+}
+
+impl LatencyRun {
+    /// The `q` quantile (1.0 = max).
+    pub fn percentile(&self, q: f64) -> f64 {
+        if self.latencies_ms.is_empty() {
+            return f64::NAN;
+        }
+        let index = ((self.latencies_ms.len() - 1) as f64 * q).round() as usize;
+        self.latencies_ms[index.min(self.latencies_ms.len() - 1)]
+    }
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct Seen {
+    #[serde(with = "clickhouse::serde::uuid")]
+    event_id: Uuid,
+    kafka_partition: i32,
+    kafka_offset: i64,
+}
+
+/// Runs a relay and a consumer, enqueues `rate` events per second for
+/// `length`, and measures for each event the time from its enqueue
+/// transaction's commit to its row being visible in ClickHouse (polled every
+/// 5 ms, so figures include up to that much polling delay).
+pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<LatencyRun> {
+    let table = env.name(&format!("lat{rate}"));
+    let topic = table.clone();
+    let config = outbox_config(&table);
+    migrate(&env.pool.get().await?, &config).await?;
+    outbox_kafka::ensure_topics(&env.kafka, &[topic.as_str()]).await?;
+    let ch = sink_clickhouse::client_for(&env.ch);
+    let mut relay = Proc::start(
+        "relay",
+        &env.bin_dir.join("producer_pg_to_kafka"),
+        &relay_args(env, &table, false),
+        &env.child_env(),
+        &env.log_dir.join(format!("{table}_relay.log")),
+    )?;
+    let mut consumer = Proc::start(
+        "consumer",
+        &env.bin_dir.join("consumer_to_clickhouse"),
+        &consumer_args(&topic, &table),
+        &env.child_env(),
+        &env.log_dir.join(format!("{table}_consumer.log")),
+    )?;
+    let outbox = Outbox::new(&config)?;
+
+    // Warm up: one event through, so start-up is not measured.
+    let warm = Event::new(topic.clone(), payload(0)).with_key(key(0));
+    {
+        let mut client = env.pool.get().await?;
+        let tx = client.transaction().await?;
+        outbox.enqueue(&tx, std::slice::from_ref(&warm)).await?;
+        tx.commit().await?;
+    }
+    let warm_deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let rows = ch
+            .query(&format!("SELECT count() FROM `{table}`"))
+            .fetch_one::<u64>()
+            .await
+            .unwrap_or(0);
+        if rows >= 1 {
+            break;
+        }
+        if Instant::now() > warm_deadline || !relay.running() || !consumer.running() {
+            bail!(
+                "the pipeline did not deliver a first event within 2 minutes; see {}",
+                env.log_dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    say(format!(
+        "latency at {rate} events/s for {length:?} (enqueue commit → row in ClickHouse)"
+    ));
+
+    let committed: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
+    let writer = {
+        let committed = committed.clone();
+        let pool = env.pool.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            let mut client = pool.get().await?;
+            let started = Instant::now();
+            let mut sent = 0usize;
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            while started.elapsed() < length {
+                tick.tick().await;
+                let due = (started.elapsed().as_secs_f64() * f64::from(rate)) as usize;
+                if due <= sent {
+                    continue;
+                }
+                let events: Vec<Event> = (sent..due)
+                    .map(|i| Event::new(topic.clone(), payload(i)).with_key(key(i)))
+                    .collect();
+                let tx = client.transaction().await?;
+                outbox.enqueue(&tx, &events).await?;
+                tx.commit().await?;
+                let at = Instant::now();
+                let mut map = committed.lock().unwrap_or_else(|p| p.into_inner());
+                for event in &events {
+                    map.insert(event.id, at);
+                }
+                sent = due;
+            }
+            anyhow::Ok(sent)
+        })
+    };
+
+    // Poll ClickHouse for new rows, by position.
+    let mut seen_at: HashMap<Uuid, Instant> = HashMap::new();
+    let mut after: HashMap<i32, i64> = HashMap::new();
+    let mut writer = Some(writer);
+    let mut expected = None;
+    let mut drain_deadline = None;
+    loop {
+        let filter = if after.is_empty() {
+            String::new()
+        } else {
+            let seen_partitions: Vec<String> = after.keys().map(i32::to_string).collect();
+            let mut parts: Vec<String> = after
+                .iter()
+                .map(|(p, o)| format!("(kafka_partition = {p} AND kafka_offset > {o})"))
+                .collect();
+            parts.push(format!(
+                "kafka_partition NOT IN ({})",
+                seen_partitions.join(",")
+            ));
+            format!("WHERE {}", parts.join(" OR "))
+        };
+        let rows = ch
+            .query(&format!(
+                "SELECT event_id, kafka_partition, kafka_offset FROM `{table}` {filter}"
+            ))
+            .fetch_all::<Seen>()
+            .await
+            .context("polling clickhouse")?;
+        let now = Instant::now();
+        for row in rows {
+            seen_at.entry(row.event_id).or_insert(now);
+            let entry = after.entry(row.kafka_partition).or_insert(row.kafka_offset);
+            *entry = (*entry).max(row.kafka_offset);
+        }
+        if let Some(handle) = writer.as_ref() {
+            if handle.is_finished() {
+                if let Some(handle) = writer.take() {
+                    expected = Some(handle.await??);
+                    drain_deadline = Some(Instant::now() + Duration::from_secs(60));
+                }
+            }
+        }
+        if let Some(expected) = expected {
+            let done = committed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .filter(|id| seen_at.contains_key(id))
+                .count();
+            if done >= expected {
+                break;
+            }
+            if drain_deadline.is_some_and(|d| Instant::now() > d) {
+                bail!(
+                    "only {done} of {expected} events reached ClickHouse within 60 s after the run"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    relay.stop().await?;
+    consumer.stop().await?;
+    let committed = committed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut latencies_ms: Vec<f64> = committed
+        .iter()
+        .filter_map(|(id, at)| {
+            seen_at
+                .get(id)
+                .map(|seen| seen.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    latencies_ms.sort_by(f64::total_cmp);
+    let distinct: HashSet<&Uuid> = seen_at.keys().collect();
+    let run = LatencyRun { latencies_ms };
+    say(format!(
+        "latency at {rate} events/s: {} events, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} rows seen)",
+        run.latencies_ms.len(),
+        run.percentile(0.5),
+        run.percentile(0.99),
+        run.percentile(1.0),
+        distinct.len()
+    ));
+    drop_pg_tables(env, &[&table, &format!("{table}_dead")]).await;
+    drop_topic(env, &topic).await;
+    drop_ch_tables(env, &table).await;
+    Ok(run)
+}
