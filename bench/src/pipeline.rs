@@ -264,17 +264,79 @@ pub async fn claim_cost(env: &Env, table: Option<&str>, probes: usize) -> anyhow
 pub struct LatencyRun {
     /// Commit of the enqueue transaction → row visible in ClickHouse, ms, sorted.
     pub latencies_ms: Vec<f64>,
+    /// Commit → message readable from the broker (the relay's share), ms, sorted.
+    pub to_kafka_ms: Vec<f64>,
 }
 
 impl LatencyRun {
-    /// The `q` quantile (1.0 = max).
+    /// The `q` quantile (1.0 = max) of commit → ClickHouse.
     pub fn percentile(&self, q: f64) -> f64 {
-        if self.latencies_ms.is_empty() {
-            return f64::NAN;
-        }
-        let index = ((self.latencies_ms.len() - 1) as f64 * q).round() as usize;
-        self.latencies_ms[index.min(self.latencies_ms.len() - 1)]
+        quantile(&self.latencies_ms, q)
     }
+
+    /// The `q` quantile of commit → readable from the broker.
+    pub fn to_kafka_percentile(&self, q: f64) -> f64 {
+        quantile(&self.to_kafka_ms, q)
+    }
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+/// Reads `topic` from its end on its own thread and notes when each event
+/// id becomes readable: splits the end-to-end latency into the relay's share
+/// and the consumer's.
+fn tap_topic(
+    brokers: &str,
+    topic: &str,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<HashMap<Uuid, Instant>>> {
+    use outbox_kafka::rdkafka::consumer::Consumer;
+    use outbox_kafka::rdkafka::message::Headers;
+    use outbox_kafka::rdkafka::{Message, Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{topic}_tap"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .set("log_level", "3")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+    let mut list = TopicPartitionList::new();
+    for partition in metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+    {
+        list.add_partition_offset(topic, partition, Offset::End)?;
+    }
+    consumer.assign(&list)?;
+    Ok(std::thread::spawn(move || {
+        let mut seen = HashMap::new();
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) else {
+                continue;
+            };
+            let at = Instant::now();
+            let id = message.headers().and_then(|headers| {
+                headers
+                    .iter()
+                    .find(|h| h.key == outbox_core::HEADER_EVENT_ID)
+                    .and_then(|h| h.value)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|v| Uuid::parse_str(v).ok())
+            });
+            if let Some(id) = id {
+                seen.entry(id).or_insert(at);
+            }
+        }
+        seen
+    }))
 }
 
 #[derive(Debug, Deserialize, clickhouse::Row)]
@@ -341,6 +403,8 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
     say(format!(
         "latency at {rate} events/s for {length:?} (enqueue commit → row in ClickHouse)"
     ));
+    let tap_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tap = tap_topic(&env.kafka.brokers, &topic, tap_stop.clone())?;
 
     let committed: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
     let writer = {
@@ -437,25 +501,38 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
     }
     relay.stop().await?;
     consumer.stop().await?;
+    tap_stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let in_kafka_at = tap
+        .join()
+        .map_err(|_| anyhow::anyhow!("the topic tap thread panicked"))?;
     let committed = committed.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut latencies_ms: Vec<f64> = committed
-        .iter()
-        .filter_map(|(id, at)| {
-            seen_at
-                .get(id)
-                .map(|seen| seen.saturating_duration_since(*at).as_secs_f64() * 1000.0)
-        })
-        .collect();
-    latencies_ms.sort_by(f64::total_cmp);
+    let since_commit = |arrivals: &HashMap<Uuid, Instant>| {
+        let mut ms: Vec<f64> = committed
+            .iter()
+            .filter_map(|(id, at)| {
+                arrivals
+                    .get(id)
+                    .map(|seen| seen.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        ms
+    };
     let distinct: HashSet<&Uuid> = seen_at.keys().collect();
-    let run = LatencyRun { latencies_ms };
+    let run = LatencyRun {
+        latencies_ms: since_commit(&seen_at),
+        to_kafka_ms: since_commit(&in_kafka_at),
+    };
     say(format!(
-        "latency at {rate} events/s: {} events, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} rows seen)",
+        "latency at {rate} events/s: {} events, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} rows seen); \
+         readable in Kafka: p50 {:.1} ms, p99 {:.1} ms",
         run.latencies_ms.len(),
         run.percentile(0.5),
         run.percentile(0.99),
         run.percentile(1.0),
-        distinct.len()
+        distinct.len(),
+        run.to_kafka_percentile(0.5),
+        run.to_kafka_percentile(0.99),
     ));
     drop_pg_tables(env, &[&table, &format!("{table}_dead")]).await;
     drop_topic(env, &topic).await;

@@ -69,7 +69,7 @@ impl Report {
     }
 
     pub fn print_table(&self) {
-        let rows: [(&str, &str, &str); 25] = [
+        let rows: [(&str, &str, &str); 27] = [
             ("raw_produce_eps", "raw: rdkafka producer → broker", "msg/s"),
             ("raw_consume_eps", "raw: rdkafka consumer ← broker", "msg/s"),
             (
@@ -89,6 +89,16 @@ impl Report {
             ("e2e_p50_ms", "ours: e2e p50 @ 1k/s", "ms"),
             ("e2e_p99_ms", "ours: e2e p99 @ 1k/s", "ms"),
             ("e2e_max_ms", "ours: e2e max @ 1k/s", "ms"),
+            (
+                "e2e_kafka_p50_ms",
+                "  of which commit → in Kafka, p50 @ 1k/s",
+                "ms",
+            ),
+            (
+                "e2e_kafka_p99_ms",
+                "  of which commit → in Kafka, p99 @ 1k/s",
+                "ms",
+            ),
             ("e2e_5k_p50_ms", "ours: e2e p50 @ 5k/s", "ms"),
             ("e2e_5k_p99_ms", "ours: e2e p99 @ 5k/s", "ms"),
             ("e2e_5k_max_ms", "ours: e2e max @ 5k/s", "ms"),

@@ -98,6 +98,7 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
         let mut idle_since = tokio::time::Instant::now();
         loop {
+            let poll_started = tokio::time::Instant::now();
             let polled = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -123,6 +124,7 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
                 continue;
             }
             idle_since = tokio::time::Instant::now();
+            let poll_ms = idle_since.duration_since(poll_started).as_millis() as u64;
             let Some(report) = self
                 .write_with_retry(&records, &mut backoff, &mut stats, &shutdown)
                 .await?
@@ -135,6 +137,8 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
             stats.dead_lettered += report.dead_lettered.len() as u64;
             debug!(
                 batch_len = records.len(),
+                poll_ms,
+                write_ms = idle_since.elapsed().as_millis() as u64,
                 written = report.written,
                 duplicates = report.duplicates,
                 dead_lettered = report.dead_lettered.len(),

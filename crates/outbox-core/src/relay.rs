@@ -117,18 +117,24 @@ impl<S: Source, B: Bus> Relay<S, B> {
 
     /// One claim → publish → acknowledge cycle. `Ok(None)` when nothing was pending.
     pub async fn run_once(&self) -> Result<Option<AckSummary>> {
+        let started = std::time::Instant::now();
         let Some(claimed) = self.source.claim(self.config.batch_size.max(1)).await? else {
             return Ok(None);
         };
         let batch_len = claimed.events.len();
+        let claimed_at = std::time::Instant::now();
         let deliveries = match self.bus.publish(&claimed.events).await {
             Ok(deliveries) => hold_back_after_failures(&claimed.events, deliveries),
             // Dropping the claim abandons it: every event stays pending.
             Err(err) => return Err(err),
         };
+        let published_at = std::time::Instant::now();
         let summary = self.source.acknowledge(claimed, &deliveries).await?;
         debug!(
             batch_len,
+            claim_ms = claimed_at.duration_since(started).as_millis() as u64,
+            publish_ms = published_at.duration_since(claimed_at).as_millis() as u64,
+            ack_ms = published_at.elapsed().as_millis() as u64,
             completed = summary.completed,
             dead_lettered = summary.dead_lettered,
             released = summary.released,

@@ -70,7 +70,14 @@ impl KafkaSubscription {
                     .as_millis()
                     .to_string(),
             )
-            .set("fetch.wait.max.ms", "10")
+            .set(
+                "fetch.wait.max.ms",
+                config.fetch_wait.as_millis().max(1).to_string(),
+            )
+            .set(
+                "queued.max.messages.kbytes",
+                config.prefetch_kbytes.max(1).to_string(),
+            )
             .set("enable.partition.eof", "false");
         kafka.apply_extra(&mut client_config);
         let consumer: StreamConsumer =

@@ -27,11 +27,13 @@ pub struct PgClaim {
 
 impl PgClaim {
     /// Opens a claim transaction whose session Postgres ends if it stays idle
-    /// in it for longer than `claim_timeout`.
+    /// in it for longer than `claim_timeout`; `settings` are further
+    /// `SET LOCAL` statements, sent in the same round trip.
     pub(crate) async fn begin(
         pool: &Pool,
         target: &str,
         claim_timeout: Duration,
+        settings: &str,
     ) -> Result<Self, PgError> {
         let conn = connection(pool, target).await?;
         let guard = Self {
@@ -43,7 +45,7 @@ impl PgClaim {
         guard
             .client()?
             .batch_execute(&format!(
-                "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}; SET LOCAL TIME ZONE 'UTC'",
+                "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}; SET LOCAL TIME ZONE 'UTC'; {settings}",
                 claim_timeout.as_millis()
             ))
             .await
@@ -60,7 +62,7 @@ impl PgClaim {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Option<(Self, Vec<tokio_postgres::Row>)>, PgError> {
-        let claim = Self::begin(pool, target, claim_timeout).await?;
+        let claim = Self::begin(pool, target, claim_timeout, "").await?;
         let client = claim.client()?;
         let statement = client
             .prepare_cached(sql)

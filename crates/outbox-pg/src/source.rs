@@ -16,16 +16,16 @@ use crate::{OutboxConfig, PgConfig, PgError};
 /// Claims pending events of the outbox table in batches, lane by lane.
 ///
 /// **Per-key order with many relays.** Every event has a lane, a hash of its
-/// key (of its id when it has none). A claim first takes
-/// transaction-scoped advisory locks on up to
-/// [`OutboxConfig::lanes_per_claim`] lanes that have pending events
-/// (`pg_try_advisory_xact_lock`, so relays skip each other's lanes instead
-/// of waiting), then `SELECT … WHERE lane = ANY(…) ORDER BY seq FOR UPDATE
-/// SKIP LOCKED`. A lane is therefore worked by one claim at a time, in
-/// insertion order, and the next claim of that lane starts only after the
-/// previous one committed or rolled back. Plain `SKIP LOCKED` over the rows
-/// would let relay B publish event 2 of a key while relay A still holds
-/// event 1. A dead relay's locks vanish with its connection; a relay that
+/// key (of its id when it has none). A claim first takes advisory locks on
+/// up to [`OutboxConfig::lanes_per_claim`] lanes that have pending events
+/// (session-level `pg_try_advisory_lock`, released when the claim ends, so
+/// relays skip each other's lanes instead of waiting), then reads each
+/// locked lane in `seq` order (`… WHERE lane = $l ORDER BY seq FOR UPDATE
+/// SKIP LOCKED`, through the `(lane, seq)` index). A lane is therefore
+/// worked by one claim at a time, in insertion order, and the next claim of
+/// that lane starts only after the previous one committed or rolled back.
+/// Plain `SKIP LOCKED` over the rows would let relay B publish event 2 of a
+/// key while relay A still holds event 1. A dead relay's locks vanish with its connection; a relay that
 /// hangs holding them is cut off by Postgres after
 /// [`OutboxConfig::claim_timeout`]. Lanes to try start at a rotating
 /// position, so none starves.
@@ -92,15 +92,21 @@ impl PgOutboxSource {
             rotation: AtomicUsize::new(rotation_seed()),
             listener: None,
             channel: crate::notify::channel_for(&table),
+            // Each locked lane is read on its own through the (lane, seq)
+            // index, in seq order, and the claim stops once it has enough.
+            // One scan ordered by seq over all locked lanes would walk the
+            // primary key through every deleted row not yet vacuumed: after
+            // a 1M-event burst, 355 ms per claim instead of 1.3 ms.
             claim_sql: format!(
                 "WITH locked AS MATERIALIZED ( \
                    SELECT l FROM unnest($1::int[]) AS u(l) \
                    WHERE pg_try_advisory_lock($2::int, l) LIMIT $3) \
-                 SELECT t.seq, t.event_id, t.topic, t.key, t.payload, t.headers, t.created_at, t.lane, \
-                        (SELECT array_agg(l) FROM locked) AS locked_lanes \
-                 FROM {table} t \
-                 WHERE t.lane IN (SELECT l FROM locked) \
-                 ORDER BY t.seq LIMIT $4 FOR UPDATE OF t SKIP LOCKED"
+                 SELECT c.*, (SELECT array_agg(l) FROM locked) AS locked_lanes \
+                 FROM locked k CROSS JOIN LATERAL ( \
+                   SELECT t.seq, t.event_id, t.topic, t.key, t.payload, t.headers, t.created_at, t.lane \
+                   FROM {table} t WHERE t.lane = k.l \
+                   ORDER BY t.seq LIMIT $4 FOR UPDATE OF t SKIP LOCKED) c \
+                 LIMIT $4"
             ),
             delete_sql: format!("DELETE FROM {table} WHERE seq = ANY($1)"),
             dead_letter_sql: format!(
@@ -178,7 +184,16 @@ impl Source for PgOutboxSource {
         let start = self.rotation.fetch_add(1, Ordering::Relaxed) % lanes.len();
         lanes.rotate_left(start);
         let per_claim = i64::from(self.config.lanes_per_claim);
-        let mut claim = PgClaim::begin(&self.pool, &self.target, self.config.claim_timeout).await?;
+        // Statistics lag behind a burst of deletes, and a bitmap or
+        // sequential scan would then visit every dead row; the index scan
+        // skips dead entries once marked.
+        let mut claim = PgClaim::begin(
+            &self.pool,
+            &self.target,
+            self.config.claim_timeout,
+            "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off",
+        )
+        .await?;
         claim.lock_namespace = self.lock_namespace;
         let rows = claim
             .client()?
@@ -205,13 +220,11 @@ impl Source for PgOutboxSource {
             .collect::<Result<_, _>>()
             .map_err(|e| PgError::query("claim (decode lanes)", e))?;
         claim.release_unused_lanes(&used).await?;
-        let mut events = Vec::with_capacity(rows.len());
-        let mut ids = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let (seq, event) = decode_row(row)?;
-            ids.push(seq);
-            events.push(event);
-        }
+        let mut decoded = rows.iter().map(decode_row).collect::<Result<Vec<_>, _>>()?;
+        // Rows arrive lane after lane; in enqueue order they publish the
+        // way they were written (each lane is in order either way).
+        decoded.sort_unstable_by_key(|(seq, _)| *seq);
+        let (ids, events): (Vec<i64>, Vec<Event>) = decoded.into_iter().unzip();
         claim.ids = ids;
         Ok(Some(Claimed { events, claim }))
     }
