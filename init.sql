@@ -58,4 +58,13 @@ CREATE TABLE IF NOT EXISTS "outbox_dead_letter" (
     dead_lettered_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS "outbox_dead_letter_event_id_idx" ON "outbox_dead_letter" (event_id);
+
+-- Which version of this schema the tables are at (one row); a binary
+-- refuses to migrate tables of a newer version than it knows.
+CREATE TABLE IF NOT EXISTS "outbox_schema_version" (
+    version    integer     NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO "outbox_schema_version" (version)
+    SELECT 2 WHERE NOT EXISTS (SELECT 1 FROM "outbox_schema_version" WHERE version >= 2);
 -- END outbox schema

@@ -138,11 +138,32 @@ as_pg() {
   if [ "$(id -u)" -eq 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
+# The demo's role and database (idempotent: also run on a server already up,
+# so a stack from an older checkout gets what this one needs).
+pg_provision() {
+  local bin
+  bin="$(pg_bin)"
+  as_pg "$bin/psql" -h "$PG_RUN" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -q >/dev/null <<'EOF'
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'admin') THEN
+    CREATE ROLE admin LOGIN PASSWORD 'admin';
+  END IF;
+END $$;
+-- Like the Docker image's user, admin may create the narrower roles of
+-- docs/security.md (and the tests that prove those grants do).
+ALTER ROLE admin CREATEROLE;
+SELECT 'CREATE DATABASE test_db OWNER admin'
+WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'test_db') \gexec
+EOF
+}
+
 pg_up() {
   local bin
   bin="$(pg_bin)"
   if pid_alive "$(pg_pid)" && pg_ready; then
     log "postgres already running (pid $(pg_pid), port $PG_PORT)"
+    pg_paths
+    pg_provision
     return 0
   fi
   if [ "$(id -u)" -eq 0 ]; then
@@ -188,15 +209,7 @@ EOF
   as_pg "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 start >/dev/null ||
     { tail -n 20 "$PG_LOG" >&2 || true; die "postgres did not start"; }
   wait_for "postgres on 127.0.0.1:$PG_PORT" 60 "$PG_LOG" pg_ready
-  as_pg "$bin/psql" -h "$PG_RUN" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -q >/dev/null <<'EOF'
-DO $$ BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'admin') THEN
-    CREATE ROLE admin LOGIN PASSWORD 'admin';
-  END IF;
-END $$;
-SELECT 'CREATE DATABASE test_db OWNER admin'
-WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'test_db') \gexec
-EOF
+  pg_provision
   log "postgres ready (db test_db, user admin)"
 }
 

@@ -200,12 +200,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
     let log_dir = cli.out.join("logs");
     std::fs::create_dir_all(&log_dir)?;
-    let pg = cli.pg.config("bench");
+    let pg = cli.pg.config("bench")?;
     let pool = pg.create_pool()?;
     outbox_pg::check_connection(&pool, &pg.target())
         .await
         .context("postgres is needed (make stack-up)")?;
-    let ch = cli.clickhouse.config();
+    let ch = cli.clickhouse.config()?;
     sink_clickhouse::check_connection(&ch)
         .await
         .context("clickhouse is needed (make stack-up)")?;

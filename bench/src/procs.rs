@@ -29,6 +29,8 @@ impl Proc {
         let child = Command::new(program)
             .args(args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            // Several relays at once: any free port for /metrics.
+            .env("OUTBOX_METRICS_ADDR", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)

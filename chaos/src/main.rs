@@ -120,6 +120,8 @@ impl Proc {
             .args(&self.args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
+            // Five binaries on one host: any free port for /metrics.
+            .env("OUTBOX_METRICS_ADDR", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -1,13 +1,21 @@
 //! Shared wiring of the example binaries: command-line options (each also
-//! read from an environment variable), logging, signals, start-up checks and
-//! the demo's ClickHouse row.
+//! read from an environment variable and from an optional TOML file),
+//! logging, signals, start-up checks, the `/metrics` endpoint and the demo's
+//! ClickHouse row.
 
 /// The code of the repository's README, compiled as doc tests.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
+mod config_file;
+mod ops;
+
+pub use config_file::{parse_cli, try_parse_from};
+pub use ops::{Ops, OpsArgs};
+
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
@@ -39,24 +47,39 @@ pub struct PgArgs {
         hide_env_values = true
     )]
     pub pg_password: String,
+    /// File holding the PostgreSQL password (wins over --pg-password; for
+    /// secrets mounted as files).
+    #[arg(long, env = "OUTBOX_PG_PASSWORD_FILE", value_name = "FILE")]
+    pub pg_password_file: Option<PathBuf>,
     /// PostgreSQL database.
     #[arg(long, env = "OUTBOX_PG_DATABASE", default_value = "test_db")]
     pub pg_database: String,
 }
 
 impl PgArgs {
-    /// The adapter's configuration.
-    pub fn config(&self, application_name: &str) -> outbox_pg::PgConfig {
-        outbox_pg::PgConfig {
+    /// The adapter's configuration; fails when the password file cannot be read.
+    pub fn config(&self, application_name: &str) -> anyhow::Result<outbox_pg::PgConfig> {
+        Ok(outbox_pg::PgConfig {
             host: self.pg_host.clone(),
             port: self.pg_port,
             user: self.pg_user.clone(),
-            password: self.pg_password.clone(),
+            password: secret(&self.pg_password, self.pg_password_file.as_deref())?,
             dbname: self.pg_database.clone(),
             application_name: application_name.into(),
             ..outbox_pg::PgConfig::default()
-        }
+        })
     }
+}
+
+/// `value`, or the content of `file` (without its final newline) when given.
+/// The error names the file, never the secret.
+pub fn secret(value: &str, file: Option<&Path>) -> anyhow::Result<String> {
+    let Some(file) = file else {
+        return Ok(value.to_string());
+    };
+    let text = std::fs::read_to_string(file)
+        .map_err(|err| anyhow::anyhow!("cannot read the secret file {}: {err}", file.display()))?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
 }
 
 /// Kafka connection options.
@@ -88,12 +111,46 @@ pub struct KafkaArgs {
         action = clap::ArgAction::Set
     )]
     pub kafka_idempotence: bool,
+    /// Further librdkafka properties, `key=value` separated by commas
+    /// (`security.protocol=SASL_PLAINTEXT,sasl.mechanism=PLAIN,…`). Values
+    /// are never printed.
+    #[arg(
+        long,
+        env = "OUTBOX_KAFKA_PROPERTIES",
+        value_name = "KEY=VALUE,…",
+        hide_env_values = true,
+        value_parser = parse_kafka_properties
+    )]
+    pub kafka_properties: Option<String>,
+}
+
+/// Checks `key=value,…` without echoing values (they may be passwords).
+fn parse_kafka_properties(text: &str) -> Result<String, String> {
+    for (index, pair) in text.split(',').enumerate() {
+        let key = pair.split_once('=').map(|(k, _)| k.trim());
+        if matches!(key, None | Some("")) && !pair.trim().is_empty() {
+            return Err(format!(
+                "entry {} is not key=value (entries are separated by commas)",
+                index + 1
+            ));
+        }
+    }
+    Ok(text.to_string())
 }
 
 impl KafkaArgs {
     /// The adapter's configuration.
     pub fn config(&self, client_id: &str) -> outbox_kafka::KafkaConfig {
+        let extra = self
+            .kafka_properties
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
         outbox_kafka::KafkaConfig {
+            extra,
             brokers: self.kafka_brokers.clone(),
             client_id: client_id.into(),
             topic_partitions: self.topic_partitions,
@@ -127,6 +184,9 @@ pub struct ClickHouseArgs {
         hide_env_values = true
     )]
     pub clickhouse_password: String,
+    /// File holding the ClickHouse password (wins over --clickhouse-password).
+    #[arg(long, env = "OUTBOX_CLICKHOUSE_PASSWORD_FILE", value_name = "FILE")]
+    pub clickhouse_password_file: Option<PathBuf>,
     /// ClickHouse database.
     #[arg(long, env = "OUTBOX_CLICKHOUSE_DATABASE", default_value = "default")]
     pub clickhouse_database: String,
@@ -146,24 +206,89 @@ pub struct ClickHouseArgs {
 }
 
 impl ClickHouseArgs {
-    /// The adapter's configuration.
-    pub fn config(&self) -> sink_clickhouse::ClickHouseConfig {
-        sink_clickhouse::ClickHouseConfig {
+    /// The adapter's configuration; fails when the password file cannot be read.
+    pub fn config(&self) -> anyhow::Result<sink_clickhouse::ClickHouseConfig> {
+        Ok(sink_clickhouse::ClickHouseConfig {
             url: self.clickhouse_url.clone(),
             user: self.clickhouse_user.clone(),
-            password: self.clickhouse_password.clone(),
+            password: secret(
+                &self.clickhouse_password,
+                self.clickhouse_password_file.as_deref(),
+            )?,
             database: self.clickhouse_database.clone(),
             table: self.clickhouse_table.clone(),
             dead_letter_table: self.clickhouse_dead_letter_table.clone(),
             dedup_window: self.dedup_window,
             ..sink_clickhouse::ClickHouseConfig::default()
+        })
+    }
+}
+
+/// The outbox tables.
+#[derive(Debug, Clone, Args)]
+pub struct OutboxTableArgs {
+    /// Outbox table (with --source outbox).
+    #[arg(long, env = "OUTBOX_TABLE", default_value = "outbox")]
+    pub outbox_table: String,
+    /// Dead-letter table for events the broker can never take.
+    #[arg(
+        long,
+        env = "OUTBOX_DEAD_LETTER_TABLE",
+        default_value = "outbox_dead_letter"
+    )]
+    pub dead_letter_table: String,
+}
+
+impl OutboxTableArgs {
+    /// The adapter's configuration for these tables (other fields default).
+    pub fn config(&self) -> outbox_pg::OutboxConfig {
+        outbox_pg::OutboxConfig {
+            table: self.outbox_table.clone(),
+            dead_letter_table: self.dead_letter_table.clone(),
+            ..outbox_pg::OutboxConfig::default()
         }
     }
 }
 
-/// Logging options.
+/// The topic a consumer group reads.
+#[derive(Debug, Clone, Args)]
+pub struct GroupArgs {
+    /// Topic to read.
+    #[arg(long, env = "OUTBOX_TOPIC", default_value = "user_events")]
+    pub topic: String,
+    /// Consumer group.
+    #[arg(
+        long,
+        env = "OUTBOX_GROUP_ID",
+        default_value = "user_events_clickhouse"
+    )]
+    pub group_id: String,
+}
+
+/// Runs `task` every `interval` until `shutdown` (for gauges refreshed in
+/// the background).
+pub async fn every<F, Fut>(interval: Duration, shutdown: CancellationToken, mut task: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => task().await,
+        }
+    }
+}
+
+/// Options of every binary: configuration file, logging, start and stop.
 #[derive(Debug, Clone, Args)]
 pub struct LogArgs {
+    /// TOML file of options (keys are the flags' names: `batch_size = 500`);
+    /// flags and environment variables win over it.
+    #[arg(long, env = "OUTBOX_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "OUTBOX_LOG_JSON")]
     pub log_json: bool,

@@ -36,7 +36,7 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let table = outbox_pg::SqlName::parse(&cli.outbox_table).context("--outbox-table")?;
-    let pool = cli.pg.config("unsafe_relay").create_pool()?;
+    let pool = cli.pg.config("unsafe_relay")?.create_pool()?;
     let bus = KafkaBus::new(cli.kafka.config("unsafe_relay"))?;
     let take = format!(
         "DELETE FROM {table} WHERE seq IN \

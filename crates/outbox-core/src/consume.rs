@@ -6,9 +6,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::bus::{Checkpoint, Record, Subscription};
-use crate::relay::sleep_or_cancel;
+use crate::relay::{count_error, sleep_or_cancel};
 use crate::sink::Sink;
-use crate::{Backoff, Result};
+use crate::{Backoff, Health, Result, Stage};
 
 /// Settings of a [`Consume`] loop.
 #[derive(Debug, Clone)]
@@ -74,6 +74,7 @@ pub struct Consume<B, K> {
     subscription: B,
     sink: K,
     config: ConsumeConfig,
+    health: Health,
 }
 
 impl<B: Subscription, K: Sink> Consume<B, K> {
@@ -83,7 +84,15 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
             subscription,
             sink,
             config,
+            health: Health::default(),
         }
+    }
+
+    /// Reports the outcome of every poll and write to `health` (for a
+    /// `/readyz` endpoint).
+    pub fn with_health(mut self, health: Health) -> Self {
+        self.health = health;
+        self
     }
 
     /// Gives back the parts.
@@ -105,15 +114,24 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
                 polled = self.subscription.poll_batch(self.config.batch_size.max(1), self.config.max_wait) => polled,
             };
             let records = match polled {
-                Ok(records) => records,
+                Ok(records) => {
+                    self.health.up(Stage::Bus);
+                    records
+                }
                 Err(err) if err.is_retryable() => {
+                    self.health.down(err.stage(), &err);
+                    count_error("consume", err.stage(), true);
                     stats.retries += 1;
                     let delay = backoff.next_delay();
                     warn!(error = %err, delay_ms = delay.as_millis() as u64, "polling the bus failed; retrying");
                     sleep_or_cancel(delay, &shutdown).await;
                     continue;
                 }
-                Err(err) => return Err(err),
+                Err(err) => {
+                    self.health.down(err.stage(), &err);
+                    count_error("consume", err.stage(), false);
+                    return Err(err);
+                }
             };
             if records.is_empty() {
                 if let Some(limit) = self.config.stop_after_idle {
@@ -135,10 +153,22 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
             stats.written += report.written as u64;
             stats.duplicates += report.duplicates as u64;
             stats.dead_lettered += report.dead_lettered.len() as u64;
+            let write_time = idle_since.elapsed();
+            metrics::counter!("outbox_consumer_records_total").increment(records.len() as u64);
+            metrics::counter!("outbox_sink_rows_written_total").increment(report.written as u64);
+            metrics::counter!("outbox_sink_duplicates_total").increment(report.duplicates as u64);
+            metrics::counter!("outbox_sink_dead_lettered_total")
+                .increment(report.dead_lettered.len() as u64);
+            metrics::histogram!("outbox_consumer_batch_size").record(records.len() as f64);
+            metrics::histogram!("outbox_sink_write_seconds").record(write_time.as_secs_f64());
+            let first = &records[0].position;
+            let last = &records[records.len() - 1].position;
             debug!(
                 batch_len = records.len(),
+                first_position = %format_args!("{}:{}", first.partition, first.offset),
+                last_position = %format_args!("{}:{}", last.partition, last.offset),
                 poll_ms,
-                write_ms = idle_since.elapsed().as_millis() as u64,
+                write_ms = write_time.as_millis() as u64,
                 written = report.written,
                 duplicates = report.duplicates,
                 dead_lettered = report.dead_lettered.len(),
@@ -147,6 +177,7 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
             // The positions are a hint only (the sink keeps the truth), so a
             // failed commit is logged, not retried: the next commit covers it.
             if let Err(err) = self.subscription.commit(&checkpoint_after(&records)).await {
+                count_error("consume", err.stage(), err.is_retryable());
                 warn!(error = %err, "committing consumer positions failed; records will be re-read and skipped as duplicates");
             }
         }
@@ -170,10 +201,13 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
         loop {
             match self.sink.write(records).await {
                 Ok(report) => {
+                    self.health.up(Stage::Sink);
                     backoff.reset();
                     return Ok(Some(report));
                 }
                 Err(err) if err.is_retryable() => {
+                    self.health.down(err.stage(), &err);
+                    count_error("consume", err.stage(), true);
                     stats.retries += 1;
                     if shutdown.is_cancelled() {
                         return Ok(None);
@@ -182,7 +216,11 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
                     warn!(error = %err, attempt = backoff.attempts(), delay_ms = delay.as_millis() as u64, "sink write failed; retrying the same batch");
                     sleep_or_cancel(delay, shutdown).await;
                 }
-                Err(err) => return Err(err),
+                Err(err) => {
+                    self.health.down(err.stage(), &err);
+                    count_error("consume", err.stage(), false);
+                    return Err(err);
+                }
             }
         }
     }

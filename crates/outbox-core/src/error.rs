@@ -9,7 +9,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Which part of the pipeline failed; used in messages and as a metrics label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Ordered the way events flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Stage {
     /// Reading or acknowledging events in the source (Postgres).

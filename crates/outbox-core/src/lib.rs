@@ -6,6 +6,7 @@ mod bus;
 mod consume;
 mod error;
 mod event;
+mod health;
 mod relay;
 mod sink;
 mod source;
@@ -17,6 +18,7 @@ pub use error::{BoxError, Error, Result, Stage};
 pub use event::{
     ms_to_system_time, system_time_to_ms, Event, HEADER_CREATED_AT_MS, HEADER_EVENT_ID,
 };
+pub use health::{ComponentState, Health};
 pub use relay::{hold_back_after_failures, Relay, RelayConfig, RelayStats};
 pub use sink::{RecordStatus, Sink, WriteReport};
 pub use source::{AckSummary, Claimed, Source};

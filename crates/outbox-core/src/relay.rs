@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 
 use crate::bus::{Bus, Delivery};
 use crate::source::{AckSummary, Source};
-use crate::{Backoff, Event, Result};
+use crate::{Backoff, Event, Health, Result, Stage};
 
 /// Settings of a [`Relay`].
 #[derive(Debug, Clone)]
@@ -98,6 +98,7 @@ pub struct Relay<S, B> {
     source: S,
     bus: B,
     config: RelayConfig,
+    health: Health,
 }
 
 impl<S: Source, B: Bus> Relay<S, B> {
@@ -107,7 +108,15 @@ impl<S: Source, B: Bus> Relay<S, B> {
             source,
             bus,
             config,
+            health: Health::default(),
         }
+    }
+
+    /// Reports the outcome of every request to the source and the bus to
+    /// `health` (for a `/readyz` endpoint).
+    pub fn with_health(mut self, health: Health) -> Self {
+        self.health = health;
+        self
     }
 
     /// The source, for inspection.
@@ -116,31 +125,68 @@ impl<S: Source, B: Bus> Relay<S, B> {
     }
 
     /// One claim → publish → acknowledge cycle. `Ok(None)` when nothing was pending.
+    ///
+    /// Emits the `outbox_relay_*` metrics (see the crate's README).
     pub async fn run_once(&self) -> Result<Option<AckSummary>> {
         let started = std::time::Instant::now();
-        let Some(claimed) = self.source.claim(self.config.batch_size.max(1)).await? else {
+        let claimed = self.source.claim(self.config.batch_size.max(1)).await;
+        let claimed = self.observe(claimed)?;
+        self.health.up(Stage::Source);
+        let Some(claimed) = claimed else {
             return Ok(None);
         };
         let batch_len = claimed.events.len();
+        let first_event = claimed.events.first().map(|e| e.id);
+        let last_event = claimed.events.last().map(|e| e.id);
         let claimed_at = std::time::Instant::now();
-        let deliveries = match self.bus.publish(&claimed.events).await {
-            Ok(deliveries) => hold_back_after_failures(&claimed.events, deliveries),
-            // Dropping the claim abandons it: every event stays pending.
-            Err(err) => return Err(err),
-        };
+        // On error, dropping the claim abandons it: every event stays pending.
+        let published = self.observe(self.bus.publish(&claimed.events).await)?;
+        self.health.up(Stage::Bus);
+        let deliveries = hold_back_after_failures(&claimed.events, published);
         let published_at = std::time::Instant::now();
-        let summary = self.source.acknowledge(claimed, &deliveries).await?;
+        let summary = self.observe(self.source.acknowledge(claimed, &deliveries).await)?;
+        let claim_time = claimed_at.duration_since(started);
+        let publish_time = published_at.duration_since(claimed_at);
+        let ack_time = published_at.elapsed();
+        metrics::counter!("outbox_relay_events_claimed_total").increment(batch_len as u64);
+        metrics::counter!("outbox_relay_events_published_total")
+            .increment(summary.completed as u64);
+        metrics::counter!("outbox_relay_events_dead_lettered_total")
+            .increment(summary.dead_lettered as u64);
+        metrics::counter!("outbox_relay_events_released_total").increment(summary.released as u64);
+        metrics::histogram!("outbox_relay_batch_size").record(batch_len as f64);
+        metrics::histogram!("outbox_relay_claim_seconds").record(claim_time.as_secs_f64());
+        metrics::histogram!("outbox_relay_publish_seconds").record(publish_time.as_secs_f64());
+        metrics::histogram!("outbox_relay_ack_seconds").record(ack_time.as_secs_f64());
+        if summary.released > 0 {
+            count_error("relay", Stage::Bus, true);
+            self.health.down(
+                Stage::Bus,
+                format!("the broker did not acknowledge {} events", summary.released),
+            );
+        }
         debug!(
             batch_len,
-            claim_ms = claimed_at.duration_since(started).as_millis() as u64,
-            publish_ms = published_at.duration_since(claimed_at).as_millis() as u64,
-            ack_ms = published_at.elapsed().as_millis() as u64,
+            first_event = ?first_event,
+            last_event = ?last_event,
+            claim_ms = claim_time.as_millis() as u64,
+            publish_ms = publish_time.as_millis() as u64,
+            ack_ms = ack_time.as_millis() as u64,
             completed = summary.completed,
             dead_lettered = summary.dead_lettered,
             released = summary.released,
             "relay batch acknowledged"
         );
         Ok(Some(summary))
+    }
+
+    /// Records the outcome of one request in [`Health`]: the stage of an
+    /// error is down, the stage the request went to is up otherwise.
+    fn observe<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(err) = &result {
+            self.health.down(err.stage(), err);
+        }
+        result
     }
 
     /// Runs until `shutdown` is cancelled (or the outbox is empty, with
@@ -209,6 +255,7 @@ impl<S: Source, B: Bus> Relay<S, B> {
                         _ = shutdown.cancelled() => break,
                         waited = self.source.wait_for_events(self.config.idle_wait) => {
                             if let Err(err) = waited {
+                                self.health.down(err.stage(), &err);
                                 warn!(error = %err, "waiting for new events failed; polling instead");
                                 sleep_or_cancel(self.config.idle_wait, shutdown).await;
                             }
@@ -217,11 +264,13 @@ impl<S: Source, B: Bus> Relay<S, B> {
                 }
                 Err(err) if err.is_retryable() => {
                     stats.retries += 1;
+                    count_error("relay", err.stage(), true);
                     let delay = backoff.next_delay();
                     warn!(error = %err, attempt = backoff.attempts(), delay_ms = delay.as_millis() as u64, "relay cycle failed; retrying");
                     sleep_or_cancel(delay, shutdown).await;
                 }
                 Err(err) => {
+                    count_error("relay", err.stage(), false);
                     shutdown.cancel();
                     return Err(err);
                 }
@@ -229,6 +278,13 @@ impl<S: Source, B: Bus> Relay<S, B> {
         }
         Ok(stats)
     }
+}
+
+/// Counts a failure in `outbox_errors_total{loop, stage, class}`.
+pub(crate) fn count_error(loop_name: &'static str, stage: Stage, retryable: bool) {
+    let class = if retryable { "retryable" } else { "permanent" };
+    metrics::counter!("outbox_errors_total", "loop" => loop_name, "stage" => stage.to_string(), "class" => class)
+        .increment(1);
 }
 
 pub(crate) async fn sleep_or_cancel(delay: Duration, shutdown: &CancellationToken) {

@@ -122,3 +122,110 @@ pub async fn topic_partitions(config: &KafkaConfig, topic: &str) -> Result<i32, 
     }
     Ok(count)
 }
+
+/// How far a consumer group is behind on one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// The partition.
+    pub partition: i32,
+    /// The group's committed offset (the next record it will read), if any.
+    pub committed: Option<i64>,
+    /// The offset the next produced record will get.
+    pub high_watermark: i64,
+    /// Records produced but not yet committed by the group
+    /// (`high_watermark - committed`, or every record still kept without a commit).
+    pub lag: i64,
+}
+
+/// Reads a consumer group's committed offsets and the partitions' high
+/// watermarks, without joining the group (so it never triggers a rebalance).
+///
+/// ```no_run
+/// # async fn example() -> Result<(), outbox_kafka::BusError> {
+/// use outbox_kafka::{KafkaConfig, LagProbe};
+///
+/// let probe = LagProbe::new(&KafkaConfig::default(), "user_events_clickhouse", "user_events")?;
+/// for p in probe.lag().await? {
+///     println!("partition {}: {} behind", p.partition, p.lag);
+/// }
+/// # Ok(()) }
+/// ```
+pub struct LagProbe {
+    consumer: std::sync::Arc<rdkafka::consumer::BaseConsumer>,
+    brokers: String,
+    topic: String,
+}
+
+impl LagProbe {
+    /// A probe of `group_id` on `topic`.
+    pub fn new(config: &KafkaConfig, group_id: &str, topic: &str) -> Result<Self, BusError> {
+        let mut client_config = config.client_config();
+        client_config
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false");
+        config.apply_extra(&mut client_config);
+        let consumer = client_config.create().map_err(|source| BusError::Config {
+            brokers: config.brokers.clone(),
+            source,
+        })?;
+        Ok(Self {
+            consumer: std::sync::Arc::new(consumer),
+            brokers: config.brokers.clone(),
+            topic: topic.to_string(),
+        })
+    }
+
+    /// The lag of every partition of the topic, in partition order.
+    pub async fn lag(&self) -> Result<Vec<PartitionLag>, BusError> {
+        use rdkafka::consumer::Consumer;
+        let consumer = self.consumer.clone();
+        let topic = self.topic.clone();
+        let brokers = self.brokers.clone();
+        let unreachable = move |detail: String| BusError::Unreachable {
+            brokers: brokers.clone(),
+            detail,
+        };
+        let fail = unreachable.clone();
+        // librdkafka's calls block: keep them off the async threads.
+        tokio::task::spawn_blocking(move || {
+            let timeout = Duration::from_secs(10);
+            let metadata = consumer
+                .fetch_metadata(Some(&topic), timeout)
+                .map_err(|e| fail(e.to_string()))?;
+            let partitions: Vec<i32> = metadata
+                .topics()
+                .first()
+                .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+                .unwrap_or_default();
+            let mut wanted = rdkafka::TopicPartitionList::new();
+            for partition in &partitions {
+                wanted.add_partition(&topic, *partition);
+            }
+            let committed = consumer
+                .committed_offsets(wanted, timeout)
+                .map_err(|e| fail(e.to_string()))?;
+            let mut lags = Vec::with_capacity(partitions.len());
+            for partition in partitions {
+                let (low, high) = consumer
+                    .fetch_watermarks(&topic, partition, timeout)
+                    .map_err(|e| fail(e.to_string()))?;
+                let committed =
+                    committed
+                        .find_partition(&topic, partition)
+                        .and_then(|e| match e.offset() {
+                            rdkafka::Offset::Offset(n) if n >= 0 => Some(n),
+                            _ => None,
+                        });
+                lags.push(PartitionLag {
+                    partition,
+                    committed,
+                    high_watermark: high,
+                    lag: (high - committed.unwrap_or(low)).max(0),
+                });
+            }
+            Ok(lags)
+        })
+        .await
+        .map_err(|e| unreachable(e.to_string()))?
+    }
+}

@@ -7,7 +7,7 @@ mod config;
 mod error;
 mod subscription;
 
-pub use admin::{ensure_topics, topic_partitions};
+pub use admin::{ensure_topics, topic_partitions, LagProbe, PartitionLag};
 pub use bus::KafkaBus;
 pub use config::{Assignment, ConsumerConfig, KafkaConfig};
 pub use error::{is_permanent_delivery_code, is_permanent_kafka, BusError};

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod admin;
 mod claim;
 mod config;
 mod connect;
@@ -13,6 +14,7 @@ mod notify;
 mod schema;
 mod source;
 
+pub use admin::{Backlog, DeadLetter, LaneOwner, LaneStatus, OutboxAdmin, Selection};
 pub use claim::PgClaim;
 pub use config::{FlagTableConfig, OutboxConfig};
 pub use connect::{check_connection, connection, PgConfig};
@@ -21,7 +23,7 @@ pub use error::{describe, is_retryable_pg, PgError};
 pub use flag::{flag_row_event_id, FlagTableSource, FLAG_ROW_NAMESPACE};
 pub use ident::{SqlIdent, SqlName};
 pub use leases::{PartitionLeaseConfig, PartitionLeases};
-pub use schema::{migrate, schema_sql};
+pub use schema::{migrate, schema_sql, schema_version, SCHEMA_VERSION};
 pub use source::PgOutboxSource;
 
 /// A stable 32-bit hash (FNV-1a) of `text`: advisory-lock namespaces must be

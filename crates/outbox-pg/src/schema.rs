@@ -19,6 +19,7 @@ pub fn schema_sql(config: &OutboxConfig) -> Result<String, PgError> {
     let event_id_key = table.with_suffix("_event_id_key")?;
     let dead_event_idx = dead.with_suffix("_event_id_idx")?;
     let lane_idx = table.with_suffix("_lane_seq_idx")?;
+    let version_table = table.with_suffix("_schema_version")?;
     config.validate()?;
     let lane_expr = format!(
         "((hashtextextended(encode(coalesce(key, uuid_send(event_id)), 'hex'), 0) % {lanes}) + {lanes}) % {lanes}",
@@ -61,6 +62,15 @@ CREATE TABLE IF NOT EXISTS {dead} (
     dead_lettered_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS "{dead_event_idx_name}" ON {dead} (event_id);
+
+-- Which version of this schema the tables are at (one row); a binary
+-- refuses to migrate tables of a newer version than it knows.
+CREATE TABLE IF NOT EXISTS {version_table} (
+    version    integer     NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO {version_table} (version)
+    SELECT {SCHEMA_VERSION} WHERE NOT EXISTS (SELECT 1 FROM {version_table} WHERE version >= {SCHEMA_VERSION});
 "#,
         event_id_key_name = event_id_key.name(),
         dead_event_idx_name = dead_event_idx.name(),
@@ -68,16 +78,51 @@ CREATE INDEX IF NOT EXISTS "{dead_event_idx_name}" ON {dead} (event_id);
     ))
 }
 
+/// Version of the schema [`schema_sql`] creates: 1 was the outbox without
+/// lanes, 2 added lanes and this version record.
+pub const SCHEMA_VERSION: i32 = 2;
+
+/// The newest schema version recorded for the tables of `config`; `None`
+/// when they were never migrated (or predate version records).
+pub async fn schema_version<C: GenericClient + Sync>(
+    client: &C,
+    config: &OutboxConfig,
+) -> Result<Option<i32>, PgError> {
+    let table = config.table()?.with_suffix("_schema_version")?;
+    let exists = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.to_string()])
+        .await
+        .map_err(|e| PgError::query("schema version", e))?
+        .try_get::<_, bool>(0)
+        .map_err(|e| PgError::query("schema version", e))?;
+    if !exists {
+        return Ok(None);
+    }
+    client
+        .query_one(&format!("SELECT max(version) FROM {table}"), &[])
+        .await
+        .map_err(|e| PgError::query("schema version", e))?
+        .try_get(0)
+        .map_err(|e| PgError::query("schema version", e))
+}
+
 /// Advisory lock key taken while migrating (arbitrary, fixed).
 const MIGRATION_LOCK_KEY: i64 = 7_243_019_812;
 
-/// Creates the outbox tables if they do not exist. Safe to run at every start
-/// and from several processes at once.
+/// Creates the outbox tables if they do not exist and upgrades older ones.
+/// Safe to run at every start and from several processes at once.
 pub async fn migrate<C: GenericClient + Sync>(
     client: &C,
     config: &OutboxConfig,
 ) -> Result<(), PgError> {
     let sql = schema_sql(config)?;
+    if let Some(found) = schema_version(client, config).await? {
+        if found > SCHEMA_VERSION {
+            return Err(PgError::Config(format!(
+                "the outbox tables are at schema version {found}, newer than this build knows ({SCHEMA_VERSION}); upgrade the binary"
+            )));
+        }
+    }
     // Concurrent CREATE ... IF NOT EXISTS can still race on the catalog, so
     // migrations are serialised by an advisory lock. Statements sent in one
     // simple query run as one transaction, so the transaction-scoped lock is

@@ -158,7 +158,7 @@ impl PgOutboxSource {
 
 /// The advisory-lock namespace of an outbox table's lanes: a stable hash of
 /// its name, so two outbox tables never share lane locks.
-fn lock_namespace(table: &str) -> i32 {
+pub(crate) fn lock_namespace(table: &str) -> i32 {
     i32::from_ne_bytes(crate::stable_hash(&format!("outbox-lanes:{table}")).to_ne_bytes())
 }
 

@@ -119,16 +119,25 @@ struct OffsetRow {
     kafka_offset: i64,
 }
 
-#[derive(Row, Serialize)]
-struct DeadLetterRow {
-    topic: String,
-    kafka_partition: i32,
-    kafka_offset: i64,
-    event_id: String,
-    key: String,
-    payload: String,
-    reason: String,
-    failed_at: u32,
+/// A record the sink could never write, as kept in its dead-letter table.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct DeadLetterRow {
+    /// Kafka topic.
+    pub topic: String,
+    /// Kafka partition.
+    pub kafka_partition: i32,
+    /// Kafka offset.
+    pub kafka_offset: i64,
+    /// The event id header (empty when the message had none).
+    pub event_id: String,
+    /// The message key (UTF-8, lossy).
+    pub key: String,
+    /// The payload (UTF-8, lossy).
+    pub payload: String,
+    /// Why it could not be written.
+    pub reason: String,
+    /// When, seconds since the epoch.
+    pub failed_at: u32,
 }
 
 fn now_s() -> u32 {
@@ -275,25 +284,8 @@ impl<M: RowMapper> ClickHouseSink<M> {
             .bind(partition)
             .bind(from)
             .fetch_all::<OffsetRow>();
-        let rows = self.bounded("position lookup", query).await?;
+        let rows = bounded(&self.config, "position lookup", query).await?;
         Ok(rows.into_iter().map(|r| r.kafka_offset).collect())
-    }
-
-    /// Runs a query with the insert timeout as its limit: a server that
-    /// stopped answering must not hang the consumer.
-    async fn bounded<T>(
-        &self,
-        operation: &'static str,
-        query: impl std::future::Future<Output = clickhouse::error::Result<T>>,
-    ) -> Result<T, SinkError> {
-        match tokio::time::timeout(self.config.insert_timeout, query).await {
-            Ok(result) => result.map_err(|e| SinkError::request(&self.config.url, operation, e)),
-            Err(_) => Err(SinkError::request(
-                &self.config.url,
-                operation,
-                clickhouse::error::Error::TimedOut,
-            )),
-        }
     }
 
     /// Ids of the latest `dedup_window` rows of a partition, oldest first.
@@ -317,7 +309,7 @@ impl<M: RowMapper> ClickHouseSink<M> {
             .bind(partition)
             .bind(window)
             .fetch_all::<IdRow>();
-        let rows = self.bounded("event id lookup", query).await?;
+        let rows = bounded(&self.config, "event id lookup", query).await?;
         for row in rows {
             recent.insert(row.event_id);
         }
@@ -550,5 +542,121 @@ impl<M: RowMapper> ClickHouseSink<M> {
                 offset: r.kafka_offset,
             })
             .collect())
+    }
+}
+
+/// The sink's dead-letter table, for operators: list, count, delete. Needs
+/// no row mapper, so it never creates or touches the data table.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), sink_clickhouse::SinkError> {
+/// use sink_clickhouse::{ClickHouseConfig, ClickHouseDeadLetters};
+///
+/// let dead = ClickHouseDeadLetters::new(ClickHouseConfig::default());
+/// for row in dead.dead_letters(None, 20).await? {
+///     println!("{}:{}:{} {}", row.topic, row.kafka_partition, row.kafka_offset, row.reason);
+/// }
+/// # Ok(()) }
+/// ```
+pub struct ClickHouseDeadLetters {
+    client: Client,
+    config: ClickHouseConfig,
+}
+
+impl ClickHouseDeadLetters {
+    /// The dead-letter table named in `config`.
+    pub fn new(config: ClickHouseConfig) -> Self {
+        Self {
+            client: client_for(&config),
+            config,
+        }
+    }
+
+    fn table_ref(&self) -> String {
+        format!(
+            "`{}`.`{}`",
+            self.config.database, self.config.dead_letter_table
+        )
+    }
+
+    /// The oldest `limit` dead letters of `topic` (all topics when `None`).
+    pub async fn dead_letters(
+        &self,
+        topic: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<DeadLetterRow>, SinkError> {
+        let sql = format!(
+            "SELECT ?fields FROM {} WHERE (? = '' OR topic = ?) \
+             ORDER BY failed_at, topic, kafka_partition, kafka_offset LIMIT ?",
+            self.table_ref()
+        );
+        let topic = topic.unwrap_or_default();
+        let query = self
+            .client
+            .query(&sql)
+            .bind(topic)
+            .bind(topic)
+            .bind(limit)
+            .fetch_all::<DeadLetterRow>();
+        bounded(&self.config, "dead-letter list", query).await
+    }
+
+    /// Dead letters counted by reason, most frequent first.
+    pub async fn dead_letter_counts(&self) -> Result<Vec<(String, u64)>, SinkError> {
+        #[derive(Row, Deserialize)]
+        struct Count {
+            reason: String,
+            n: u64,
+        }
+        let sql = format!(
+            "SELECT reason, count() AS n FROM {} GROUP BY reason ORDER BY n DESC, reason LIMIT 20",
+            self.table_ref()
+        );
+        let query = self.client.query(&sql).fetch_all::<Count>();
+        let rows = bounded(&self.config, "dead-letter counts", query).await?;
+        Ok(rows.into_iter().map(|c| (c.reason, c.n)).collect())
+    }
+
+    /// Deletes the dead letter at `topic`/`partition`/`offset` (`None`:
+    /// every dead letter). ClickHouse applies the deletion in the
+    /// background, within seconds.
+    pub async fn delete_dead_letters(
+        &self,
+        position: Option<(&str, i32, i64)>,
+    ) -> Result<(), SinkError> {
+        let sql = format!(
+            "ALTER TABLE {} DELETE WHERE ? OR (topic = ? AND kafka_partition = ? AND kafka_offset = ?)",
+            self.table_ref()
+        );
+        let (all, (topic, partition, offset)) = match position {
+            Some(p) => (0u8, p),
+            None => (1u8, ("", 0, 0)),
+        };
+        let query = self
+            .client
+            .query(&sql)
+            .bind(all)
+            .bind(topic)
+            .bind(partition)
+            .bind(offset)
+            .execute();
+        bounded(&self.config, "dead-letter delete", query).await
+    }
+}
+
+/// Runs a query with the insert timeout as its limit: a server that stopped
+/// answering must not hang the caller.
+async fn bounded<T>(
+    config: &ClickHouseConfig,
+    operation: &'static str,
+    query: impl std::future::Future<Output = clickhouse::error::Result<T>>,
+) -> Result<T, SinkError> {
+    match tokio::time::timeout(config.insert_timeout, query).await {
+        Ok(result) => result.map_err(|e| SinkError::request(&config.url, operation, e)),
+        Err(_) => Err(SinkError::request(
+            &config.url,
+            operation,
+            clickhouse::error::Error::TimedOut,
+        )),
     }
 }

@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use examples::{
-    init_tracing, retry_startup, shutdown_on_signals, ClickHouseArgs, KafkaArgs, LogArgs, PgArgs,
-    UserLoginMapper,
+    init_tracing, retry_startup, shutdown_on_signals, ClickHouseArgs, GroupArgs, KafkaArgs,
+    LogArgs, OpsArgs, PgArgs, UserLoginMapper,
 };
-use outbox_core::{Consume, ConsumeConfig};
+use outbox_core::{Consume, ConsumeConfig, Health, Stage};
 use outbox_kafka::{Assignment, ConsumerConfig, KafkaSubscription};
 use outbox_pg::{PartitionLeaseConfig, PartitionLeases};
 use sink_clickhouse::{ClickHouseSink, RawEventMapper, RowMapper};
@@ -52,19 +52,16 @@ struct Cli {
     log: LogArgs,
     #[command(flatten)]
     pg: PgArgs,
+    #[command(flatten)]
+    ops: OpsArgs,
+    /// How often the consumer-lag gauge is refreshed (s).
+    #[arg(long, env = "OUTBOX_LAG_INTERVAL_SECS", default_value_t = 15)]
+    lag_interval_secs: u64,
     /// With --assignment leased: how long a silent consumer keeps its partitions (ms).
     #[arg(long, env = "OUTBOX_LEASE_TIMEOUT_MS", default_value_t = 6_000)]
     lease_timeout_ms: u64,
-    /// Topic to read.
-    #[arg(long, env = "OUTBOX_TOPIC", default_value = "user_events")]
-    topic: String,
-    /// Consumer group.
-    #[arg(
-        long,
-        env = "OUTBOX_GROUP_ID",
-        default_value = "user_events_clickhouse"
-    )]
-    group_id: String,
+    #[command(flatten)]
+    group: GroupArgs,
     /// How partitions are obtained.
     #[arg(
         long,
@@ -104,13 +101,16 @@ struct Cli {
     #[arg(long, env = "OUTBOX_MAX_POLL_INTERVAL_MS", default_value_t = 60_000)]
     max_poll_interval_ms: u64,
     /// Exit after this many seconds without any record.
-    #[arg(long)]
+    #[arg(long, env = "OUTBOX_EXIT_AFTER_IDLE_SECS")]
     exit_after_idle_secs: Option<u64>,
 }
 
+/// Where /metrics listens unless told otherwise (the relay's default + 1).
+const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9465";
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = examples::parse_cli();
     init_tracing(&cli.log);
     examples::exit_with(run(cli).await)
 }
@@ -124,7 +124,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
     let startup = Duration::from_secs(cli.log.startup_timeout_secs);
-    let ch_config = cli.clickhouse.config();
+    let shutdown = shutdown_on_signals(Duration::from_secs(cli.log.drain_timeout_secs));
+    let health = Health::new([Stage::Bus, Stage::Sink]);
+    cli.ops
+        .start(DEFAULT_METRICS_ADDR, health.clone(), shutdown.clone())
+        .await?;
+    let ch_config = cli.clickhouse.config()?;
     ch_config
         .validate()
         .context("invalid clickhouse configuration")?;
@@ -136,18 +141,20 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
     })
     .await?;
     let sink = ClickHouseSink::new(ch_config, mapper).await?;
+    health.up(Stage::Sink);
 
     let kafka = cli.kafka.config("consumer_to_clickhouse");
     let bus = outbox_kafka::KafkaBus::new(kafka.clone())?;
     retry_startup("kafka", startup, || bus.check_connection()).await?;
     drop(bus);
     // Subscribing to a topic that does not exist yet would wait silently.
-    let topics = [cli.topic.as_str()];
+    let topics = [cli.group.topic.as_str()];
     retry_startup("kafka", startup, || {
         outbox_kafka::ensure_topics(&kafka, &topics)
     })
     .await?;
-    let mut consumer_config = ConsumerConfig::new(cli.group_id.clone(), [cli.topic.clone()]);
+    let mut consumer_config =
+        ConsumerConfig::new(cli.group.group_id.clone(), [cli.group.topic.clone()]);
     consumer_config.session_timeout = Duration::from_millis(cli.session_timeout_ms);
     consumer_config.max_poll_interval = Duration::from_millis(cli.max_poll_interval_ms);
     consumer_config.batch_linger = Duration::from_millis(cli.batch_linger_ms);
@@ -158,9 +165,20 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
         AssignmentArg::Leased => Assignment::Leased,
     };
     let mut subscription = KafkaSubscription::new(&kafka, consumer_config)?;
-    let shutdown = shutdown_on_signals(Duration::from_secs(cli.log.drain_timeout_secs));
+    health.up(Stage::Bus);
+    let probe = outbox_kafka::LagProbe::new(&kafka, &cli.group.group_id, &cli.group.topic)?;
+    let probe = std::sync::Arc::new(probe);
+    let lag_topic = cli.group.topic.clone();
+    tokio::spawn(examples::every(
+        Duration::from_secs(cli.lag_interval_secs.max(1)),
+        shutdown.clone(),
+        move || {
+            let (probe, topic) = (probe.clone(), lag_topic.clone());
+            async move { report_lag(&probe, &topic).await }
+        },
+    ));
     if matches!(cli.assignment, AssignmentArg::Leased) {
-        let pg = cli.pg.config("consumer_to_clickhouse leases");
+        let pg = cli.pg.config("consumer_to_clickhouse leases")?;
         let pool = pg.create_pool()?;
         let target = pg.target();
         retry_startup("postgres", startup, || {
@@ -169,13 +187,16 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
         .await?;
         let partitions = std::cell::Cell::new(0);
         retry_startup("kafka", startup, || async {
-            partitions.set(outbox_kafka::topic_partitions(&kafka, &cli.topic).await?);
+            partitions.set(outbox_kafka::topic_partitions(&kafka, &cli.group.topic).await?);
             Ok::<_, outbox_kafka::BusError>(())
         })
         .await?;
         let partitions = partitions.get();
-        let mut lease_config =
-            PartitionLeaseConfig::new(cli.group_id.clone(), cli.topic.clone(), partitions);
+        let mut lease_config = PartitionLeaseConfig::new(
+            cli.group.group_id.clone(),
+            cli.group.topic.clone(),
+            partitions,
+        );
         lease_config.session_timeout = Duration::from_millis(cli.lease_timeout_ms);
         lease_config.takeover_delay = lease_config.session_timeout;
         let (owned_tx, owned_rx) = watch::channel(Vec::new());
@@ -197,8 +218,9 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
         stop_after_idle: cli.exit_after_idle_secs.map(Duration::from_secs),
         ..ConsumeConfig::default()
     };
-    info!(topic = %cli.topic, group = %cli.group_id, "consuming");
+    info!(topic = %cli.group.topic, group = %cli.group.group_id, "consuming");
     let stats = Consume::new(subscription, sink, config)
+        .with_health(health)
         .run(shutdown)
         .await?;
     println!(
@@ -206,4 +228,22 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
         stats.written, stats.duplicates, stats.dead_lettered
     );
     Ok(())
+}
+
+/// Refreshes the `outbox_consumer_lag{topic, partition}` gauge: records in
+/// the topic that the group has not committed yet.
+async fn report_lag(probe: &outbox_kafka::LagProbe, topic: &str) {
+    match probe.lag().await {
+        Ok(lags) => {
+            for lag in lags {
+                metrics::gauge!(
+                    "outbox_consumer_lag",
+                    "topic" => topic.to_string(),
+                    "partition" => lag.partition.to_string()
+                )
+                .set(lag.lag as f64);
+            }
+        }
+        Err(err) => tracing::debug!(error = %err, "consumer lag query failed"),
+    }
 }

@@ -9,8 +9,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use examples::{init_tracing, retry_startup, shutdown_on_signals, KafkaArgs, LogArgs, PgArgs};
-use outbox_core::{Relay, RelayConfig, Source};
+use examples::{
+    init_tracing, retry_startup, shutdown_on_signals, KafkaArgs, LogArgs, OpsArgs, OutboxTableArgs,
+    PgArgs,
+};
+use outbox_core::{Health, Relay, RelayConfig, Source, Stage};
 use outbox_kafka::KafkaBus;
 use outbox_pg::{FlagTableConfig, FlagTableSource, OutboxConfig, PgOutboxSource};
 use tracing::info;
@@ -34,6 +37,8 @@ struct Cli {
     kafka: KafkaArgs,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    ops: OpsArgs,
     /// What to read.
     #[arg(long, env = "OUTBOX_SOURCE", value_enum, default_value = "flag-table")]
     source: SourceKind,
@@ -52,16 +57,8 @@ struct Cli {
     /// Topic the flag table's rows go to.
     #[arg(long, env = "OUTBOX_TOPIC", default_value = "user_events")]
     topic: String,
-    /// Outbox table (with --source outbox).
-    #[arg(long, env = "OUTBOX_TABLE", default_value = "outbox")]
-    outbox_table: String,
-    /// Dead-letter table for events the broker can never take.
-    #[arg(
-        long,
-        env = "OUTBOX_DEAD_LETTER_TABLE",
-        default_value = "outbox_dead_letter"
-    )]
-    dead_letter_table: String,
+    #[command(flatten)]
+    tables: OutboxTableArgs,
     /// Do not create the outbox tables at start (for a role without DDL rights).
     #[arg(long, env = "OUTBOX_NO_MIGRATE")]
     no_migrate: bool,
@@ -77,13 +74,20 @@ struct Cli {
     #[arg(long, env = "OUTBOX_IN_FLIGHT_BATCHES", default_value_t = 2)]
     in_flight_batches: usize,
     /// Exit once nothing is pending instead of waiting for new events.
-    #[arg(long)]
+    #[arg(long, env = "OUTBOX_DRAIN")]
     drain: bool,
+    /// How often the outbox backlog gauges are refreshed (s; each refresh
+    /// counts the pending events, one scan of the outbox table).
+    #[arg(long, env = "OUTBOX_BACKLOG_INTERVAL_SECS", default_value_t = 15)]
+    backlog_interval_secs: u64,
 }
+
+/// Where /metrics listens unless told otherwise.
+const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = examples::parse_cli();
     init_tracing(&cli.log);
     examples::exit_with(run(cli).await)
 }
@@ -91,10 +95,8 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let startup = Duration::from_secs(cli.log.startup_timeout_secs);
     let outbox_config = OutboxConfig {
-        table: cli.outbox_table.clone(),
-        dead_letter_table: cli.dead_letter_table.clone(),
         claim_timeout: Duration::from_secs(cli.claim_timeout_secs),
-        ..OutboxConfig::default()
+        ..cli.tables.config()
     };
     outbox_config
         .validate()
@@ -105,7 +107,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         flag_column: cli.flag_column.clone(),
         key_column: Some(cli.key_column.clone()),
         topic: cli.topic.clone(),
-        dead_letter_table: cli.dead_letter_table.clone(),
+        dead_letter_table: cli.tables.dead_letter_table.clone(),
         claim_timeout: Duration::from_secs(cli.claim_timeout_secs),
     };
     flag_config
@@ -123,7 +125,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         SourceKind::Outbox => cli.in_flight_batches,
     };
 
-    let pg = cli.pg.config("producer_pg_to_kafka");
+    let shutdown = shutdown_on_signals(Duration::from_secs(cli.log.drain_timeout_secs));
+    let health = Health::new([Stage::Source, Stage::Bus]);
+    cli.ops
+        .start(DEFAULT_METRICS_ADDR, health.clone(), shutdown.clone())
+        .await?;
+
+    let pg = cli.pg.config("producer_pg_to_kafka")?;
     let target = pg.target();
     let pool = pg.create_pool()?;
     retry_startup("postgres", startup, || {
@@ -134,6 +142,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let client = outbox_pg::connection(&pool, &target).await?;
         outbox_pg::migrate(&client, &outbox_config).await?;
     }
+    health.up(Stage::Source);
 
     let kafka = cli.kafka.config("producer_pg_to_kafka");
     let bus = KafkaBus::new(kafka.clone())?;
@@ -145,6 +154,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         })
         .await?;
     }
+    health.up(Stage::Bus);
 
     let relay_config = RelayConfig {
         batch_size: cli.batch_size,
@@ -152,19 +162,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_in_flight_batches: in_flight_batches,
         ..RelayConfig::default()
     };
-    let shutdown = shutdown_on_signals(Duration::from_secs(cli.log.drain_timeout_secs));
     match cli.source {
         SourceKind::FlagTable => {
             info!(table = %cli.table, topic = %cli.topic, "relaying flag table");
             let source = FlagTableSource::new(pool, target, flag_config)?;
-            run_relay(source, bus, relay_config, shutdown).await
+            run_relay(source, bus, relay_config, health, shutdown).await
         }
         SourceKind::Outbox => {
-            info!(table = %cli.outbox_table, "relaying outbox table");
+            info!(table = %cli.tables.outbox_table, "relaying outbox table");
+            let interval = Duration::from_secs(cli.backlog_interval_secs.max(1));
+            let admin = outbox_pg::OutboxAdmin::new(&outbox_config)?;
+            let (backlog_pool, backlog_target) = (pool.clone(), target.clone());
+            tokio::spawn(examples::every(interval, shutdown.clone(), move || {
+                let (pool, target, admin) =
+                    (backlog_pool.clone(), backlog_target.clone(), admin.clone());
+                async move { report_backlog(&pool, &target, &admin).await }
+            }));
             let source =
                 PgOutboxSource::new(pool, target, outbox_config)?.listen_for_events(pg.clone());
-            run_relay(source, bus, relay_config, shutdown).await
+            run_relay(source, bus, relay_config, health, shutdown).await
         }
+    }
+}
+
+/// Refreshes the `outbox_backlog_events` and
+/// `outbox_oldest_pending_age_seconds` gauges.
+async fn report_backlog(
+    pool: &outbox_pg::deadpool_postgres::Pool,
+    target: &str,
+    admin: &outbox_pg::OutboxAdmin,
+) {
+    let backlog = match outbox_pg::connection(pool, target).await {
+        Ok(client) => admin.backlog(&client).await,
+        Err(err) => Err(err),
+    };
+    match backlog {
+        Ok(backlog) => {
+            metrics::gauge!("outbox_backlog_events").set(backlog.pending as f64);
+            metrics::gauge!("outbox_oldest_pending_age_seconds")
+                .set(backlog.oldest_age.unwrap_or_default().as_secs_f64());
+        }
+        Err(err) => tracing::debug!(error = %err, "backlog query failed"),
     }
 }
 
@@ -172,9 +210,10 @@ async fn run_relay<S: Source>(
     source: S,
     bus: KafkaBus,
     config: RelayConfig,
+    health: Health,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let relay = Relay::new(source, bus, config);
+    let relay = Relay::new(source, bus, config).with_health(health);
     let stats = relay.run(shutdown).await?;
     info!(
         published = stats.published,

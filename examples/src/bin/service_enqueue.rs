@@ -43,7 +43,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = examples::parse_cli();
     init_tracing(&cli.log);
     examples::exit_with(run(cli).await)
 }
@@ -54,7 +54,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ..OutboxConfig::default()
     };
     let outbox = Outbox::new(&config)?;
-    let pg = cli.pg.config("service_enqueue");
+    let pg = cli.pg.config("service_enqueue")?;
     let target = pg.target();
     let pool = pg.create_pool()?;
     let mut client = outbox_pg::connection(&pool, &target).await?;

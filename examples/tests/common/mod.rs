@@ -190,6 +190,7 @@ pub fn bin(name: &str) -> PathBuf {
         "producer_pg_to_kafka" => PathBuf::from(env!("CARGO_BIN_EXE_producer_pg_to_kafka")),
         "consumer_to_clickhouse" => PathBuf::from(env!("CARGO_BIN_EXE_consumer_to_clickhouse")),
         "service_enqueue" => PathBuf::from(env!("CARGO_BIN_EXE_service_enqueue")),
+        "outbox" => PathBuf::from(env!("CARGO_BIN_EXE_outbox")),
         other => panic!("unknown binary {other}"),
     }
 }
@@ -203,6 +204,8 @@ pub fn command(name: &str) -> Command {
         .env("OUTBOX_KAFKA_BROKERS", brokers())
         .env("OUTBOX_CLICKHOUSE_URL", clickhouse_url())
         .env("RUST_LOG", "warn")
+        // Tests run binaries side by side: any free port for /metrics.
+        .env("OUTBOX_METRICS_ADDR", "127.0.0.1:0")
         .stdin(Stdio::null());
     cmd
 }
@@ -314,4 +317,35 @@ pub async fn within<F: std::future::Future>(limit: Duration, what: &str, future:
         Ok(output) => output,
         Err(_) => panic!("{what} did not finish within {limit:?} (is the stack healthy? scripts/stack.sh status)"),
     }
+}
+
+/// A port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET `url`: (HTTP status, body); status 0 when nothing answered.
+pub async fn http_get(url: &str) -> (u16, String) {
+    let output = tokio::process::Command::new("curl")
+        .args(["-sS", "-m", "5", "-w", "\n%{http_code}", url])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// The value of an unlabelled Prometheus counter or gauge, 0 when absent.
+pub fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
+            rest.trim().parse().ok()
+        })
+        .unwrap_or(0.0)
 }

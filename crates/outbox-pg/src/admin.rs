@@ -1,0 +1,335 @@
+//! What operators ask of an outbox: how far behind it is, who works it, what
+//! was dead-lettered, and putting dead letters back on the normal path.
+
+use std::time::Duration;
+
+use deadpool_postgres::GenericClient;
+use uuid::Uuid;
+
+use crate::{OutboxConfig, PgError};
+
+/// Pending events of an outbox table.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backlog {
+    /// Events not yet acknowledged by the broker.
+    pub pending: i64,
+    /// How long the oldest of them has waited (`None` when nothing is pending).
+    pub oldest_age: Option<Duration>,
+}
+
+/// One lane of an outbox table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaneStatus {
+    /// The lane.
+    pub lane: i32,
+    /// Pending events in it.
+    pub pending: i64,
+    /// Age of its oldest pending event.
+    pub oldest_age: Duration,
+    /// Most publish attempts of one of its events (above 0: the broker refused
+    /// or timed out on it before).
+    pub max_attempts: i32,
+    /// The relay session holding the lane right now, if a claim is in flight.
+    pub owner: Option<LaneOwner>,
+}
+
+/// A database session holding a lane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaneOwner {
+    /// Backend process id (`pg_stat_activity.pid`).
+    pub pid: i32,
+    /// `application_name` of the session (the relays set theirs).
+    pub application_name: String,
+    /// Client address, `local` for a Unix socket.
+    pub client_addr: String,
+}
+
+/// A dead-lettered event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// Row id in the dead-letter table.
+    pub id: i64,
+    /// The event's id.
+    pub event_id: Uuid,
+    /// Its topic.
+    pub topic: String,
+    /// Its key.
+    pub key: Option<Vec<u8>>,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// Its headers.
+    pub headers: serde_json::Value,
+    /// Publish attempts made.
+    pub attempts: i32,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// Which outbox table it came from.
+    pub origin: String,
+    /// When it was enqueued.
+    pub created_at: std::time::SystemTime,
+    /// When it was dead-lettered.
+    pub dead_lettered_at: std::time::SystemTime,
+}
+
+/// Which dead letters an operation applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// These row ids.
+    Ids(Vec<i64>),
+    /// Every dead letter of the table.
+    All,
+}
+
+/// Queries and repairs of one outbox table and its dead-letter table.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use outbox_pg::{OutboxAdmin, OutboxConfig, PgConfig, Selection};
+///
+/// let pool = PgConfig::default().create_pool()?;
+/// let client = pool.get().await?;
+/// let admin = OutboxAdmin::new(&OutboxConfig::default())?;
+/// let backlog = admin.backlog(&client).await?;
+/// println!("{} pending", backlog.pending);
+/// for dead in admin.dead_letters(&client, 20).await? {
+///     println!("{} {}: {}", dead.id, dead.topic, dead.reason);
+/// }
+/// let replayed = admin.replay(&client, &Selection::Ids(vec![1])).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct OutboxAdmin {
+    backlog_sql: String,
+    lanes_sql: String,
+    owners_sql: String,
+    dead_counts_sql: String,
+    dead_list_sql: String,
+    dead_show_sql: String,
+    replay_sql: String,
+    purge_sql: String,
+    lock_key: i64,
+    channel: String,
+}
+
+const DEAD_COLUMNS: &str = "id, event_id, topic, key, payload, headers, attempts, reason, origin, created_at, dead_lettered_at";
+
+impl OutboxAdmin {
+    /// Queries over the tables of `config` (names validated here).
+    pub fn new(config: &OutboxConfig) -> Result<Self, PgError> {
+        config.validate()?;
+        let table = config.table()?;
+        let dead = config.dead_letter_table()?;
+        let namespace = crate::source::lock_namespace(&table.plain());
+        Ok(Self {
+            backlog_sql: format!(
+                "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM {table}"
+            ),
+            lanes_sql: format!(
+                "SELECT lane, count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8, max(attempts) \
+                 FROM {table} GROUP BY lane ORDER BY lane"
+            ),
+            // Lane locks are advisory locks with two int4 keys: the
+            // namespace shows as classid (as an unsigned oid), the lane as objid.
+            owners_sql: "SELECT l.objid::bigint, a.pid, coalesce(a.application_name, ''), \
+                          coalesce(host(a.client_addr), 'local') \
+                          FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                          AND l.classid::bigint = $1"
+                .into(),
+            dead_counts_sql: format!(
+                "SELECT reason, count(*) FROM {dead} GROUP BY reason ORDER BY count(*) DESC, reason LIMIT $1"
+            ),
+            dead_list_sql: format!("SELECT {DEAD_COLUMNS} FROM {dead} ORDER BY id LIMIT $1"),
+            dead_show_sql: format!("SELECT {DEAD_COLUMNS} FROM {dead} WHERE id = $1"),
+            // One statement: the events are back in the outbox exactly when
+            // they leave the dead-letter table. They get new sequence
+            // numbers, so each is published after whatever its key published
+            // since it failed.
+            replay_sql: format!(
+                "WITH moved AS (DELETE FROM {dead} WHERE $2 OR id = ANY($1) RETURNING *) \
+                 INSERT INTO {table} (event_id, topic, key, payload, headers, created_at) \
+                 SELECT event_id, topic, key, payload, headers, created_at FROM moved ORDER BY id"
+            ),
+            purge_sql: format!("DELETE FROM {dead} WHERE $2 OR id = ANY($1)"),
+            lock_key: i64::from(u32::from_ne_bytes(namespace.to_ne_bytes())),
+            channel: crate::notify::channel_for(&table),
+        })
+    }
+
+    /// Pending count and the oldest pending event's age (one scan of the table).
+    pub async fn backlog<C: GenericClient + Sync>(&self, client: &C) -> Result<Backlog, PgError> {
+        let row = client
+            .query_one(&self.backlog_sql, &[])
+            .await
+            .map_err(|e| PgError::query("backlog", e))?;
+        let oldest: Option<f64> = get(&row, 1, "backlog")?;
+        Ok(Backlog {
+            pending: get(&row, 0, "backlog")?,
+            oldest_age: oldest.map(seconds),
+        })
+    }
+
+    /// Every lane with pending events, with the relay session holding it now.
+    pub async fn lanes<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+    ) -> Result<Vec<LaneStatus>, PgError> {
+        let owners = client
+            .query(&self.owners_sql, &[&self.lock_key])
+            .await
+            .map_err(|e| PgError::query("lane owners", e))?;
+        let owners = owners
+            .iter()
+            .map(|row| {
+                let lane: i64 = get(row, 0, "lane owners")?;
+                let owner = LaneOwner {
+                    pid: get(row, 1, "lane owners")?,
+                    application_name: get(row, 2, "lane owners")?,
+                    client_addr: get(row, 3, "lane owners")?,
+                };
+                Ok((lane, owner))
+            })
+            .collect::<Result<Vec<_>, PgError>>()?;
+        let owner_of = |lane: i32| {
+            owners
+                .iter()
+                .find(|(l, _)| *l == i64::from(lane))
+                .map(|(_, owner)| owner.clone())
+        };
+        let rows = client
+            .query(&self.lanes_sql, &[])
+            .await
+            .map_err(|e| PgError::query("lanes", e))?;
+        rows.iter()
+            .map(|row| {
+                let lane: i32 = get(row, 0, "lanes")?;
+                Ok(LaneStatus {
+                    lane,
+                    pending: get(row, 1, "lanes")?,
+                    oldest_age: seconds(get(row, 2, "lanes")?),
+                    max_attempts: get(row, 3, "lanes")?,
+                    owner: owner_of(lane),
+                })
+            })
+            .collect()
+    }
+
+    /// Dead letters counted by reason, most frequent first (at most `limit` reasons).
+    pub async fn dead_letter_counts<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        limit: i64,
+    ) -> Result<Vec<(String, i64)>, PgError> {
+        let rows = client
+            .query(&self.dead_counts_sql, &[&limit])
+            .await
+            .map_err(|e| PgError::query("dead-letter counts", e))?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    get(r, 0, "dead-letter counts")?,
+                    get(r, 1, "dead-letter counts")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// The oldest `limit` dead letters.
+    pub async fn dead_letters<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        limit: i64,
+    ) -> Result<Vec<DeadLetter>, PgError> {
+        let rows = client
+            .query(&self.dead_list_sql, &[&limit])
+            .await
+            .map_err(|e| PgError::query("dead-letter list", e))?;
+        rows.iter().map(dead_letter).collect()
+    }
+
+    /// One dead letter by row id.
+    pub async fn dead_letter<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        id: i64,
+    ) -> Result<Option<DeadLetter>, PgError> {
+        let row = client
+            .query_opt(&self.dead_show_sql, &[&id])
+            .await
+            .map_err(|e| PgError::query("dead-letter show", e))?;
+        row.as_ref().map(dead_letter).transpose()
+    }
+
+    /// Moves the selected dead letters back into the outbox, where relays
+    /// publish them like any new event (same ids, so sinks that already
+    /// hold one skip it), and wakes the relays. Returns how many moved.
+    pub async fn replay<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        selection: &Selection,
+    ) -> Result<u64, PgError> {
+        let (ids, all) = selection.params();
+        let moved = client
+            .execute(&self.replay_sql, &[&ids, &all])
+            .await
+            .map_err(|e| PgError::query("dead-letter replay", e))?;
+        if moved > 0 {
+            client
+                .execute("SELECT pg_notify($1, '')", &[&self.channel])
+                .await
+                .map_err(|e| PgError::query("dead-letter replay (notify)", e))?;
+        }
+        Ok(moved)
+    }
+
+    /// Deletes the selected dead letters for good. Returns how many.
+    pub async fn purge<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        selection: &Selection,
+    ) -> Result<u64, PgError> {
+        let (ids, all) = selection.params();
+        client
+            .execute(&self.purge_sql, &[&ids, &all])
+            .await
+            .map_err(|e| PgError::query("dead-letter purge", e))
+    }
+}
+
+impl Selection {
+    fn params(&self) -> (Vec<i64>, bool) {
+        match self {
+            Selection::Ids(ids) => (ids.clone(), false),
+            Selection::All => (Vec::new(), true),
+        }
+    }
+}
+
+fn seconds(value: f64) -> Duration {
+    Duration::try_from_secs_f64(value.max(0.0)).unwrap_or_default()
+}
+
+fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    index: usize,
+    operation: &'static str,
+) -> Result<T, PgError> {
+    row.try_get(index).map_err(|e| PgError::query(operation, e))
+}
+
+fn dead_letter(row: &tokio_postgres::Row) -> Result<DeadLetter, PgError> {
+    let op = "dead-letter read";
+    Ok(DeadLetter {
+        id: get(row, 0, op)?,
+        event_id: get(row, 1, op)?,
+        topic: get(row, 2, op)?,
+        key: get(row, 3, op)?,
+        payload: get(row, 4, op)?,
+        headers: get(row, 5, op)?,
+        attempts: get(row, 6, op)?,
+        reason: get(row, 7, op)?,
+        origin: get(row, 8, op)?,
+        created_at: get(row, 9, op)?,
+        dead_lettered_at: get(row, 10, op)?,
+    })
+}

@@ -1,0 +1,503 @@
+//! `outbox`: the operator's command. Creates and upgrades the schema, shows
+//! what is pending, who works it and what was dead-lettered, and puts dead
+//! letters back on the normal path.
+//!
+//! ```text
+//! outbox migrate [--print]
+//! outbox status
+//! outbox dead-letter list  [--side postgres|clickhouse] [--limit N]
+//! outbox dead-letter show  ID                 (postgres: row id; clickhouse: topic:partition:offset)
+//! outbox dead-letter replay ID... | --all
+//! outbox dead-letter purge  ID... | --all
+//! ```
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use examples::{
+    init_tracing, retry_startup, ClickHouseArgs, GroupArgs, KafkaArgs, LogArgs, OutboxTableArgs,
+    PgArgs,
+};
+use outbox_core::{Bus, Delivery, Event};
+use outbox_pg::{OutboxAdmin, OutboxConfig, Selection};
+use sink_clickhouse::ClickHouseDeadLetters;
+
+/// Operate an outbox: schema, status, dead letters.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    pg: PgArgs,
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    clickhouse: ClickHouseArgs,
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(flatten)]
+    tables: OutboxTableArgs,
+    /// The consumer group whose lag `status` shows.
+    #[command(flatten)]
+    group: GroupArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or upgrade the outbox tables (idempotent, versioned).
+    Migrate {
+        /// Print the SQL instead of running it (for a DBA to apply).
+        #[arg(long)]
+        print: bool,
+    },
+    /// Pending events, their age, lanes and who holds them, dead letters,
+    /// consumer lag.
+    Status,
+    /// Dead letters of the relay (Postgres) or of the sink (ClickHouse).
+    #[command(subcommand)]
+    DeadLetter(DeadLetterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetterCommand {
+    /// The oldest dead letters.
+    List {
+        #[command(flatten)]
+        side: SideArg,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// One dead letter in full.
+    Show {
+        #[command(flatten)]
+        side: SideArg,
+        /// Postgres: the row id; ClickHouse: `topic:partition:offset`.
+        id: String,
+    },
+    /// Send dead letters through the normal path again: Postgres ones back
+    /// into the outbox (relays publish them), ClickHouse ones back onto their
+    /// Kafka topic (the consumer writes them). Fix the cause first.
+    Replay {
+        #[command(flatten)]
+        side: SideArg,
+        #[command(flatten)]
+        selection: SelectionArgs,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        #[command(flatten)]
+        side: SideArg,
+        #[command(flatten)]
+        selection: SelectionArgs,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Side {
+    /// Events the broker refused (`outbox_dead_letter` in Postgres).
+    Postgres,
+    /// Records the sink could not write (dead-letter table in ClickHouse).
+    Clickhouse,
+}
+
+#[derive(Debug, Args)]
+struct SideArg {
+    /// Which dead-letter table.
+    #[arg(long, value_enum, default_value = "postgres")]
+    side: Side,
+}
+
+#[derive(Debug, Args)]
+struct SelectionArgs {
+    /// Ids (Postgres row ids, or ClickHouse `topic:partition:offset`).
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    ids: Vec<String>,
+    /// Every dead letter of the table.
+    #[arg(long)]
+    all: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli: Cli = examples::parse_cli();
+    init_tracing(&cli.log);
+    examples::exit_with(run(cli).await)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let outbox_config = cli.tables.config();
+    outbox_config
+        .validate()
+        .context("invalid outbox configuration")?;
+    match &cli.command {
+        Command::Migrate { print: true } => {
+            print!("{}", outbox_pg::schema_sql(&outbox_config)?);
+            Ok(())
+        }
+        Command::Migrate { print: false } => migrate(&cli, &outbox_config).await,
+        Command::Status => status(&cli, &outbox_config).await,
+        Command::DeadLetter(command) => match side_of(command) {
+            Side::Postgres => pg_dead_letters(&cli, &outbox_config, command).await,
+            Side::Clickhouse => clickhouse_dead_letters(&cli, command).await,
+        },
+    }
+}
+
+fn side_of(command: &DeadLetterCommand) -> Side {
+    match command {
+        DeadLetterCommand::List { side, .. }
+        | DeadLetterCommand::Show { side, .. }
+        | DeadLetterCommand::Replay { side, .. }
+        | DeadLetterCommand::Purge { side, .. } => side.side,
+    }
+}
+
+async fn pg_client(cli: &Cli) -> anyhow::Result<outbox_pg::deadpool_postgres::Object> {
+    let pg = cli.pg.config("outbox admin")?;
+    let target = pg.target();
+    let pool = pg.create_pool()?;
+    let startup = Duration::from_secs(cli.log.startup_timeout_secs);
+    retry_startup("postgres", startup, || {
+        outbox_pg::check_connection(&pool, &target)
+    })
+    .await?;
+    Ok(outbox_pg::connection(&pool, &target).await?)
+}
+
+async fn migrate(cli: &Cli, config: &OutboxConfig) -> anyhow::Result<()> {
+    let client = pg_client(cli).await?;
+    let before = outbox_pg::schema_version(&client, config).await?;
+    eprintln!(
+        "migrating {} (schema version {} → {})…",
+        config.table,
+        before.map_or_else(|| "none".to_string(), |v| v.to_string()),
+        outbox_pg::SCHEMA_VERSION
+    );
+    outbox_pg::migrate(&client, config).await?;
+    let after = outbox_pg::schema_version(&client, config).await?;
+    println!(
+        "{} is at schema version {}",
+        config.table,
+        after.unwrap_or_default()
+    );
+    Ok(())
+}
+
+async fn status(cli: &Cli, config: &OutboxConfig) -> anyhow::Result<()> {
+    let client = pg_client(cli).await?;
+    let admin = OutboxAdmin::new(config)?;
+    let version = outbox_pg::schema_version(&client, config).await?;
+    let backlog = admin.backlog(&client).await?;
+    println!(
+        "outbox {} (schema version {})",
+        config.table,
+        version.map_or_else(
+            || "none: run `outbox migrate`".to_string(),
+            |v| v.to_string()
+        )
+    );
+    println!(
+        "  pending: {}  oldest: {}",
+        backlog.pending,
+        backlog.oldest_age.map_or_else(
+            || "-".to_string(),
+            |age| format!("{:.1} s", age.as_secs_f64())
+        )
+    );
+    let lanes = admin.lanes(&client).await?;
+    if !lanes.is_empty() {
+        println!("  lanes with pending events: {}", lanes.len());
+        println!("    lane  pending  oldest_s  attempts  held_by");
+        for lane in &lanes {
+            let owner = lane.owner.as_ref().map_or_else(
+                || "-".to_string(),
+                |o| format!("pid {} {} ({})", o.pid, o.application_name, o.client_addr),
+            );
+            println!(
+                "    {:>4}  {:>7}  {:>8.1}  {:>8}  {owner}",
+                lane.lane,
+                lane.pending,
+                lane.oldest_age.as_secs_f64(),
+                lane.max_attempts
+            );
+        }
+    }
+    let dead = admin.dead_letter_counts(&client, 20).await?;
+    let total: i64 = dead.iter().map(|(_, n)| n).sum();
+    println!("  dead letters (postgres): {total}");
+    for (reason, count) in &dead {
+        println!("    {count:>7}  {reason}");
+    }
+
+    // The other services are optional here: say what could not be reached.
+    let ch = ClickHouseDeadLetters::new(cli.clickhouse.config()?);
+    match ch.dead_letter_counts().await {
+        Ok(counts) => {
+            let total: u64 = counts.iter().map(|(_, n)| n).sum();
+            println!(
+                "  dead letters (clickhouse {}.{}): {total}",
+                cli.clickhouse.clickhouse_database, cli.clickhouse.clickhouse_dead_letter_table
+            );
+            for (reason, count) in &counts {
+                println!("    {count:>7}  {reason}");
+            }
+        }
+        Err(err) => println!("  dead letters (clickhouse): unavailable: {err}"),
+    }
+    let kafka = cli.kafka.config("outbox admin");
+    let lag = match outbox_kafka::LagProbe::new(&kafka, &cli.group.group_id, &cli.group.topic) {
+        Ok(probe) => probe.lag().await,
+        Err(err) => Err(err),
+    };
+    match lag {
+        Ok(partitions) => {
+            let total: i64 = partitions.iter().map(|p| p.lag).sum();
+            println!(
+                "  consumer group {} on {}: lag {total}",
+                cli.group.group_id, cli.group.topic
+            );
+            for p in partitions {
+                println!(
+                    "    partition {:>3}  committed {:>10}  end {:>10}  lag {:>8}",
+                    p.partition,
+                    p.committed
+                        .map_or_else(|| "-".to_string(), |c| c.to_string()),
+                    p.high_watermark,
+                    p.lag
+                );
+            }
+        }
+        Err(err) => println!("  consumer lag: unavailable: {err}"),
+    }
+    Ok(())
+}
+
+fn parse_pg_ids(ids: &[String]) -> anyhow::Result<Vec<i64>> {
+    ids.iter()
+        .map(|id| {
+            id.parse::<i64>()
+                .with_context(|| format!("{id:?} is not a dead-letter row id (a number)"))
+        })
+        .collect()
+}
+
+fn selection(args: &SelectionArgs) -> anyhow::Result<Selection> {
+    Ok(if args.all {
+        Selection::All
+    } else {
+        Selection::Ids(parse_pg_ids(&args.ids)?)
+    })
+}
+
+async fn pg_dead_letters(
+    cli: &Cli,
+    config: &OutboxConfig,
+    command: &DeadLetterCommand,
+) -> anyhow::Result<()> {
+    let client = pg_client(cli).await?;
+    let admin = OutboxAdmin::new(config)?;
+    match command {
+        DeadLetterCommand::List { limit, .. } => {
+            let rows = admin.dead_letters(&client, i64::from(*limit)).await?;
+            println!(
+                "{:>6}  {:<36}  {:<20}  {:>8}  reason",
+                "id", "event_id", "topic", "attempts"
+            );
+            for row in rows {
+                println!(
+                    "{:>6}  {:<36}  {:<20}  {:>8}  {}",
+                    row.id, row.event_id, row.topic, row.attempts, row.reason
+                );
+            }
+        }
+        DeadLetterCommand::Show { id, .. } => {
+            let id = parse_pg_ids(std::slice::from_ref(id))?[0];
+            let Some(row) = admin.dead_letter(&client, id).await? else {
+                bail!(
+                    "no dead letter with id {id} in {}",
+                    config.dead_letter_table
+                );
+            };
+            println!("id:               {}", row.id);
+            println!("event_id:         {}", row.event_id);
+            println!("topic:            {}", row.topic);
+            println!(
+                "key:              {}",
+                row.key.as_deref().map_or_else(
+                    || "-".to_string(),
+                    |k| String::from_utf8_lossy(k).into_owned()
+                )
+            );
+            println!("attempts:         {}", row.attempts);
+            println!("reason:           {}", row.reason);
+            println!("origin:           {}", row.origin);
+            println!("created_at:       {}", unix(row.created_at));
+            println!("dead_lettered_at: {}", unix(row.dead_lettered_at));
+            println!("headers:          {}", row.headers);
+            println!(
+                "payload ({} bytes): {}",
+                row.payload.len(),
+                String::from_utf8_lossy(&row.payload)
+            );
+        }
+        DeadLetterCommand::Replay { selection: s, .. } => {
+            let moved = admin.replay(&client, &selection(s)?).await?;
+            println!("replayed {moved} dead letters into {}", config.table);
+        }
+        DeadLetterCommand::Purge { selection: s, .. } => {
+            let deleted = admin.purge(&client, &selection(s)?).await?;
+            println!("purged {deleted} dead letters");
+        }
+    }
+    Ok(())
+}
+
+fn unix(time: SystemTime) -> String {
+    match time.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => format!("{} (unix s)", d.as_secs()),
+        Err(_) => "before 1970".into(),
+    }
+}
+
+/// `topic:partition:offset` (Kafka topic names cannot hold `:`).
+fn parse_position(text: &str) -> anyhow::Result<(String, i32, i64)> {
+    let mut parts = text.rsplitn(3, ':');
+    let (Some(offset), Some(partition), Some(topic)) = (parts.next(), parts.next(), parts.next())
+    else {
+        bail!("{text:?} is not topic:partition:offset");
+    };
+    let partition = partition
+        .parse()
+        .with_context(|| format!("{text:?}: partition {partition:?} is not a number"))?;
+    let offset = offset
+        .parse()
+        .with_context(|| format!("{text:?}: offset {offset:?} is not a number"))?;
+    Ok((topic.to_string(), partition, offset))
+}
+
+async fn clickhouse_dead_letters(cli: &Cli, command: &DeadLetterCommand) -> anyhow::Result<()> {
+    let ch_config = cli.clickhouse.config()?;
+    ch_config
+        .validate()
+        .context("invalid clickhouse configuration")?;
+    let dead = ClickHouseDeadLetters::new(ch_config);
+    // Every dead letter the command may need, oldest first.
+    let all = || dead.dead_letters(None, u64::MAX);
+    let selected = |rows: Vec<sink_clickhouse::DeadLetterRow>, args: &SelectionArgs| {
+        if args.all {
+            return Ok(rows);
+        }
+        let wanted = args
+            .ids
+            .iter()
+            .map(|id| parse_position(id))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok::<_, anyhow::Error>(
+            rows.into_iter()
+                .filter(|r| {
+                    wanted.iter().any(|(t, p, o)| {
+                        *t == r.topic && *p == r.kafka_partition && *o == r.kafka_offset
+                    })
+                })
+                .collect(),
+        )
+    };
+    match command {
+        DeadLetterCommand::List { limit, .. } => {
+            let rows = dead.dead_letters(None, u64::from(*limit)).await?;
+            println!(
+                "{:<30}  {:<36}  reason",
+                "topic:partition:offset", "event_id"
+            );
+            for r in rows {
+                let at = format!("{}:{}:{}", r.topic, r.kafka_partition, r.kafka_offset);
+                println!("{at:<30}  {:<36}  {}", r.event_id, r.reason);
+            }
+        }
+        DeadLetterCommand::Show { id, .. } => {
+            let (topic, partition, offset) = parse_position(id)?;
+            let row = dead
+                .dead_letters(Some(&topic), u64::MAX)
+                .await?
+                .into_iter()
+                .find(|r| r.kafka_partition == partition && r.kafka_offset == offset);
+            let Some(r) = row else {
+                bail!("no clickhouse dead letter at {id}");
+            };
+            println!(
+                "position:  {}:{}:{}",
+                r.topic, r.kafka_partition, r.kafka_offset
+            );
+            println!("event_id:  {}", r.event_id);
+            println!("key:       {}", r.key);
+            println!("reason:    {}", r.reason);
+            println!("failed_at: {} (unix s)", r.failed_at);
+            println!("payload ({} bytes): {}", r.payload.len(), r.payload);
+        }
+        DeadLetterCommand::Replay { selection: s, .. } => {
+            let rows = selected(all().await?, s)?;
+            if rows.is_empty() {
+                println!("nothing to replay");
+                return Ok(());
+            }
+            let bus = outbox_kafka::KafkaBus::new(cli.kafka.config("outbox admin"))?;
+            let events = rows
+                .iter()
+                .map(|r| {
+                    let mut event = Event::new(r.topic.clone(), r.payload.clone().into_bytes());
+                    // The same id: a consumer that did write it after all skips it.
+                    if let Ok(id) = r.event_id.parse() {
+                        event = event.with_id(id);
+                    }
+                    if !r.key.is_empty() {
+                        event = event.with_key(r.key.clone().into_bytes());
+                    }
+                    event
+                })
+                .collect::<Vec<_>>();
+            eprintln!("publishing {} dead letters to Kafka…", events.len());
+            let deliveries = bus.publish(&events).await?;
+            let mut replayed = 0;
+            for (row, delivery) in rows.iter().zip(deliveries) {
+                match delivery {
+                    // Removed only once the broker has it again.
+                    Delivery::Acknowledged(_) => {
+                        dead.delete_dead_letters(Some((
+                            &row.topic,
+                            row.kafka_partition,
+                            row.kafka_offset,
+                        )))
+                        .await?;
+                        replayed += 1;
+                    }
+                    Delivery::Retryable(reason) | Delivery::Rejected(reason) => eprintln!(
+                        "{}:{}:{} not replayed: {reason}",
+                        row.topic, row.kafka_partition, row.kafka_offset
+                    ),
+                }
+            }
+            println!("replayed {replayed} of {} dead letters", rows.len());
+        }
+        DeadLetterCommand::Purge { selection: s, .. } => {
+            if s.all {
+                dead.delete_dead_letters(None).await?;
+                println!("purging every clickhouse dead letter (applied in the background)");
+                return Ok(());
+            }
+            let rows = selected(all().await?, s)?;
+            for r in &rows {
+                dead.delete_dead_letters(Some((&r.topic, r.kafka_partition, r.kafka_offset)))
+                    .await?;
+            }
+            println!(
+                "purging {} clickhouse dead letters (applied in the background)",
+                rows.len()
+            );
+        }
+    }
+    Ok(())
+}
