@@ -266,6 +266,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     report.timeline("relay ×1 (events/s into Kafka)", one.timeline.clone());
     let claim_after = pipeline::claim_cost(&env, Some(&one.table), sizes.claim_probes).await?;
     report.figure("claim_ms_after_backlog", claim_after);
+    // What autovacuum does in the background (the outbox table asks for it
+    // after every 10,000 deleted rows): the claim cost once it has run.
+    pipeline::vacuum(&env, &one.table).await?;
+    let claim_vacuumed = pipeline::claim_cost(&env, Some(&one.table), sizes.claim_probes).await?;
+    report.figure("claim_ms_after_vacuum", claim_vacuumed);
     // The raw consumer reads the very topic the sink then reads: tansu's
     // fetch costs grow with how far a partition's end is from the read
     // position, so a limit taken on a smaller topic would not compare.

@@ -260,6 +260,13 @@ pub async fn claim_cost(env: &Env, table: Option<&str>, probes: usize) -> anyhow
     Ok(ms)
 }
 
+/// `VACUUM` of an outbox table, as autovacuum would run it.
+pub async fn vacuum(env: &Env, table: &str) -> anyhow::Result<()> {
+    let client = env.pool.get().await?;
+    client.batch_execute(&format!("VACUUM \"{table}\"")).await?;
+    Ok(())
+}
+
 /// One steady-rate latency run.
 pub struct LatencyRun {
     /// Commit of the enqueue transaction → row visible in ClickHouse, ms, sorted.

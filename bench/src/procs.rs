@@ -41,10 +41,16 @@ impl Proc {
         if let Some(pid) = child.id() {
             let peak = peak_kb.clone();
             // VmHWM is the kernel's own high-water mark of the resident set,
-            // so sampling it now and then still catches short peaks.
+            // so sampling it now and then still catches short peaks. Pids
+            // wrap around quickly on a busy machine: stop as soon as the pid
+            // belongs to another process (another start time).
             tokio::spawn(async move {
                 let path = format!("/proc/{pid}/status");
+                let started = start_time(pid);
                 while let Ok(status) = std::fs::read_to_string(&path) {
+                    if started.is_none() || start_time(pid) != started {
+                        break;
+                    }
                     if let Some(kb) = status
                         .lines()
                         .find(|l| l.starts_with("VmHWM:"))
@@ -98,4 +104,13 @@ impl Proc {
             }
         }
     }
+}
+
+/// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks
+/// since boot; with the pid, it names one process.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from after its ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }

@@ -62,6 +62,10 @@ impl Report {
                 "claim_after_vs_empty",
                 self.get("claim_ms_after_backlog") / self.get("claim_ms_empty"),
             ),
+            (
+                "claim_vacuumed_vs_empty",
+                self.get("claim_ms_after_vacuum") / self.get("claim_ms_empty"),
+            ),
         ];
         for (key, value) in ratios {
             self.figure(key, value);
@@ -69,7 +73,7 @@ impl Report {
     }
 
     pub fn print_table(&self) {
-        let rows: [(&str, &str, &str); 27] = [
+        let rows: [(&str, &str, &str); 29] = [
             ("raw_produce_eps", "raw: rdkafka producer → broker", "msg/s"),
             ("raw_consume_eps", "raw: rdkafka consumer ← broker", "msg/s"),
             (
@@ -115,6 +119,11 @@ impl Report {
                 "claim+ack of 1000, after backlog",
                 "ms",
             ),
+            (
+                "claim_ms_after_vacuum",
+                "claim+ack of 1000, after backlog + vacuum",
+                "ms",
+            ),
             ("relay_vs_naive", "ratio: relay / original", "× (≥ 20)"),
             (
                 "relay_vs_limit",
@@ -133,7 +142,12 @@ impl Report {
             ),
             (
                 "claim_after_vs_empty",
-                "ratio: claim after backlog / new",
+                "ratio: claim right after backlog / new",
+                "",
+            ),
+            (
+                "claim_vacuumed_vs_empty",
+                "ratio: claim after backlog + vacuum / new",
                 "(≈ 1)",
             ),
             ("e2e_events", "events timed @ 1k/s", ""),

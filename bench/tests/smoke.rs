@@ -6,7 +6,7 @@ use std::process::Command;
 
 /// Every number the report must hold (issue #5's keys, plus the claim-cost
 /// and 5k-events/s latency figures).
-const KEYS: [&str; 26] = [
+const KEYS: [&str; 28] = [
     "raw_produce_eps",
     "raw_consume_eps",
     "raw_insert_rps",
@@ -28,11 +28,13 @@ const KEYS: [&str; 26] = [
     "consumer_rss_mb",
     "claim_ms_empty",
     "claim_ms_after_backlog",
+    "claim_ms_after_vacuum",
     "relay_vs_naive",
     "relay_vs_limit",
     "relay3_vs_limit",
     "sink_vs_limit",
     "claim_after_vs_empty",
+    "claim_vacuumed_vs_empty",
 ];
 
 #[test]

@@ -79,6 +79,9 @@ pub enum DecodeError {
     /// The message has no value.
     #[error("message has no payload")]
     MissingPayload,
+    /// The payload is not the JSON of the expected type.
+    #[error("payload is not the expected JSON: {0}")]
+    InvalidJson(String),
 }
 
 impl Record {
@@ -89,6 +92,32 @@ impl Record {
             .get(HEADER_EVENT_ID)
             .ok_or(DecodeError::MissingEventId)?;
         Uuid::parse_str(raw).map_err(|_| DecodeError::InvalidEventId(raw.clone()))
+    }
+
+    /// The payload decoded from JSON (see [`crate::Event::json`]). A sink's
+    /// mapper turns the error into a dead letter with this reason.
+    ///
+    /// ```
+    /// use outbox_core::{Position, Record};
+    ///
+    /// #[derive(serde::Deserialize)]
+    /// struct Login { user: String }
+    ///
+    /// let record = Record {
+    ///     topic: "logins".into(),
+    ///     position: Position { partition: 0, offset: 7 },
+    ///     key: None,
+    ///     payload: Some(bytes::Bytes::from_static(br#"{"user":"alice"}"#)),
+    ///     headers: Default::default(),
+    ///     timestamp_ms: None,
+    /// };
+    /// let login: Login = record.json()?;
+    /// assert_eq!(login.user, "alice");
+    /// # Ok::<(), outbox_core::DecodeError>(())
+    /// ```
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> std::result::Result<T, DecodeError> {
+        let payload = self.payload.as_deref().ok_or(DecodeError::MissingPayload)?;
+        serde_json::from_slice(payload).map_err(|e| DecodeError::InvalidJson(e.to_string()))
     }
 
     /// Rebuilds the [`Event`] the relay published.

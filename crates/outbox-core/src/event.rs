@@ -11,6 +11,12 @@ pub const HEADER_EVENT_ID: &str = "outbox-event-id";
 /// Header carrying the creation time of the event (milliseconds since the Unix epoch, decimal text).
 pub const HEADER_CREATED_AT_MS: &str = "outbox-created-at-ms";
 
+/// Header naming the payload's format (set by [`Event::json`]).
+pub const HEADER_CONTENT_TYPE: &str = "content-type";
+
+/// [`HEADER_CONTENT_TYPE`] of JSON payloads.
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+
 /// One event: what a service enqueues, what the relay publishes and what the sink receives.
 ///
 /// The `id` is the identity of the event for its whole life. The relay publishes it in the
@@ -52,6 +58,28 @@ impl Event {
             headers: BTreeMap::new(),
             created_at: SystemTime::now(),
         }
+    }
+
+    /// An event whose payload is `value` as JSON, with the header
+    /// `content-type: application/json`; the consumer side reads it back with
+    /// [`crate::Record::json`].
+    ///
+    /// ```
+    /// #[derive(serde::Serialize)]
+    /// struct Login<'a> { user: &'a str, ok: bool }
+    ///
+    /// let event = outbox_core::Event::json("logins", &Login { user: "alice", ok: true })?
+    ///     .with_key("alice");
+    /// assert_eq!(&event.payload[..], br#"{"user":"alice","ok":true}"#);
+    /// assert_eq!(event.headers["content-type"], "application/json");
+    /// # Ok::<(), serde_json::Error>(())
+    /// ```
+    pub fn json<T: serde::Serialize + ?Sized>(
+        topic: impl Into<String>,
+        value: &T,
+    ) -> Result<Self, serde_json::Error> {
+        let payload = serde_json::to_vec(value)?;
+        Ok(Self::new(topic, payload).with_header(HEADER_CONTENT_TYPE, CONTENT_TYPE_JSON))
     }
 
     /// Sets the id, for events whose identity is derived from business data.

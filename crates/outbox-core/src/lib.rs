@@ -4,6 +4,7 @@
 mod backoff;
 mod bus;
 mod consume;
+mod dedup;
 mod error;
 mod event;
 mod health;
@@ -14,9 +15,11 @@ mod source;
 pub use backoff::Backoff;
 pub use bus::{Bus, Checkpoint, DecodeError, Delivery, Position, Record, Subscription};
 pub use consume::{checkpoint_after, Consume, ConsumeConfig, ConsumeStats};
+pub use dedup::RecentIds;
 pub use error::{BoxError, Error, Result, Stage};
 pub use event::{
-    ms_to_system_time, system_time_to_ms, Event, HEADER_CREATED_AT_MS, HEADER_EVENT_ID,
+    ms_to_system_time, system_time_to_ms, Event, CONTENT_TYPE_JSON, HEADER_CONTENT_TYPE,
+    HEADER_CREATED_AT_MS, HEADER_EVENT_ID,
 };
 pub use health::{ComponentState, Health};
 pub use relay::{hold_back_after_failures, Relay, RelayConfig, RelayStats};

@@ -51,6 +51,51 @@ impl Outbox {
         })
     }
 
+    /// Writes one event whose payload is `value` as JSON, with `key` and
+    /// `headers`, on `client` (inside the caller's transaction, like
+    /// [`Outbox::enqueue`]). Returns the event's id.
+    ///
+    /// ```no_run
+    /// # async fn example(outbox: outbox_pg::Outbox, pool: outbox_pg::deadpool_postgres::Pool) -> Result<(), Box<dyn std::error::Error>> {
+    /// #[derive(serde::Serialize)]
+    /// struct AccountOpened { name: String }
+    ///
+    /// let mut client = pool.get().await?;
+    /// let tx = client.transaction().await?;
+    /// tx.execute("INSERT INTO accounts (name) VALUES ($1)", &[&"alice"]).await?;
+    /// let id = outbox
+    ///     .enqueue_json(&tx, "accounts", Some("alice"), &AccountOpened { name: "alice".into() }, &[("source", "signup")])
+    ///     .await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn enqueue_json<C, T>(
+        &self,
+        client: &C,
+        topic: &str,
+        key: Option<&str>,
+        value: &T,
+        headers: &[(&str, &str)],
+    ) -> Result<Uuid, PgError>
+    where
+        C: GenericClient + Sync,
+        T: serde::Serialize + ?Sized,
+    {
+        let mut event = Event::json(topic, value).map_err(|e| PgError::Serialize {
+            topic: topic.to_string(),
+            reason: e.to_string(),
+        })?;
+        if let Some(key) = key {
+            event = event.with_key(key.to_string());
+        }
+        for (name, value) in headers {
+            event = event.with_header(*name, *value);
+        }
+        let id = event.id;
+        self.enqueue(client, std::slice::from_ref(&event)).await?;
+        Ok(id)
+    }
+
     /// Writes `events` with one statement on `client`, which should be inside
     /// a transaction the caller commits (a `tokio_postgres::Transaction`, a
     /// deadpool `Transaction`, or a client on which the caller ran `BEGIN`).

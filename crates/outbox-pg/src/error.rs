@@ -39,6 +39,14 @@ pub enum PgError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A value given to [`crate::Outbox::enqueue_json`] cannot be serialised.
+    #[error("event for topic {topic:?} cannot be serialised as JSON: {reason}")]
+    Serialize {
+        /// The event's topic.
+        topic: String,
+        /// Why.
+        reason: String,
+    },
     /// An event read from the outbox cannot be decoded.
     #[error("outbox row {seq} is malformed: {reason}")]
     MalformedRow {
@@ -63,6 +71,7 @@ impl PgError {
         match self {
             PgError::InvalidIdentifier { .. }
             | PgError::Config(_)
+            | PgError::Serialize { .. }
             | PgError::MalformedRow { .. } => false,
             PgError::Connect { retryable, .. } => *retryable,
             PgError::Query { source, .. } => is_retryable_pg(source),

@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS {table} (
 -- Upgrade of tables created before lanes existed.
 ALTER TABLE {table} ADD COLUMN IF NOT EXISTS lane integer GENERATED ALWAYS AS ({lane_expr}) STORED;
 CREATE INDEX IF NOT EXISTS "{lane_idx_name}" ON {table} (lane, seq);
+-- A queue table: every row is deleted soon after its insert. Vacuum it after
+-- every 10,000 dead rows instead of after 20% of the table, so claims do not
+-- step over a growing heap of deleted rows under sustained load.
+ALTER TABLE {table} SET (autovacuum_vacuum_scale_factor = 0.0, autovacuum_vacuum_threshold = 10000);
 
 -- Events the broker can never take (too large, invalid), kept with the reason.
 CREATE TABLE IF NOT EXISTS {dead} (

@@ -1,11 +1,11 @@
 //! The ClickHouse [`Sink`]: batched RowBinary inserts, exactly-once by position.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use clickhouse::{Client, Row};
-use outbox_core::{Position, Record, Sink, WriteReport};
+use outbox_core::{Position, RecentIds, Record, Sink, WriteReport};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 use uuid::Uuid;
@@ -72,40 +72,6 @@ struct PartitionState {
     stored: BTreeSet<i64>,
     /// Ids of the latest rows written to this partition.
     recent: RecentIds,
-}
-
-/// A bounded set of the latest ids, oldest evicted first.
-#[derive(Debug)]
-struct RecentIds {
-    order: VecDeque<Uuid>,
-    set: HashSet<Uuid>,
-    capacity: usize,
-}
-
-impl RecentIds {
-    fn new(capacity: usize) -> Self {
-        Self {
-            order: VecDeque::new(),
-            set: HashSet::new(),
-            capacity,
-        }
-    }
-
-    fn contains(&self, id: &Uuid) -> bool {
-        self.set.contains(id)
-    }
-
-    fn insert(&mut self, id: Uuid) {
-        if self.capacity == 0 || !self.set.insert(id) {
-            return;
-        }
-        self.order.push_back(id);
-        while self.order.len() > self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
-        }
-    }
 }
 
 #[derive(Row, Deserialize)]

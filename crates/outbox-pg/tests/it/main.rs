@@ -516,3 +516,144 @@ async fn partition_leases_share_and_hand_over() {
     b.stop.cancel();
     c.stop.cancel();
 }
+
+/// Invariant (retention): processed events do not make the outbox table
+/// grow without bound nor claims slow down. 300,000 events are enqueued and
+/// processed in rounds of 10,000 over 36 s; with the autovacuum settings the
+/// migration gives the table (vacuum after every 10,000 deleted rows), the
+/// table stops growing once autovacuum has run (its freed space is reused)
+/// and the claims of the last rounds cost about what those of the first did.
+/// Needs autovacuum to visit the database during the test: the stack sets
+/// `autovacuum_naptime = 10s` (the server default, 1 min, bounds the table
+/// the same way, at a minute of dead rows).
+#[tokio::test]
+async fn processed_events_keep_table_size_and_claim_time_flat() {
+    let (pool, config) = setup("retention").await;
+    let outbox = Outbox::new(&config).unwrap();
+    let source = PgOutboxSource::new(pool.clone(), "test", config.clone()).unwrap();
+    let mut client = pool.get().await.unwrap();
+    let (rounds, per_round) = (30, 10_000);
+    let mut sizes = Vec::new();
+    let mut claim_ms = Vec::new();
+    for round in 0..rounds {
+        // Sustained load (about 8,000 events/s) for longer than autovacuum's
+        // naptime, rather than a burst that ends before it looks.
+        let round_started = std::time::Instant::now();
+        let events: Vec<Event> = (0..per_round)
+            .map(|i| {
+                Event::new("t", format!("{{\"r\":{round},\"i\":{i}}}"))
+                    .with_key(format!("k{}", i % 97))
+            })
+            .collect();
+        let tx = client.transaction().await.unwrap();
+        outbox.enqueue(&tx, &events).await.unwrap();
+        tx.commit().await.unwrap();
+        let started = std::time::Instant::now();
+        let mut claims = 0u32;
+        while let Some(claimed) = source.claim(1000).await.unwrap() {
+            let acks: Vec<Delivery> = (0..claimed.events.len()).map(|i| ack(i as i64)).collect();
+            source.acknowledge(claimed, &acks).await.unwrap();
+            claims += 1;
+        }
+        claim_ms.push(started.elapsed().as_secs_f64() * 1000.0 / f64::from(claims.max(1)));
+        let size: i64 = client
+            .query_one("SELECT pg_total_relation_size('t_retention')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        sizes.push(size);
+        let pace = Duration::from_millis(1200);
+        if let Some(rest) = pace.checked_sub(round_started.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let row = client
+        .query_one("SELECT count(*) FROM t_retention", &[])
+        .await
+        .unwrap();
+    let pending: i64 = row.get(0);
+    let vacuums: i64 = client
+        .query_one(
+            "SELECT autovacuum_count + vacuum_count FROM pg_stat_user_tables WHERE relname = 't_retention'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mb = |b: i64| b as f64 / 1_048_576.0;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let middle_peak = sizes[10..15].iter().copied().max().unwrap();
+    let end_peak = sizes[25..].iter().copied().max().unwrap();
+    let early_claim = mean(&claim_ms[1..6]);
+    let late_claim = mean(&claim_ms[rounds - 5..]);
+    println!(
+        "processed={} pending={pending} autovacuums={vacuums} size_mb: after 10k={:.1} rounds 10-14 peak={:.1} rounds 25-29 peak={:.1}; claim_ms: early={early_claim:.2} late={late_claim:.2}",
+        rounds * per_round,
+        mb(sizes[0]),
+        mb(middle_peak),
+        mb(end_peak),
+    );
+    assert_eq!(pending, 0);
+    assert!(
+        vacuums > 0,
+        "autovacuum never ran on the table: is autovacuum_naptime 10s (scripts/stack.sh up)?"
+    );
+    // Without vacuum the table would double between these two windows.
+    assert!(
+        end_peak as f64 <= middle_peak as f64 * 1.3,
+        "the table kept growing: {sizes:?}"
+    );
+    assert!(
+        late_claim <= early_claim * 3.0 + 5.0,
+        "claims slowed down: {claim_ms:?}"
+    );
+}
+
+/// Invariant (typed events): a value enqueued with `enqueue_json` in a
+/// committed transaction is claimed with its key, its headers and a payload
+/// that decodes to the same value; one rolled back is never claimed.
+#[tokio::test]
+async fn typed_json_events_round_trip() {
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Login {
+        user: String,
+        attempts: u32,
+    }
+    let (pool, config) = setup("typed").await;
+    let outbox = Outbox::new(&config).unwrap();
+    let mut client = pool.get().await.unwrap();
+    let value = Login {
+        user: "alice".into(),
+        attempts: 3,
+    };
+    let tx = client.transaction().await.unwrap();
+    let id = outbox
+        .enqueue_json(&tx, "logins", Some("alice"), &value, &[("source", "test")])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    outbox
+        .enqueue_json(&tx, "logins", Some("bob"), &value, &[])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+
+    let source = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let claimed = source.claim(10).await.unwrap().unwrap();
+    assert_eq!(claimed.events.len(), 1);
+    let event = &claimed.events[0];
+    let decoded: Login = serde_json::from_slice(&event.payload).unwrap();
+    println!(
+        "id={} key={:?} headers={:?}",
+        event.id, event.key, event.headers
+    );
+    assert_eq!(event.id, id);
+    assert_eq!(decoded, value);
+    assert_eq!(event.key.as_deref(), Some(&b"alice"[..]));
+    assert_eq!(event.headers["content-type"], "application/json");
+    assert_eq!(event.headers["source"], "test");
+    source.acknowledge(claimed, &[ack(0)]).await.unwrap();
+    assert!(source.claim(10).await.unwrap().is_none());
+}
