@@ -209,7 +209,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     sink_clickhouse::check_connection(&ch)
         .await
         .context("clickhouse is needed (make stack-up)")?;
-    let kafka = cli.kafka.config("bench");
+    let kafka = cli.kafka.config("bench")?;
     outbox_kafka::KafkaBus::new(kafka.clone())?
         .check_connection()
         .await

@@ -118,38 +118,33 @@ pub struct KafkaArgs {
         long,
         env = "OUTBOX_KAFKA_PROPERTIES",
         value_name = "KEY=VALUE,…",
-        hide_env_values = true,
-        value_parser = parse_kafka_properties
+        hide_env_values = true
     )]
     pub kafka_properties: Option<String>,
 }
 
-/// Checks `key=value,…` without echoing values (they may be passwords).
-fn parse_kafka_properties(text: &str) -> Result<String, String> {
-    for (index, pair) in text.split(',').enumerate() {
-        let key = pair.split_once('=').map(|(k, _)| k.trim());
-        if matches!(key, None | Some("")) && !pair.trim().is_empty() {
-            return Err(format!(
-                "entry {} is not key=value (entries are separated by commas)",
-                index + 1
-            ));
-        }
-    }
-    Ok(text.to_string())
-}
-
 impl KafkaArgs {
-    /// The adapter's configuration.
-    pub fn config(&self, client_id: &str) -> outbox_kafka::KafkaConfig {
-        let extra = self
-            .kafka_properties
-            .as_deref()
-            .unwrap_or_default()
-            .split(',')
-            .filter_map(|pair| pair.split_once('='))
-            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-            .collect();
-        outbox_kafka::KafkaConfig {
+    /// The adapter's configuration; fails on a malformed
+    /// `--kafka-properties` entry, naming its position, never its text (it
+    /// may hold a password).
+    pub fn config(&self, client_id: &str) -> anyhow::Result<outbox_kafka::KafkaConfig> {
+        let mut extra = std::collections::BTreeMap::new();
+        let text = self.kafka_properties.as_deref().unwrap_or_default();
+        for (index, pair) in text.split(',').enumerate() {
+            if pair.trim().is_empty() {
+                continue;
+            }
+            match pair.split_once('=') {
+                Some((key, value)) if !key.trim().is_empty() => {
+                    extra.insert(key.trim().to_string(), value.trim().to_string());
+                }
+                _ => anyhow::bail!(
+                    "--kafka-properties: entry {} is not key=value (entries are separated by commas)",
+                    index + 1
+                ),
+            }
+        }
+        Ok(outbox_kafka::KafkaConfig {
             extra,
             brokers: self.kafka_brokers.clone(),
             client_id: client_id.into(),
@@ -158,7 +153,7 @@ impl KafkaArgs {
             linger: Duration::from_millis(self.kafka_linger_ms),
             idempotence: self.kafka_idempotence,
             ..outbox_kafka::KafkaConfig::default()
-        }
+        })
     }
 }
 

@@ -488,7 +488,54 @@ async fn sigterm_stops_binaries_cleanly() {
 async fn bad_configuration_fails_clearly() {
     // (binary, arguments, environment, expected text in the error line)
     type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let bad_file = std::env::temp_dir().join(format!("{}.toml", unique("bad_config")));
+    std::fs::write(&bad_file, "batch_sise = 10\n").unwrap();
+    let bad_file = bad_file.to_string_lossy().into_owned();
     let cases: Vec<Case<'_>> = vec![
+        (
+            "producer_pg_to_kafka",
+            vec!["--config", &bad_file],
+            vec![],
+            "unknown key `batch_sise`",
+        ),
+        (
+            "producer_pg_to_kafka",
+            vec![
+                "--kafka-properties",
+                "security.protocol=SSL,secret-without-key",
+            ],
+            vec![],
+            "entry 2 is not key=value",
+        ),
+        (
+            "producer_pg_to_kafka",
+            vec!["--metrics-addr", "everywhere"],
+            vec![],
+            "--metrics-addr",
+        ),
+        (
+            "producer_pg_to_kafka",
+            vec![
+                "--source",
+                "outbox",
+                "--outbox-table",
+                "outbox\"; DROP TABLE user_logins; --",
+            ],
+            vec![],
+            "invalid identifier",
+        ),
+        (
+            "outbox",
+            vec!["--dead-letter-table", "dead letters", "status"],
+            vec![],
+            "invalid identifier",
+        ),
+        (
+            "consumer_to_clickhouse",
+            vec!["--clickhouse-database", "default`; DROP TABLE user_logins"],
+            vec![],
+            "invalid clickhouse",
+        ),
         (
             "producer_pg_to_kafka",
             vec!["--table", "user_logins; DROP TABLE x"],
@@ -568,6 +615,10 @@ async fn bad_configuration_fails_clearly() {
             "{binary} {args:?}: expected {expected:?} in {stderr}"
         );
         assert!(!stderr.contains("wrong-secret"), "secret leaked: {stderr}");
+        assert!(
+            !stderr.contains("secret-without-key"),
+            "secret leaked: {stderr}"
+        );
     }
 }
 

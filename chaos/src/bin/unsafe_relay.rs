@@ -37,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let table = outbox_pg::SqlName::parse(&cli.outbox_table).context("--outbox-table")?;
     let pool = cli.pg.config("unsafe_relay")?.create_pool()?;
-    let bus = KafkaBus::new(cli.kafka.config("unsafe_relay"))?;
+    let bus = KafkaBus::new(cli.kafka.config("unsafe_relay")?)?;
     let take = format!(
         "DELETE FROM {table} WHERE seq IN \
            (SELECT seq FROM {table} ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) \

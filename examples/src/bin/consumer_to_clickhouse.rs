@@ -143,7 +143,7 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
     let sink = ClickHouseSink::new(ch_config, mapper).await?;
     health.up(Stage::Sink);
 
-    let kafka = cli.kafka.config("consumer_to_clickhouse");
+    let kafka = cli.kafka.config("consumer_to_clickhouse")?;
     let bus = outbox_kafka::KafkaBus::new(kafka.clone())?;
     retry_startup("kafka", startup, || bus.check_connection()).await?;
     drop(bus);

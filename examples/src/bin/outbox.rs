@@ -248,7 +248,7 @@ async fn status(cli: &Cli, config: &OutboxConfig) -> anyhow::Result<()> {
         }
         Err(err) => println!("  dead letters (clickhouse): unavailable: {err}"),
     }
-    let kafka = cli.kafka.config("outbox admin");
+    let kafka = cli.kafka.config("outbox admin")?;
     let lag = match outbox_kafka::LagProbe::new(&kafka, &cli.group.group_id, &cli.group.topic) {
         Ok(probe) => probe.lag().await,
         Err(err) => Err(err),
@@ -444,7 +444,7 @@ async fn clickhouse_dead_letters(cli: &Cli, command: &DeadLetterCommand) -> anyh
                 println!("nothing to replay");
                 return Ok(());
             }
-            let bus = outbox_kafka::KafkaBus::new(cli.kafka.config("outbox admin"))?;
+            let bus = outbox_kafka::KafkaBus::new(cli.kafka.config("outbox admin")?)?;
             let events = rows
                 .iter()
                 .map(|r| {

@@ -144,7 +144,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     health.up(Stage::Source);
 
-    let kafka = cli.kafka.config("producer_pg_to_kafka");
+    let kafka = cli.kafka.config("producer_pg_to_kafka")?;
     let bus = KafkaBus::new(kafka.clone())?;
     retry_startup("kafka", startup, || bus.check_connection()).await?;
     if matches!(cli.source, SourceKind::FlagTable) {
