@@ -5,9 +5,10 @@
 # (`docker compose --profile pipeline up -d --wait`).
 
 FROM rust:1-bookworm AS build
-# librdkafka is built from source by rdkafka-sys.
+# librdkafka is built from source by rdkafka-sys; TLS everywhere links the
+# system's OpenSSL.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends build-essential cmake python3 zlib1g-dev \
+ && apt-get install -y --no-install-recommends build-essential cmake python3 zlib1g-dev libssl-dev pkg-config \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -20,7 +21,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates zlib1g curl \
+ && apt-get install -y --no-install-recommends ca-certificates zlib1g libssl3 curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home outbox
 COPY --from=build /out/ /usr/local/bin/

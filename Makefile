@@ -11,6 +11,10 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/outbox-stack/target
 endif
 export CARGO_TERM_COLOR ?= never
 
+# Every optional feature is built and tested (one feature set: no crate is
+# compiled twice).
+FEATURES := --features outbox-pg/sqlx
+
 DURATION ?= 150s
 SEED ?=
 SIZE ?= full
@@ -57,21 +61,21 @@ fmt:
 	cargo fmt --all -- --check
 
 clippy:
-	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets $(FEATURES) -- -D warnings
 
 test:
 	@set -euo pipefail; \
 	if [ "$${KEEP_STACK:-0}" != "1" ]; then trap 'scripts/stack.sh down' EXIT; fi; \
 	scripts/stack.sh up; \
 	echo "== cargo fmt --check"; cargo fmt --all -- --check; \
-	echo "== cargo clippy"; cargo clippy --workspace --all-targets -- -D warnings; \
-	echo "== cargo test"; cargo test --workspace --all-targets --exclude examples --exclude chaos --exclude bench; \
+	echo "== cargo clippy"; cargo clippy --workspace --all-targets $(FEATURES) -- -D warnings; \
+	echo "== cargo test"; cargo test --workspace --all-targets $(FEATURES) --exclude examples --exclude chaos --exclude bench; \
 	echo "== end-to-end tests (one at a time: they share one broker)"; \
-	cargo test -p examples --all-targets -- --test-threads=1; \
+	cargo test -p examples --all-targets $(FEATURES) -- --test-threads=1; \
 	echo "== chaos: short attacked runs (fixed and random seed) and a broken relay the harness must catch"; \
-	cargo build -p examples -p chaos --bins; \
-	cargo test -p chaos --all-targets -- --test-threads=1 --nocapture; \
+	cargo build -p examples -p chaos --bins $(FEATURES); \
+	cargo test -p chaos --all-targets $(FEATURES) -- --test-threads=1 --nocapture; \
 	echo "== benchmark smoke run (checks it runs and reports; asserts no figure)"; \
-	cargo build -p bench --bins; \
-	cargo test -p bench --all-targets -- --nocapture; \
-	echo "== doc tests"; cargo test --workspace --doc
+	cargo build -p bench --bins $(FEATURES); \
+	cargo test -p bench --all-targets $(FEATURES) -- --nocapture; \
+	echo "== doc tests"; cargo test --workspace --doc $(FEATURES)

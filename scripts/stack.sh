@@ -15,7 +15,13 @@
 #
 # Environment: STACK_DIR (default <checkout>/.stack), OUTBOX_CACHE (default
 # ~/.cache/outbox-stack: where the tansu binary is built once), and the ports
-# PG_PORT (5432), KAFKA_PORT (9092), CH_HTTP_PORT (8123), CH_TCP_PORT (9000).
+# PG_PORT (5432), KAFKA_PORT (9092), CH_HTTP_PORT (8123), CH_TCP_PORT (9000),
+# CH_HTTPS_PORT (8443).
+#
+# TLS: a CA of its own (.stack/tls/ca.crt) signs a certificate for
+# `localhost`; PostgreSQL offers TLS with it and ClickHouse serves HTTPS on
+# CH_HTTPS_PORT, so the clients' verify modes are tested against real
+# servers. .stack/tls/other-ca.crt is a CA that signed nothing.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,6 +32,8 @@ KAFKA_PORT="${KAFKA_PORT:-9092}"
 CH_HTTP_PORT="${CH_HTTP_PORT:-8123}"
 CH_TCP_PORT="${CH_TCP_PORT:-9000}"
 CH_INTERSERVER_PORT="${CH_INTERSERVER_PORT:-9009}"
+CH_HTTPS_PORT="${CH_HTTPS_PORT:-8443}"
+TLS_DIR="$STACK_DIR/tls"
 TANSU_VERSION="0.6.0"
 TANSU_BIN="$OUTBOX_CACHE/tansu-$TANSU_VERSION/bin/tansu"
 
@@ -164,11 +172,16 @@ EOF
 pg_up() {
   local bin
   bin="$(pg_bin)"
+  tls_up
   if pid_alive "$(pg_pid)" && pg_ready; then
-    log "postgres already running (pid $(pg_pid), port $PG_PORT)"
     pg_paths
-    pg_provision
-    return 0
+    if [ "$(as_pg "$bin/psql" -h "$PG_RUN" -p "$PG_PORT" -U postgres -d postgres -tAc 'SHOW ssl' 2>/dev/null)" = "on" ]; then
+      log "postgres already running (pid $(pg_pid), port $PG_PORT)"
+      pg_provision
+      return 0
+    fi
+    log "postgres runs without TLS (started by an older stack script): restarting it"
+    pg_down
   fi
   if [ "$(id -u)" -eq 0 ]; then
     id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql postgres
@@ -209,8 +222,16 @@ EOF
     rm -f "$PG_DATA/postmaster.pid"
   fi
   free_port "$PG_PORT" postgres
-  log "starting postgres on 127.0.0.1:$PG_PORT"
-  as_pg "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 start >/dev/null ||
+  # The server wants its key private to itself: a copy it owns.
+  local home="$STACK_DIR/postgres"
+  cp "$TLS_DIR/server.crt" "$home/server.crt"
+  cp "$TLS_DIR/server.key" "$home/server.key"
+  chmod 600 "$home/server.key"
+  [ "$(id -u)" -eq 0 ] && chown postgres "$home/server.crt" "$home/server.key"
+  log "starting postgres on 127.0.0.1:$PG_PORT (TLS offered)"
+  as_pg "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 \
+    -o "-c ssl=on -c ssl_cert_file=$(readlink -f "$home")/server.crt -c ssl_key_file=$(readlink -f "$home")/server.key" \
+    start >/dev/null ||
     { tail -n 20 "$PG_LOG" >&2 || true; die "postgres did not start"; }
   wait_for "postgres on 127.0.0.1:$PG_PORT" 60 "$PG_LOG" pg_ready
   pg_provision
@@ -224,6 +245,41 @@ pg_down() {
     log "stopping postgres (pid $pid)"
     as_pg "$(pg_bin)/pg_ctl" -D "$PG_DATA" -m fast -w -t 30 stop >/dev/null 2>&1 || stop_pid "$pid" 10
   fi
+}
+
+# ------------------------------------------------------------ build needs
+
+# The workspace links the system's OpenSSL (TLS to every service): its
+# headers and pkg-config must be there before cargo builds.
+build_deps() {
+  if ! { command -v pkg-config >/dev/null && pkg-config --exists openssl; }; then
+    apt_install libssl-dev pkg-config
+  fi
+}
+
+# ---------------------------------------------------------------------- TLS
+
+tls_up() {
+  [ -s "$TLS_DIR/server.crt" ] && [ -s "$TLS_DIR/other-ca.crt" ] && return 0
+  command -v openssl >/dev/null || apt_install openssl
+  log "creating a test CA and a certificate for localhost in $TLS_DIR"
+  mkdir -p "$TLS_DIR"
+  (
+    cd "$TLS_DIR"
+    ca() { # name, subject
+      openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "$2" \
+        -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+        -keyout "$1.key" -out "$1.crt"
+    }
+    ca ca "/CN=outbox stack test CA"
+    ca other-ca "/CN=outbox stack unrelated CA"
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr
+    printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' >server.ext
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile server.ext -out server.crt
+    rm -f server.csr server.ext ca.srl
+    chmod 600 ./*.key
+  ) >"$STACK_DIR/tls.log" 2>&1 || { tail -n 5 "$STACK_DIR/tls.log" >&2; die "could not create the TLS certificates"; }
 }
 
 # -------------------------------------------------------------------- tansu
@@ -332,6 +388,18 @@ ch_config() {
     <http_port>$CH_HTTP_PORT</http_port>
     <tcp_port>$CH_TCP_PORT</tcp_port>
     <interserver_http_port>$CH_INTERSERVER_PORT</interserver_http_port>
+    <https_port>$CH_HTTPS_PORT</https_port>
+    <openSSL>
+        <server>
+            <certificateFile>$TLS_DIR/server.crt</certificateFile>
+            <privateKeyFile>$TLS_DIR/server.key</privateKeyFile>
+            <verificationMode>none</verificationMode>
+            <loadDefaultCAFile>false</loadDefaultCAFile>
+            <cacheSessions>true</cacheSessions>
+            <disableProtocols>sslv2,sslv3</disableProtocols>
+            <preferServerCiphers>true</preferServerCiphers>
+        </server>
+    </openSSL>
     $listen
     <listen_try>1</listen_try>
     <max_connections>1024</max_connections>
@@ -350,6 +418,12 @@ ch_config() {
     <mlock_executable>false</mlock_executable>
     <builtin_dictionaries_reload_interval>3600</builtin_dictionaries_reload_interval>
     <max_session_timeout>3600</max_session_timeout>
+    <!-- A one-node cluster: the sink's Distributed tables are tested on it. -->
+    <remote_servers>
+        <outbox_local>
+            <shard><replica><host>localhost</host><port>$CH_TCP_PORT</port></replica></shard>
+        </outbox_local>
+    </remote_servers>
     <default_session_timeout>60</default_session_timeout>
 </yandex>
 EOF
@@ -396,6 +470,11 @@ ch_up() {
   command -v clickhouse-server >/dev/null || apt_install clickhouse-server clickhouse-client
   local pid
   pid="$(cat "$CH_PID" 2>/dev/null || true)"
+  tls_up
+  if pid_alive "$pid" && ch_ready && [ -z "$(port_pid "$CH_HTTPS_PORT")" ]; then
+    log "clickhouse runs without HTTPS (started by an older stack script): restarting it"
+    ch_down
+  fi
   if pid_alive "$pid" && ch_ready; then
     log "clickhouse already running (pid $pid, port $CH_HTTP_PORT)"
     return 0
@@ -410,6 +489,7 @@ ch_up() {
   free_port "$CH_HTTP_PORT" "clickhouse http"
   free_port "$CH_TCP_PORT" "clickhouse native"
   free_port "$CH_INTERSERVER_PORT" "clickhouse interserver"
+  free_port "$CH_HTTPS_PORT" "clickhouse https"
   log "starting clickhouse on 127.0.0.1:$CH_HTTP_PORT (http) / $CH_TCP_PORT (native)"
   (cd "$CH_DIR" && exec setsid clickhouse-server --config-file="$CH_DIR/config.xml" \
     >>"$CH_DIR/log/stdout.log" 2>&1 </dev/null) &
@@ -444,6 +524,7 @@ status() {
 case "${1:-}" in
   up)
     mkdir -p "$STACK_DIR"
+    build_deps
     pg_up
     kafka_up
     ch_up

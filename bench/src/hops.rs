@@ -389,7 +389,9 @@ pub async fn drop_ch_tables(env: &Env, table: &str) {
     if env.keep {
         return;
     }
-    let client = sink_clickhouse::client_for(&env.ch);
+    let Ok(client) = sink_clickhouse::client_for(&env.ch) else {
+        return;
+    };
     for t in [table.to_string(), format!("{table}_dead")] {
         let _ = client
             .query(&format!("DROP TABLE IF EXISTS `{t}`"))

@@ -162,7 +162,7 @@ pub async fn sink_backlog(env: &Env, topic: &str, n: usize) -> anyhow::Result<Ba
     say(format!(
         "consumer: writing {n} messages of {topic} into ClickHouse {table}"
     ));
-    let ch = sink_clickhouse::client_for(&env.ch);
+    let ch = sink_clickhouse::client_for(&env.ch)?;
     let started = Instant::now();
     let mut proc = Proc::start(
         "consumer",
@@ -364,7 +364,7 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
     let config = outbox_config(&table);
     migrate(&env.pool.get().await?, &config).await?;
     outbox_kafka::ensure_topics(&env.kafka, &[topic.as_str()]).await?;
-    let ch = sink_clickhouse::client_for(&env.ch);
+    let ch = sink_clickhouse::client_for(&env.ch)?;
     let mut relay = Proc::start(
         "relay",
         &env.bin_dir.join("producer_pg_to_kafka"),

@@ -409,11 +409,14 @@ pub async fn describe_machine(env: &Env) -> Value {
             .unwrap_or_default(),
         Err(_) => String::new(),
     };
-    let clickhouse = sink_clickhouse::client_for(&env.ch)
-        .query("SELECT version()")
-        .fetch_one::<String>()
-        .await
-        .unwrap_or_default();
+    let clickhouse = match sink_clickhouse::client_for(&env.ch) {
+        Ok(client) => client
+            .query("SELECT version()")
+            .fetch_one::<String>()
+            .await
+            .unwrap_or_default(),
+        Err(_) => String::new(),
+    };
     let (_, librdkafka) = outbox_kafka::rdkafka::util::get_rdkafka_version();
     let broker = find_broker();
     let summary = format!(

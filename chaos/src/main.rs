@@ -477,7 +477,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
     let ch = sink_clickhouse::client_for(&sink_clickhouse::ClickHouseConfig {
         url: cli.clickhouse_url.clone(),
         ..sink_clickhouse::ClickHouseConfig::default()
-    });
+    })?;
     let drain_started = Instant::now();
     let mut drained = true;
     loop {

@@ -42,6 +42,7 @@ where
     let path = path.as_path();
     let table = read_table(&mut command, path)?;
     let mut from_file: Vec<(String, String)> = Vec::new();
+    let mut from_file_args: Vec<OsString> = Vec::new();
     for (key, value) in &table {
         let id = key.replace('-', "_");
         let arg = command
@@ -59,7 +60,7 @@ where
         let text = match (value, arg.get_action()) {
             (toml::Value::Boolean(on), ArgAction::SetTrue) => {
                 if *on {
-                    args.push(format!("--{long}").into());
+                    from_file_args.push(format!("--{long}").into());
                 }
                 continue;
             }
@@ -76,8 +77,12 @@ where
             }
         };
         from_file.push((long.to_string(), key.clone()));
-        args.push(format!("--{long}={text}").into());
+        from_file_args.push(format!("--{long}={text}").into());
     }
+    // Right after the program name: options of the top-level command must
+    // come before a subcommand (`outbox status`).
+    let at = args.len().min(1);
+    args.splice(at..at, from_file_args);
     // The flag's own parser judges the value; its message, which names the
     // allowed values, is then given under the file's key.
     C::try_parse_from(args).map_err(|err| {
@@ -210,6 +215,35 @@ mod tests {
         assert!(cli.drain);
         let cli: Cli = try_parse_from(["bin"]).unwrap();
         assert_eq!((cli.batch_size, cli.topic.as_str()), (10, "t"));
+    }
+
+    #[derive(Debug, Parser)]
+    struct WithSubcommand {
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        #[arg(long, default_value = "h")]
+        host: String,
+        #[command(subcommand)]
+        command: Sub,
+    }
+
+    #[derive(Debug, clap::Subcommand)]
+    enum Sub {
+        Status,
+    }
+
+    #[test]
+    fn file_options_go_before_a_subcommand() {
+        let f = file("host = \"from_file\"\n");
+        let cli: WithSubcommand = try_parse_from([
+            "bin".as_ref(),
+            "--config".as_ref(),
+            f.0.as_os_str(),
+            "status".as_ref(),
+        ])
+        .unwrap();
+        assert_eq!(cli.host, "from_file");
+        assert!(matches!(cli.command, Sub::Status));
     }
 
     #[test]

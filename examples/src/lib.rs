@@ -18,6 +18,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clap::builder::TypedValueParser as _;
 use clap::Args;
 use clickhouse::Row;
 use outbox_core::Record;
@@ -26,8 +27,8 @@ use sink_clickhouse::{RowMapper, RowMeta};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-/// PostgreSQL connection options.
-#[derive(Debug, Clone, Args)]
+/// PostgreSQL connection options (`Debug` redacts the password).
+#[derive(Clone, Args)]
 pub struct PgArgs {
     /// PostgreSQL host.
     #[arg(long, env = "OUTBOX_PG_HOST", default_value = "127.0.0.1")]
@@ -54,6 +55,21 @@ pub struct PgArgs {
     /// PostgreSQL database.
     #[arg(long, env = "OUTBOX_PG_DATABASE", default_value = "test_db")]
     pub pg_database: String,
+    /// TLS to PostgreSQL, as libpq's sslmode: only verify-full checks that
+    /// the server is who it claims to be.
+    #[arg(
+        long,
+        env = "OUTBOX_PG_SSLMODE",
+        default_value = "prefer",
+        value_parser = clap::builder::PossibleValuesParser::new(
+            ["disable", "prefer", "require", "verify-ca", "verify-full"]
+        ).map(|mode| mode.parse::<outbox_pg::SslMode>().unwrap_or_default())
+    )]
+    pub pg_sslmode: outbox_pg::SslMode,
+    /// PEM file of the CA certificates that sign PostgreSQL's certificate
+    /// (libpq's sslrootcert); the system's CAs when unset.
+    #[arg(long, env = "OUTBOX_PG_SSLROOTCERT", value_name = "FILE")]
+    pub pg_sslrootcert: Option<PathBuf>,
 }
 
 impl PgArgs {
@@ -66,6 +82,8 @@ impl PgArgs {
             password: secret(&self.pg_password, self.pg_password_file.as_deref())?,
             dbname: self.pg_database.clone(),
             application_name: application_name.into(),
+            ssl_mode: self.pg_sslmode,
+            ssl_root_cert: self.pg_sslrootcert.clone(),
             ..outbox_pg::PgConfig::default()
         })
     }
@@ -82,8 +100,8 @@ pub fn secret(value: &str, file: Option<&Path>) -> anyhow::Result<String> {
     Ok(text.trim_end_matches(['\n', '\r']).to_string())
 }
 
-/// Kafka connection options.
-#[derive(Debug, Clone, Args)]
+/// Kafka connection options (`Debug` redacts `--kafka-properties` values).
+#[derive(Clone, Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers.
     #[arg(long, env = "OUTBOX_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
@@ -157,8 +175,8 @@ impl KafkaArgs {
     }
 }
 
-/// ClickHouse connection options.
-#[derive(Debug, Clone, Args)]
+/// ClickHouse connection options (`Debug` redacts the password).
+#[derive(Clone, Args)]
 pub struct ClickHouseArgs {
     /// ClickHouse HTTP endpoint.
     #[arg(
@@ -167,6 +185,10 @@ pub struct ClickHouseArgs {
         default_value = "http://127.0.0.1:8123"
     )]
     pub clickhouse_url: String,
+    /// PEM file of CA certificates to trust for an https:// ClickHouse URL,
+    /// besides the system's.
+    #[arg(long, env = "OUTBOX_CLICKHOUSE_CA_FILE", value_name = "FILE")]
+    pub clickhouse_ca_file: Option<PathBuf>,
     /// ClickHouse user.
     #[arg(long, env = "OUTBOX_CLICKHOUSE_USER", default_value = "user")]
     pub clickhouse_user: String,
@@ -198,6 +220,33 @@ pub struct ClickHouseArgs {
         default_value = "outbox_dead_letter"
     )]
     pub clickhouse_dead_letter_table: String,
+    /// Write to this ClickHouse cluster (a name of the servers'
+    /// remote_servers): both tables become Distributed tables, sharded by
+    /// Kafka partition, over local tables on every shard.
+    #[arg(long, env = "OUTBOX_CLICKHOUSE_CLUSTER", value_name = "NAME")]
+    pub clickhouse_cluster: Option<String>,
+    /// With --clickhouse-cluster: create the tables ON CLUSTER (needs
+    /// ClickHouse Keeper or ZooKeeper); false: create them on each shard yourself.
+    #[arg(
+        long,
+        env = "OUTBOX_CLICKHOUSE_ON_CLUSTER",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub clickhouse_on_cluster: bool,
+    /// With --clickhouse-cluster: Replicated local tables (needs Keeper and
+    /// the {shard}/{replica} macros).
+    #[arg(
+        long,
+        env = "OUTBOX_CLICKHOUSE_REPLICATED",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub clickhouse_replicated: bool,
+    /// With replicas: insert_quorum of every insert; set it to the replicas
+    /// per shard so that a lookup never reads a lagging replica. 0: off.
+    #[arg(long, env = "OUTBOX_CLICKHOUSE_INSERT_QUORUM", default_value_t = 0)]
+    pub clickhouse_insert_quorum: u32,
 }
 
 impl ClickHouseArgs {
@@ -205,6 +254,7 @@ impl ClickHouseArgs {
     pub fn config(&self) -> anyhow::Result<sink_clickhouse::ClickHouseConfig> {
         Ok(sink_clickhouse::ClickHouseConfig {
             url: self.clickhouse_url.clone(),
+            ca_file: self.clickhouse_ca_file.clone(),
             user: self.clickhouse_user.clone(),
             password: secret(
                 &self.clickhouse_password,
@@ -214,8 +264,110 @@ impl ClickHouseArgs {
             table: self.clickhouse_table.clone(),
             dead_letter_table: self.clickhouse_dead_letter_table.clone(),
             dedup_window: self.dedup_window,
+            cluster: self
+                .clickhouse_cluster
+                .as_ref()
+                .map(|name| sink_clickhouse::ClusterConfig {
+                    on_cluster: self.clickhouse_on_cluster,
+                    replicated: self.clickhouse_replicated,
+                    insert_quorum: self.clickhouse_insert_quorum,
+                    ..sink_clickhouse::ClusterConfig::new(name.clone())
+                }),
             ..sink_clickhouse::ClickHouseConfig::default()
         })
+    }
+}
+
+const REDACTED: &str = "<redacted>";
+
+impl std::fmt::Debug for PgArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgArgs")
+            .field("pg_host", &self.pg_host)
+            .field("pg_port", &self.pg_port)
+            .field("pg_user", &self.pg_user)
+            .field("pg_password", &REDACTED)
+            .field("pg_password_file", &self.pg_password_file)
+            .field("pg_database", &self.pg_database)
+            .field("pg_sslmode", &self.pg_sslmode)
+            .field("pg_sslrootcert", &self.pg_sslrootcert)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for KafkaArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let property_keys: Vec<&str> = self
+            .kafka_properties
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|pair| pair.split_once('=').map(|(k, _)| k.trim()))
+            .collect();
+        f.debug_struct("KafkaArgs")
+            .field("kafka_brokers", &self.kafka_brokers)
+            .field("topic_partitions", &self.topic_partitions)
+            .field("kafka_message_timeout_ms", &self.kafka_message_timeout_ms)
+            .field("kafka_linger_ms", &self.kafka_linger_ms)
+            .field("kafka_idempotence", &self.kafka_idempotence)
+            .field("kafka_property_keys", &property_keys)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ClickHouseArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClickHouseArgs")
+            .field("clickhouse_url", &self.clickhouse_url)
+            .field("clickhouse_ca_file", &self.clickhouse_ca_file)
+            .field("clickhouse_user", &self.clickhouse_user)
+            .field("clickhouse_password", &REDACTED)
+            .field("clickhouse_password_file", &self.clickhouse_password_file)
+            .field("clickhouse_database", &self.clickhouse_database)
+            .field("clickhouse_table", &self.clickhouse_table)
+            .field("dedup_window", &self.dedup_window)
+            .field(
+                "clickhouse_dead_letter_table",
+                &self.clickhouse_dead_letter_table,
+            )
+            .field("clickhouse_cluster", &self.clickhouse_cluster)
+            .field("clickhouse_on_cluster", &self.clickhouse_on_cluster)
+            .field("clickhouse_replicated", &self.clickhouse_replicated)
+            .field("clickhouse_insert_quorum", &self.clickhouse_insert_quorum)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        pg: super::PgArgs,
+        #[command(flatten)]
+        kafka: super::KafkaArgs,
+        #[command(flatten)]
+        clickhouse: super::ClickHouseArgs,
+    }
+
+    #[test]
+    fn debug_output_has_no_secret() {
+        let cli = Cli::parse_from([
+            "bin",
+            "--pg-password",
+            "pg-secret-1",
+            "--clickhouse-password",
+            "ch-secret-2",
+            "--kafka-properties",
+            "sasl.username=u,sasl.password=kafka-secret-3",
+        ]);
+        let text = format!("{cli:?}");
+        for secret in ["pg-secret-1", "ch-secret-2", "kafka-secret-3"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(text.contains("sasl.password"), "{text}");
     }
 }
 

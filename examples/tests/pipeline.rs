@@ -790,19 +790,22 @@ async fn relay_crash_after_ack_leaves_no_duplicate_in_clickhouse() {
     );
 }
 
-/// Invariant (no stalled partition, no duplicate, with two consumers): two
-/// consumers share a 4-partition topic through leases; one is SIGKILLed and
-/// never restarted; the survivor takes its partitions over within the lease
-/// timeout and ClickHouse ends with each event exactly once.
+/// Invariant (no stalled partition, no duplicate, a group of three, on
+/// cluster tables): three consumers share a 6-partition topic through
+/// leases, each working some, writing through a `Distributed` table (the
+/// stack's one-node cluster `outbox_local`); one is SIGKILLed and never
+/// restarted; the two survivors take its partitions over within the lease
+/// timeout and ClickHouse ends with each event exactly once, in the
+/// Distributed table and in the shard's local table alike.
 #[tokio::test]
 async fn dead_consumer_partitions_are_taken_over() {
     let topic = unique("takeover");
     let group = unique("group");
-    let four = outbox_kafka::KafkaConfig {
-        topic_partitions: 4,
+    let six = outbox_kafka::KafkaConfig {
+        topic_partitions: 6,
         ..kafka(&brokers())
     };
-    outbox_kafka::ensure_topics(&four, &[topic.as_str()])
+    outbox_kafka::ensure_topics(&six, &[topic.as_str()])
         .await
         .unwrap();
     let patient = outbox_kafka::KafkaConfig {
@@ -846,6 +849,14 @@ async fn dead_consumer_partitions_are_taken_over() {
                 "3000",
                 "--batch-size",
                 "100",
+                "--clickhouse-cluster",
+                "outbox_local",
+                "--clickhouse-on-cluster",
+                "false",
+                "--clickhouse-replicated",
+                "false",
+                "--clickhouse-dead-letter-table",
+                &format!("{topic}_dead"),
             ])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -855,7 +866,8 @@ async fn dead_consumer_partitions_are_taken_over() {
     };
     let mut doomed = spawn("doomed.log");
     let mut survivor = spawn("survivor.log");
-    // Both must own partitions before one dies.
+    let mut second = spawn("second.log");
+    // All three must own partitions before one dies.
     let owned = |log: &str| {
         std::fs::read_to_string(logs.join(log))
             .unwrap_or_default()
@@ -865,7 +877,11 @@ async fn dead_consumer_partitions_are_taken_over() {
             .unwrap_or(false)
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-    while !(owned("doomed.log") && owned("survivor.log") && ch_count(&topic).await > 0) {
+    while !(owned("doomed.log")
+        && owned("survivor.log")
+        && owned("second.log")
+        && ch_count(&topic).await > 0)
+    {
         assert!(
             tokio::time::Instant::now() < deadline,
             "consumers never shared the partitions"
@@ -895,7 +911,13 @@ async fn dead_consumer_partitions_are_taken_over() {
     let drained_after = killed_at.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let status = terminate(&mut survivor, Duration::from_secs(20));
+    let second_status = terminate(&mut second, Duration::from_secs(20));
     let (rows, distinct) = ch_counts(&topic).await;
+    let (local_rows, local_distinct) = ch_counts(&format!("{topic}_local")).await;
+    let engine = ch_query(&format!(
+        "SELECT engine FROM system.tables WHERE database = 'default' AND name = '{topic}' FORMAT TabSeparated"
+    ))
+    .await;
     let partitions_after_kill = ch_query(&format!(
         "SELECT uniqExact(kafka_partition) FROM `{topic}` WHERE ingested_at >= {killed_at_s} FORMAT TabSeparated"
     ))
@@ -913,15 +935,21 @@ async fn dead_consumer_partitions_are_taken_over() {
         })
         .collect();
     println!(
-        "published=4000 consumers=2 killed=1 doomed_owned={doomed_owned:?} drained_after_kill={drained_after:?} partitions_written_after_kill={partitions_after_kill} clickhouse_rows={rows} distinct={distinct} lost={} duplicated={}",
+        "published=4000 consumers=3 partitions=6 killed=1 doomed_owned={doomed_owned:?} drained_after_kill={drained_after:?} partitions_written_after_kill={partitions_after_kill} engine={engine} clickhouse_rows={rows} distinct={distinct} local_rows={local_rows} local_distinct={local_distinct} lost={} duplicated={}",
         4000u64.saturating_sub(distinct),
         rows - distinct
     );
     assert!(matches!(status, Some(s) if s.success()), "{status:?}");
+    assert!(
+        matches!(second_status, Some(s) if s.success()),
+        "{second_status:?}"
+    );
     assert_eq!((rows, distinct), (4000, 4000));
+    assert_eq!(engine, "Distributed");
+    assert_eq!((local_rows, local_distinct), (4000, 4000));
     assert_eq!(
-        partitions_after_kill, "4",
-        "the survivor must write every partition after the kill"
+        partitions_after_kill, "6",
+        "the survivors must write every partition after the kill"
     );
 }
 

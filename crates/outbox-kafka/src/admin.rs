@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 
+use crate::context::{unreachable, Reporting};
 use crate::{BusError, KafkaConfig};
 
 /// Creates each of `topics` that does not exist yet, with the partition count
@@ -23,8 +23,10 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), 
     }
     let mut client_config = config.client_config();
     config.apply_extra(&mut client_config);
-    let admin: AdminClient<DefaultClientContext> =
-        client_config.create().map_err(|source| BusError::Config {
+    let context = Reporting::default();
+    let admin: AdminClient<Reporting> = client_config
+        .create_with_context(context.clone())
+        .map_err(|source| BusError::Config {
             brokers: config.brokers.clone(),
             source,
         })?;
@@ -48,14 +50,14 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), 
         .request_timeout(Some(limit));
     let results = tokio::time::timeout(limit, admin.create_topics(&new_topics, &options))
         .await
-        .map_err(|_| BusError::Unreachable {
-            brokers: config.brokers.clone(),
-            detail: format!("creating topics timed out after {} ms", limit.as_millis()),
+        .map_err(|_| {
+            unreachable(
+                &config.brokers,
+                &context,
+                format!("creating topics timed out after {} ms", limit.as_millis()),
+            )
         })?
-        .map_err(|e| BusError::Unreachable {
-            brokers: config.brokers.clone(),
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| unreachable(&config.brokers, &context, e.to_string()))?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -91,19 +93,19 @@ pub async fn topic_partitions(config: &KafkaConfig, topic: &str) -> Result<i32, 
     let mut client_config = config.client_config();
     config.apply_extra(&mut client_config);
     let brokers = config.brokers.clone();
-    let unreachable = move |detail: String| BusError::Unreachable {
-        brokers: brokers.clone(),
-        detail,
-    };
-    let client: rdkafka::producer::BaseProducer =
-        client_config.create().map_err(|source| BusError::Config {
+    let context = Reporting::default();
+    let failed = context.clone();
+    let fail = move |detail: String| unreachable(&brokers, &failed, detail);
+    let client: rdkafka::producer::BaseProducer<Reporting> = client_config
+        .create_with_context(context)
+        .map_err(|source| BusError::Config {
             brokers: config.brokers.clone(),
             source,
         })?;
     let name = topic.to_string();
     let count = tokio::task::spawn_blocking(move || {
         use rdkafka::producer::Producer;
-        client
+        let result = client
             .client()
             .fetch_metadata(Some(&name), Duration::from_secs(10))
             .map(|m| {
@@ -111,14 +113,26 @@ pub async fn topic_partitions(config: &KafkaConfig, topic: &str) -> Result<i32, 
                     .first()
                     .map(|t| t.partitions().len())
                     .unwrap_or(0)
-            })
+            });
+        if result.is_err() {
+            // Nothing polls this client otherwise: serve its error
+            // callbacks, which say why the brokers did not answer (they may
+            // arrive a moment after the failed request).
+            for _ in 0..5 {
+                if client.context().security_failure().is_some() {
+                    break;
+                }
+                client.poll(Duration::from_millis(100));
+            }
+        }
+        result
     })
     .await
-    .map_err(|e| unreachable(e.to_string()))?
-    .map_err(|e| unreachable(e.to_string()))?;
+    .map_err(|e| fail(e.to_string()))?
+    .map_err(|e| fail(e.to_string()))?;
     let count = i32::try_from(count).unwrap_or(i32::MAX);
     if count == 0 {
-        return Err(unreachable(format!("topic {topic:?} has no partitions")));
+        return Err(fail(format!("topic {topic:?} has no partitions")));
     }
     Ok(count)
 }

@@ -13,6 +13,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tracing::{info, warn};
 
+use crate::context::{unreachable, Reporting};
 use crate::error::is_permanent_delivery_code;
 use crate::{ensure_topics, BusError, KafkaConfig};
 
@@ -40,7 +41,8 @@ use crate::{ensure_topics, BusError, KafkaConfig};
 /// ```
 pub struct KafkaBus {
     config: KafkaConfig,
-    producer: RwLock<FutureProducer>,
+    context: Reporting,
+    producer: RwLock<FutureProducer<Reporting>>,
     known_topics: Mutex<HashSet<String>>,
     partition_counts: Mutex<HashMap<String, i32>>,
 }
@@ -48,9 +50,11 @@ pub struct KafkaBus {
 impl KafkaBus {
     /// A bus with a new producer. No connection is made until the first publish.
     pub fn new(config: KafkaConfig) -> Result<Self, BusError> {
-        let producer = create_producer(&config)?;
+        let context = Reporting::default();
+        let producer = create_producer(&config, &context)?;
         Ok(Self {
             config,
+            context,
             producer: RwLock::new(producer),
             known_topics: Mutex::new(HashSet::new()),
             partition_counts: Mutex::new(HashMap::new()),
@@ -61,15 +65,13 @@ impl KafkaBus {
     pub async fn check_connection(&self) -> Result<(), BusError> {
         let producer = self.producer();
         let brokers = self.config.brokers.clone();
+        let context = self.context.clone();
         tokio::task::spawn_blocking(move || {
             producer
                 .client()
                 .fetch_metadata(None, Timeout::After(Duration::from_secs(10)))
                 .map(|_| ())
-                .map_err(|e| BusError::Unreachable {
-                    brokers,
-                    detail: e.to_string(),
-                })
+                .map_err(|e| unreachable(&brokers, &context, e.to_string()))
         })
         .await
         .map_err(|e| BusError::Unreachable {
@@ -94,7 +96,7 @@ impl KafkaBus {
             })
     }
 
-    fn producer(&self) -> FutureProducer {
+    fn producer(&self) -> FutureProducer<Reporting> {
         match self.producer.read() {
             Ok(guard) => guard.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -154,7 +156,7 @@ impl KafkaBus {
     /// but still pending in the source.
     fn recreate_producer(&self, reason: &str) -> Result<(), BusError> {
         warn!(reason, "recreating the kafka producer after a fatal error");
-        let fresh = create_producer(&self.config)?;
+        let fresh = create_producer(&self.config, &self.context)?;
         let mut guard = self
             .producer
             .write()
@@ -165,10 +167,13 @@ impl KafkaBus {
     }
 }
 
-fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, BusError> {
+fn create_producer(
+    config: &KafkaConfig,
+    context: &Reporting,
+) -> Result<FutureProducer<Reporting>, BusError> {
     config
         .producer_config()
-        .create()
+        .create_with_context(context.clone())
         .map_err(|source| BusError::Config {
             brokers: config.brokers.clone(),
             source,

@@ -174,6 +174,15 @@ pub struct ConsumerConfig {
     /// starts far behind; 16 MiB still holds tens of thousands of typical
     /// events. Default: 16384.
     pub prefetch_kbytes: u32,
+    /// `fetch.max.bytes`: the most a fetch response may carry. librdkafka
+    /// keeps a response's decompressed batches until their last message is
+    /// consumed, and tansu fills a response up to this limit, so it bounds
+    /// the consumer's memory while it catches up a backlog, against
+    /// catch-up speed (tansu's fetch cost grows with the lag, so more, smaller
+    /// fetches cost more). Measured catching up 1,000,000 events: 160 MiB
+    /// peak and 21,100 rows/s with 50 MiB, 101 MiB and 11,800 rows/s with
+    /// 2 MiB. Default: 50 MiB (librdkafka's).
+    pub fetch_max_bytes: u32,
     /// `auto.offset.reset` for partitions without a committed position. Default: `earliest`.
     pub auto_offset_reset: String,
     /// How partitions are obtained. Default: [`Assignment::AllPartitions`].
@@ -195,6 +204,7 @@ impl ConsumerConfig {
             batch_linger: Duration::from_millis(5),
             fetch_wait: Duration::from_millis(5),
             prefetch_kbytes: 16 * 1024,
+            fetch_max_bytes: 52_428_800,
             auto_offset_reset: "earliest".into(),
             assignment: Assignment::default(),
         }

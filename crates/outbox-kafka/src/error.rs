@@ -24,6 +24,18 @@ pub enum BusError {
         /// What went wrong.
         detail: String,
     },
+    /// A TLS handshake or SASL authentication with the brokers failed.
+    #[error(
+        "kafka at {brokers}: TLS or SASL failed: {detail}; check security.protocol, \
+         ssl.ca.location (the CA that signed the broker's certificate, which must name the \
+         broker's host) and the sasl.* settings"
+    )]
+    Security {
+        /// Bootstrap servers.
+        brokers: String,
+        /// librdkafka's reason.
+        detail: String,
+    },
     /// Creating a topic failed.
     #[error("kafka at {brokers}: cannot create topic {topic:?}: {detail}")]
     CreateTopic {
@@ -61,7 +73,7 @@ impl BusError {
     /// Whether waiting and retrying can succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            BusError::Config { .. } => false,
+            BusError::Config { .. } | BusError::Security { .. } => false,
             BusError::Unreachable { .. } | BusError::FatalProducer { .. } => true,
             BusError::CreateTopic { retryable, .. } => *retryable,
             BusError::Consumer { source, .. } => !is_permanent_kafka(source),

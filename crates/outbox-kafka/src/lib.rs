@@ -4,6 +4,7 @@
 mod admin;
 mod bus;
 mod config;
+mod context;
 mod error;
 mod subscription;
 

@@ -78,6 +78,11 @@ impl KafkaSubscription {
                 "queued.max.messages.kbytes",
                 config.prefetch_kbytes.max(1).to_string(),
             )
+            // librdkafka refuses a fetch.max.bytes below message.max.bytes (1 MB).
+            .set(
+                "fetch.max.bytes",
+                config.fetch_max_bytes.max(1_000_000).to_string(),
+            )
             .set("enable.partition.eof", "false");
         kafka.apply_extra(&mut client_config);
         let consumer: StreamConsumer =

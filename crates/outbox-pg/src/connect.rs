@@ -1,12 +1,12 @@
 //! Connection settings and the connection pool.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 
 use crate::error::{describe, hint_for};
-use crate::PgError;
+use crate::{PgError, SslMode};
 
 /// How to reach PostgreSQL. Defaults are the demo's: `admin`/`admin` on
 /// 127.0.0.1:5432, database `test_db`.
@@ -34,6 +34,12 @@ pub struct PgConfig {
     pub connect_timeout: Duration,
     /// `application_name` reported to the server. Default: `outbox`.
     pub application_name: String,
+    /// TLS, as libpq's `sslmode` (see [`SslMode`]). Default: `prefer`.
+    pub ssl_mode: SslMode,
+    /// PEM file of the CA certificates that sign the server's certificate,
+    /// as libpq's `sslrootcert`; trusted besides the system's CAs, and
+    /// checked under `verify-ca` and `verify-full`. Default: none.
+    pub ssl_root_cert: Option<PathBuf>,
 }
 
 impl Default for PgConfig {
@@ -47,6 +53,8 @@ impl Default for PgConfig {
             pool_size: 8,
             connect_timeout: Duration::from_secs(5),
             application_name: "outbox".into(),
+            ssl_mode: SslMode::default(),
+            ssl_root_cert: None,
         }
     }
 }
@@ -60,6 +68,8 @@ impl std::fmt::Debug for PgConfig {
             .field("password", &"<redacted>")
             .field("dbname", &self.dbname)
             .field("pool_size", &self.pool_size)
+            .field("ssl_mode", &self.ssl_mode)
+            .field("ssl_root_cert", &self.ssl_root_cert)
             .finish()
     }
 }
@@ -81,8 +91,36 @@ impl PgConfig {
             .dbname(&self.dbname)
             .application_name(&self.application_name)
             .connect_timeout(self.connect_timeout)
-            .keepalives_idle(Duration::from_secs(30));
+            .keepalives_idle(Duration::from_secs(30))
+            .ssl_mode(crate::tls::driver_mode(self.ssl_mode));
         pg
+    }
+
+    /// The TLS connector for [`PgConfig::ssl_mode`]; fails when the CA file
+    /// cannot be read.
+    pub(crate) fn tls(&self) -> Result<postgres_native_tls::MakeTlsConnector, PgError> {
+        crate::tls::connector(self.ssl_mode, self.ssl_root_cert.as_deref())
+    }
+
+    /// Opens one connection outside any pool (a dedicated session), with a
+    /// [`PgError::Connect`] naming the server on failure. The caller drives
+    /// the returned connection.
+    pub(crate) async fn connect_session(
+        &self,
+        pg: &tokio_postgres::Config,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio_postgres::Connection<
+                tokio_postgres::Socket,
+                postgres_native_tls::TlsStream<tokio_postgres::Socket>,
+            >,
+        ),
+        PgError,
+    > {
+        pg.connect(self.tls()?)
+            .await
+            .map_err(|e| connect_error(&e, &self.target()))
     }
 
     /// Builds a connection pool. No connection is opened yet: see [`check_connection`].
@@ -92,7 +130,7 @@ impl PgConfig {
         }
         let manager = Manager::from_config(
             self.client_config(),
-            NoTls,
+            self.tls()?,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -123,20 +161,39 @@ pub async fn check_connection(pool: &Pool, target: &str) -> Result<(), PgError> 
     Ok(())
 }
 
+/// A failed connection attempt as a [`PgError::Connect`], with a hint.
+pub(crate) fn connect_error(e: &tokio_postgres::Error, target: &str) -> PgError {
+    let (detail, retryable) = connect_detail(e);
+    PgError::Connect {
+        target: target.to_string(),
+        detail,
+        retryable,
+    }
+}
+
+fn connect_detail(e: &tokio_postgres::Error) -> (String, bool) {
+    let mut detail = describe(e);
+    if crate::tls::is_tls_refusal(e) {
+        detail.push_str(
+            "; check the TLS settings (sslmode, and sslrootcert: the CA that signed the \
+             server's certificate; verify-full also needs the host name the certificate names)",
+        );
+        return (detail, false);
+    }
+    let retryable = crate::error::is_retryable_pg(e);
+    if e.as_db_error().is_none() {
+        detail.push_str("; is PostgreSQL running and reachable there?");
+    } else if let Some(code) = e.code() {
+        if hint_for(code).is_none() && !retryable {
+            detail.push_str("; check the connection settings");
+        }
+    }
+    (detail, retryable)
+}
+
 pub(crate) fn pool_error(err: PoolError, target: &str) -> PgError {
     let (detail, retryable) = match &err {
-        PoolError::Backend(e) => {
-            let retryable = crate::error::is_retryable_pg(e);
-            let mut detail = describe(e);
-            if e.as_db_error().is_none() {
-                detail.push_str("; is PostgreSQL running and reachable there?");
-            } else if let Some(code) = e.code() {
-                if hint_for(code).is_none() && !retryable {
-                    detail.push_str("; check the connection settings");
-                }
-            }
-            (detail, retryable)
-        }
+        PoolError::Backend(e) => connect_detail(e),
         PoolError::Timeout(_) => (
             "timed out waiting for a connection; is PostgreSQL running and reachable there?".into(),
             true,

@@ -33,8 +33,19 @@ use crate::{OutboxConfig, PgError};
 /// ```
 #[derive(Debug, Clone)]
 pub struct Outbox {
-    insert_sql: String,
-    channel: String,
+    pub(crate) insert_sql: String,
+    pub(crate) channel: String,
+}
+
+/// An event's headers as the JSON object stored in the `headers` column.
+pub(crate) fn headers_json(event: &Event) -> serde_json::Value {
+    serde_json::Value::Object(
+        event
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect(),
+    )
 }
 
 impl Outbox {
@@ -113,17 +124,7 @@ impl Outbox {
         let topics: Vec<&str> = events.iter().map(|e| e.topic.as_str()).collect();
         let keys: Vec<Option<&[u8]>> = events.iter().map(|e| e.key.as_deref()).collect();
         let payloads: Vec<&[u8]> = events.iter().map(|e| &e.payload[..]).collect();
-        let headers: Vec<serde_json::Value> = events
-            .iter()
-            .map(|e| {
-                serde_json::Value::Object(
-                    e.headers
-                        .iter()
-                        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                        .collect(),
-                )
-            })
-            .collect();
+        let headers: Vec<serde_json::Value> = events.iter().map(headers_json).collect();
         let created: Vec<SystemTime> = events.iter().map(|e| e.created_at).collect();
         let statement = client
             .prepare_cached(&self.insert_sql)

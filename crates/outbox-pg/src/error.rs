@@ -39,6 +39,17 @@ pub enum PgError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A statement failed on a connection of another driver (sqlx, see
+    /// `Outbox::enqueue_sqlx`).
+    #[error("postgres {operation} failed: {detail}")]
+    Driver {
+        /// What was being done.
+        operation: &'static str,
+        /// What went wrong, with the server's message and SQLSTATE when there is one.
+        detail: String,
+        /// Whether waiting can help.
+        retryable: bool,
+    },
     /// A value given to [`crate::Outbox::enqueue_json`] cannot be serialised.
     #[error("event for topic {topic:?} cannot be serialised as JSON: {reason}")]
     Serialize {
@@ -73,7 +84,7 @@ impl PgError {
             | PgError::Config(_)
             | PgError::Serialize { .. }
             | PgError::MalformedRow { .. } => false,
-            PgError::Connect { retryable, .. } => *retryable,
+            PgError::Connect { retryable, .. } | PgError::Driver { retryable, .. } => *retryable,
             PgError::Query { source, .. } => is_retryable_pg(source),
         }
     }
@@ -96,6 +107,11 @@ pub fn is_retryable_pg(err: &tokio_postgres::Error) -> bool {
         // No SQLSTATE: I/O error, closed connection, timeout.
         return true;
     };
+    is_retryable_sqlstate(code)
+}
+
+/// Whether a server error of this SQLSTATE can heal by itself.
+pub(crate) fn is_retryable_sqlstate(code: &SqlState) -> bool {
     if *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
         || *code == SqlState::LOCK_NOT_AVAILABLE
         || *code == SqlState::QUERY_CANCELED
@@ -120,8 +136,12 @@ pub fn describe(err: &tokio_postgres::Error) -> String {
     let mut text = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
+        // TLS errors repeat their cause in their own message.
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
         source = inner.source();
     }
     text

@@ -5,11 +5,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::error::describe;
 use crate::{PgConfig, PgError};
 
 /// Settings of [`PartitionLeases`].
@@ -132,11 +131,7 @@ impl PartitionLeases {
     async fn connect(&self) -> Result<Client, PgError> {
         let mut pg = self.pg.client_config();
         pg.application_name(&self.application_name);
-        let (client, connection) = pg.connect(NoTls).await.map_err(|e| PgError::Connect {
-            target: self.pg.target(),
-            detail: describe(&e),
-            retryable: crate::error::is_retryable_pg(&e),
-        })?;
+        let (client, connection) = self.pg.connect_session(&pg).await?;
         tokio::spawn(async move {
             if let Err(err) = connection.await {
                 debug!(error = %err, "partition lease connection ended");

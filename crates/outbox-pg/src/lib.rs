@@ -6,6 +6,8 @@ mod claim;
 mod config;
 mod connect;
 mod enqueue;
+#[cfg(feature = "sqlx")]
+mod enqueue_sqlx;
 mod error;
 mod flag;
 mod ident;
@@ -13,6 +15,7 @@ mod leases;
 mod notify;
 mod schema;
 mod source;
+mod tls;
 
 pub use admin::{Backlog, DeadLetter, LaneOwner, LaneStatus, OutboxAdmin, Selection};
 pub use claim::PgClaim;
@@ -25,6 +28,7 @@ pub use ident::{SqlIdent, SqlName};
 pub use leases::{PartitionLeaseConfig, PartitionLeases};
 pub use schema::{migrate, schema_sql, schema_version, SCHEMA_VERSION};
 pub use source::PgOutboxSource;
+pub use tls::SslMode;
 
 /// A stable 32-bit hash (FNV-1a) of `text`: advisory-lock namespaces must be
 /// the same in every process and every release, which std's hasher is not.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -46,7 +46,7 @@ impl Drop for Listener {
 async fn listen_forever(pg: PgConfig, channel: String, wake: Arc<Notify>, stop: CancellationToken) {
     let config = pg.client_config();
     while !stop.is_cancelled() {
-        match config.connect(NoTls).await {
+        match pg.connect_session(&config).await {
             Ok((client, mut connection)) => {
                 let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
                 // The channel is derived from a validated table name; quoted as an identifier.

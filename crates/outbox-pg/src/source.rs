@@ -96,7 +96,10 @@ impl PgOutboxSource {
             // index, in seq order, and the claim stops once it has enough.
             // One scan ordered by seq over all locked lanes would walk the
             // primary key through every deleted row not yet vacuumed: after
-            // a 1M-event burst, 355 ms per claim instead of 1.3 ms.
+            // a 1M-event burst, 355 ms per claim instead of 1.3 ms. Ordering
+            // by (lane, seq), the same order within one lane, is an order
+            // only that index gives, so no statistics can make the planner
+            // prefer the primary key with a lane filter instead.
             claim_sql: format!(
                 "WITH locked AS MATERIALIZED ( \
                    SELECT l FROM unnest($1::int[]) AS u(l) \
@@ -105,7 +108,7 @@ impl PgOutboxSource {
                  FROM locked k CROSS JOIN LATERAL ( \
                    SELECT t.seq, t.event_id, t.topic, t.key, t.payload, t.headers, t.created_at, t.lane \
                    FROM {table} t WHERE t.lane = k.l \
-                   ORDER BY t.seq LIMIT $4 FOR UPDATE OF t SKIP LOCKED) c \
+                   ORDER BY t.lane, t.seq LIMIT $4 FOR UPDATE OF t SKIP LOCKED) c \
                  LIMIT $4"
             ),
             delete_sql: format!("DELETE FROM {table} WHERE seq = ANY($1)"),

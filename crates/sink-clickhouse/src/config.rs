@@ -1,5 +1,6 @@
 //! Where the sink writes.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::SinkError;
@@ -15,8 +16,13 @@ use crate::SinkError;
 /// ```
 #[derive(Clone)]
 pub struct ClickHouseConfig {
-    /// HTTP(S) endpoint. Default: `http://127.0.0.1:8123`.
+    /// HTTP(S) endpoint. Default: `http://127.0.0.1:8123`. With
+    /// `https://` the server's certificate is always verified, against the
+    /// system's CAs and [`ClickHouseConfig::ca_file`], for the URL's host.
     pub url: String,
+    /// PEM file of CA certificates to trust for an `https://` URL, besides
+    /// the system's (a private CA). Default: none.
+    pub ca_file: Option<PathBuf>,
     /// User. Default: `user`.
     pub user: String,
     /// Password. Default: `strongpassword`. Never printed.
@@ -41,12 +47,69 @@ pub struct ClickHouseConfig {
     /// timeout plus the longest a relay may stall. 0 turns the check off.
     /// Costs about 40 bytes per id. Default: 100 000.
     pub dedup_window: usize,
+    /// Write to a cluster: `table` and `dead_letter_table` become
+    /// `Distributed` tables over local tables on every shard. Default: none
+    /// (one server).
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Tables on a ClickHouse cluster: a local table per shard (replicated if
+/// `replicated`) and a `Distributed` table over them, sharded by Kafka
+/// partition so each partition's rows and the sink's lookups stay on one
+/// shard. Inserts wait for every shard (`insert_distributed_sync`).
+///
+/// ```
+/// use sink_clickhouse::{ClickHouseConfig, ClusterConfig};
+///
+/// let config = ClickHouseConfig {
+///     cluster: Some(ClusterConfig {
+///         insert_quorum: 2, // two replicas per shard
+///         ..ClusterConfig::new("analytics")
+///     }),
+///     ..ClickHouseConfig::default()
+/// };
+/// config.validate().unwrap();
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// The cluster's name in the servers' `remote_servers`.
+    pub name: String,
+    /// Run the DDL `ON CLUSTER` (distributed DDL, which needs ClickHouse
+    /// Keeper or ZooKeeper); off, the tables must be created on every shard
+    /// by other means. Default: true.
+    pub on_cluster: bool,
+    /// `Replicated…MergeTree` local tables, at
+    /// `/clickhouse/tables/{shard}/<database>/<table>` with the servers'
+    /// `{shard}` and `{replica}` macros. Default: true.
+    pub replicated: bool,
+    /// Suffix of the local tables' names. Default: `_local`.
+    pub local_suffix: String,
+    /// With replicas: `insert_quorum` for every insert, and sequentially
+    /// consistent reads. Set it to the number of replicas per shard: a
+    /// lookup that reads a replica lagging behind would not see rows
+    /// already written and write them again. 0 turns it off (one replica
+    /// per shard). Default: 0.
+    pub insert_quorum: u32,
+}
+
+impl ClusterConfig {
+    /// A replicated cluster named `name`, DDL `ON CLUSTER`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            on_cluster: true,
+            replicated: true,
+            local_suffix: "_local".into(),
+            insert_quorum: 0,
+        }
+    }
 }
 
 impl Default for ClickHouseConfig {
     fn default() -> Self {
         Self {
             url: "http://127.0.0.1:8123".into(),
+            ca_file: None,
             user: "user".into(),
             password: "strongpassword".into(),
             database: "default".into(),
@@ -55,6 +118,7 @@ impl Default for ClickHouseConfig {
             create_tables: true,
             insert_timeout: Duration::from_secs(60),
             dedup_window: 100_000,
+            cluster: None,
         }
     }
 }
@@ -63,11 +127,13 @@ impl std::fmt::Debug for ClickHouseConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClickHouseConfig")
             .field("url", &self.url)
+            .field("ca_file", &self.ca_file)
             .field("user", &self.user)
             .field("password", &"<redacted>")
             .field("database", &self.database)
             .field("table", &self.table)
             .field("dead_letter_table", &self.dead_letter_table)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -81,6 +147,19 @@ impl ClickHouseConfig {
             ("dead_letter_table", &self.dead_letter_table),
         ] {
             validate_identifier(field, value)?;
+        }
+        if let Some(cluster) = &self.cluster {
+            validate_identifier("cluster", &cluster.name)?;
+            if !cluster.local_suffix.is_empty() {
+                validate_identifier(
+                    "cluster local_suffix",
+                    &format!("_{}", cluster.local_suffix),
+                )?;
+            } else {
+                return Err(SinkError::Config(
+                    "cluster local_suffix must not be empty: the local tables need names of their own".into(),
+                ));
+            }
         }
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
             return Err(SinkError::Config(format!(

@@ -46,6 +46,20 @@ impl SinkError {
         if let Some(first) = detail.lines().next() {
             detail = first.to_string();
         }
+        // A network error says what failed only in its causes ("client error
+        // (Connect)" alone names neither the refused port nor the certificate).
+        if let clickhouse::error::Error::Network(inner) = &source {
+            let mut cause = inner.source();
+            while let Some(e) = cause {
+                // TLS errors repeat their cause in their own message.
+                let text = e.to_string();
+                if !detail.contains(&text) {
+                    detail.push_str(": ");
+                    detail.push_str(&text);
+                }
+                cause = e.source();
+            }
+        }
         if let Some(hint) = hint {
             detail.push_str("; ");
             detail.push_str(hint);
@@ -97,6 +111,13 @@ pub fn server_code(err: &clickhouse::error::Error) -> Option<u32> {
 fn classify(err: &clickhouse::error::Error) -> (bool, Option<&'static str>) {
     use clickhouse::error::Error as E;
     match err {
+        E::Network(inner) if is_tls_refusal(inner.as_ref()) => (
+            false,
+            Some(
+                "check the TLS settings: ca_file must hold the CA that signed ClickHouse's \
+                 certificate, and the URL's host must be a name the certificate is issued for",
+            ),
+        ),
         E::Network(_) | E::TimedOut => (true, Some("is ClickHouse running and reachable there?")),
         E::BadResponse(_) => match server_code(err) {
             Some(192 | 193 | 516 | 194) => (false, Some("check the clickhouse user and password")),
@@ -111,6 +132,19 @@ fn classify(err: &clickhouse::error::Error) -> (bool, Option<&'static str>) {
         E::InvalidParams(_) | E::SchemaMismatch(_) | E::Unsupported(_) => (false, None),
         _ => (true, None),
     }
+}
+
+/// A certificate the client does not trust: waiting does not fix it.
+fn is_tls_refusal(err: &(dyn std::error::Error + 'static)) -> bool {
+    // OpenSSL's verify result is only in the messages of the chain.
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if e.to_string().contains("certificate verify failed") {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ mod error;
 mod mapper;
 mod sink;
 
-pub use config::{validate_identifier, ClickHouseConfig};
+pub use config::{validate_identifier, ClickHouseConfig, ClusterConfig};
 pub use error::{server_code, SinkError};
 pub use mapper::{RawEventMapper, RawEventRow, RowMapper, RowMeta, META_COLUMNS_DDL};
 pub use sink::{

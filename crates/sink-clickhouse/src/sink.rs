@@ -115,7 +115,10 @@ fn now_s() -> u32 {
 
 /// A client for `config`. Validation of row types against the schema is off:
 /// ClickHouse 18.16 lacks the `RowBinaryWithNamesAndTypes` format it needs.
-pub fn client_for(config: &ClickHouseConfig) -> Client {
+/// Speaks HTTP and HTTPS (the system's OpenSSL, verifying the server's
+/// certificate and host name); fails when [`ClickHouseConfig::ca_file`]
+/// cannot be read.
+pub fn client_for(config: &ClickHouseConfig) -> Result<Client, SinkError> {
     // The crate's default client leaves Nagle's algorithm on: the last small
     // chunk of an insert body then waits for the server's delayed ACK, about
     // 40 ms on Linux, which tripled the cost of a small insert. Same pool
@@ -123,15 +126,46 @@ pub fn client_for(config: &ClickHouseConfig) -> Client {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_keepalive(Some(std::time::Duration::from_secs(60)));
+    connector.enforce_http(false);
+    let mut tls = native_tls::TlsConnector::builder();
+    if let Some(path) = &config.ca_file {
+        let unreadable =
+            |reason: String| SinkError::Config(format!("ca_file {}: {reason}", path.display()));
+        let pem = std::fs::read(path).map_err(|e| unreadable(e.to_string()))?;
+        let certs = native_tls::Certificate::stack_from_pem(&pem)
+            .map_err(|e| unreadable(format!("not PEM certificates: {e}")))?;
+        if certs.is_empty() {
+            return Err(unreadable("holds no PEM certificate".into()));
+        }
+        for cert in certs {
+            tls.add_root_certificate(cert);
+        }
+    }
+    let tls = tls
+        .build()
+        .map_err(|e| SinkError::Config(format!("cannot set up TLS: {e}")))?;
+    let https = hyper_tls::HttpsConnector::from((connector, tls.into()));
     let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(std::time::Duration::from_secs(2))
-        .build(connector);
-    Client::with_http_client(http)
+        .build(https);
+    let mut client = Client::with_http_client(http)
         .with_url(&config.url)
         .with_user(&config.user)
         .with_password(&config.password)
         .with_database(&config.database)
-        .with_validation(false)
+        .with_validation(false);
+    if let Some(cluster) = &config.cluster {
+        // An insert into a Distributed table is acknowledged only once every
+        // shard wrote its rows: what the sink acknowledges must be durable,
+        // and its position lookups must see it.
+        client = client.with_setting("insert_distributed_sync", "1");
+        if cluster.insert_quorum > 0 {
+            client = client
+                .with_setting("insert_quorum", cluster.insert_quorum.to_string())
+                .with_setting("select_sequential_consistency", "1");
+        }
+    }
+    Ok(client)
 }
 
 /// Runs `SELECT 1` on the server of `config`, with a classified error
@@ -142,7 +176,7 @@ pub async fn check_connection(config: &ClickHouseConfig) -> Result<(), SinkError
     let probe = client_for(&ClickHouseConfig {
         database: "default".into(),
         ..config.clone()
-    });
+    })?;
     probe
         .query("SELECT 1")
         .execute()
@@ -156,7 +190,7 @@ impl<M: RowMapper> ClickHouseSink<M> {
     pub async fn new(config: ClickHouseConfig, mapper: M) -> Result<Self, SinkError> {
         config.validate()?;
         let sink = Self {
-            client: client_for(&config),
+            client: client_for(&config)?,
             config,
             mapper,
             partitions: HashMap::new(),
@@ -173,44 +207,102 @@ impl<M: RowMapper> ClickHouseSink<M> {
         check_connection(&self.config).await
     }
 
-    /// The DDL of the data table.
+    /// The DDL of the data table: the whole table on one server; with
+    /// [`ClickHouseConfig::cluster`], the shards' local table (see
+    /// [`ClickHouseSink::ddl`] for every statement).
     pub fn table_ddl(&self) -> String {
-        format!(
-            "CREATE TABLE IF NOT EXISTS {} ({}, {META_COLUMNS_DDL}) ENGINE = ReplacingMergeTree() ORDER BY {}",
-            self.table_ref(),
-            self.mapper.columns_ddl(),
-            self.mapper.order_by()
+        let columns = format!("{}, {META_COLUMNS_DDL}", self.mapper.columns_ddl());
+        self.local_ddl(
+            &self.config.table,
+            &columns,
+            "Replacing",
+            &self.mapper.order_by(),
         )
     }
 
-    /// The DDL of the dead-letter table.
+    /// The DDL of the dead-letter table (its shards' local table with a cluster).
     pub fn dead_letter_ddl(&self) -> String {
+        self.local_ddl(
+            &self.config.dead_letter_table,
+            "topic String, kafka_partition Int32, kafka_offset Int64, event_id String, \
+             key String, payload String, reason String, failed_at DateTime",
+            "",
+            "(topic, kafka_partition, kafka_offset)",
+        )
+    }
+
+    /// Every statement that creates the sink's tables, in order: the
+    /// database, then for each table the table itself or, with a cluster,
+    /// its local table and the `Distributed` table over it (sharded by
+    /// `kafka_partition`, so that a partition's rows, and the lookups that
+    /// keep exactly-once, stay on one shard).
+    pub fn ddl(&self) -> Vec<String> {
+        let on_cluster = self.on_cluster();
+        let mut statements = vec![format!(
+            "CREATE DATABASE IF NOT EXISTS `{}`{on_cluster}",
+            self.config.database
+        )];
+        for (table, local) in [
+            (&self.config.table, self.table_ddl()),
+            (&self.config.dead_letter_table, self.dead_letter_ddl()),
+        ] {
+            statements.push(local);
+            if let Some(cluster) = &self.config.cluster {
+                let db = &self.config.database;
+                let suffix = &cluster.local_suffix;
+                statements.push(format!(
+                    "CREATE TABLE IF NOT EXISTS `{db}`.`{table}`{on_cluster} AS `{db}`.`{table}{suffix}` \
+                     ENGINE = Distributed(`{name}`, `{db}`, `{table}{suffix}`, kafka_partition)",
+                    name = cluster.name
+                ));
+            }
+        }
+        statements
+    }
+
+    fn on_cluster(&self) -> String {
+        match &self.config.cluster {
+            Some(cluster) if cluster.on_cluster => format!(" ON CLUSTER `{}`", cluster.name),
+            _ => String::new(),
+        }
+    }
+
+    /// `CREATE TABLE` of a table of the sink (or of its shards' local table),
+    /// on a `{variant}MergeTree` engine, replicated if so configured.
+    fn local_ddl(&self, table: &str, columns: &str, variant: &str, order_by: &str) -> String {
+        let db = &self.config.database;
+        let on_cluster = self.on_cluster();
+        let (name, engine) = match &self.config.cluster {
+            None => (table.to_string(), format!("{variant}MergeTree()")),
+            Some(cluster) => {
+                let local = format!("{table}{}", cluster.local_suffix);
+                let engine = if cluster.replicated {
+                    // The {shard} and {replica} macros come from each server's config.
+                    format!(
+                        "Replicated{variant}MergeTree('/clickhouse/tables/{{shard}}/{db}/{local}', '{{replica}}')"
+                    )
+                } else {
+                    format!("{variant}MergeTree()")
+                };
+                (local, engine)
+            }
+        };
         format!(
-            "CREATE TABLE IF NOT EXISTS {} (topic String, kafka_partition Int32, kafka_offset Int64, \
-             event_id String, key String, payload String, reason String, failed_at DateTime) \
-             ENGINE = MergeTree() ORDER BY (topic, kafka_partition, kafka_offset)",
-            self.dead_letter_ref()
+            "CREATE TABLE IF NOT EXISTS `{db}`.`{name}`{on_cluster} ({columns}) ENGINE = {engine} ORDER BY {order_by}"
         )
     }
 
     async fn create_tables(&self) -> Result<(), SinkError> {
+        // The configured database may not exist yet.
         let root = client_for(&ClickHouseConfig {
             database: "default".into(),
             ..self.config.clone()
-        });
-        root.query(&format!(
-            "CREATE DATABASE IF NOT EXISTS `{}`",
-            self.config.database
-        ))
-        .execute()
-        .await
-        .map_err(|e| SinkError::request(&self.config.url, "create database", e))?;
-        for ddl in [self.table_ddl(), self.dead_letter_ddl()] {
-            self.client
-                .query(&ddl)
+        })?;
+        for ddl in self.ddl() {
+            root.query(&ddl)
                 .execute()
                 .await
-                .map_err(|e| SinkError::request(&self.config.url, "create table", e))?;
+                .map_err(|e| SinkError::request(&self.config.url, "create tables", e))?;
         }
         Ok(())
     }
@@ -518,7 +610,7 @@ impl<M: RowMapper> ClickHouseSink<M> {
 /// # async fn example() -> Result<(), sink_clickhouse::SinkError> {
 /// use sink_clickhouse::{ClickHouseConfig, ClickHouseDeadLetters};
 ///
-/// let dead = ClickHouseDeadLetters::new(ClickHouseConfig::default());
+/// let dead = ClickHouseDeadLetters::new(ClickHouseConfig::default())?;
 /// for row in dead.dead_letters(None, 20).await? {
 ///     println!("{}:{}:{} {}", row.topic, row.kafka_partition, row.kafka_offset, row.reason);
 /// }
@@ -530,12 +622,12 @@ pub struct ClickHouseDeadLetters {
 }
 
 impl ClickHouseDeadLetters {
-    /// The dead-letter table named in `config`.
-    pub fn new(config: ClickHouseConfig) -> Self {
-        Self {
-            client: client_for(&config),
+    /// The dead-letter table named in `config` (fails as [`client_for`] does).
+    pub fn new(config: ClickHouseConfig) -> Result<Self, SinkError> {
+        Ok(Self {
+            client: client_for(&config)?,
             config,
-        }
+        })
     }
 
     fn table_ref(&self) -> String {
@@ -624,5 +716,79 @@ async fn bounded<T>(
             operation,
             clickhouse::error::Error::TimedOut,
         )),
+    }
+}
+
+#[cfg(test)]
+mod ddl_tests {
+    use super::*;
+    use crate::{ClusterConfig, RawEventMapper};
+
+    fn sink(cluster: Option<ClusterConfig>) -> ClickHouseSink<RawEventMapper> {
+        let config = ClickHouseConfig {
+            database: "db".into(),
+            table: "events".into(),
+            cluster,
+            ..ClickHouseConfig::default()
+        };
+        ClickHouseSink {
+            client: client_for(&config).unwrap(),
+            config,
+            mapper: RawEventMapper,
+            partitions: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn one_server_gets_plain_tables() {
+        let ddl = sink(None).ddl();
+        assert_eq!(ddl.len(), 3, "{ddl:#?}");
+        assert_eq!(ddl[0], "CREATE DATABASE IF NOT EXISTS `db`");
+        assert!(ddl[1].starts_with("CREATE TABLE IF NOT EXISTS `db`.`events` ("));
+        assert!(ddl[1].contains("ENGINE = ReplacingMergeTree() ORDER BY"));
+        assert!(ddl[2].contains("`db`.`outbox_dead_letter`"));
+    }
+
+    #[test]
+    fn a_replicated_cluster_gets_local_replicated_and_distributed_tables_on_cluster() {
+        let ddl = sink(Some(ClusterConfig::new("c1"))).ddl();
+        assert_eq!(ddl.len(), 5, "{ddl:#?}");
+        assert_eq!(ddl[0], "CREATE DATABASE IF NOT EXISTS `db` ON CLUSTER `c1`");
+        assert!(
+            ddl[1].starts_with("CREATE TABLE IF NOT EXISTS `db`.`events_local` ON CLUSTER `c1` (")
+        );
+        assert!(ddl[1].contains(
+            "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/db/events_local', '{replica}')"
+        ));
+        assert_eq!(
+            ddl[2],
+            "CREATE TABLE IF NOT EXISTS `db`.`events` ON CLUSTER `c1` AS `db`.`events_local` \
+             ENGINE = Distributed(`c1`, `db`, `events_local`, kafka_partition)"
+        );
+        assert!(ddl[3].contains(
+            "ReplicatedMergeTree('/clickhouse/tables/{shard}/db/outbox_dead_letter_local', '{replica}')"
+        ));
+        assert!(
+            ddl[4].contains("Distributed(`c1`, `db`, `outbox_dead_letter_local`, kafka_partition)")
+        );
+    }
+
+    #[test]
+    fn hostile_cluster_names_are_refused() {
+        for name in ["c1`; DROP TABLE x", "bad-name", ""] {
+            let config = ClickHouseConfig {
+                cluster: Some(ClusterConfig::new(name)),
+                ..ClickHouseConfig::default()
+            };
+            assert!(config.validate().is_err(), "{name:?}");
+        }
+        let config = ClickHouseConfig {
+            cluster: Some(ClusterConfig {
+                local_suffix: "_l; --".into(),
+                ..ClusterConfig::new("c")
+            }),
+            ..ClickHouseConfig::default()
+        };
+        assert!(config.validate().is_err());
     }
 }

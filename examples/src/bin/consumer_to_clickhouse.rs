@@ -94,6 +94,10 @@ struct Cli {
     /// to latency there; lower costs more idle fetches.
     #[arg(long, env = "OUTBOX_FETCH_WAIT_MS", default_value_t = 5)]
     fetch_wait_ms: u64,
+    /// Most bytes one fetch response may carry (`fetch.max.bytes`): less
+    /// bounds memory while catching up a backlog, more catches up faster.
+    #[arg(long, env = "OUTBOX_FETCH_MAX_BYTES", default_value_t = 52_428_800)]
+    fetch_max_bytes: u32,
     /// Kafka session timeout (ms).
     #[arg(long, env = "OUTBOX_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     session_timeout_ms: u64,
@@ -159,6 +163,7 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
     consumer_config.max_poll_interval = Duration::from_millis(cli.max_poll_interval_ms);
     consumer_config.batch_linger = Duration::from_millis(cli.batch_linger_ms);
     consumer_config.fetch_wait = Duration::from_millis(cli.fetch_wait_ms);
+    consumer_config.fetch_max_bytes = cli.fetch_max_bytes;
     consumer_config.assignment = match cli.assignment {
         AssignmentArg::AllPartitions => Assignment::AllPartitions,
         AssignmentArg::Group => Assignment::Group,

@@ -234,7 +234,7 @@ async fn status(cli: &Cli, config: &OutboxConfig) -> anyhow::Result<()> {
     }
 
     // The other services are optional here: say what could not be reached.
-    let ch = ClickHouseDeadLetters::new(cli.clickhouse.config()?);
+    let ch = ClickHouseDeadLetters::new(cli.clickhouse.config()?)?;
     match ch.dead_letter_counts().await {
         Ok(counts) => {
             let total: u64 = counts.iter().map(|(_, n)| n).sum();
@@ -384,7 +384,7 @@ async fn clickhouse_dead_letters(cli: &Cli, command: &DeadLetterCommand) -> anyh
     ch_config
         .validate()
         .context("invalid clickhouse configuration")?;
-    let dead = ClickHouseDeadLetters::new(ch_config);
+    let dead = ClickHouseDeadLetters::new(ch_config)?;
     // Every dead letter the command may need, oldest first.
     let all = || dead.dead_letters(None, u64::MAX);
     let selected = |rows: Vec<sink_clickhouse::DeadLetterRow>, args: &SelectionArgs| {

@@ -3,6 +3,8 @@
 //! Needs the broker of `scripts/stack.sh up`; override its address with
 //! `OUTBOX_KAFKA_BROKERS`. Each test uses its own topic and group.
 
+mod tls;
+
 use std::collections::HashMap;
 use std::time::Duration;
 

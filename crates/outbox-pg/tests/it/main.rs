@@ -3,54 +3,21 @@
 //! Needs the server of `scripts/stack.sh up`; override its address with
 //! `OUTBOX_PG_HOST` / `OUTBOX_PG_PORT`. Each test uses tables named after it.
 
+#[path = "../common/mod.rs"]
+mod common;
+#[cfg(feature = "sqlx")]
+mod sqlx;
+mod tls;
+
+use common::{ack, outbox_config, pg_config, setup};
+
 use std::time::Duration;
 
-use outbox_core::{Delivery, Event, Position, Source};
+use outbox_core::{Delivery, Event, Source};
 use outbox_pg::{
     migrate, schema_sql, FlagTableConfig, FlagTableSource, Outbox, OutboxConfig, PgConfig, PgError,
     PgOutboxSource,
 };
-
-fn pg_config() -> PgConfig {
-    PgConfig {
-        host: std::env::var("OUTBOX_PG_HOST").unwrap_or_else(|_| "127.0.0.1".into()),
-        port: std::env::var("OUTBOX_PG_PORT")
-            .ok()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(5432),
-        ..PgConfig::default()
-    }
-}
-
-fn outbox_config(name: &str) -> OutboxConfig {
-    OutboxConfig {
-        table: format!("t_{name}"),
-        dead_letter_table: format!("t_{name}_dead"),
-        ..OutboxConfig::default()
-    }
-}
-
-/// A fresh pool and freshly created outbox tables for one test.
-async fn setup(name: &str) -> (deadpool_postgres::Pool, OutboxConfig) {
-    let pool = pg_config().create_pool().unwrap();
-    let config = outbox_config(name);
-    let client = pool.get().await.unwrap();
-    client
-        .batch_execute(&format!(
-            "DROP TABLE IF EXISTS t_{name}; DROP TABLE IF EXISTS t_{name}_dead;"
-        ))
-        .await
-        .unwrap();
-    migrate(&client, &config).await.unwrap();
-    (pool, config)
-}
-
-fn ack(offset: i64) -> Delivery {
-    Delivery::Acknowledged(Position {
-        partition: 0,
-        offset,
-    })
-}
 
 #[test]
 fn init_sql_holds_the_generated_schema() {
@@ -515,99 +482,6 @@ async fn partition_leases_share_and_hand_over() {
     assert_eq!(all, vec![0, 1, 2, 3]);
     b.stop.cancel();
     c.stop.cancel();
-}
-
-/// Invariant (retention): processed events do not make the outbox table
-/// grow without bound nor claims slow down. 300,000 events are enqueued and
-/// processed in rounds of 10,000 over 36 s; with the autovacuum settings the
-/// migration gives the table (vacuum after every 10,000 deleted rows), the
-/// table stops growing once autovacuum has run (its freed space is reused)
-/// and the claims of the last rounds cost about what those of the first did.
-/// Needs autovacuum to visit the database during the test: the stack sets
-/// `autovacuum_naptime = 10s` (the server default, 1 min, bounds the table
-/// the same way, at a minute of dead rows).
-#[tokio::test]
-async fn processed_events_keep_table_size_and_claim_time_flat() {
-    let (pool, config) = setup("retention").await;
-    let outbox = Outbox::new(&config).unwrap();
-    let source = PgOutboxSource::new(pool.clone(), "test", config.clone()).unwrap();
-    let mut client = pool.get().await.unwrap();
-    let (rounds, per_round) = (30, 10_000);
-    let mut sizes = Vec::new();
-    let mut claim_ms = Vec::new();
-    for round in 0..rounds {
-        // Sustained load (about 8,000 events/s) for longer than autovacuum's
-        // naptime, rather than a burst that ends before it looks.
-        let round_started = std::time::Instant::now();
-        let events: Vec<Event> = (0..per_round)
-            .map(|i| {
-                Event::new("t", format!("{{\"r\":{round},\"i\":{i}}}"))
-                    .with_key(format!("k{}", i % 97))
-            })
-            .collect();
-        let tx = client.transaction().await.unwrap();
-        outbox.enqueue(&tx, &events).await.unwrap();
-        tx.commit().await.unwrap();
-        let started = std::time::Instant::now();
-        let mut claims = 0u32;
-        while let Some(claimed) = source.claim(1000).await.unwrap() {
-            let acks: Vec<Delivery> = (0..claimed.events.len()).map(|i| ack(i as i64)).collect();
-            source.acknowledge(claimed, &acks).await.unwrap();
-            claims += 1;
-        }
-        claim_ms.push(started.elapsed().as_secs_f64() * 1000.0 / f64::from(claims.max(1)));
-        let size: i64 = client
-            .query_one("SELECT pg_total_relation_size('t_retention')", &[])
-            .await
-            .unwrap()
-            .get(0);
-        sizes.push(size);
-        let pace = Duration::from_millis(1200);
-        if let Some(rest) = pace.checked_sub(round_started.elapsed()) {
-            tokio::time::sleep(rest).await;
-        }
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let row = client
-        .query_one("SELECT count(*) FROM t_retention", &[])
-        .await
-        .unwrap();
-    let pending: i64 = row.get(0);
-    let vacuums: i64 = client
-        .query_one(
-            "SELECT autovacuum_count + vacuum_count FROM pg_stat_user_tables WHERE relname = 't_retention'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let mb = |b: i64| b as f64 / 1_048_576.0;
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let middle_peak = sizes[10..15].iter().copied().max().unwrap();
-    let end_peak = sizes[25..].iter().copied().max().unwrap();
-    let early_claim = mean(&claim_ms[1..6]);
-    let late_claim = mean(&claim_ms[rounds - 5..]);
-    println!(
-        "processed={} pending={pending} autovacuums={vacuums} size_mb: after 10k={:.1} rounds 10-14 peak={:.1} rounds 25-29 peak={:.1}; claim_ms: early={early_claim:.2} late={late_claim:.2}",
-        rounds * per_round,
-        mb(sizes[0]),
-        mb(middle_peak),
-        mb(end_peak),
-    );
-    assert_eq!(pending, 0);
-    assert!(
-        vacuums > 0,
-        "autovacuum never ran on the table: is autovacuum_naptime 10s (scripts/stack.sh up)?"
-    );
-    // Without vacuum the table would double between these two windows.
-    assert!(
-        end_peak as f64 <= middle_peak as f64 * 1.3,
-        "the table kept growing: {sizes:?}"
-    );
-    assert!(
-        late_claim <= early_claim * 3.0 + 5.0,
-        "claims slowed down: {claim_ms:?}"
-    );
 }
 
 /// Invariant (typed events): a value enqueued with `enqueue_json` in a
