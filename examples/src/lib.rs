@@ -67,7 +67,7 @@ pub struct PgArgs {
     )]
     pub pg_sslmode: outbox_pg::SslMode,
     /// PEM file of the CA certificates that sign PostgreSQL's certificate
-    /// (libpq's sslrootcert); the system's CAs when unset.
+    /// (libpq's sslrootcert): only they are trusted; the system's CAs when unset.
     #[arg(long, env = "OUTBOX_PG_SSLROOTCERT", value_name = "FILE")]
     pub pg_sslrootcert: Option<PathBuf>,
 }
@@ -185,8 +185,8 @@ pub struct ClickHouseArgs {
         default_value = "http://127.0.0.1:8123"
     )]
     pub clickhouse_url: String,
-    /// PEM file of CA certificates to trust for an https:// ClickHouse URL,
-    /// besides the system's.
+    /// PEM file of the CA certificates to trust for an https:// ClickHouse
+    /// URL, instead of the system's.
     #[arg(long, env = "OUTBOX_CLICKHOUSE_CA_FILE", value_name = "FILE")]
     pub clickhouse_ca_file: Option<PathBuf>,
     /// ClickHouse user.

@@ -37,8 +37,8 @@ pub struct PgConfig {
     /// TLS, as libpq's `sslmode` (see [`SslMode`]). Default: `prefer`.
     pub ssl_mode: SslMode,
     /// PEM file of the CA certificates that sign the server's certificate,
-    /// as libpq's `sslrootcert`; trusted besides the system's CAs, and
-    /// checked under `verify-ca` and `verify-full`. Default: none.
+    /// as libpq's `sslrootcert`: under `verify-ca` and `verify-full` only
+    /// these CAs are trusted (the system's when unset). Default: none.
     pub ssl_root_cert: Option<PathBuf>,
 }
 

@@ -19,8 +19,8 @@ use crate::PgError;
 /// | `verify-full` | always | signed by a trusted CA *and* issued for the host connected to |
 ///
 /// Only `verify-full` protects against a man in the middle; the CAs trusted
-/// are those of [`crate::PgConfig::ssl_root_cert`], or the system's when it
-/// is unset.
+/// are those of [`crate::PgConfig::ssl_root_cert`] alone (as libpq does), or
+/// the system's when it is unset.
 ///
 /// ```
 /// use outbox_pg::SslMode;
@@ -93,8 +93,8 @@ pub(crate) fn driver_mode(mode: SslMode) -> tokio_postgres::config::SslMode {
     }
 }
 
-/// The connector for `mode`, trusting the PEM certificates of `root_cert`
-/// (one or more) in addition to the system's.
+/// The connector for `mode`, trusting only the PEM certificates of
+/// `root_cert` (one or more) when given, the system's otherwise.
 pub(crate) fn connector(
     mode: SslMode,
     root_cert: Option<&Path>,
@@ -111,6 +111,9 @@ pub(crate) fn connector(
         SslMode::VerifyFull => {}
     }
     if let Some(path) = root_cert {
+        // Pinned, like libpq's sslrootcert: a certificate from any public CA
+        // for the right name must not stand in for the private one.
+        builder.disable_built_in_roots(true);
         for cert in read_pem_certificates(path)? {
             builder.add_root_certificate(cert);
         }

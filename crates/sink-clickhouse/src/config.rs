@@ -17,11 +17,13 @@ use crate::SinkError;
 #[derive(Clone)]
 pub struct ClickHouseConfig {
     /// HTTP(S) endpoint. Default: `http://127.0.0.1:8123`. With
-    /// `https://` the server's certificate is always verified, against the
-    /// system's CAs and [`ClickHouseConfig::ca_file`], for the URL's host.
+    /// `https://` the server's certificate is always verified, against
+    /// [`ClickHouseConfig::ca_file`] (the system's CAs when unset), for the
+    /// URL's host.
     pub url: String,
-    /// PEM file of CA certificates to trust for an `https://` URL, besides
-    /// the system's (a private CA). Default: none.
+    /// PEM file of the CA certificates to trust for an `https://` URL
+    /// (a private CA), instead of the system's, as curl's `--cacert`: the
+    /// server is pinned to these CAs. Default: none (the system's CAs).
     pub ca_file: Option<PathBuf>,
     /// User. Default: `user`.
     pub user: String,

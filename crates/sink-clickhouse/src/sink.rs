@@ -137,6 +137,8 @@ pub fn client_for(config: &ClickHouseConfig) -> Result<Client, SinkError> {
         if certs.is_empty() {
             return Err(unreadable("holds no PEM certificate".into()));
         }
+        // Pinned, as curl's --cacert: only the given CAs are trusted.
+        tls.disable_built_in_roots(true);
         for cert in certs {
             tls.add_root_certificate(cert);
         }

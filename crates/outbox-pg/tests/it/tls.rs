@@ -129,6 +129,18 @@ async fn verify_full_encrypts_and_checks_ca_and_host() {
         check_connection(&other.create_pool().unwrap(), &other.target()).await,
         "verify-full with an unrelated CA",
     );
+    // A bundle is read whole: the signing CA may come after another one.
+    let bundle = std::env::temp_dir().join(format!("outbox-ca-bundle-{}.pem", std::process::id()));
+    let mut pem = std::fs::read(tls_file("other-ca.crt")).unwrap();
+    pem.extend(std::fs::read(tls_file("ca.crt")).unwrap());
+    std::fs::write(&bundle, pem).unwrap();
+    let bundled = PgConfig {
+        ssl_root_cert: Some(bundle.clone()),
+        ..tls_config("localhost", SslMode::VerifyFull, None)
+    };
+    let bundle_result = session_uses_tls(&bundled).await;
+    let _ = std::fs::remove_file(&bundle);
+    assert!(bundle_result.unwrap(), "verify-full with a two-CA bundle");
     // Without a CA file only the system's CAs are trusted: not the stack's.
     let system = tls_config("localhost", SslMode::VerifyFull, None);
     assert_tls_refused(
