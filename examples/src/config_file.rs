@@ -170,7 +170,9 @@ mod tests {
         drain: bool,
     }
 
-    fn file(text: &str) -> tempfile_like::Temp {
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn file(text: &str) -> std::io::Result<tempfile_like::Temp> {
         tempfile_like::Temp::new(text)
     }
 
@@ -178,15 +180,15 @@ mod tests {
     mod tempfile_like {
         pub struct Temp(pub std::path::PathBuf);
         impl Temp {
-            pub fn new(text: &str) -> Self {
+            pub fn new(text: &str) -> std::io::Result<Self> {
                 let path = std::env::temp_dir().join(format!(
                     "outbox-config-test-{}-{}.toml",
                     std::process::id(),
                     uuid::Uuid::new_v4()
                 ));
-                let mut f = std::fs::File::create(&path).unwrap();
-                super::Write::write_all(&mut f, text.as_bytes()).unwrap();
-                Self(path)
+                let mut f = std::fs::File::create(&path)?;
+                super::Write::write_all(&mut f, text.as_bytes())?;
+                Ok(Self(path))
             }
         }
         impl Drop for Temp {
@@ -197,8 +199,9 @@ mod tests {
     }
 
     #[test]
-    fn flags_win_over_env_over_file_over_defaults() {
-        let f = file("batch-size = 7\ntopic = \"from_file\"\nhost = \"file_host\"\ndrain = true\n");
+    fn flags_win_over_env_over_file_over_defaults() -> TestResult {
+        let f =
+            file("batch-size = 7\ntopic = \"from_file\"\nhost = \"file_host\"\ndrain = true\n")?;
         std::env::set_var("OUTBOX_CONFIG_TEST_TOPIC", "from_env");
         let cli: Cli = try_parse_from([
             "bin".as_ref(),
@@ -206,15 +209,15 @@ mod tests {
             f.0.as_os_str(),
             "--host".as_ref(),
             "flag_host".as_ref(),
-        ])
-        .unwrap();
+        ])?;
         std::env::remove_var("OUTBOX_CONFIG_TEST_TOPIC");
         assert_eq!(cli.batch_size, 7, "file over default");
         assert_eq!(cli.topic, "from_env", "env over file");
         assert_eq!(cli.host, "flag_host", "flag over file");
         assert!(cli.drain);
-        let cli: Cli = try_parse_from(["bin"]).unwrap();
+        let cli: Cli = try_parse_from(["bin"])?;
         assert_eq!((cli.batch_size, cli.topic.as_str()), (10, "t"));
+        Ok(())
     }
 
     #[derive(Debug, Parser)]
@@ -233,22 +236,22 @@ mod tests {
     }
 
     #[test]
-    fn file_options_go_before_a_subcommand() {
-        let f = file("host = \"from_file\"\n");
+    fn file_options_go_before_a_subcommand() -> TestResult {
+        let f = file("host = \"from_file\"\n")?;
         let cli: WithSubcommand = try_parse_from([
             "bin".as_ref(),
             "--config".as_ref(),
             f.0.as_os_str(),
             "status".as_ref(),
-        ])
-        .unwrap();
+        ])?;
         assert_eq!(cli.host, "from_file");
         assert!(matches!(cli.command, Sub::Status));
+        Ok(())
     }
 
     #[test]
-    fn unknown_keys_and_bad_values_name_the_key() {
-        let f = file("batch_sise = 7\n");
+    fn unknown_keys_and_bad_values_name_the_key() -> TestResult {
+        let f = file("batch_sise = 7\n")?;
         let err =
             try_parse_from::<Cli, _, _>(["bin".as_ref(), "--config".as_ref(), f.0.as_os_str()])
                 .unwrap_err()
@@ -259,7 +262,7 @@ mod tests {
             "{err}"
         );
 
-        let f = file("batch_size = \"many\"\n");
+        let f = file("batch_size = \"many\"\n")?;
         let err =
             try_parse_from::<Cli, _, _>(["bin".as_ref(), "--config".as_ref(), f.0.as_os_str()])
                 .unwrap_err()
@@ -267,7 +270,7 @@ mod tests {
         assert!(err.contains("key `batch_size`"), "{err}");
         assert!(err.contains("many"), "{err}");
 
-        let f = file("batch_size = [1]\n");
+        let f = file("batch_size = [1]\n")?;
         let err =
             try_parse_from::<Cli, _, _>(["bin".as_ref(), "--config".as_ref(), f.0.as_os_str()])
                 .unwrap_err()
@@ -284,5 +287,6 @@ mod tests {
             err.contains("/nonexistent/outbox.toml: cannot read it"),
             "{err}"
         );
+        Ok(())
     }
 }

@@ -186,7 +186,7 @@ mod tests {
     }
 
     #[test]
-    fn decodes_event_and_strips_reserved_headers() {
+    fn decodes_event_and_strips_reserved_headers() -> Result<(), DecodeError> {
         let id = Uuid::now_v7();
         let id_text = id.to_string();
         let event = record(&[
@@ -194,11 +194,11 @@ mod tests {
             (HEADER_CREATED_AT_MS, "1000"),
             ("app", "x"),
         ])
-        .to_event()
-        .unwrap();
+        .to_event()?;
         assert_eq!(event.id, id);
         assert_eq!(event.created_ms_for_test(), 1000);
         assert_eq!(event.headers.len(), 1);
+        Ok(())
     }
 
     #[test]

@@ -161,11 +161,9 @@ mod tests {
     }
 
     #[test]
-    fn accepts_plain_and_qualified() {
-        assert_eq!(SqlName::parse("outbox").unwrap().plain(), "outbox");
-        assert_eq!(
-            SqlName::parse("s_1.T_2").unwrap().to_string(),
-            "\"s_1\".\"T_2\""
-        );
+    fn accepts_plain_and_qualified() -> Result<(), PgError> {
+        assert_eq!(SqlName::parse("outbox")?.plain(), "outbox");
+        assert_eq!(SqlName::parse("s_1.T_2")?.to_string(), "\"s_1\".\"T_2\"");
+        Ok(())
     }
 }

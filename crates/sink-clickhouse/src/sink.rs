@@ -726,34 +726,36 @@ mod ddl_tests {
     use super::*;
     use crate::{ClusterConfig, RawEventMapper};
 
-    fn sink(cluster: Option<ClusterConfig>) -> ClickHouseSink<RawEventMapper> {
+    fn sink(cluster: Option<ClusterConfig>) -> Result<ClickHouseSink<RawEventMapper>, SinkError> {
         let config = ClickHouseConfig {
             database: "db".into(),
             table: "events".into(),
             cluster,
             ..ClickHouseConfig::default()
         };
-        ClickHouseSink {
-            client: client_for(&config).unwrap(),
+        Ok(ClickHouseSink {
+            client: client_for(&config)?,
             config,
             mapper: RawEventMapper,
             partitions: HashMap::new(),
-        }
+        })
     }
 
     #[test]
-    fn one_server_gets_plain_tables() {
-        let ddl = sink(None).ddl();
+    fn one_server_gets_plain_tables() -> Result<(), SinkError> {
+        let ddl = sink(None)?.ddl();
         assert_eq!(ddl.len(), 3, "{ddl:#?}");
         assert_eq!(ddl[0], "CREATE DATABASE IF NOT EXISTS `db`");
         assert!(ddl[1].starts_with("CREATE TABLE IF NOT EXISTS `db`.`events` ("));
         assert!(ddl[1].contains("ENGINE = ReplacingMergeTree() ORDER BY"));
         assert!(ddl[2].contains("`db`.`outbox_dead_letter`"));
+        Ok(())
     }
 
     #[test]
-    fn a_replicated_cluster_gets_local_replicated_and_distributed_tables_on_cluster() {
-        let ddl = sink(Some(ClusterConfig::new("c1"))).ddl();
+    fn a_replicated_cluster_gets_local_replicated_and_distributed_tables_on_cluster(
+    ) -> Result<(), SinkError> {
+        let ddl = sink(Some(ClusterConfig::new("c1")))?.ddl();
         assert_eq!(ddl.len(), 5, "{ddl:#?}");
         assert_eq!(ddl[0], "CREATE DATABASE IF NOT EXISTS `db` ON CLUSTER `c1`");
         assert!(
@@ -773,6 +775,7 @@ mod ddl_tests {
         assert!(
             ddl[4].contains("Distributed(`c1`, `db`, `outbox_dead_letter_local`, kafka_partition)")
         );
+        Ok(())
     }
 
     #[test]
