@@ -113,6 +113,34 @@ wait_for() {
   done
 }
 
+# ClickHouse loads every part of every table before it answers: seconds on a
+# fresh stack, minutes after long runs left tens of thousands of parts. So it
+# is waited for as long as its process lives (up to CH_START_TIMEOUT, 900 s),
+# and a process that exits fails at once.
+ch_wait() {
+  local pid="$1" logfile="$2"
+  local timeout_s="${CH_START_TIMEOUT:-900}"
+  local deadline=$((SECONDS + timeout_s)) next_note=$((SECONDS + 30))
+  until ch_ready >/dev/null 2>&1; do
+    if ! pid_alive "$pid"; then
+      log "clickhouse exited before answering; last lines of $logfile and of $CH_LOG:"
+      tail -n 20 "$logfile" >&2 2>/dev/null || true
+      tail -n 20 "$CH_LOG" >&2 2>/dev/null || true
+      die "clickhouse on 127.0.0.1:$CH_HTTP_PORT did not come up"
+    fi
+    if ((SECONDS >= deadline)); then
+      log "clickhouse did not answer within ${timeout_s}s; last lines of $CH_LOG:"
+      tail -n 20 "$CH_LOG" >&2 2>/dev/null || true
+      die "clickhouse on 127.0.0.1:$CH_HTTP_PORT did not come up (raise CH_START_TIMEOUT, or drop tables left by old runs)"
+    fi
+    if ((SECONDS >= next_note)); then
+      log "clickhouse still loading its tables ($(du -sh "$CH_DIR/data" 2>/dev/null | cut -f1) of data)..."
+      next_note=$((SECONDS + 30))
+    fi
+    sleep 0.25
+  done
+}
+
 # ---------------------------------------------------------------- PostgreSQL
 
 pg_bin() {
@@ -306,6 +334,7 @@ kafka_ready() { (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null; }
 # table, so consuming slows down with everything the broker ever stored
 # (a 50k-message topic took over 10 minutes to read back). The index makes
 # the lookup a b-tree search. Added while tansu is stopped; idempotent.
+# tansu_header_index also compacts a file that is mostly free pages.
 tansu_header_index() {
   python3 - "$KAFKA_DIR/tansu.db" <<'PY'
 import sqlite3, sys
@@ -313,6 +342,13 @@ db = sqlite3.connect(sys.argv[1], timeout=30)
 if db.execute("select 1 from sqlite_master where type = 'table' and name = 'header'").fetchone():
     db.execute("create index if not exists header_topition_offset_id on header (topition, offset_id)")
     db.commit()
+# Deleted topics leave their pages free and the file never shrinks: after a
+# few benchmark runs it is mostly free pages. Compact it while it is.
+pages = db.execute("pragma page_count").fetchone()[0]
+free = db.execute("pragma freelist_count").fetchone()[0]
+if pages > 25600 and free * 2 > pages:
+    print(f"[stack] compacting tansu.db ({free} of {pages} pages free)", file=sys.stderr)
+    db.execute("vacuum")
 PY
 }
 
@@ -480,8 +516,8 @@ ch_up() {
     return 0
   fi
   if pid_alive "$pid"; then
-    # Started but not answering yet (a large data folder takes ~20 s).
-    wait_for "clickhouse on 127.0.0.1:$CH_HTTP_PORT" 120 "$CH_LOG" ch_ready
+    # Started but not answering yet (it loads every table's parts first).
+    ch_wait "$pid" "$CH_LOG"
     return 0
   fi
   rm -f "$CH_PID"
@@ -494,7 +530,7 @@ ch_up() {
   (cd "$CH_DIR" && exec setsid clickhouse-server --config-file="$CH_DIR/config.xml" \
     >>"$CH_DIR/log/stdout.log" 2>&1 </dev/null) &
   echo $! >"$CH_PID"
-  wait_for "clickhouse on 127.0.0.1:$CH_HTTP_PORT" 120 "$CH_DIR/log/stdout.log" ch_ready
+  ch_wait "$(cat "$CH_PID")" "$CH_DIR/log/stdout.log"
   log "clickhouse ready (user user)"
 }
 

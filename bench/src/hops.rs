@@ -129,6 +129,90 @@ pub async fn raw_produce(env: &Env, n: usize) -> anyhow::Result<Measured> {
     .report("raw produce", "msg"))
 }
 
+/// The broker hop alone at a steady rate: the rdkafka producer (the relay's
+/// settings) sends `rate` messages per second, in the writer's 10 ms ticks,
+/// and the same tap that times our pipeline notes when each becomes
+/// readable. Returns send → readable in ms, sorted: what the broker, the
+/// producer's linger and a consumer's fetch cost with nothing of ours in the
+/// way, for the end-to-end figures to be read against.
+pub async fn raw_latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<Vec<f64>> {
+    let topic = env.name(&format!("rawlat{rate}"));
+    outbox_kafka::ensure_topics(&env.kafka, &[topic.as_str()]).await?;
+    let producer = producer(env)?;
+    // Warm up the connection and the topic's metadata, so start-up is not timed.
+    producer
+        .send(
+            FutureRecord::to(&topic).key("warm").payload("warm"),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(err, _)| anyhow::anyhow!("raw latency warm-up: {err}"))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tap = crate::pipeline::tap_topic(&env.kafka.brokers, &topic, stop.clone())?;
+    // The tap starts at the end of each partition: let it get there first.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    say(format!(
+        "raw latency at {rate} messages/s for {length:?} (send → readable)"
+    ));
+    let mut sent_at = std::collections::HashMap::new();
+    let mut deliveries = Vec::new();
+    let mut pace = crate::pipeline::Pace::new(rate, length);
+    let mut sent = 0usize;
+    while let Some(due) = pace.next().await {
+        for i in sent..due {
+            let id = Uuid::now_v7();
+            let id_text = id.to_string();
+            let key = key(i);
+            let payload = payload(i);
+            let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+                key: HEADER_EVENT_ID,
+                value: Some(&id_text),
+            });
+            let record = FutureRecord::to(&topic)
+                .key(&key)
+                .payload(&payload)
+                .headers(headers);
+            match producer.send_result(record) {
+                Ok(delivery) => deliveries.push(delivery),
+                Err((err, _)) => bail!("raw latency: send failed: {err}"),
+            }
+            sent_at.insert(id, Instant::now());
+        }
+        sent = due.max(sent);
+    }
+    let mut failed = 0usize;
+    for delivery in deliveries {
+        if !matches!(delivery.await, Ok(Ok(_))) {
+            failed += 1;
+        }
+    }
+    // Let the tap read the last messages.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let readable_at = tap
+        .join()
+        .map_err(|_| anyhow::anyhow!("the topic tap thread panicked"))?;
+    if failed > 0 {
+        bail!("raw latency: {failed} of {sent} messages were not acknowledged");
+    }
+    let ms = crate::pipeline::delays_ms(&sent_at, &readable_at);
+    if ms.len() < sent {
+        bail!(
+            "raw latency: the tap read {} of {sent} messages back",
+            ms.len()
+        );
+    }
+    say(format!(
+        "raw latency at {rate} messages/s: {} messages, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        ms.len(),
+        crate::pipeline::quantile(&ms, 0.5),
+        crate::pipeline::quantile(&ms, 0.99),
+        crate::pipeline::quantile(&ms, 1.0),
+    ));
+    drop_topic(env, &topic).await;
+    Ok(ms)
+}
+
 /// A plain rdkafka consumer reading `topic` back from the start of every
 /// partition until it has `n` messages.
 pub async fn raw_consume(env: &Env, topic: &str, n: usize) -> anyhow::Result<Measured> {
@@ -176,28 +260,38 @@ pub async fn raw_consume(env: &Env, topic: &str, n: usize) -> anyhow::Result<Mea
     .await?
 }
 
+/// A sink that created the raw table `table` (and its dead-letter table).
+async fn raw_sink(env: &Env, table: &str) -> anyhow::Result<ClickHouseSink<RawEventMapper>> {
+    let config = ClickHouseConfig {
+        table: table.to_string(),
+        dead_letter_table: format!("{table}_dead"),
+        ..env.ch.clone()
+    };
+    Ok(ClickHouseSink::new(config, RawEventMapper).await?)
+}
+
+/// Row `i` of the consumer's raw table, at a given position.
+fn raw_row(table: &str, i: usize, partition: i32, offset: i64) -> RawEventRow {
+    RawEventRow {
+        topic: table.to_string(),
+        key: key(i),
+        payload: String::from_utf8_lossy(&payload(i)).into_owned(),
+        headers: "{}".into(),
+        created_at: (now_ms() / 1000) as u32,
+        event_id: Uuid::now_v7(),
+        kafka_partition: partition,
+        kafka_offset: offset,
+        ingested_at: (now_ms() / 1000) as u32,
+    }
+}
+
 /// The ClickHouse client alone: `n` rows of the consumer's raw table, in
 /// 50 000-row RowBinary inserts.
 pub async fn raw_insert(env: &Env, n: usize) -> anyhow::Result<Measured> {
     let table = env.name("raw_insert");
-    let config = ClickHouseConfig {
-        table: table.clone(),
-        dead_letter_table: format!("{table}_dead"),
-        ..env.ch.clone()
-    };
-    let sink = ClickHouseSink::new(config, RawEventMapper).await?;
+    let sink = raw_sink(env, &table).await?;
     let rows: Vec<RawEventRow> = (0..n)
-        .map(|i| RawEventRow {
-            topic: table.clone(),
-            key: key(i),
-            payload: String::from_utf8_lossy(&payload(i)).into_owned(),
-            headers: "{}".into(),
-            created_at: (now_ms() / 1000) as u32,
-            event_id: Uuid::now_v7(),
-            kafka_partition: (i % 4) as i32,
-            kafka_offset: (i / 4) as i64,
-            ingested_at: (now_ms() / 1000) as u32,
-        })
+        .map(|i| raw_row(&table, i, (i % 4) as i32, (i / 4) as i64))
         .collect();
     say(format!("raw insert: {n} rows into ClickHouse {table}"));
     let client = sink.client();
@@ -217,6 +311,53 @@ pub async fn raw_insert(env: &Env, n: usize) -> anyhow::Result<Measured> {
         elapsed,
     }
     .report("raw insert", "row"))
+}
+
+/// ClickHouse alone at the consumer's pace at 1,000 events/s: an insert of
+/// `rows` rows every `every`, for `length`, each timed from its start until
+/// ClickHouse accepted it. Returns the insert times in ms, sorted: the fixed
+/// cost every end-to-end event pays once.
+pub async fn raw_small_inserts(
+    env: &Env,
+    rows: usize,
+    every: Duration,
+    length: Duration,
+) -> anyhow::Result<Vec<f64>> {
+    let table = env.name("raw_small_insert");
+    let sink = raw_sink(env, &table).await?;
+    let client = sink.client();
+    say(format!(
+        "raw small inserts: {rows} rows every {every:?} for {length:?} into {table}"
+    ));
+    let mut times = Vec::new();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(every);
+    let mut offset = 0i64;
+    while started.elapsed() < length {
+        tick.tick().await;
+        let batch: Vec<RawEventRow> = (0..rows)
+            .map(|i| {
+                offset += 1;
+                raw_row(&table, i, 0, offset)
+            })
+            .collect();
+        let at = Instant::now();
+        let mut insert = client.insert::<RawEventRow>(&table).await?;
+        for row in &batch {
+            insert.write(row).await?;
+        }
+        insert.end().await?;
+        times.push(at.elapsed().as_secs_f64() * 1000.0);
+    }
+    drop_ch_tables(env, &table).await;
+    times.sort_by(f64::total_cmp);
+    say(format!(
+        "raw small inserts: {} inserts, p50 {:.1} ms, p99 {:.1} ms",
+        times.len(),
+        crate::pipeline::quantile(&times, 0.5),
+        crate::pipeline::quantile(&times, 0.99)
+    ));
+    Ok(times)
 }
 
 /// The outbox settings of a benchmark table.

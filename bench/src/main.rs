@@ -90,6 +90,10 @@ struct Cli {
     /// Keep the tables and topics of the run (dropped by default).
     #[arg(long)]
     keep: bool,
+    /// Run only the latency phases (to tune latency knobs; the report then
+    /// lacks the throughput figures and ratios).
+    #[arg(long)]
+    latency_only: bool,
     #[command(flatten)]
     pg: examples::PgArgs,
     #[command(flatten)]
@@ -238,64 +242,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     ));
     let mut report = report::Report::new(format!("{:?}", cli.size).to_lowercase(), machine);
 
-    // The hops alone.
-    let produced = hops::raw_produce(&env, sizes.raw).await?;
-    report.figure("raw_produce_eps", produced.rate());
-    hops::drop_topic(&env, &produced.topic).await;
-    report.figure(
-        "raw_insert_rps",
-        hops::raw_insert(&env, sizes.raw).await?.rate(),
-    );
-    report.figure(
-        "raw_claim_eps",
-        hops::raw_claim(&env, sizes.raw).await?.rate(),
-    );
-
-    // The original demo's design.
-    report.figure(
-        "naive_relay_eps",
-        hops::naive_relay(&env, sizes.naive).await?.rate(),
-    );
-
-    // Ours: one relay, then three, draining a backlog; the consumer after.
-    let claim_empty = pipeline::claim_cost(&env, None, sizes.claim_probes).await?;
-    report.figure("claim_ms_empty", claim_empty);
-    let one = pipeline::relay_backlog(&env, 1, sizes.backlog).await?;
-    report.figure("relay_eps", one.rate);
-    report.figure("relay_rss_mb", one.peak_rss_mb);
-    report.timeline("relay ×1 (events/s into Kafka)", one.timeline.clone());
-    let claim_after = pipeline::claim_cost(&env, Some(&one.table), sizes.claim_probes).await?;
-    report.figure("claim_ms_after_backlog", claim_after);
-    // What autovacuum does in the background (the outbox table asks for it
-    // after every 10,000 deleted rows): the claim cost once it has run.
-    pipeline::vacuum(&env, &one.table).await?;
-    let claim_vacuumed = pipeline::claim_cost(&env, Some(&one.table), sizes.claim_probes).await?;
-    report.figure("claim_ms_after_vacuum", claim_vacuumed);
-    // The raw consumer reads the very topic the sink then reads: tansu's
-    // fetch costs grow with how far a partition's end is from the read
-    // position, so a limit taken on a smaller topic would not compare.
-    report.figure(
-        "raw_consume_eps",
-        hops::raw_consume(&env, &one.topic, sizes.backlog)
-            .await?
-            .rate(),
-    );
-    let sink = pipeline::sink_backlog(&env, &one.topic, sizes.backlog).await?;
-    report.figure("sink_rps", sink.rate);
-    report.figure("consumer_rss_mb", sink.peak_rss_mb);
-    report.timeline("consumer (rows/s into ClickHouse)", sink.timeline.clone());
-    pipeline::drop_relay_run(&env, &one).await;
-    let three = pipeline::relay_backlog(&env, 3, sizes.backlog).await?;
-    report.figure("relay3_eps", three.rate);
-    report.figure(
-        "relay3_rss_mb",
-        three.peak_rss_mb, // the largest of the three
-    );
-    report.timeline("relay ×3 (events/s into Kafka)", three.timeline.clone());
-    pipeline::drop_relay_run(&env, &three).await;
+    if !cli.latency_only {
+        throughput_phases(&env, &sizes, &mut report).await?;
+    }
 
     // Latency at steady rates.
     for (rate, prefix) in [(1000u32, "e2e"), (5000u32, "e2e_5k")] {
+        // The broker hop alone at the same rate, right before, on the same
+        // broker: what the end-to-end figures cannot go below.
+        let raw = hops::raw_latency(&env, rate, sizes.latency).await?;
+        report.figure(
+            &format!("raw_{prefix}_kafka_p50_ms"),
+            pipeline::quantile(&raw, 0.5),
+        );
+        report.figure(
+            &format!("raw_{prefix}_kafka_p99_ms"),
+            pipeline::quantile(&raw, 0.99),
+        );
+        if rate == 1000 {
+            // ClickHouse alone at the consumer's pace at this rate (one
+            // insert of about 20 rows every 20 ms).
+            let inserts =
+                hops::raw_small_inserts(&env, 20, Duration::from_millis(20), sizes.latency).await?;
+            report.figure("raw_insert_small_p50_ms", pipeline::quantile(&inserts, 0.5));
+            report.figure(
+                "raw_insert_small_p99_ms",
+                pipeline::quantile(&inserts, 0.99),
+            );
+        }
         let run = pipeline::latency(&env, rate, sizes.latency).await?;
         report.figure(&format!("{prefix}_p50_ms"), run.percentile(0.50));
         report.figure(&format!("{prefix}_p99_ms"), run.percentile(0.99));
@@ -319,5 +293,70 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     report.write_json(&json)?;
     report.write_svg(&svg)?;
     say(format!("wrote {} and {}", json.display(), svg.display()));
+    Ok(())
+}
+
+/// The raw limits, the original design and ours draining backlogs.
+async fn throughput_phases(
+    env: &Env,
+    sizes: &Sizes,
+    report: &mut report::Report,
+) -> anyhow::Result<()> {
+    // The hops alone.
+    let produced = hops::raw_produce(env, sizes.raw).await?;
+    report.figure("raw_produce_eps", produced.rate());
+    hops::drop_topic(env, &produced.topic).await;
+    report.figure(
+        "raw_insert_rps",
+        hops::raw_insert(env, sizes.raw).await?.rate(),
+    );
+    report.figure(
+        "raw_claim_eps",
+        hops::raw_claim(env, sizes.raw).await?.rate(),
+    );
+
+    // The original demo's design.
+    report.figure(
+        "naive_relay_eps",
+        hops::naive_relay(env, sizes.naive).await?.rate(),
+    );
+
+    // Ours: one relay, then three, draining a backlog; the consumer after.
+    let claim_empty = pipeline::claim_cost(env, None, sizes.claim_probes).await?;
+    report.figure("claim_ms_empty", claim_empty);
+    let one = pipeline::relay_backlog(env, 1, sizes.backlog).await?;
+    report.figure("relay_eps", one.rate);
+    report.figure("relay_rss_mb", one.peak_rss_mb);
+    report.timeline("relay ×1 (events/s into Kafka)", one.timeline.clone());
+    let claim_after = pipeline::claim_cost(env, Some(&one.table), sizes.claim_probes).await?;
+    report.figure("claim_ms_after_backlog", claim_after);
+    // What autovacuum does in the background (the outbox table asks for it
+    // after every 10,000 deleted rows): the claim cost once it has run.
+    pipeline::vacuum(env, &one.table).await?;
+    let claim_vacuumed = pipeline::claim_cost(env, Some(&one.table), sizes.claim_probes).await?;
+    report.figure("claim_ms_after_vacuum", claim_vacuumed);
+    // The raw consumer reads the very topic the sink then reads: tansu's
+    // fetch costs grow with how far a partition's end is from the read
+    // position, so a limit taken on a smaller topic would not compare.
+    report.figure(
+        "raw_consume_eps",
+        hops::raw_consume(env, &one.topic, sizes.backlog)
+            .await?
+            .rate(),
+    );
+    let sink = pipeline::sink_backlog(env, &one.topic, sizes.backlog).await?;
+    report.figure("sink_rps", sink.rate);
+    report.figure("consumer_rss_mb", sink.peak_rss_mb);
+    report.timeline("consumer (rows/s into ClickHouse)", sink.timeline.clone());
+    pipeline::drop_relay_run(env, &one).await;
+    let three = pipeline::relay_backlog(env, 3, sizes.backlog).await?;
+    report.figure("relay3_eps", three.rate);
+    report.figure(
+        "relay3_rss_mb",
+        three.peak_rss_mb, // the largest of the three
+    );
+    report.timeline("relay ×3 (events/s into Kafka)", three.timeline.clone());
+    pipeline::drop_relay_run(env, &three).await;
+
     Ok(())
 }

@@ -287,7 +287,50 @@ impl LatencyRun {
     }
 }
 
-fn quantile(sorted: &[f64], q: f64) -> f64 {
+/// A steady rate in 10 ms ticks, for a given length.
+pub struct Pace {
+    started: Instant,
+    rate: f64,
+    length: Duration,
+    tick: tokio::time::Interval,
+}
+
+impl Pace {
+    pub fn new(rate: u32, length: Duration) -> Self {
+        Self {
+            started: Instant::now(),
+            rate: f64::from(rate),
+            length,
+            tick: tokio::time::interval(Duration::from_millis(10)),
+        }
+    }
+
+    /// At the next tick, how many events should have been sent since the
+    /// start; `None` once the length is over.
+    pub async fn next(&mut self) -> Option<usize> {
+        if self.started.elapsed() >= self.length {
+            return None;
+        }
+        self.tick.tick().await;
+        Some((self.started.elapsed().as_secs_f64() * self.rate) as usize)
+    }
+}
+
+/// For each id in both maps, the time from its `start` to its `end` in ms,
+/// sorted.
+pub fn delays_ms(start: &HashMap<Uuid, Instant>, end: &HashMap<Uuid, Instant>) -> Vec<f64> {
+    let mut ms: Vec<f64> = start
+        .iter()
+        .filter_map(|(id, at)| {
+            end.get(id)
+                .map(|seen| seen.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    ms
+}
+
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -298,7 +341,7 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 /// Reads `topic` from its end on its own thread and notes when each event
 /// id becomes readable: splits the end-to-end latency into the relay's share
 /// and the consumer's.
-fn tap_topic(
+pub fn tap_topic(
     brokers: &str,
     topic: &str,
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -420,12 +463,9 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
         let topic = topic.clone();
         tokio::spawn(async move {
             let mut client = pool.get().await?;
-            let started = Instant::now();
+            let mut pace = Pace::new(rate, length);
             let mut sent = 0usize;
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            while started.elapsed() < length {
-                tick.tick().await;
-                let due = (started.elapsed().as_secs_f64() * f64::from(rate)) as usize;
+            while let Some(due) = pace.next().await {
                 if due <= sent {
                     continue;
                 }
@@ -513,18 +553,7 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
         .join()
         .map_err(|_| anyhow::anyhow!("the topic tap thread panicked"))?;
     let committed = committed.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let since_commit = |arrivals: &HashMap<Uuid, Instant>| {
-        let mut ms: Vec<f64> = committed
-            .iter()
-            .filter_map(|(id, at)| {
-                arrivals
-                    .get(id)
-                    .map(|seen| seen.saturating_duration_since(*at).as_secs_f64() * 1000.0)
-            })
-            .collect();
-        ms.sort_by(f64::total_cmp);
-        ms
-    };
+    let since_commit = |arrivals: &HashMap<Uuid, Instant>| delays_ms(&committed, arrivals);
     let distinct: HashSet<&Uuid> = seen_at.keys().collect();
     let run = LatencyRun {
         latencies_ms: since_commit(&seen_at),

@@ -73,7 +73,7 @@ impl Report {
     }
 
     pub fn print_table(&self) {
-        let rows: [(&str, &str, &str); 29] = [
+        let rows: [(&str, &str, &str); 33] = [
             ("raw_produce_eps", "raw: rdkafka producer → broker", "msg/s"),
             ("raw_consume_eps", "raw: rdkafka consumer ← broker", "msg/s"),
             (
@@ -101,6 +101,26 @@ impl Report {
             (
                 "e2e_kafka_p99_ms",
                 "  of which commit → in Kafka, p99 @ 1k/s",
+                "ms",
+            ),
+            (
+                "raw_e2e_kafka_p50_ms",
+                "  raw: send → in Kafka, p50 @ 1k/s",
+                "ms",
+            ),
+            (
+                "raw_e2e_kafka_p99_ms",
+                "  raw: send → in Kafka, p99 @ 1k/s",
+                "ms",
+            ),
+            (
+                "raw_insert_small_p50_ms",
+                "  raw: ClickHouse insert of 20 rows, p50",
+                "ms",
+            ),
+            (
+                "raw_insert_small_p99_ms",
+                "  raw: ClickHouse insert of 20 rows, p99",
                 "ms",
             ),
             ("e2e_5k_p50_ms", "ours: e2e p50 @ 5k/s", "ms"),

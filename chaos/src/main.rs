@@ -71,6 +71,21 @@ struct Cli {
         default_value = "http://127.0.0.1:8123"
     )]
     clickhouse_url: String,
+    /// Which runs keep their tables and topic for inspection; the others drop
+    /// them, so long runs do not leave gigabytes in the local stores.
+    #[arg(long, value_enum, default_value_t = Keep::OnFailure)]
+    keep: Keep,
+}
+
+/// Which runs keep what they wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Keep {
+    /// Every run keeps its tables and topic.
+    Always,
+    /// A run that did not pass keeps them; a passing run drops them.
+    OnFailure,
+    /// Every run drops them (for runs that are meant to fail).
+    Never,
 }
 
 /// Lanes of a relay are handed over after this long.
@@ -645,6 +660,14 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
              its storage refuses every request afterwards: restart it with scripts/stack.sh crash kafka"
         );
     }
+    let passed = !violated && drained;
+    if cli.keep == Keep::Never || (cli.keep == Keep::OnFailure && passed) {
+        drop_run(&pool, &ch, &cli.kafka_brokers, &name).await;
+    } else {
+        println!(
+            "chaos: kept tables {name}, {name}_dead, {name}_ledger and topic {name} for inspection"
+        );
+    }
     if violated {
         return Ok(Verdict::Violated);
     }
@@ -660,6 +683,61 @@ enum Verdict {
     Passed,
     Violated,
     DidNotDrain,
+}
+
+/// Drops what a run wrote: its PostgreSQL and ClickHouse tables and its
+/// topic. Best effort: a failure is printed, the verdict stands.
+async fn drop_run(
+    pool: &outbox_pg::deadpool_postgres::Pool,
+    ch: &clickhouse::Client,
+    brokers: &str,
+    name: &str,
+) {
+    use outbox_kafka::rdkafka::admin::{AdminClient, AdminOptions};
+    use outbox_kafka::rdkafka::client::DefaultClientContext;
+    use outbox_kafka::rdkafka::ClientConfig;
+
+    let pg = async {
+        let client = pool.get().await?;
+        client
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS {name}, {name}_dead, {name}_schema_version, {name}_ledger"
+            ))
+            .await?;
+        anyhow::Ok(())
+    };
+    if let Err(err) = pg.await {
+        println!("chaos: could not drop the PostgreSQL tables of {name}: {err:#}");
+    }
+    for table in [name.to_string(), format!("{name}_dead")] {
+        if let Err(err) = ch
+            .query(&format!("DROP TABLE IF EXISTS `{table}`"))
+            .execute()
+            .await
+        {
+            println!("chaos: could not drop the ClickHouse table {table}: {err}");
+        }
+    }
+    let admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("log_level", "3")
+        .create();
+    match admin {
+        Ok(admin) => {
+            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+            match admin.delete_topics(&[name], &options).await {
+                Ok(results) => {
+                    for result in results {
+                        if let Err((topic, code)) = result {
+                            println!("chaos: could not delete topic {topic}: {code}");
+                        }
+                    }
+                }
+                Err(err) => println!("chaos: could not delete topic {name}: {err}"),
+            }
+        }
+        Err(err) => println!("chaos: could not delete topic {name}: {err}"),
+    }
 }
 
 /// Every event id in `topic`, read from the beginning of each partition to

@@ -108,6 +108,9 @@ fn harness_fails_a_relay_that_deletes_before_publishing() {
         "3",
         "--drain-timeout",
         "30s",
+        // Failing is the expected outcome here: nothing to inspect.
+        "--keep",
+        "never",
     ]);
     assert_eq!(run.verdict, "FAIL", "summary: {:?}", run.summary);
     assert_eq!(run.exit_code, Some(1));

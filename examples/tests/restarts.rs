@@ -70,6 +70,12 @@ async fn every_service_restarts_while_events_flow() {
             &dead,
         ])
         .env("RUST_LOG", "info")
+        // tansu 0.6 can panic on the produce of an idempotent producer that
+        // reconnects after the broker's restart, and then refuses every
+        // request until restarted (as the chaos harness does, see its
+        // README). The guarantees checked here do not rest on idempotence:
+        // the consumer skips republished copies by event id.
+        .env("OUTBOX_KAFKA_IDEMPOTENCE", "false")
         .stdout(Stdio::null())
         .stderr(log_file("relay.log"))
         .spawn()

@@ -27,9 +27,13 @@ pub struct OutboxConfig {
     /// is no key). Fixed when the table is created: changing it later needs
     /// an empty outbox. Default: 64.
     pub lanes: u16,
-    /// Most lanes one claim takes. Several relays work in parallel on
-    /// different lanes; one lane is only ever worked by one claim, which is
-    /// what keeps per-key order. Default: 8.
+    /// Most lanes one claim takes while the outbox has a backlog. Several
+    /// relays work in parallel on different lanes; one lane is only ever
+    /// worked by one claim, which is what keeps per-key order. Once a claim
+    /// comes back with fewer events than asked for (the relay has caught
+    /// up), the next claim takes every lane with pending events, so at low
+    /// load an event never waits for other lanes' turns; the first full
+    /// claim narrows it again. Default: 8.
     pub lanes_per_claim: u16,
 }
 

@@ -1,7 +1,7 @@
 //! The outbox table as a [`Source`].
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -18,6 +18,7 @@ use crate::{OutboxConfig, PgConfig, PgError};
 /// **Per-key order with many relays.** Every event has a lane, a hash of its
 /// key (of its id when it has none). A claim first takes advisory locks on
 /// up to [`OutboxConfig::lanes_per_claim`] lanes that have pending events
+/// (every such lane once the relay has caught up, see there)
 /// (session-level `pg_try_advisory_lock`, released when the claim ends, so
 /// relays skip each other's lanes instead of waiting), then reads each
 /// locked lane in `seq` order (`… WHERE lane = $l ORDER BY seq FOR UPDATE
@@ -56,6 +57,9 @@ pub struct PgOutboxSource {
     pending_lanes_sql: String,
     lock_namespace: i32,
     rotation: AtomicUsize,
+    /// Whether the last claim found fewer events than it asked for: the
+    /// next one then takes every pending lane instead of `lanes_per_claim`.
+    caught_up: AtomicBool,
     listener: Option<crate::notify::Listener>,
     channel: String,
     claim_sql: String,
@@ -90,6 +94,9 @@ impl PgOutboxSource {
             ),
             lock_namespace: lock_namespace(&table.plain()),
             rotation: AtomicUsize::new(rotation_seed()),
+            // Narrow at start: relays started together on a backlog must not
+            // all lock every lane at once.
+            caught_up: AtomicBool::new(false),
             listener: None,
             channel: crate::notify::channel_for(&table),
             // Each locked lane is read on its own through the (lane, seq)
@@ -182,11 +189,21 @@ impl Source for PgOutboxSource {
         let limit = i64::try_from(max_events).unwrap_or(i64::MAX);
         let mut lanes = self.pending_lanes().await?;
         if lanes.is_empty() {
+            self.caught_up.store(true, Ordering::Relaxed);
             return Ok(None);
         }
         let start = self.rotation.fetch_add(1, Ordering::Relaxed) % lanes.len();
         lanes.rotate_left(start);
-        let per_claim = i64::from(self.config.lanes_per_claim);
+        // Under a backlog a claim fills from its first lane or two anyway, and
+        // locking few lanes leaves the others to other relays. Caught up, a
+        // claim of few lanes would leave the events of every other lane
+        // waiting for later claims: at 1,000 events/s over 64 lanes that was
+        // most of the relay's latency.
+        let per_claim = if self.caught_up.load(Ordering::Relaxed) {
+            i64::try_from(lanes.len()).unwrap_or(i64::MAX)
+        } else {
+            i64::from(self.config.lanes_per_claim)
+        };
         // Statistics lag behind a burst of deletes, and a bitmap or
         // sequential scan would then visit every dead row; the index scan
         // skips dead entries once marked.
@@ -211,8 +228,11 @@ impl Source for PgOutboxSource {
             // by a claim that just committed) is unknown here: this session
             // holds no other advisory locks, so release them all.
             claim.release_all_lanes_and_rollback().await?;
+            self.caught_up.store(true, Ordering::Relaxed);
             return Ok(None);
         };
+        self.caught_up
+            .store(rows.len() < max_events, Ordering::Relaxed);
         claim.lanes = first
             .try_get::<_, Option<Vec<i32>>>("locked_lanes")
             .map_err(|e| PgError::query("claim (decode lanes)", e))?
