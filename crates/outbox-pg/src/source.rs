@@ -17,10 +17,10 @@ use crate::{OutboxConfig, PgConfig, PgError};
 ///
 /// **Per-key order with many relays.** Every event has a lane, a hash of its
 /// key (of its id when it has none). A claim first takes advisory locks on
-/// up to [`OutboxConfig::lanes_per_claim`] lanes that have pending events
-/// (every such lane once the relay has caught up, see there)
-/// (session-level `pg_try_advisory_lock`, released when the claim ends, so
-/// relays skip each other's lanes instead of waiting), then reads each
+/// up to [`OutboxConfig::lanes_per_claim`] lanes that have pending events,
+/// or on every such lane once the relay has caught up (see there), with
+/// session-level `pg_try_advisory_lock`s, released when the claim ends, so
+/// relays skip each other's lanes instead of waiting. It then reads each
 /// locked lane in `seq` order (`… WHERE lane = $l ORDER BY seq FOR UPDATE
 /// SKIP LOCKED`, through the `(lane, seq)` index). A lane is therefore
 /// worked by one claim at a time, in insertion order, and the next claim of

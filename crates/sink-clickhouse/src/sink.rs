@@ -384,6 +384,7 @@ impl<M: RowMapper> ClickHouseSink<M> {
             return Ok(());
         }
         let url = &self.config.url;
+        let started = std::time::Instant::now();
         let mut insert = self
             .client
             .insert::<R>(table)
@@ -402,7 +403,14 @@ impl<M: RowMapper> ClickHouseSink<M> {
         insert
             .end()
             .await
-            .map_err(|e| SinkError::request(url, "insert", e))
+            .map_err(|e| SinkError::request(url, "insert", e))?;
+        debug!(
+            table,
+            rows = rows.len(),
+            insert_ms = started.elapsed().as_millis() as u64,
+            "inserted"
+        );
+        Ok(())
     }
 
     async fn write_batch(&mut self, records: &[Record]) -> Result<WriteReport, SinkError> {

@@ -215,6 +215,69 @@ async fn claims_are_exclusive_by_lane_and_abandoned_claims_release() {
     assert_eq!(again.events.len(), 40);
 }
 
+/// Low latency without giving up lanes: under a backlog a claim takes at
+/// most `lanes_per_claim` lanes (the others stay free for other relays); a
+/// claim that came back short means the relay caught up, and the next claim
+/// takes every pending lane, so no event waits for other lanes' turns; a
+/// full claim narrows it again.
+#[tokio::test]
+async fn claims_widen_to_every_pending_lane_once_caught_up() {
+    let (pool, mut config) = setup("widen").await;
+    config.lanes_per_claim = 2;
+    let outbox = Outbox::new(&config).unwrap();
+    let events: Vec<Event> = (0..60)
+        .map(|i| Event::new("t", format!("e{i}")).with_key(format!("key{}", i % 30)))
+        .collect();
+    let client = pool.get().await.unwrap();
+    outbox.enqueue(&client, &events).await.unwrap();
+    let lanes_of = |claimed: &outbox_core::Claimed<outbox_pg::PgClaim>| {
+        let ids: Vec<uuid::Uuid> = claimed.events.iter().map(|e| e.id).collect();
+        let client = &client;
+        async move {
+            client
+                .query(
+                    "SELECT DISTINCT lane FROM t_widen WHERE event_id = ANY($1)",
+                    &[&ids],
+                )
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    let pending_lanes: i64 = client
+        .query_one("SELECT count(DISTINCT lane) FROM t_widen", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(pending_lanes > 2, "30 keys fell into {pending_lanes} lanes");
+    let source = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    // Each claim is dropped (rolled back) so the next sees every event again.
+    let release = || tokio::time::sleep(Duration::from_millis(200));
+
+    let narrow = source.claim(1000).await.unwrap().unwrap();
+    let (narrow_events, narrow_lanes) = (narrow.events.len(), lanes_of(&narrow).await);
+    drop(narrow);
+    release().await;
+    let wide = source.claim(1000).await.unwrap().unwrap();
+    let (wide_events, wide_lanes) = (wide.events.len(), lanes_of(&wide).await);
+    drop(wide);
+    release().await;
+    // A full claim (5 of 60): the relay is behind again.
+    let full = source.claim(5).await.unwrap().unwrap();
+    assert_eq!(full.events.len(), 5);
+    drop(full);
+    release().await;
+    let narrow_again = source.claim(1000).await.unwrap().unwrap();
+    let narrow_again_lanes = lanes_of(&narrow_again).await;
+    println!(
+        "pending_lanes={pending_lanes} first_claim: events={narrow_events} lanes={narrow_lanes}; \
+         after_short_claim: events={wide_events} lanes={wide_lanes}; after_full_claim: lanes={narrow_again_lanes}"
+    );
+    assert!(narrow_lanes <= 2 && narrow_events < 60);
+    assert_eq!((wide_events, wide_lanes as i64), (60, pending_lanes));
+    assert!(narrow_again_lanes <= 2);
+}
+
 /// Invariant: a flag-table row is flagged only after acknowledgement, with a
 /// stable event id, and is never claimed again once flagged.
 #[tokio::test]
