@@ -89,10 +89,20 @@ impl RecentIds {
 
     /// Remembers `id`, forgetting the oldest beyond the capacity.
     pub fn insert(&mut self, id: Uuid) {
-        if self.capacity == 0 || self.contains(&id) {
+        if self.capacity == 0 {
             return;
         }
         let id = id.as_u128();
+        // Hashed once: this runs for every record a sink writes.
+        let hash = Self::hash(&self.hasher, id);
+        let ring = &self.ring;
+        if self
+            .index
+            .find(hash, |&slot| ring[slot as usize] == id)
+            .is_some()
+        {
+            return;
+        }
         let Self {
             ring,
             next,
@@ -122,9 +132,7 @@ impl RecentIds {
         // `slot` < capacity ≤ u32::MAX.
         let slot = slot as u32;
         let ring = &*ring;
-        index.insert_unique(Self::hash(hasher, id), slot, |&s| {
-            Self::hash(hasher, ring[s as usize])
-        });
+        index.insert_unique(hash, slot, |&s| Self::hash(hasher, ring[s as usize]));
     }
 
     /// How many ids are remembered.
