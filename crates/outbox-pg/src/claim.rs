@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
+use bytes::{BufMut, BytesMut};
 use deadpool_postgres::{Object, Pool};
+use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
 
 use crate::connect::connection;
 use crate::PgError;
@@ -19,6 +21,9 @@ use crate::PgError;
 pub struct PgClaim {
     conn: Option<Object>,
     pub(crate) ids: Vec<i64>,
+    /// Where each claimed row is (`ctid`), in the order of `ids`; empty for
+    /// sources that address rows by id only.
+    pub(crate) tids: Vec<Tid>,
     /// Lane locks (session-level advisory locks in `lock_namespace`) held
     /// until the transaction ends.
     pub(crate) lanes: Vec<i32>,
@@ -39,6 +44,7 @@ impl PgClaim {
         let guard = Self {
             conn: Some(conn),
             ids: Vec::new(),
+            tids: Vec::new(),
             lanes: Vec::new(),
             lock_namespace: 0,
         };
@@ -79,22 +85,23 @@ impl PgClaim {
         Ok(Some((claim, rows)))
     }
 
-    /// Runs one acknowledgement statement in the claim transaction, if `ids` is not empty.
+    /// Runs one acknowledgement statement for `rows` claimed rows in the
+    /// claim transaction (nothing when there are none) and returns how many
+    /// rows it changed.
     pub(crate) async fn execute_for(
         &self,
         operation: &'static str,
         sql: &str,
-        ids: &[i64],
+        rows: usize,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<(), PgError> {
-        if ids.is_empty() {
-            return Ok(());
+    ) -> Result<u64, PgError> {
+        if rows == 0 {
+            return Ok(0);
         }
         self.client()?
             .execute(sql, params)
             .await
-            .map_err(|e| PgError::query(operation, e))?;
-        Ok(())
+            .map_err(|e| PgError::query(operation, e))
     }
 
     pub(crate) fn client(&self) -> Result<&Object, PgError> {
@@ -186,5 +193,70 @@ impl Drop for PgClaim {
             // Closing the connection rolls the transaction back server-side.
             drop(Object::take(conn));
         }
+    }
+}
+
+/// A row's physical address, its `ctid`.
+///
+/// Stable while the claim transaction holds the row's `FOR UPDATE` lock: no
+/// other transaction can update or delete the row, and `VACUUM FULL` or
+/// `CLUSTER`, which move rows, wait for the table lock the claim holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tid {
+    block: u32,
+    offset: u16,
+}
+
+impl<'a> FromSql<'a> for Tid {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        // Binary format: block number (4 bytes) then line pointer (2 bytes), big-endian.
+        match raw {
+            [b0, b1, b2, b3, o0, o1] => Ok(Tid {
+                block: u32::from_be_bytes([*b0, *b1, *b2, *b3]),
+                offset: u16::from_be_bytes([*o0, *o1]),
+            }),
+            _ => Err(format!("a tid is 6 bytes, got {}", raw.len()).into()),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TID
+    }
+}
+
+impl ToSql for Tid {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.put_u32(self.block);
+        out.put_u16(self.offset);
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TID
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tid_round_trips_in_the_binary_format() {
+        let tid = Tid {
+            block: 0x0102_0304,
+            offset: 0x0506,
+        };
+        let mut out = BytesMut::new();
+        tid.to_sql(&Type::TID, &mut out).unwrap();
+        assert_eq!(&out[..], &[1, 2, 3, 4, 5, 6]);
+        assert_eq!(Tid::from_sql(&Type::TID, &out).unwrap(), tid);
+        assert!(Tid::from_sql(&Type::TID, &[0; 5]).is_err());
+        assert!(!<Tid as ToSql>::accepts(&Type::INT8));
     }
 }

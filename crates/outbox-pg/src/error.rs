@@ -58,6 +58,22 @@ pub enum PgError {
         /// Why.
         reason: String,
     },
+    /// An acknowledgement did not find all the claimed rows it was given
+    /// where the claim had read them, though the claim holds their locks:
+    /// something else changed the outbox table. The claim is rolled back,
+    /// so its events stay pending and are published again.
+    #[error(
+        "postgres {operation}: found {found} of the {expected} claimed rows; the claim is rolled back \
+         and its events will be published again (is something else updating or moving outbox rows?)"
+    )]
+    RowsMoved {
+        /// What was being done.
+        operation: &'static str,
+        /// Rows the statement changed.
+        found: u64,
+        /// Rows it was given.
+        expected: usize,
+    },
     /// An event read from the outbox cannot be decoded.
     #[error("outbox row {seq} is malformed: {reason}")]
     MalformedRow {
@@ -85,6 +101,7 @@ impl PgError {
             | PgError::Serialize { .. }
             | PgError::MalformedRow { .. } => false,
             PgError::Connect { retryable, .. } | PgError::Driver { retryable, .. } => *retryable,
+            PgError::RowsMoved { .. } => true,
             PgError::Query { source, .. } => is_retryable_pg(source),
         }
     }

@@ -151,7 +151,7 @@ impl Source for FlagTableSource {
             .execute_for(
                 "acknowledge (set flag)",
                 &self.mark_sql,
-                &plan.completed,
+                plan.completed.len(),
                 &[&plan.completed],
             )
             .await?;
@@ -165,7 +165,7 @@ impl Source for FlagTableSource {
             .execute_for(
                 "acknowledge (dead-letter)",
                 &self.dead_letter_sql,
-                &plan.dead.0,
+                plan.dead.0.len(),
                 &[
                     &plan.dead.0,
                     &plan.dead.1,

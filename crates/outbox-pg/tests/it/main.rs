@@ -143,6 +143,69 @@ async fn acknowledge_applies_each_outcome() {
     assert_eq!(dead[0].get::<_, i32>(3), 1);
 }
 
+/// Invariant (no loss, no silent duplicate): an acknowledgement that does
+/// not find every claimed row where its claim read it (here a trigger of
+/// the user's keeps one row from being deleted) is a retryable error, rolls
+/// the whole claim back and leaves every event pending, lanes unlocked.
+#[tokio::test]
+async fn acknowledgement_missing_a_row_rolls_the_claim_back() {
+    let (pool, config) = setup("rows_moved").await;
+    let outbox = Outbox::new(&config).unwrap();
+    let events: Vec<Event> = (0..3)
+        .map(|i| Event::new("t", format!("e{i}")).with_key("k"))
+        .collect();
+    let client = pool.get().await.unwrap();
+    outbox.enqueue(&client, &events).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE OR REPLACE FUNCTION keep_e1() RETURNS trigger LANGUAGE plpgsql AS $$ \
+               BEGIN IF OLD.payload = 'e1'::bytea THEN RETURN NULL; END IF; RETURN OLD; END $$; \
+             CREATE TRIGGER keep_e1 BEFORE DELETE ON t_rows_moved FOR EACH ROW EXECUTE FUNCTION keep_e1()",
+        )
+        .await
+        .unwrap();
+
+    let source = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let claimed = source.claim(10).await.unwrap().unwrap();
+    assert_eq!(claimed.events.len(), 3);
+    let err = source
+        .acknowledge(claimed, &[ack(0), ack(1), ack(2)])
+        .await
+        .unwrap_err();
+    println!("{err}");
+    assert!(err.is_retryable(), "{err}");
+    assert!(
+        err.to_string().contains("found 2 of the 3 claimed rows"),
+        "{err}"
+    );
+    let pending: i64 = client
+        .query_one("SELECT count(*) FROM t_rows_moved", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pending, 3, "the claim was rolled back: nothing deleted");
+
+    // Once the trigger is gone, the same events are claimed (their lane was
+    // unlocked) and acknowledged.
+    client
+        .batch_execute("DROP TRIGGER keep_e1 ON t_rows_moved; DROP FUNCTION keep_e1()")
+        .await
+        .unwrap();
+    let claimed = source.claim(10).await.unwrap().unwrap();
+    let ids: Vec<_> = claimed.events.iter().map(|e| e.id).collect();
+    assert_eq!(ids, events.iter().map(|e| e.id).collect::<Vec<_>>());
+    source
+        .acknowledge(claimed, &[ack(0), ack(1), ack(2)])
+        .await
+        .unwrap();
+    let pending: i64 = client
+        .query_one("SELECT count(*) FROM t_rows_moved", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pending, 0);
+}
+
 /// Invariant: a claim that is dropped (relay died) leaves every event pending,
 /// and two claims at once never share an event nor a lane (lane locks plus
 /// SKIP LOCKED), so no key is worked by two relays at once.
