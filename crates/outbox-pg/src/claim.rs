@@ -31,58 +31,51 @@ pub struct PgClaim {
 }
 
 impl PgClaim {
-    /// Opens a claim transaction whose session Postgres ends if it stays idle
-    /// in it for longer than `claim_timeout`; `settings` are further
-    /// `SET LOCAL` statements, sent in the same round trip.
-    pub(crate) async fn begin(
+    /// Opens a claim transaction and runs the claim query `sql` in it, in
+    /// one round trip: `BEGIN`, its settings and the query are pipelined.
+    ///
+    /// Postgres ends the session if it stays idle in the transaction for
+    /// longer than `claim_timeout`; `settings` are further `SET LOCAL`
+    /// statements. Statements are prepared once per connection; each still
+    /// gets a plan made for its parameters (`plan_cache_mode`), since a
+    /// generic plan knows neither the batch size nor the arrays.
+    pub(crate) async fn open(
         pool: &Pool,
         target: &str,
         claim_timeout: Duration,
         settings: &str,
-    ) -> Result<Self, PgError> {
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<(Self, Vec<tokio_postgres::Row>), PgError> {
         let conn = connection(pool, target).await?;
-        let guard = Self {
+        let statement = conn
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| PgError::query("claim (prepare)", e))?;
+        let claim = Self {
             conn: Some(conn),
             ids: Vec::new(),
             tids: Vec::new(),
             lanes: Vec::new(),
             lock_namespace: 0,
         };
-        guard
-            .client()?
-            .batch_execute(&format!(
-                "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}; SET LOCAL TIME ZONE 'UTC'; {settings}",
-                claim_timeout.as_millis()
-            ))
-            .await
-            .map_err(|e| PgError::query("claim (begin)", e))?;
-        Ok(guard)
-    }
-
-    /// Opens a claim and runs the claim query `sql` in it. `None` (with the
-    /// connection back in the pool) when it selects nothing.
-    pub(crate) async fn open(
-        pool: &Pool,
-        target: &str,
-        claim_timeout: Duration,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Option<(Self, Vec<tokio_postgres::Row>)>, PgError> {
-        let claim = Self::begin(pool, target, claim_timeout, "").await?;
+        let begin = format!(
+            "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}; SET LOCAL TIME ZONE 'UTC'; \
+             SET LOCAL plan_cache_mode = force_custom_plan; {settings}",
+            claim_timeout.as_millis()
+        );
         let client = claim.client()?;
-        let statement = client
-            .prepare_cached(sql)
-            .await
-            .map_err(|e| PgError::query("claim (prepare)", e))?;
-        let rows = client
-            .query(&statement, params)
-            .await
-            .map_err(|e| PgError::query("claim", e))?;
-        if rows.is_empty() {
-            claim.finish(false).await?;
-            return Ok(None);
-        }
-        Ok(Some((claim, rows)))
+        // Polled in this order (`biased`), so the server runs BEGIN and the
+        // settings before the query. If BEGIN fails, so does the query, and
+        // dropping the guard closes the connection.
+        let (begun, rows) = tokio::join!(
+            biased;
+            client.batch_execute(&begin),
+            client.query(&statement, params),
+        );
+        begun.map_err(|e| PgError::query("claim (begin)", e))?;
+        let rows = rows.map_err(|e| PgError::query("claim", e))?;
+        Ok((claim, rows))
     }
 
     /// Runs one acknowledgement statement for `rows` claimed rows in the
@@ -98,8 +91,13 @@ impl PgClaim {
         if rows == 0 {
             return Ok(0);
         }
-        self.client()?
-            .execute(sql, params)
+        let client = self.client()?;
+        let statement = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| PgError::query(operation, e))?;
+        client
+            .execute(&statement, params)
             .await
             .map_err(|e| PgError::query(operation, e))
     }
@@ -108,28 +106,6 @@ impl PgClaim {
         self.conn
             .as_ref()
             .ok_or_else(|| PgError::Config("claim already finished".into()))
-    }
-
-    /// Releases the locks of lanes this claim took no event from.
-    pub(crate) async fn release_unused_lanes(&mut self, used: &[i32]) -> Result<(), PgError> {
-        let unused: Vec<i32> = self
-            .lanes
-            .iter()
-            .copied()
-            .filter(|lane| !used.contains(lane))
-            .collect();
-        if unused.is_empty() {
-            return Ok(());
-        }
-        self.client()?
-            .execute(
-                "SELECT pg_advisory_unlock($1::int, l) FROM unnest($2::int[]) AS u(l)",
-                &[&self.lock_namespace, &unused],
-            )
-            .await
-            .map_err(|e| PgError::query("claim (release lanes)", e))?;
-        self.lanes.retain(|lane| used.contains(lane));
-        Ok(())
     }
 
     /// Rolls back and releases every advisory lock of the session, for a

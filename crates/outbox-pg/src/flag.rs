@@ -102,17 +102,19 @@ impl Source for FlagTableSource {
 
     async fn claim(&self, max_events: usize) -> outbox_core::Result<Option<Claimed<PgClaim>>> {
         let limit = i64::try_from(max_events).unwrap_or(i64::MAX);
-        let Some((mut claim, rows)) = PgClaim::open(
+        let (mut claim, rows) = PgClaim::open(
             &self.pool,
             &self.target,
             self.config.claim_timeout,
+            "",
             &self.claim_sql,
             &[&limit, &self.config.flag_column],
         )
-        .await?
-        else {
+        .await?;
+        if rows.is_empty() {
+            claim.finish(false).await?;
             return Ok(None);
-        };
+        }
         let now = SystemTime::now();
         let mut events = Vec::with_capacity(rows.len());
         let mut ids = Vec::with_capacity(rows.len());

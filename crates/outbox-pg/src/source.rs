@@ -55,7 +55,6 @@ pub struct PgOutboxSource {
     pool: Pool,
     target: String,
     config: OutboxConfig,
-    pending_lanes_sql: String,
     lock_namespace: i32,
     rotation: AtomicUsize,
     /// Whether the last claim found fewer events than it asked for: the
@@ -83,16 +82,6 @@ impl PgOutboxSource {
         Ok(Self {
             pool,
             target: target.into(),
-            // A loose index scan over (lane, seq): one probe per lane with
-            // pending events, however many events there are.
-            pending_lanes_sql: format!(
-                "WITH RECURSIVE lanes AS ( \
-                   (SELECT lane FROM {table} ORDER BY lane LIMIT 1) \
-                   UNION ALL \
-                   SELECT (SELECT o.lane FROM {table} o WHERE o.lane > lanes.lane ORDER BY o.lane LIMIT 1) \
-                   FROM lanes WHERE lanes.lane IS NOT NULL) \
-                 SELECT lane FROM lanes WHERE lane IS NOT NULL"
-            ),
             lock_namespace: lock_namespace(&table.plain()),
             rotation: AtomicUsize::new(rotation_seed()),
             // Narrow at start: relays started together on a backlog must not
@@ -100,8 +89,19 @@ impl PgOutboxSource {
             caught_up: AtomicBool::new(false),
             listener: None,
             channel: crate::notify::channel_for(&table),
-            // Each locked lane is read on its own through the (lane, seq)
-            // index, in seq order, and the claim stops once it has enough.
+            // One statement, so one round trip: find the lanes with pending
+            // events (a loose index scan over (lane, seq), one probe per
+            // lane however many events there are); try to lock them from a
+            // rotating start ($2) until $3 are locked; read each locked lane
+            // on its own through the (lane, seq) index, in seq order, until
+            // $4 events; unlock the lanes that gave none. The lock is tried
+            // only on the rows the LIMIT takes, because it filters a scan of
+            // a materialized CTE, directly under the LIMIT: in a subquery
+            // with ORDER BY, Postgres pushed it below the sort, which locked
+            // every pending lane and leaked the locks that LIMIT dropped
+            // (`claims_leave_no_lane_locked`). The scalar subqueries run
+            // once, and each reads `claimed` to its end first.
+            //
             // One scan ordered by seq over all locked lanes would walk the
             // primary key through every deleted row not yet vacuumed: after
             // a 1M-event burst, 355 ms per claim instead of 1.3 ms. Ordering
@@ -109,15 +109,30 @@ impl PgOutboxSource {
             // only that index gives, so no statistics can make the planner
             // prefer the primary key with a lane filter instead.
             claim_sql: format!(
-                "WITH locked AS MATERIALIZED ( \
-                   SELECT l FROM unnest($1::int[]) AS u(l) \
-                   WHERE pg_try_advisory_lock($2::int, l) LIMIT $3) \
-                 SELECT c.*, (SELECT array_agg(l) FROM locked) AS locked_lanes \
-                 FROM locked k CROSS JOIN LATERAL ( \
-                   SELECT t.ctid, t.seq, t.event_id, t.topic, t.key, t.payload, t.headers, t.created_at, t.lane \
-                   FROM {table} t WHERE t.lane = k.l \
-                   ORDER BY t.lane, t.seq LIMIT $4 FOR UPDATE OF t SKIP LOCKED) c \
-                 LIMIT $4"
+                "WITH RECURSIVE lanes AS ( \
+                   (SELECT lane FROM {table} ORDER BY lane LIMIT 1) \
+                   UNION ALL \
+                   SELECT (SELECT o.lane FROM {table} o WHERE o.lane > lanes.lane ORDER BY o.lane LIMIT 1) \
+                   FROM lanes WHERE lanes.lane IS NOT NULL), \
+                 rotated AS MATERIALIZED ( \
+                   SELECT lane AS l FROM ( \
+                     SELECT lane, row_number() OVER (ORDER BY lane) - 1 AS i, count(*) OVER () AS n \
+                     FROM lanes WHERE lane IS NOT NULL) p \
+                   ORDER BY (i + $2::bigint % n) % n), \
+                 locked AS MATERIALIZED ( \
+                   SELECT l FROM rotated WHERE pg_try_advisory_lock($1::int, l) LIMIT $3::bigint), \
+                 claimed AS MATERIALIZED ( \
+                   SELECT c.* FROM locked k CROSS JOIN LATERAL ( \
+                     SELECT t.ctid, t.seq, t.event_id, t.topic, t.key, t.payload, t.headers, t.created_at, t.lane \
+                     FROM {table} t WHERE t.lane = k.l \
+                     ORDER BY t.lane, t.seq LIMIT $4::bigint FOR UPDATE OF t SKIP LOCKED) c \
+                   LIMIT $4::bigint), \
+                 unlocked AS MATERIALIZED ( \
+                   SELECT pg_advisory_unlock($1::int, k.l) FROM locked k \
+                   WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.lane = k.l)) \
+                 SELECT c.*, (SELECT array_agg(DISTINCT lane) FROM claimed) AS held_lanes, \
+                        (SELECT count(*) FROM unlocked) AS unlocked_lanes \
+                 FROM claimed c"
             ),
             // Acknowledgements find each row at the address the claim read
             // (see `ACK_SETTINGS`); the seq guards against any other row.
@@ -155,23 +170,6 @@ impl PgOutboxSource {
         self.listener = Some(crate::notify::Listener::start(pg, self.channel.clone()));
         self
     }
-
-    /// Lanes that have pending events, in lane order.
-    async fn pending_lanes(&self) -> Result<Vec<i32>, PgError> {
-        let client = crate::connect::connection(&self.pool, &self.target).await?;
-        let statement = client
-            .prepare_cached(&self.pending_lanes_sql)
-            .await
-            .map_err(|e| PgError::query("claim (find lanes)", e))?;
-        let rows = client
-            .query(&statement, &[])
-            .await
-            .map_err(|e| PgError::query("claim (find lanes)", e))?;
-        rows.iter()
-            .map(|row| row.try_get::<_, i32>(0))
-            .collect::<Result<_, _>>()
-            .map_err(|e| PgError::query("claim (find lanes)", e))
-    }
 }
 
 /// The advisory-lock namespace of an outbox table's lanes: a stable hash of
@@ -195,46 +193,36 @@ impl Source for PgOutboxSource {
 
     async fn claim(&self, max_events: usize) -> outbox_core::Result<Option<Claimed<PgClaim>>> {
         let limit = i64::try_from(max_events).unwrap_or(i64::MAX);
-        let mut lanes = self.pending_lanes().await?;
-        if lanes.is_empty() {
-            self.caught_up.store(true, Ordering::Relaxed);
-            return Ok(None);
-        }
-        let start = self.rotation.fetch_add(1, Ordering::Relaxed) % lanes.len();
-        lanes.rotate_left(start);
         // Under a backlog a claim fills from its first lane or two anyway, and
         // locking few lanes leaves the others to other relays. Caught up, a
         // claim of few lanes would leave the events of every other lane
         // waiting for later claims: at 1,000 events/s over 64 lanes that was
         // most of the relay's latency.
-        let per_claim = if self.caught_up.load(Ordering::Relaxed) {
-            i64::try_from(lanes.len()).unwrap_or(i64::MAX)
+        let lanes_limit = if self.caught_up.load(Ordering::Relaxed) {
+            i64::MAX
         } else {
             i64::from(self.config.lanes_per_claim)
         };
+        // Only its remainder modulo the number of pending lanes matters.
+        let rotation = (self.rotation.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff) as i64;
         // Statistics lag behind a burst of deletes, and a bitmap or
         // sequential scan would then visit every dead row; the index scan
         // skips dead entries once marked.
-        let mut claim = PgClaim::begin(
+        let (mut claim, rows) = PgClaim::open(
             &self.pool,
             &self.target,
             self.config.claim_timeout,
             "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off",
+            &self.claim_sql,
+            &[&self.lock_namespace, &rotation, &lanes_limit, &limit],
         )
         .await?;
         claim.lock_namespace = self.lock_namespace;
-        let rows = claim
-            .client()?
-            .query(
-                &self.claim_sql,
-                &[&lanes, &self.lock_namespace, &per_claim, &limit],
-            )
-            .await
-            .map_err(|e| PgError::query("claim", e))?;
         let Some(first) = rows.first() else {
-            // Which lanes were locked (if any, before their rows were taken
-            // by a claim that just committed) is unknown here: this session
-            // holds no other advisory locks, so release them all.
+            // No lane had pending events, or their rows were taken by a
+            // claim that just committed; which lanes this one still locked
+            // is unknown here, and this session holds no other advisory
+            // locks, so release them all.
             claim.release_all_lanes_and_rollback().await?;
             self.caught_up.store(true, Ordering::Relaxed);
             return Ok(None);
@@ -242,15 +230,9 @@ impl Source for PgOutboxSource {
         self.caught_up
             .store(rows.len() < max_events, Ordering::Relaxed);
         claim.lanes = first
-            .try_get::<_, Option<Vec<i32>>>("locked_lanes")
+            .try_get::<_, Option<Vec<i32>>>("held_lanes")
             .map_err(|e| PgError::query("claim (decode lanes)", e))?
             .unwrap_or_default();
-        let used: Vec<i32> = rows
-            .iter()
-            .map(|row| row.try_get::<_, i32>("lane"))
-            .collect::<Result<_, _>>()
-            .map_err(|e| PgError::query("claim (decode lanes)", e))?;
-        claim.release_unused_lanes(&used).await?;
         let mut decoded = rows
             .iter()
             .map(|row| {

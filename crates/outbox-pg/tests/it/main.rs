@@ -278,6 +278,94 @@ async fn claims_are_exclusive_by_lane_and_abandoned_claims_release() {
     assert_eq!(again.events.len(), 40);
 }
 
+/// Invariant (no stuck lane): a claim holds lane locks on exactly the lanes
+/// of the events it claimed, two claims at once hold disjoint lanes, and
+/// once acknowledged (or found empty) a claim leaves no lane locked. A lock
+/// left on a pooled connection would keep its lane from every other relay
+/// for good. Counted from `pg_locks`, for the sessions of this test's pool.
+#[tokio::test]
+async fn claims_leave_no_lane_locked() {
+    let (setup_pool, config) = setup("lane_locks").await;
+    let app = "outbox-test-lane-locks";
+    let pool = PgConfig {
+        application_name: app.into(),
+        ..pg_config()
+    }
+    .create_pool()
+    .unwrap();
+    let outbox = Outbox::new(&config).unwrap();
+    let client = setup_pool.get().await.unwrap();
+    let events: Vec<Event> = (0..2000)
+        .map(|i| Event::new("t", format!("e{i}")).with_key(format!("k{}", i % 40)))
+        .collect();
+    outbox.enqueue(&client, &events).await.unwrap();
+    let a = PgOutboxSource::new(pool.clone(), "test", config.clone()).unwrap();
+    let b = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let held = || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid \
+                 WHERE l.locktype = 'advisory' AND s.application_name = $1",
+                &[&app],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let lanes_of = |claimed: &outbox_core::Claimed<outbox_pg::PgClaim>| {
+        let ids: Vec<uuid::Uuid> = claimed.events.iter().map(|e| e.id).collect();
+        let client = &client;
+        async move {
+            client
+                .query_one(
+                    "SELECT count(DISTINCT lane) FROM t_lane_locks WHERE event_id = ANY($1)",
+                    &[&ids],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    let (mut claimed_total, mut rounds, mut overlapping) = (0usize, 0usize, 0usize);
+    loop {
+        let first = a.claim(100).await.unwrap();
+        let second = b.claim(100).await.unwrap();
+        let expected = match (&first, &second) {
+            (Some(x), Some(y)) => {
+                overlapping += 1;
+                lanes_of(x).await + lanes_of(y).await
+            }
+            (Some(x), None) | (None, Some(x)) => lanes_of(x).await,
+            (None, None) => 0,
+        };
+        assert_eq!(
+            held().await,
+            expected,
+            "round {rounds}: locks held by open claims"
+        );
+        if first.is_none() && second.is_none() {
+            break;
+        }
+        for (source, claimed) in [(&a, first), (&b, second)] {
+            if let Some(claimed) = claimed {
+                claimed_total += claimed.events.len();
+                let acks: Vec<Delivery> =
+                    (0..claimed.events.len()).map(|i| ack(i as i64)).collect();
+                source.acknowledge(claimed, &acks).await.unwrap();
+            }
+        }
+        assert_eq!(
+            held().await,
+            0,
+            "round {rounds}: locks left after acknowledging"
+        );
+        rounds += 1;
+    }
+    println!("claimed={claimed_total} rounds={rounds} rounds_with_two_claims={overlapping}");
+    assert_eq!(claimed_total, 2000, "every event claimed once");
+    assert!(overlapping > 0, "the two sources never held claims at once");
+}
+
 /// Low latency without giving up lanes: under a backlog a claim takes at
 /// most `lanes_per_claim` lanes (the others stay free for other relays); a
 /// claim that came back short means the relay caught up, and the next claim
