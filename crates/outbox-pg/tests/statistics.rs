@@ -23,7 +23,7 @@ const ROUNDS: usize = 3;
 /// pages. The planner then believes any scan is nearly free,
 /// and a delete written as `seq = ANY($1)` walked the whole `(lane, seq)`
 /// index, dead entries included, instead of probing the primary key: claims
-/// took 80-230 ms instead of about 10 for as long as such statistics lasted
+/// took 80-190 ms instead of about 10 for as long as such statistics lasted
 /// (seen in CI and reproduced here). The test compares claims under fresh
 /// statistics with claims under "empty" ones, in the same run, and checks
 /// first that the server would plan such a delete that way.
