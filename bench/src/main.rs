@@ -125,7 +125,24 @@ impl Env {
     /// Environment of the binaries this benchmark starts (secrets go
     /// through the environment, never the command line).
     pub fn child_env(&self) -> Vec<(String, String)> {
+        // The producer settings the raw hops use reach the relays too, so
+        // that the two compare.
+        let properties: Vec<String> = self
+            .kafka
+            .extra
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect();
         vec![
+            (
+                "OUTBOX_KAFKA_LINGER_MS".into(),
+                self.kafka.linger.as_millis().to_string(),
+            ),
+            (
+                "OUTBOX_KAFKA_COMPRESSION".into(),
+                self.kafka.compression.to_string(),
+            ),
+            ("OUTBOX_KAFKA_PROPERTIES".into(), properties.join(",")),
             ("OUTBOX_PG_HOST".into(), self.pg.host.clone()),
             ("OUTBOX_PG_PORT".into(), self.pg.port.to_string()),
             ("OUTBOX_PG_USER".into(), self.pg.user.clone()),
@@ -288,6 +305,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     report.derive_ratios();
     report.print_table();
+    report.print_verdicts();
     let json = cli.out.join("report.json");
     let svg = cli.out.join("report.svg");
     report.write_json(&json)?;

@@ -57,6 +57,21 @@ fn smoke_run_writes_a_complete_report() {
             report[key]
         );
     }
+    // Every target has its verdict (met or not: a smoke run asserts no figure).
+    for key in [
+        "relay_vs_naive",
+        "relay_vs_limit",
+        "sink_vs_limit",
+        "e2e_p99_ms",
+        "relay_rss_mb",
+        "relay3_rss_mb",
+        "consumer_rss_mb",
+        "claim_vacuumed_vs_empty",
+    ] {
+        let target = &report["targets"][key];
+        assert!(target["met"].is_boolean(), "no verdict for {key} in {text}");
+        assert!(target["target"].is_string(), "no bound for {key} in {text}");
+    }
     assert_eq!(report["size"], "smoke");
     assert!(report["machine"]["cores"].as_u64().is_some_and(|c| c > 0));
     assert!(!report["machine"]["postgres"]

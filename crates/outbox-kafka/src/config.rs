@@ -1,6 +1,8 @@
 //! Settings of the Kafka producer and consumer.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -34,6 +36,9 @@ pub struct KafkaConfig {
     /// brokers that break on the idempotent producer's epoch bump after a
     /// message timeout (tansu 0.6 panics; see `GUARANTEES.md`).
     pub idempotence: bool,
+    /// How the producer compresses record batches (`compression.type`).
+    /// Default: [`Compression::None`], as in librdkafka and the Java client.
+    pub compression: Compression,
     /// Create a topic the first time an event is published to it. Default: true.
     pub create_topics: bool,
     /// Partitions of topics this crate creates. Default: 3.
@@ -53,6 +58,7 @@ impl Default for KafkaConfig {
             message_timeout: Duration::from_secs(10),
             linger: Duration::from_millis(5),
             idempotence: true,
+            compression: Compression::None,
             create_topics: true,
             topic_partitions: 3,
             topic_replication: 1,
@@ -69,6 +75,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("message_timeout", &self.message_timeout)
             .field("linger", &self.linger)
             .field("idempotence", &self.idempotence)
+            .field("compression", &self.compression)
             .field("create_topics", &self.create_topics)
             .field("topic_partitions", &self.topic_partitions)
             .field("extra_keys", &self.extra.keys().collect::<Vec<_>>())
@@ -113,9 +120,81 @@ impl KafkaConfig {
             .set("linger.ms", self.linger.as_millis().to_string())
             // Same key → same partition as the Java client computes.
             .set("partitioner", "murmur2_random")
-            .set("compression.type", "lz4");
+            .set("compression.type", self.compression.as_str());
         self.apply_extra(&mut config);
         config
+    }
+}
+
+/// Compression of the record batches the producer sends
+/// (`compression.type`).
+///
+/// Compression trades the producer's and consumer's CPU for network and
+/// broker disk, and what it is worth depends on the broker. On tansu 0.6,
+/// which stores every record uncompressed, lz4 cost a fifth of the relay's
+/// and more than half of the consumer's throughput, and more than doubled
+/// the consumer's memory while it caught up a backlog (`docs/performance.md`):
+/// hence the default [`Compression::None`]. On Apache Kafka with a slow
+/// network, [`Compression::Lz4`] or [`Compression::Zstd`] usually pays.
+///
+/// ```
+/// use outbox_kafka::Compression;
+/// let lz4: Compression = "lz4".parse().unwrap();
+/// assert_eq!(lz4, Compression::Lz4);
+/// assert_eq!(lz4.to_string(), "lz4");
+/// assert!("brotli".parse::<Compression>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Batches are sent as they are. Default.
+    #[default]
+    None,
+    /// LZ4: fast, moderate ratio.
+    Lz4,
+    /// Zstandard: better ratio for more CPU.
+    Zstd,
+    /// gzip: the most widely supported, the slowest.
+    Gzip,
+    /// Snappy. Broken in tansu 0.6.0 (its records cannot be read back).
+    Snappy,
+}
+
+impl Compression {
+    /// The value of librdkafka's `compression.type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A compression name that is not one of `none`, `lz4`, `zstd`, `gzip`, `snappy`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown compression {0:?}: expected none, lz4, zstd, gzip or snappy")]
+pub struct UnknownCompression(pub String);
+
+impl FromStr for Compression {
+    type Err = UnknownCompression;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "none" => Ok(Compression::None),
+            "lz4" => Ok(Compression::Lz4),
+            "zstd" => Ok(Compression::Zstd),
+            "gzip" => Ok(Compression::Gzip),
+            "snappy" => Ok(Compression::Snappy),
+            _ => Err(UnknownCompression(text.to_string())),
+        }
     }
 }
 

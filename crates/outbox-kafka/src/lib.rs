@@ -10,7 +10,7 @@ mod subscription;
 
 pub use admin::{ensure_topics, topic_partitions, LagProbe, PartitionLag};
 pub use bus::KafkaBus;
-pub use config::{Assignment, ConsumerConfig, KafkaConfig};
+pub use config::{Assignment, Compression, ConsumerConfig, KafkaConfig, UnknownCompression};
 pub use error::{is_permanent_delivery_code, is_permanent_kafka, BusError};
 pub use subscription::KafkaSubscription;
 
