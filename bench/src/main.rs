@@ -85,7 +85,7 @@ struct Cli {
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
     /// `--batch-size` of the relays.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 4000)]
     relay_batch_size: usize,
     /// Keep the tables and topics of the run (dropped by default).
     #[arg(long)]
@@ -300,6 +300,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             run.to_kafka_percentile(0.99),
         );
         report.figure(&format!("{prefix}_events"), run.latencies_ms.len() as f64);
+        report.figure(&format!("{prefix}_cpu_busy_pct"), run.cpu_busy_pct);
         report.latencies(format!("{rate} events/s"), run.latencies_ms);
     }
 

@@ -281,6 +281,34 @@ pub struct LatencyRun {
     pub latencies_ms: Vec<f64>,
     /// Commit → message readable from the broker (the relay's share), ms, sorted.
     pub to_kafka_ms: Vec<f64>,
+    /// Share of the machine's CPU time that was busy while events were
+    /// written, in percent (NaN without `/proc/stat`).
+    pub cpu_busy_pct: f64,
+}
+
+/// The machine's CPU time so far (busy, total), in clock ticks, from the
+/// first line of `/proc/stat`; iowait counts as idle.
+fn cpu_times() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already inside user and nice).
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+fn busy_pct(start: Option<(u64, u64)>, end: Option<(u64, u64)>) -> f64 {
+    match (start, end) {
+        (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
+            (busy1 - busy0) as f64 * 100.0 / (total1 - total0) as f64
+        }
+        _ => f64::NAN,
+    }
 }
 
 impl LatencyRun {
@@ -461,6 +489,8 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
     say(format!(
         "latency at {rate} events/s for {length:?} (enqueue commit → row in ClickHouse)"
     ));
+    let cpu_start = cpu_times();
+    let mut cpu_end = None;
     let tap_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tap = tap_topic(&env.kafka.brokers, &topic, tap_stop.clone())?;
 
@@ -526,6 +556,7 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
         if let Some(handle) = writer.as_ref() {
             if handle.is_finished() {
                 if let Some(handle) = writer.take() {
+                    cpu_end = cpu_times();
                     expected = Some(handle.await??);
                     drain_deadline = Some(Instant::now() + Duration::from_secs(60));
                 }
@@ -561,10 +592,11 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
     let run = LatencyRun {
         latencies_ms: since_commit(&seen_at),
         to_kafka_ms: since_commit(&in_kafka_at),
+        cpu_busy_pct: busy_pct(cpu_start, cpu_end),
     };
     say(format!(
         "latency at {rate} events/s: {} events, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} rows seen); \
-         readable in Kafka: p50 {:.1} ms, p99 {:.1} ms",
+         readable in Kafka: p50 {:.1} ms, p99 {:.1} ms; CPU {:.0}% busy",
         run.latencies_ms.len(),
         run.percentile(0.5),
         run.percentile(0.99),
@@ -572,6 +604,7 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
         distinct.len(),
         run.to_kafka_percentile(0.5),
         run.to_kafka_percentile(0.99),
+        run.cpu_busy_pct,
     ));
     drop_pg_tables(env, &[&table, &format!("{table}_dead")]).await;
     drop_topic(env, &topic).await;

@@ -73,7 +73,7 @@ impl Report {
     }
 
     pub fn print_table(&self) {
-        let rows: [(&str, &str, &str); 33] = [
+        let rows: [(&str, &str, &str); 35] = [
             ("raw_produce_eps", "raw: rdkafka producer → broker", "msg/s"),
             ("raw_consume_eps", "raw: rdkafka consumer ← broker", "msg/s"),
             (
@@ -170,6 +170,8 @@ impl Report {
                 "ratio: claim after backlog + vacuum / new",
                 "(≤ 1.5)",
             ),
+            ("e2e_cpu_busy_pct", "CPU busy during the run @ 1k/s", "%"),
+            ("e2e_5k_cpu_busy_pct", "CPU busy during the run @ 5k/s", "%"),
             ("e2e_events", "events timed @ 1k/s", ""),
         ];
         println!();
@@ -225,15 +227,23 @@ impl Report {
         }
         let floor = broker + insert;
         let ours_to_kafka = self.get("e2e_kafka_p99_ms");
+        // The floors are taken with the pipeline stopped; a busy machine is
+        // what they do not show.
+        let cpu = self.get("e2e_cpu_busy_pct");
+        let cpu = if cpu.is_nan() {
+            String::new()
+        } else {
+            format!("; the CPUs were {cpu:.0}% busy during the run")
+        };
         Some(if floor >= E2E_P99_TARGET_MS {
             format!(
                 "out of reach in this run: the broker hop alone had p99 {broker:.1} ms, \
-                 plus a lone 20-row insert's p50 {insert:.1} ms = {floor:.1} ms ≥ {E2E_P99_TARGET_MS} ms"
+                 plus a lone 20-row insert's p50 {insert:.1} ms = {floor:.1} ms ≥ {E2E_P99_TARGET_MS} ms{cpu}"
             )
         } else {
             format!(
                 "the floors of this run (broker hop alone p99 {broker:.1} ms + a lone insert's p50 \
-                 {insert:.1} ms = {floor:.1} ms) left {:.1} ms; ours to Kafka took p99 {ours_to_kafka:.1} ms",
+                 {insert:.1} ms = {floor:.1} ms) left {:.1} ms; ours to Kafka took p99 {ours_to_kafka:.1} ms{cpu}",
                 E2E_P99_TARGET_MS - floor
             )
         })
@@ -693,6 +703,19 @@ mod tests {
         ]);
         let note = verdict(&ours, "e2e_p99_ms").note.expect("a note");
         assert!(note.contains("left 15.0 ms"), "{note}");
+        assert!(!note.contains("CPU"), "{note}");
+
+        let busy = report(&[
+            ("e2e_p99_ms", 80.0),
+            ("raw_e2e_kafka_p99_ms", 30.0),
+            ("raw_insert_small_p50_ms", 5.0),
+            ("e2e_cpu_busy_pct", 93.6),
+        ]);
+        let note = verdict(&busy, "e2e_p99_ms").note.expect("a note");
+        assert!(
+            note.ends_with("the CPUs were 94% busy during the run"),
+            "{note}"
+        );
 
         let met = report(&[("e2e_p99_ms", 40.0)]);
         assert!(verdict(&met, "e2e_p99_ms").note.is_none());

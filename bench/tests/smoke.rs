@@ -6,7 +6,7 @@ use std::process::Command;
 
 /// Every number the report must hold (issue #5's keys, plus the claim-cost
 /// and 5k-events/s latency figures).
-const KEYS: [&str; 28] = [
+const KEYS: [&str; 29] = [
     "raw_produce_eps",
     "raw_consume_eps",
     "raw_insert_rps",
@@ -23,6 +23,7 @@ const KEYS: [&str; 28] = [
     "e2e_5k_max_ms",
     "e2e_kafka_p50_ms",
     "e2e_kafka_p99_ms",
+    "e2e_cpu_busy_pct",
     "relay_rss_mb",
     "relay3_rss_mb",
     "consumer_rss_mb",

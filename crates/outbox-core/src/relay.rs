@@ -15,7 +15,12 @@ use crate::{Backoff, Event, Health, Result, Stage};
 /// Settings of a [`Relay`].
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// Most events claimed and published at once. Default: 1000.
+    /// Most events claimed and published at once. Only a backlog fills a
+    /// batch (at low load a claim takes what is pending), so this trades a
+    /// backlog's drain speed for the relay's memory: draining 1,000,000
+    /// events, 4000 moved 1.24 times as many events per second as 1000,
+    /// for 40 MiB of peak RSS instead of 23 (`docs/performance.md`).
+    /// Default: 4000.
     pub batch_size: usize,
     /// Longest wait for new events when the outbox is empty. Default: 500 ms.
     pub idle_wait: Duration,
@@ -39,7 +44,7 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            batch_size: 1000,
+            batch_size: 4000,
             idle_wait: Duration::from_millis(500),
             stop_when_idle: false,
             backoff_initial: Duration::from_millis(100),

@@ -255,12 +255,12 @@ pub struct ConsumerConfig {
     pub prefetch_kbytes: u32,
     /// `fetch.max.bytes`: the most a fetch response may carry. librdkafka
     /// keeps a response's decompressed batches until their last message is
-    /// consumed, and tansu fills a response up to this limit, so it bounds
-    /// the consumer's memory while it catches up a backlog, against
-    /// catch-up speed (tansu's fetch cost grows with the lag, so more, smaller
-    /// fetches cost more). Measured catching up 1,000,000 events: 160 MiB
-    /// peak and 21,100 rows/s with 50 MiB, 101 MiB and 11,800 rows/s with
-    /// 2 MiB. Default: 50 MiB (librdkafka's).
+    /// consumed, so this bounds the consumer's memory while it catches up a
+    /// backlog, against catch-up speed (more, smaller fetches). It matters
+    /// most for compressed topics: tansu 0.6 caps a response at 5 MiB of
+    /// *compressed* batches, which lz4 turned into about 40 MiB in memory
+    /// (a consumer catching up 1,000,000 lz4 events peaked at 150–160 MiB;
+    /// uncompressed, at 68–77 MiB). Default: 50 MiB (librdkafka's).
     pub fetch_max_bytes: u32,
     /// `auto.offset.reset` for partitions without a committed position. Default: `earliest`.
     pub auto_offset_reset: String,

@@ -67,7 +67,7 @@ struct Cli {
     #[arg(long, env = "OUTBOX_CLAIM_TIMEOUT_SECS", default_value_t = 20)]
     claim_timeout_secs: u64,
     /// Most events per batch.
-    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000)]
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 4000)]
     batch_size: usize,
     /// Batches in flight at once (with --source outbox; each claim owns its
     /// own lanes, so keys keep their order). A flag table allows only 1.
