@@ -299,13 +299,14 @@ fn cpu_times() -> Option<(u64, u64)> {
     // already inside user and nice).
     let total: u64 = ticks.iter().take(8).sum();
     let idle = ticks.get(3)? + ticks.get(4).copied().unwrap_or(0);
-    Some((total - idle, total))
+    Some((total.saturating_sub(idle), total))
 }
 
 fn busy_pct(start: Option<(u64, u64)>, end: Option<(u64, u64)>) -> f64 {
     match (start, end) {
         (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
-            (busy1 - busy0) as f64 * 100.0 / (total1 - total0) as f64
+            // iowait may step back on Linux, so busy time may too.
+            busy1.saturating_sub(busy0) as f64 * 100.0 / (total1 - total0) as f64
         }
         _ => f64::NAN,
     }
