@@ -42,25 +42,16 @@ impl Measured {
     }
 }
 
-/// The producer settings of `outbox-kafka`'s relay: idempotent, acks=all,
-/// same linger, compression and partitioner.
+/// The relay's producer settings (idempotent, acks=all, its linger,
+/// compression, partitioner and `--kafka-properties`), with a longer
+/// message timeout: a raw limit must not drop messages the broker is slow
+/// to take.
 fn producer(env: &Env) -> anyhow::Result<FutureProducer> {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &env.kafka.brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("max.in.flight.requests.per.connection", "5")
-        .set("linger.ms", env.kafka.linger.as_millis().to_string())
-        .set("compression.type", env.kafka.compression.as_str())
-        .set("partitioner", "murmur2_random")
+    Ok(env
+        .kafka
+        .producer_config()
         .set("message.timeout.ms", "60000")
-        .set("log_level", "3");
-    // --kafka-properties reach the relay last; so they do here.
-    for (key, value) in &env.kafka.extra {
-        config.set(key, value);
-    }
-    Ok(config.create()?)
+        .create()?)
 }
 
 fn now_ms() -> i64 {

@@ -660,64 +660,69 @@ fn find_broker() -> String {
 mod tests {
     use super::*;
 
-    fn report(figures: &[(&str, f64)]) -> Report {
+    /// The verdict on `key` of a report holding just `figures`.
+    fn verdict(figures: &[(&str, f64)], key: &str) -> Result<Verdict, String> {
         let mut report = Report::new("test".into(), json!({}));
-        for (key, value) in figures {
-            report.figure(key, *value);
+        for (name, value) in figures {
+            report.figure(name, *value);
         }
-        report
-    }
-
-    fn verdict(report: &Report, key: &str) -> Verdict {
         report
             .verdicts()
             .into_iter()
             .find(|v| v.key == key)
-            .expect("a target")
+            .ok_or_else(|| format!("no target {key}"))
     }
 
     #[test]
-    fn bounds_hold_both_ways_and_a_missing_figure_is_not_met() {
-        let r = report(&[("relay_vs_naive", 20.0), ("consumer_rss_mb", 100.5)]);
-        assert!(verdict(&r, "relay_vs_naive").met);
-        assert!(!verdict(&r, "consumer_rss_mb").met);
-        assert!(!verdict(&r, "sink_vs_limit").met, "NaN must not pass");
+    fn bounds_hold_both_ways_and_a_missing_figure_is_not_met() -> Result<(), String> {
+        let figures = [("relay_vs_naive", 20.0), ("consumer_rss_mb", 100.5)];
+        assert!(verdict(&figures, "relay_vs_naive")?.met);
+        assert!(!verdict(&figures, "consumer_rss_mb")?.met);
+        assert!(
+            !verdict(&figures, "sink_vs_limit")?.met,
+            "NaN must not pass"
+        );
+        Ok(())
     }
 
     #[test]
-    fn a_missed_latency_target_names_the_floor_of_the_run() {
-        let out_of_reach = report(&[
-            ("e2e_p99_ms", 80.0),
+    fn a_missed_latency_target_names_the_floor_of_the_run() -> Result<(), String> {
+        let missed = |floors: &[(&'static str, f64)]| -> Result<String, String> {
+            let mut figures = vec![("e2e_p99_ms", 80.0)];
+            figures.extend_from_slice(floors);
+            verdict(&figures, "e2e_p99_ms")?
+                .note
+                .ok_or_else(|| "a missed target without a note".to_string())
+        };
+
+        let note = missed(&[
             ("raw_e2e_kafka_p99_ms", 45.0),
             ("raw_insert_small_p50_ms", 10.0),
-        ]);
-        let note = verdict(&out_of_reach, "e2e_p99_ms").note.expect("a note");
+        ])?;
         assert!(note.starts_with("out of reach"), "{note}");
         assert!(note.contains("55.0 ms"), "{note}");
 
-        let ours = report(&[
-            ("e2e_p99_ms", 80.0),
+        let note = missed(&[
             ("e2e_kafka_p99_ms", 60.0),
             ("raw_e2e_kafka_p99_ms", 30.0),
             ("raw_insert_small_p50_ms", 5.0),
-        ]);
-        let note = verdict(&ours, "e2e_p99_ms").note.expect("a note");
+        ])?;
         assert!(note.contains("left 15.0 ms"), "{note}");
         assert!(!note.contains("CPU"), "{note}");
 
-        let busy = report(&[
-            ("e2e_p99_ms", 80.0),
+        let note = missed(&[
             ("raw_e2e_kafka_p99_ms", 30.0),
             ("raw_insert_small_p50_ms", 5.0),
             ("e2e_cpu_busy_pct", 93.6),
-        ]);
-        let note = verdict(&busy, "e2e_p99_ms").note.expect("a note");
+        ])?;
         assert!(
             note.ends_with("the CPUs were 94% busy during the run"),
             "{note}"
         );
 
-        let met = report(&[("e2e_p99_ms", 40.0)]);
-        assert!(verdict(&met, "e2e_p99_ms").note.is_none());
+        assert!(verdict(&[("e2e_p99_ms", 40.0)], "e2e_p99_ms")?
+            .note
+            .is_none());
+        Ok(())
     }
 }

@@ -105,8 +105,17 @@ impl KafkaConfig {
         }
     }
 
-    /// The producer's properties.
-    pub(crate) fn producer_config(&self) -> ClientConfig {
+    /// The librdkafka properties of [`crate::KafkaBus`]'s producer, `extra`
+    /// applied last: for a producer of one's own that must behave like the
+    /// bus's (the benchmark's raw limit does).
+    ///
+    /// ```
+    /// let config = outbox_kafka::KafkaConfig::default();
+    /// let properties = config.producer_config();
+    /// assert_eq!(properties.get("acks"), Some("all"));
+    /// assert_eq!(properties.get("compression.type"), Some("none"));
+    /// ```
+    pub fn producer_config(&self) -> ClientConfig {
         let mut config = self.client_config();
         let in_flight = if self.idempotence { "5" } else { "1" };
         config

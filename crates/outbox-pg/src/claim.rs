@@ -223,16 +223,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tid_round_trips_in_the_binary_format() {
+    fn tid_round_trips_in_the_binary_format() -> Result<(), Box<dyn std::error::Error + Sync + Send>>
+    {
         let tid = Tid {
             block: 0x0102_0304,
             offset: 0x0506,
         };
         let mut out = BytesMut::new();
-        tid.to_sql(&Type::TID, &mut out).unwrap();
+        tid.to_sql(&Type::TID, &mut out)?;
         assert_eq!(&out[..], &[1, 2, 3, 4, 5, 6]);
-        assert_eq!(Tid::from_sql(&Type::TID, &out).unwrap(), tid);
+        assert_eq!(Tid::from_sql(&Type::TID, &out)?, tid);
         assert!(Tid::from_sql(&Type::TID, &[0; 5]).is_err());
         assert!(!<Tid as ToSql>::accepts(&Type::INT8));
+        Ok(())
     }
 }
