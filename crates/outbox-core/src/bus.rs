@@ -162,6 +162,20 @@ pub trait Subscription: Send {
 
     /// Records that everything before these positions was durably handled.
     async fn commit(&mut self, checkpoint: &Checkpoint) -> Result<()>;
+
+    /// A number that changes whenever the set of partitions this
+    /// subscription reads changed (or may have: a new grant), so the
+    /// consumer loop knows a partition may have had another writer since it
+    /// last wrote it. The default, for a subscription whose partitions never
+    /// move, never changes.
+    fn generation(&self) -> u64 {
+        0
+    }
+
+    /// Forgets what was read and not committed: the next poll starts each
+    /// partition again from its committed position. Called after a batch
+    /// was abandoned uncommitted (its write fenced off by an expired lease).
+    async fn rewind(&mut self) -> Result<()>;
 }
 
 #[cfg(test)]

@@ -2,13 +2,15 @@
 
 use std::time::Duration;
 
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::bus::{Checkpoint, Record, Subscription};
 use crate::relay::{count_error, sleep_or_cancel};
 use crate::sink::Sink;
-use crate::{Backoff, Health, Result, Stage};
+use crate::{Backoff, Error, Health, Lease, Result, Stage};
 
 /// Settings of a [`Consume`] loop.
 #[derive(Debug, Clone)]
@@ -23,6 +25,12 @@ pub struct ConsumeConfig {
     pub backoff_initial: Duration,
     /// Longest delay between retries. Default: 10 s.
     pub backoff_max: Duration,
+    /// With [`Consume::with_lease`]: how long the sink may keep failing
+    /// before the loop stops with [`Error::Retryable`] so that the process
+    /// gives its partitions up (its leases end with it) and a consumer that
+    /// can write takes them. Default: 60 s. Without a lease the loop retries
+    /// forever: nobody else could take over.
+    pub stall_limit: Duration,
 }
 
 impl Default for ConsumeConfig {
@@ -33,6 +41,7 @@ impl Default for ConsumeConfig {
             stop_after_idle: None,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            stall_limit: Duration::from_secs(60),
         }
     }
 }
@@ -50,6 +59,9 @@ pub struct ConsumeStats {
     pub dead_lettered: u64,
     /// Retryable failures seen.
     pub retries: u64,
+    /// Batches abandoned uncommitted because the lease expired or moved
+    /// while they were written (see [`Consume::with_lease`]).
+    pub fenced: u64,
 }
 
 /// Drives a [`Subscription`] into a [`Sink`].
@@ -75,6 +87,16 @@ pub struct Consume<B, K> {
     sink: K,
     config: ConsumeConfig,
     health: Health,
+    lease: Option<watch::Receiver<Lease>>,
+    generation: u64,
+}
+
+/// How one batch ended.
+enum Outcome {
+    Written(crate::WriteReport),
+    /// The lease expired or moved: nothing may be assumed, nothing committed.
+    Fenced,
+    Shutdown,
 }
 
 impl<B: Subscription, K: Sink> Consume<B, K> {
@@ -85,7 +107,22 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
             sink,
             config,
             health: Health::default(),
+            lease: None,
+            generation: 0,
         }
+    }
+
+    /// Fences every write with the partitions granted on `lease` (the
+    /// channel the subscription follows, for example from
+    /// `outbox_pg::PartitionLeases`): a batch is written only while the grant
+    /// covers its partitions and is valid, and a write still running when
+    /// the grant expires or moves to a new epoch is abandoned (dropped
+    /// mid-request, left uncommitted, the subscription rewound and the sink's
+    /// cached positions forgotten). So a consumer cut off from whatever
+    /// grants its lease stops writing before anyone else may start.
+    pub fn with_lease(mut self, lease: watch::Receiver<Lease>) -> Self {
+        self.lease = Some(lease);
+        self
     }
 
     /// Reports the outcome of every poll and write to `health` (for a
@@ -143,11 +180,29 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
             }
             idle_since = tokio::time::Instant::now();
             let poll_ms = idle_since.duration_since(poll_started).as_millis() as u64;
-            let Some(report) = self
+            let generation = self.subscription.generation();
+            if generation != self.generation {
+                // Another consumer may have written these partitions since.
+                self.sink.forget_positions();
+                self.generation = generation;
+            }
+            let report = match self
                 .write_with_retry(&records, &mut backoff, &mut stats, &shutdown)
                 .await?
-            else {
-                break;
+            {
+                Outcome::Written(report) => report,
+                Outcome::Shutdown => break,
+                Outcome::Fenced => {
+                    stats.fenced += 1;
+                    metrics::counter!("outbox_consumer_fenced_batches_total").increment(1);
+                    warn!(
+                        records = records.len(),
+                        "partition lease expired or moved during a write; batch abandoned uncommitted"
+                    );
+                    self.sink.forget_positions();
+                    self.subscription.rewind().await?;
+                    continue;
+                }
             };
             stats.batches += 1;
             stats.written += report.written as u64;
@@ -190,27 +245,46 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
         Ok(stats)
     }
 
-    /// `Ok(None)` when shutdown interrupted the retries (nothing committed).
     async fn write_with_retry(
         &mut self,
         records: &[Record],
         backoff: &mut Backoff,
         stats: &mut ConsumeStats,
         shutdown: &CancellationToken,
-    ) -> Result<Option<crate::WriteReport>> {
+    ) -> Result<Outcome> {
+        let mut failing_since: Option<Instant> = None;
         loop {
-            match self.sink.write(records).await {
+            let written = match self.lease.as_mut() {
+                None => self.sink.write(records).await,
+                Some(lease) => match fenced_write(&mut self.sink, lease, records).await {
+                    Some(written) => written,
+                    None => return Ok(Outcome::Fenced),
+                },
+            };
+            match written {
                 Ok(report) => {
                     self.health.up(Stage::Sink);
                     backoff.reset();
-                    return Ok(Some(report));
+                    return Ok(Outcome::Written(report));
                 }
                 Err(err) if err.is_retryable() => {
                     self.health.down(err.stage(), &err);
                     count_error("consume", err.stage(), true);
                     stats.retries += 1;
                     if shutdown.is_cancelled() {
-                        return Ok(None);
+                        return Ok(Outcome::Shutdown);
+                    }
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if self.lease.is_some() && since.elapsed() >= self.config.stall_limit {
+                        return Err(Error::retryable(
+                            Stage::Sink,
+                            format!(
+                                "the sink kept failing for {:?} while this consumer held leased partitions \
+                                 (last error: {err}); stopping so that its leases end and a consumer that \
+                                 can write takes them over",
+                                self.config.stall_limit
+                            ),
+                        ));
                     }
                     let delay = backoff.next_delay();
                     warn!(error = %err, attempt = backoff.attempts(), delay_ms = delay.as_millis() as u64, "sink write failed; retrying the same batch");
@@ -226,6 +300,50 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
     }
 }
 
+/// Writes `records` while `lease` allows it: `None` when the grant did not
+/// cover them, expired, or moved to a new epoch before the write ended (the
+/// write is then dropped mid-request).
+async fn fenced_write<K: Sink>(
+    sink: &mut K,
+    lease: &mut watch::Receiver<Lease>,
+    records: &[Record],
+) -> Option<Result<crate::WriteReport>> {
+    let mut partitions: Vec<i32> = records.iter().map(|r| r.position.partition).collect();
+    partitions.sort_unstable();
+    partitions.dedup();
+    let granted = lease.borrow_and_update().clone();
+    if !granted.allows(partitions.iter().copied(), Instant::now()) {
+        return None;
+    }
+    let mut deadline = granted.valid_until;
+    let write = sink.write(records);
+    tokio::pin!(write);
+    loop {
+        tokio::select! {
+            // The deadline first: a write that ended after it is not trusted.
+            biased;
+            () = sleep_until_some(deadline) => return None,
+            changed = lease.changed() => {
+                // A granter that went away grants nothing any more.
+                changed.ok()?;
+                let next = lease.borrow_and_update().clone();
+                if granted.revoked_by(&next) {
+                    return None;
+                }
+                deadline = next.valid_until;
+            }
+            written = &mut write => return Some(written),
+        }
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// For each (topic, partition) in `records`, the offset after the highest one.
 pub fn checkpoint_after(records: &[Record]) -> Checkpoint {
     let mut checkpoint = Checkpoint::new();
@@ -237,4 +355,276 @@ pub fn checkpoint_after(records: &[Record]) -> Checkpoint {
         *entry = (*entry).max(next);
     }
     checkpoint
+}
+
+#[cfg(test)]
+mod tests {
+    //! The loop's contract with in-memory trait doubles: what it commits,
+    //! what it asks the sink to forget, when it abandons a write.
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::{Position, WriteReport};
+
+    #[derive(Default)]
+    struct Log {
+        events: Vec<String>,
+    }
+
+    type Shared = Arc<Mutex<Log>>;
+
+    fn note(log: &Shared, event: impl Into<String>) {
+        if let Ok(mut log) = log.lock() {
+            log.events.push(event.into());
+        }
+    }
+
+    fn events(log: &Shared) -> Vec<String> {
+        log.lock().map(|l| l.events.clone()).unwrap_or_default()
+    }
+
+    /// Hands out scripted batches; each batch may come with a new generation.
+    struct Script {
+        batches: VecDeque<(u64, Vec<Record>)>,
+        generation: u64,
+        log: Shared,
+    }
+
+    #[async_trait]
+    impl Subscription for Script {
+        async fn poll_batch(&mut self, _max: usize, _wait: Duration) -> Result<Vec<Record>> {
+            match self.batches.pop_front() {
+                Some((generation, records)) => {
+                    self.generation = generation;
+                    Ok(records)
+                }
+                None => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Ok(Vec::new())
+                }
+            }
+        }
+
+        async fn commit(&mut self, checkpoint: &Checkpoint) -> Result<()> {
+            note(&self.log, format!("commit {checkpoint:?}"));
+            Ok(())
+        }
+
+        fn generation(&self) -> u64 {
+            self.generation
+        }
+
+        async fn rewind(&mut self) -> Result<()> {
+            note(&self.log, "rewind");
+            Ok(())
+        }
+    }
+
+    /// A sink whose writes take `write_time` (or fail, while `failing`).
+    struct Slow {
+        write_time: Duration,
+        failing: bool,
+        log: Shared,
+    }
+
+    #[async_trait]
+    impl Sink for Slow {
+        async fn write(&mut self, records: &[Record]) -> Result<WriteReport> {
+            note(&self.log, format!("write start {}", records.len()));
+            tokio::time::sleep(self.write_time).await;
+            if self.failing {
+                return Err(Error::retryable(Stage::Sink, "clickhouse is not answering"));
+            }
+            note(&self.log, "write end");
+            Ok(WriteReport {
+                written: records.len(),
+                ..WriteReport::default()
+            })
+        }
+
+        fn forget_positions(&mut self) {
+            note(&self.log, "forget");
+        }
+    }
+
+    fn records(partition: i32, offsets: std::ops::Range<i64>) -> Vec<Record> {
+        offsets
+            .map(|offset| Record {
+                topic: "t".into(),
+                position: Position { partition, offset },
+                key: None,
+                payload: None,
+                headers: Default::default(),
+                timestamp_ms: None,
+            })
+            .collect()
+    }
+
+    fn consume(
+        batches: Vec<(u64, Vec<Record>)>,
+        write_time: Duration,
+        failing: bool,
+    ) -> (Consume<Script, Slow>, Shared) {
+        let log = Shared::default();
+        let subscription = Script {
+            batches: batches.into(),
+            generation: 0,
+            log: log.clone(),
+        };
+        let sink = Slow {
+            write_time,
+            failing,
+            log: log.clone(),
+        };
+        let config = ConsumeConfig {
+            stop_after_idle: Some(Duration::from_millis(50)),
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(10),
+            stall_limit: Duration::from_millis(300),
+            ..ConsumeConfig::default()
+        };
+        (Consume::new(subscription, sink, config), log)
+    }
+
+    fn lease(partitions: &[i32], epoch: u64, valid_for: Duration) -> Lease {
+        Lease {
+            partitions: partitions.to_vec(),
+            epoch,
+            valid_until: Some(Instant::now() + valid_for),
+        }
+    }
+
+    /// A partition that came back (new generation) may have been written by
+    /// another owner meanwhile: the sink forgets before the next write.
+    #[tokio::test]
+    async fn a_new_generation_makes_the_sink_forget_before_writing() -> Result<()> {
+        let (mut consume, log) = consume(
+            vec![
+                (1, records(0, 0..3)),
+                (1, records(0, 3..5)),
+                (2, records(0, 3..5)),
+            ],
+            Duration::ZERO,
+            false,
+        );
+        let stats = consume.run(CancellationToken::new()).await?;
+        let seen = events(&log);
+        let forgets: Vec<usize> = seen
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| *e == "forget")
+            .map(|(i, _)| i)
+            .collect();
+        println!("{seen:?}");
+        assert_eq!(stats.written, 7);
+        // Once for generation 1 (first batch), once for generation 2.
+        assert_eq!(forgets.len(), 2, "{seen:?}");
+        assert_eq!(seen[forgets[1] + 1], "write start 2");
+        Ok(())
+    }
+
+    /// Invariant (no second writer): a write still running when its grant
+    /// expires is abandoned: not committed, the subscription rewound, the
+    /// sink told to forget.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_outlives_its_grant_is_abandoned_uncommitted() -> Result<()> {
+        let (tx, rx) = watch::channel(lease(&[0], 1, Duration::from_millis(100)));
+        let (consumer, log) = consume(
+            vec![(1, records(0, 0..3))],
+            Duration::from_millis(500),
+            false,
+        );
+        let mut consume = consumer.with_lease(rx);
+        let stats = consume.run(CancellationToken::new()).await?;
+        let seen = events(&log);
+        println!("{seen:?} fenced={}", stats.fenced);
+        assert_eq!(stats.fenced, 1);
+        assert_eq!(stats.written, 0);
+        assert!(!seen
+            .iter()
+            .any(|e| e.starts_with("commit") || e == "write end"));
+        assert!(
+            seen.ends_with(&["forget".into(), "rewind".into()]),
+            "{seen:?}"
+        );
+        drop(tx);
+        Ok(())
+    }
+
+    /// A grant renewed while the write runs lets it finish; a new epoch
+    /// (the session was lost) abandons it at once.
+    #[tokio::test(start_paused = true)]
+    async fn renewals_extend_a_write_and_a_new_epoch_stops_it() -> Result<()> {
+        let (tx, rx) = watch::channel(lease(&[0], 1, Duration::from_millis(100)));
+        let (consumer, log) = consume(
+            vec![(1, records(0, 0..3)), (1, records(0, 3..6))],
+            Duration::from_millis(250),
+            false,
+        );
+        let mut consume = consumer.with_lease(rx);
+        let renewals = tokio::spawn(async move {
+            for _ in 0..4 {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+                tx.send_replace(lease(&[0], 1, Duration::from_millis(100)));
+            }
+            // The first write has ended; the second one is running.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tx.send_replace(lease(&[], 2, Duration::ZERO));
+            tx
+        });
+        let stats = consume.run(CancellationToken::new()).await?;
+        let seen = events(&log);
+        println!("{seen:?}");
+        assert_eq!((stats.written, stats.fenced), (3, 1), "{seen:?}");
+        drop(renewals.await);
+        Ok(())
+    }
+
+    /// A batch of a partition the grant does not cover is never written.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_outside_the_grant_is_not_written() -> Result<()> {
+        let (_tx, rx) = watch::channel(lease(&[1], 1, Duration::from_secs(60)));
+        let (consumer, log) = consume(vec![(1, records(0, 0..3))], Duration::ZERO, false);
+        let stats = consumer
+            .with_lease(rx)
+            .run(CancellationToken::new())
+            .await?;
+        assert_eq!((stats.written, stats.fenced), (0, 1));
+        assert!(!events(&log).iter().any(|e| e.starts_with("write")));
+        Ok(())
+    }
+
+    /// A leased consumer whose sink keeps failing stops within the stall
+    /// limit (its leases then end with it); without a lease it keeps trying.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_sink_gives_a_lease_up() -> Result<()> {
+        let (_tx, rx) = watch::channel(Lease {
+            partitions: vec![0],
+            epoch: 1,
+            valid_until: None,
+        });
+        let (leased, _) = consume(vec![(1, records(0, 0..3))], Duration::ZERO, true);
+        let started = Instant::now();
+        let outcome = leased.with_lease(rx).run(CancellationToken::new()).await;
+        let err = outcome
+            .err()
+            .ok_or_else(|| Error::permanent(Stage::Sink, "no stall"))?;
+        println!("stopped after {:?}: {err}", started.elapsed());
+        assert!(err.to_string().contains("kept failing"));
+        assert!(started.elapsed() < Duration::from_secs(1));
+
+        let (mut unleased, _) = consume(vec![(1, records(0, 0..3))], Duration::ZERO, true);
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            stop.cancel();
+        });
+        let stats = unleased.run(shutdown).await?;
+        assert!(stats.retries > 50, "{stats:?}");
+        Ok(())
+    }
 }

@@ -8,6 +8,7 @@ mod dedup;
 mod error;
 mod event;
 mod health;
+mod lease;
 mod relay;
 mod sink;
 mod source;
@@ -22,6 +23,7 @@ pub use event::{
     HEADER_CREATED_AT_MS, HEADER_EVENT_ID,
 };
 pub use health::{ComponentState, Health};
+pub use lease::Lease;
 pub use relay::{hold_back_after_failures, Relay, RelayConfig, RelayStats};
 pub use sink::{RecordStatus, Sink, WriteReport};
 pub use source::{AckSummary, Claimed, Source};

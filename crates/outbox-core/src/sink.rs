@@ -46,4 +46,12 @@ impl WriteReport {
 pub trait Sink: Send {
     /// Writes `records` durably.
     async fn write(&mut self, records: &[Record]) -> Result<WriteReport>;
+
+    /// Forgets whatever the sink cached about positions (where each
+    /// partition continues, ids recently written), so that its next write
+    /// of each partition looks up what is stored. Called by
+    /// [`crate::Consume`] whenever the partitions it works may have been
+    /// written by someone else in between (an ownership change, an
+    /// abandoned write). A sink that caches nothing keeps the default.
+    fn forget_positions(&mut self) {}
 }

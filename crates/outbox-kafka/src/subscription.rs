@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use outbox_core::{Checkpoint, Position, Record, Subscription};
+use outbox_core::{Checkpoint, Lease, Position, Record, Subscription};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -40,13 +40,23 @@ pub struct KafkaSubscription {
     topic: Option<String>,
     fallback_offset: Offset,
     ownership: Option<Ownership>,
+    generation: u64,
 }
 
 /// The partitions this consumer may work, and the report of those it works.
 struct Ownership {
-    owned: watch::Receiver<Vec<i32>>,
+    owned: watch::Receiver<Lease>,
     applied: watch::Sender<Vec<i32>>,
-    current: Vec<i32>,
+    /// The grant applied (partitions and epoch); `None` forces a re-assign.
+    current: Option<(Vec<i32>, u64)>,
+}
+
+impl Ownership {
+    fn worked(&self) -> &[i32] {
+        self.current
+            .as_ref()
+            .map_or(&[], |(partitions, _)| partitions)
+    }
 }
 
 impl KafkaSubscription {
@@ -117,23 +127,27 @@ impl KafkaSubscription {
             topic: config.topics.first().cloned(),
             fallback_offset: fallback_offset(&config),
             ownership: None,
+            generation: 0,
         })
     }
 
     /// Works exactly the partitions (of the first configured topic) that
-    /// `owned` holds, re-read at every poll, and reports on `applied` the set
-    /// it works once the previous batch is done, so the owner may hand a
-    /// dropped partition to another consumer. Positions of a newly owned
-    /// partition come from the group's committed offsets.
+    /// `owned` grants, re-read at every poll, and reports on `applied` the set
+    /// it works once the previous batch is done, so the granter may hand a
+    /// dropped partition to another consumer. A new grant (other partitions,
+    /// or a new epoch: ownership may have moved away and back) re-assigns
+    /// every partition from the group's committed offsets and moves
+    /// [`Subscription::generation`]. Pass the same channel to
+    /// `outbox_core::Consume::with_lease` so that writes are fenced too.
     pub fn follow_ownership(
         &mut self,
-        owned: watch::Receiver<Vec<i32>>,
+        owned: watch::Receiver<Lease>,
         applied: watch::Sender<Vec<i32>>,
     ) {
         self.ownership = Some(Ownership {
             owned,
             applied,
-            current: Vec::new(),
+            current: None,
         });
     }
 
@@ -142,8 +156,9 @@ impl KafkaSubscription {
         let Some(ownership) = self.ownership.as_mut() else {
             return Ok(());
         };
-        let wanted = ownership.owned.borrow_and_update().clone();
-        if wanted != ownership.current {
+        let lease = ownership.owned.borrow_and_update().clone();
+        let wanted = (lease.partitions, lease.epoch);
+        if ownership.current.as_ref() != Some(&wanted) {
             let Some(topic) = self.topic.as_deref() else {
                 return Ok(());
             };
@@ -153,24 +168,19 @@ impl KafkaSubscription {
                 source,
             };
             let mut wanted_list = TopicPartitionList::new();
-            for partition in &wanted {
+            for partition in &wanted.0 {
                 wanted_list.add_partition(topic, *partition);
             }
-            // A blocking call: off the async worker when the runtime allows.
-            let fetch =
-                || positions_from_committed(&self.consumer, wanted_list, self.fallback_offset);
-            let list = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-                Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
-                    tokio::task::block_in_place(fetch)
-                }
-                _ => fetch(),
-            }
+            let list = blocking(|| {
+                positions_from_committed(&self.consumer, wanted_list, self.fallback_offset)
+            })
             .map_err(consumer_error)?;
             self.consumer.assign(&list).map_err(consumer_error)?;
-            tracing::info!(topic, partitions = ?wanted, "working partitions");
-            ownership.current = wanted;
+            tracing::info!(topic, partitions = ?wanted.0, epoch = wanted.1, "working partitions");
+            ownership.current = Some(wanted);
+            self.generation += 1;
         }
-        let current = ownership.current.clone();
+        let current = ownership.worked().to_vec();
         ownership.applied.send_if_modified(|reported| {
             if *reported == current {
                 false
@@ -197,6 +207,15 @@ impl KafkaSubscription {
             operation,
             source,
         }
+    }
+}
+
+/// Runs a blocking broker round trip off the async worker when the runtime
+/// allows it (a multi-threaded one).
+fn blocking<T>(call: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(call),
+        _ => call(),
     }
 }
 
@@ -295,7 +314,7 @@ impl Subscription for KafkaSubscription {
                 Ok(message) => {
                     if let Some(ownership) = &self.ownership {
                         // A message fetched just before a partition was dropped.
-                        if !ownership.current.contains(&message.partition()) {
+                        if !ownership.worked().contains(&message.partition()) {
                             continue;
                         }
                     }
@@ -328,5 +347,29 @@ impl Subscription for KafkaSubscription {
         self.consumer
             .commit(&list, CommitMode::Async)
             .map_err(|e| self.consumer_error("commit", e).into())
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    async fn rewind(&mut self) -> outbox_core::Result<()> {
+        if let Some(ownership) = self.ownership.as_mut() {
+            // Re-assigned from the committed offsets at the next poll.
+            ownership.current = None;
+            return Ok(());
+        }
+        let assigned = self
+            .consumer
+            .assignment()
+            .map_err(|e| self.consumer_error("rewind", e))?;
+        let list =
+            blocking(|| positions_from_committed(&self.consumer, assigned, self.fallback_offset))
+                .map_err(|e| self.consumer_error("rewind", e))?;
+        self.consumer
+            .assign(&list)
+            .map_err(|e| self.consumer_error("rewind", e))?;
+        self.generation += 1;
+        Ok(())
     }
 }

@@ -107,7 +107,7 @@ pub struct OutboxAdmin {
     dead_show_sql: String,
     replay_sql: String,
     purge_sql: String,
-    lock_key: i64,
+    table: crate::SqlName,
     channel: String,
 }
 
@@ -119,7 +119,6 @@ impl OutboxAdmin {
         config.validate()?;
         let table = config.table()?;
         let dead = config.dead_letter_table()?;
-        let namespace = crate::source::lock_namespace(&table.plain());
         Ok(Self {
             backlog_sql: format!(
                 "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM {table}"
@@ -151,7 +150,7 @@ impl OutboxAdmin {
                  SELECT event_id, topic, key, payload, headers, created_at FROM moved ORDER BY id"
             ),
             purge_sql: format!("DELETE FROM {dead} WHERE $2 OR id = ANY($1)"),
-            lock_key: i64::from(u32::from_ne_bytes(namespace.to_ne_bytes())),
+            table: table.clone(),
             channel: crate::notify::channel_for(&table),
         })
     }
@@ -174,8 +173,10 @@ impl OutboxAdmin {
         &self,
         client: &C,
     ) -> Result<Vec<LaneStatus>, PgError> {
+        let namespace = crate::source::resolve_lock_namespace(client, &self.table).await?;
+        let lock_key = i64::from(u32::from_ne_bytes(namespace.to_ne_bytes()));
         let owners = client
-            .query(&self.owners_sql, &[&self.lock_key])
+            .query(&self.owners_sql, &[&lock_key])
             .await
             .map_err(|e| PgError::query("lane owners", e))?;
         let owners = owners

@@ -74,6 +74,18 @@ pub enum PgError {
         /// Rows it was given.
         expected: usize,
     },
+    /// A statement got no answer within its client-side limit (the server
+    /// or the network path to it stopped answering); the session is dropped.
+    #[error(
+        "postgres {operation}: no answer within {after:?}; the session is given up \
+         (is the server reachable and responsive?)"
+    )]
+    TimedOut {
+        /// What was being done.
+        operation: &'static str,
+        /// The limit.
+        after: std::time::Duration,
+    },
     /// An event read from the outbox cannot be decoded.
     #[error("outbox row {seq} is malformed: {reason}")]
     MalformedRow {
@@ -101,7 +113,7 @@ impl PgError {
             | PgError::Serialize { .. }
             | PgError::MalformedRow { .. } => false,
             PgError::Connect { retryable, .. } | PgError::Driver { retryable, .. } => *retryable,
-            PgError::RowsMoved { .. } => true,
+            PgError::RowsMoved { .. } | PgError::TimedOut { .. } => true,
             PgError::Query { source, .. } => is_retryable_pg(source),
         }
     }

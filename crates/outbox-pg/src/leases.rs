@@ -4,7 +4,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use outbox_core::Lease;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -24,10 +26,18 @@ pub struct PartitionLeaseConfig {
     pub heartbeat: Duration,
     /// How long a consumer may stay silent before Postgres ends its session
     /// and its partitions go to the others. Default: 6 s.
+    ///
+    /// A grant is valid for half of it after each answered heartbeat
+    /// ([`PartitionLeaseConfig::validity`]), and every lease statement gets
+    /// that long to answer: a consumer cut off from Postgres stops writing
+    /// well before the server could free its locks.
     pub session_timeout: Duration,
-    /// How long a consumer that (re)connected waits before taking free
-    /// partitions, so that a previous owner that lost its session has
-    /// noticed and stopped writing. Default: the session timeout.
+    /// How long a consumer waits after it locked a partition before it
+    /// works it, so that the previous owner, whose grant may still have run
+    /// up to [`PartitionLeaseConfig::validity`] when its session was ended
+    /// (a terminated backend frees locks at once), has stopped writing and
+    /// its last aborted insert has settled. At least the session timeout
+    /// ([`PartitionLeaseConfig::validate`]). Default: the session timeout.
     pub takeover_delay: Duration,
 }
 
@@ -42,6 +52,40 @@ impl PartitionLeaseConfig {
             session_timeout: Duration::from_secs(6),
             takeover_delay: Duration::from_secs(6),
         }
+    }
+
+    /// How long a grant holds after the heartbeat that proved it was sent:
+    /// half the session timeout.
+    pub fn validity(&self) -> Duration {
+        self.session_timeout / 2
+    }
+
+    /// Checks the relations the fencing relies on: a heartbeat well inside
+    /// the validity, and a takeover delay no shorter than the session timeout
+    /// (so a new owner starts at least half a session timeout after the old
+    /// owner's grant ran out).
+    pub fn validate(&self) -> Result<(), PgError> {
+        if self.partitions < 1 {
+            return Err(PgError::Config(format!(
+                "partition leases of topic {}: the topic has {} partitions",
+                self.topic, self.partitions
+            )));
+        }
+        if self.heartbeat.is_zero() || self.heartbeat * 2 > self.validity() {
+            return Err(PgError::Config(format!(
+                "partition leases: heartbeat {:?} must be at most a quarter of the session timeout {:?}, \
+                 so that a grant survives a late heartbeat",
+                self.heartbeat, self.session_timeout
+            )));
+        }
+        if self.takeover_delay < self.session_timeout {
+            return Err(PgError::Config(format!(
+                "partition leases: takeover delay {:?} must be at least the session timeout {:?}: \
+                 a previous owner may write until half of it after its last heartbeat",
+                self.takeover_delay, self.session_timeout
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -66,16 +110,30 @@ impl PartitionLeaseConfig {
 /// only once `applied` no longer contains it, so a voluntary hand-over
 /// never has two writers.
 ///
+/// **Fencing, for the involuntary cases.** Each grant on `owned` is an
+/// [`outbox_core::Lease`] valid for [`PartitionLeaseConfig::validity`] after
+/// the heartbeat that proved it was sent, extended by each answered
+/// heartbeat; every lease statement has that long to answer, and the
+/// session's socket gives up on unacknowledged data as soon
+/// (`TCP_USER_TIMEOUT`). A lost session is announced at once as a new
+/// epoch with no partitions. A newly locked partition is granted only after
+/// [`PartitionLeaseConfig::takeover_delay`]. So when Postgres frees a
+/// consumer's locks (it was killed, its backend terminated, the server
+/// restarted, or it was cut off and timed out), that consumer's grant has
+/// already run out, or does within half a session timeout, before any
+/// other consumer is granted the partitions; `outbox_core::Consume::with_lease`
+/// abandons a write that outlives its grant.
+///
 /// ```no_run
 /// # async fn example() -> Result<(), outbox_pg::PgError> {
 /// use outbox_pg::{PartitionLeaseConfig, PartitionLeases, PgConfig};
 /// use tokio::sync::watch;
 ///
-/// let (owned_tx, owned_rx) = watch::channel(Vec::new());
+/// let (owned_tx, owned_rx) = watch::channel(outbox_core::Lease::default());
 /// let (applied_tx, applied_rx) = watch::channel(Vec::new());
 /// let leases = PartitionLeases::new(PgConfig::default(), PartitionLeaseConfig::new("g", "user_events", 3));
 /// tokio::spawn(leases.run(owned_tx, applied_rx, tokio_util::sync::CancellationToken::new()));
-/// // The consumer loop: assign `owned_rx.borrow()`, then `applied_tx.send(...)`.
+/// // The consumer loop: assign `owned_rx.borrow().partitions`, then `applied_tx.send(...)`.
 /// # drop((owned_rx, applied_tx)); Ok(()) }
 /// ```
 pub struct PartitionLeases {
@@ -100,105 +158,144 @@ impl PartitionLeases {
         }
     }
 
-    /// Keeps ownership until `shutdown`, publishing the owned partitions on
+    /// Keeps ownership until `shutdown`, publishing the granted partitions on
     /// `owned` and releasing a partition once `applied` no longer holds it.
-    /// Connection failures are retried; while disconnected nothing is owned.
+    /// Connection failures are retried; while disconnected nothing is
+    /// granted. Fails at once if the configuration does not validate.
     pub async fn run(
         self,
-        owned: watch::Sender<Vec<i32>>,
+        owned: watch::Sender<Lease>,
         mut applied: watch::Receiver<Vec<i32>>,
         shutdown: CancellationToken,
     ) -> Result<(), PgError> {
+        self.config.validate()?;
+        let mut epoch = owned.borrow().epoch;
         while !shutdown.is_cancelled() {
-            // Whatever happened before, nothing is owned without a session.
-            let _ = owned.send(Vec::new());
-            match self.session(&owned, &mut applied, &shutdown).await {
+            // Whatever happened before, nothing is granted without a
+            // session, and a write still running under the old one stops.
+            epoch += 1;
+            revoke(&owned, epoch);
+            match self.session(epoch, &owned, &mut applied, &shutdown).await {
                 Ok(()) => break,
                 Err(err) if err.is_retryable() => {
+                    epoch += 1;
+                    revoke(&owned, epoch);
                     warn!(error = %err, "partition ownership lost; reconnecting");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(self.config.heartbeat) => {}
                     }
                 }
-                Err(err) => return Err(err),
+                Err(err) => {
+                    revoke(&owned, epoch + 1);
+                    return Err(err);
+                }
             }
         }
-        let _ = owned.send(Vec::new());
+        revoke(&owned, epoch + 1);
         Ok(())
     }
 
-    async fn connect(&self) -> Result<Client, PgError> {
+    /// The session's client, and a token cancelled when its connection ends.
+    async fn connect(&self) -> Result<(Client, CancellationToken), PgError> {
         let mut pg = self.pg.client_config();
         pg.application_name(&self.application_name);
+        // With data outstanding, keepalives never fire: without this a
+        // statement sent into a dead path waits for the kernel's
+        // retransmissions (about 15 minutes).
+        pg.tcp_user_timeout(self.config.validity());
         let (client, connection) = self.pg.connect_session(&pg).await?;
+        let ended = CancellationToken::new();
+        let signal = ended.clone();
         tokio::spawn(async move {
             if let Err(err) = connection.await {
                 debug!(error = %err, "partition lease connection ended");
             }
+            // The server freed the locks: stop granting at once, not at
+            // the next heartbeat.
+            signal.cancel();
         });
-        Ok(client)
+        Ok((client, ended))
     }
 
     /// One session: returns `Ok` on shutdown, `Err` when the session is lost.
     async fn session(
         &self,
-        owned_tx: &watch::Sender<Vec<i32>>,
+        epoch: u64,
+        owned_tx: &watch::Sender<Lease>,
         applied: &mut watch::Receiver<Vec<i32>>,
         shutdown: &CancellationToken,
     ) -> Result<(), PgError> {
-        let client = self.connect().await?;
-        client
-            .batch_execute(&format!(
+        let limit = self.config.validity();
+        let (client, ended) = bounded(limit, "partition lease (connect)", self.connect()).await?;
+        let statement = |operation: &'static str, sql: String| {
+            let client = &client;
+            async move {
+                bounded(limit, operation, async move {
+                    client
+                        .batch_execute(&sql)
+                        .await
+                        .map_err(|e| PgError::query(operation, e))
+                })
+                .await
+            }
+        };
+        statement(
+            "partition lease (begin)",
+            format!(
                 "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}",
                 self.config.session_timeout.as_millis()
-            ))
-            .await
-            .map_err(|e| PgError::query("partition lease (begin)", e))?;
-        let started = tokio::time::Instant::now();
+            ),
+        )
+        .await?;
         let mut owned: BTreeSet<i32> = BTreeSet::new();
+        // Locked, not granted yet: partition → when it was locked.
+        let mut taking: std::collections::BTreeMap<i32, Instant> = Default::default();
         let mut releasing: BTreeSet<i32> = BTreeSet::new();
         let mut rotation = std::process::id() as usize;
         loop {
+            // The grant is proven from when this round's first statement was
+            // sent: the server's idle timer restarts only after that.
+            let round_sent = Instant::now();
             // Activity statistics are a snapshot cached for the whole
             // transaction: drop it, or the member count never changes.
-            client
-                .batch_execute("SELECT pg_stat_clear_snapshot()")
-                .await
-                .map_err(|e| PgError::query("partition lease (heartbeat)", e))?;
-            let members: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-                    &[&self.application_name],
-                )
-                .await
-                .and_then(|row| row.try_get(0))
-                .map_err(|e| PgError::query("partition lease (heartbeat)", e))?;
+            statement(
+                "partition lease (heartbeat)",
+                "SELECT pg_stat_clear_snapshot()".into(),
+            )
+            .await?;
+            let valid_until = round_sent + limit;
+            let members: i64 = bounded(limit, "partition lease (heartbeat)", async {
+                client
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                        &[&self.application_name],
+                    )
+                    .await
+                    .and_then(|row| row.try_get(0))
+                    .map_err(|e| PgError::query("partition lease (heartbeat)", e))
+            })
+            .await?;
             let members = usize::try_from(members.max(1)).unwrap_or(1);
             let partitions = usize::try_from(self.config.partitions.max(0)).unwrap_or(0);
             // How many partitions each member holds (members holding none
             // do not appear): the fewest decides whether someone starves.
-            let holders = client
-                .query(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 \
-                     AND granted AND classid::bigint = ($1::bigint & 4294967295) GROUP BY pid",
-                    &[&i64::from(self.lock_namespace)],
-                )
-                .await
-                .map_err(|e| PgError::query("partition lease (heartbeat)", e))?;
-            let fewest = if holders.len() < members {
-                0
-            } else {
-                holders
-                    .iter()
-                    .map(|row| usize::try_from(row.try_get::<_, i64>(0).unwrap_or(0)).unwrap_or(0))
-                    .min()
-                    .unwrap_or(0)
-            };
-            // Each member ends with floor or ceil of partitions / members.
-            let floor = partitions / members;
-            let ceil = partitions.div_ceil(members);
-            let someone_starves = fewest < floor;
+            let holders = bounded(limit, "partition lease (heartbeat)", async {
+                client
+                    .query(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 \
+                         AND granted AND classid::bigint = ($1::bigint & 4294967295) GROUP BY pid",
+                        &[&i64::from(self.lock_namespace)],
+                    )
+                    .await
+                    .map_err(|e| PgError::query("partition lease (heartbeat)", e))
+            })
+            .await?;
+            let held: Vec<usize> = holders
+                .iter()
+                .map(|row| usize::try_from(row.try_get::<_, i64>(0).unwrap_or(0)).unwrap_or(0))
+                .collect();
+            let keep = share(partitions, members, &held);
 
             // Release what the consumer loop no longer works.
             let applied_now: BTreeSet<i32> = applied.borrow_and_update().iter().copied().collect();
@@ -208,77 +305,175 @@ impl PartitionLeases {
                 .filter(|p| !applied_now.contains(p))
                 .collect();
             for partition in done {
-                client
-                    .execute(
-                        "SELECT pg_advisory_unlock($1::int, $2::int)",
-                        &[&self.lock_namespace, &partition],
-                    )
-                    .await
-                    .map_err(|e| PgError::query("partition lease (release)", e))?;
+                self.unlock(&client, partition).await?;
                 releasing.remove(&partition);
                 info!(topic = %self.config.topic, partition, "partition handed over");
             }
 
-            let keep = if someone_starves { floor } else { ceil };
-            if owned.len() > keep {
-                // Give back the excess, highest first; unlocked once not applied.
-                let excess: Vec<i32> = owned
-                    .iter()
-                    .rev()
-                    .take(owned.len() - keep)
-                    .copied()
-                    .collect();
-                for partition in excess {
-                    owned.remove(&partition);
-                    releasing.insert(partition);
+            let holding = owned.len() + taking.len();
+            if holding > keep {
+                // Give back the excess: partitions not granted yet first
+                // (nobody works them), then the highest granted ones,
+                // unlocked once no longer applied.
+                let mut excess = holding - keep;
+                while excess > 0 {
+                    if let Some((&partition, _)) = taking.iter().next_back() {
+                        taking.remove(&partition);
+                        self.unlock(&client, partition).await?;
+                    } else if let Some(&partition) = owned.iter().next_back() {
+                        owned.remove(&partition);
+                        releasing.insert(partition);
+                    }
+                    excess -= 1;
                 }
-            } else if owned.len() < keep
-                && releasing.is_empty()
-                && started.elapsed() >= self.config.takeover_delay
-            {
+            } else if holding < keep && releasing.is_empty() {
                 rotation = rotation.wrapping_add(1);
                 for step in 0..partitions {
-                    if owned.len() >= keep {
+                    if owned.len() + taking.len() >= keep {
                         break;
                     }
                     let partition = i32::try_from((rotation + step) % partitions).unwrap_or(0);
-                    if owned.contains(&partition) {
+                    if owned.contains(&partition) || taking.contains_key(&partition) {
                         continue;
                     }
-                    let got: bool = client
-                        .query_one(
-                            "SELECT pg_try_advisory_lock($1::int, $2::int)",
-                            &[&self.lock_namespace, &partition],
-                        )
-                        .await
-                        .and_then(|row| row.try_get(0))
-                        .map_err(|e| PgError::query("partition lease (acquire)", e))?;
+                    let got: bool = bounded(limit, "partition lease (acquire)", async {
+                        client
+                            .query_one(
+                                "SELECT pg_try_advisory_lock($1::int, $2::int)",
+                                &[&self.lock_namespace, &partition],
+                            )
+                            .await
+                            .and_then(|row| row.try_get(0))
+                            .map_err(|e| PgError::query("partition lease (acquire)", e))
+                    })
+                    .await?;
                     if got {
-                        info!(topic = %self.config.topic, partition, "partition taken");
-                        owned.insert(partition);
+                        info!(topic = %self.config.topic, partition, "partition locked; granted after the takeover delay");
+                        taking.insert(partition, Instant::now());
                     }
                 }
             }
-            let list: Vec<i32> = owned.iter().copied().collect();
-            owned_tx.send_if_modified(|current| {
-                if *current == list {
-                    false
-                } else {
-                    current.clone_from(&list);
-                    true
-                }
-            });
+            let ripe: Vec<i32> = taking
+                .iter()
+                .filter(|(_, locked)| locked.elapsed() >= self.config.takeover_delay)
+                .map(|(partition, _)| *partition)
+                .collect();
+            for partition in ripe {
+                taking.remove(&partition);
+                owned.insert(partition);
+                info!(topic = %self.config.topic, partition, "partition taken");
+            }
+            let lease = Lease {
+                partitions: owned.iter().copied().collect(),
+                epoch,
+                valid_until: Some(valid_until),
+            };
+            owned_tx.send_replace(lease);
 
             tokio::select! {
                 _ = shutdown.cancelled() => {
-                    let _ = owned_tx.send(Vec::new());
+                    revoke(owned_tx, epoch + 1);
                     // Closing the session releases every lock.
-                    let _ = client.batch_execute("ROLLBACK").await;
+                    let _ = tokio::time::timeout(limit, client.batch_execute("ROLLBACK")).await;
                     return Ok(());
+                }
+                _ = ended.cancelled() => {
+                    return Err(PgError::Connect {
+                        target: self.pg.target(),
+                        detail: "the partition lease session ended (backend terminated or server restarted)".into(),
+                        retryable: true,
+                    });
                 }
                 _ = tokio::time::sleep(self.config.heartbeat) => {}
                 _ = applied.changed() => {}
             }
         }
+    }
+
+    async fn unlock(&self, client: &Client, partition: i32) -> Result<(), PgError> {
+        bounded(self.config.validity(), "partition lease (release)", async {
+            client
+                .execute(
+                    "SELECT pg_advisory_unlock($1::int, $2::int)",
+                    &[&self.lock_namespace, &partition],
+                )
+                .await
+                .map_err(|e| PgError::query("partition lease (release)", e))
+        })
+        .await
+        .map(drop)
+    }
+}
+
+/// Announces that nothing is granted any more, under a new epoch, so a write
+/// still running under the old grant is abandoned at once.
+fn revoke(owned: &watch::Sender<Lease>, epoch: u64) {
+    owned.send_replace(Lease {
+        partitions: Vec::new(),
+        epoch,
+        valid_until: Some(Instant::now()),
+    });
+}
+
+/// How many partitions this member should hold: every member ends with
+/// `floor` or `ceil` of partitions / members; when some member (`held` lists
+/// the holdings of the members that hold any) is below `floor`, nobody
+/// keeps more than `floor`.
+fn share(partitions: usize, members: usize, held: &[usize]) -> usize {
+    let members = members.max(1);
+    let fewest = if held.len() < members {
+        0
+    } else {
+        held.iter().copied().min().unwrap_or(0)
+    };
+    let floor = partitions / members;
+    let ceil = partitions.div_ceil(members);
+    if fewest < floor {
+        floor
+    } else {
+        ceil
+    }
+}
+
+/// Runs `call` with a client-side limit: a statement sent into a dead path
+/// must not hang the lease past the time it is valid.
+async fn bounded<T>(
+    limit: Duration,
+    operation: &'static str,
+    call: impl std::future::Future<Output = Result<T, PgError>>,
+) -> Result<T, PgError> {
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or(Err(PgError::TimedOut {
+            operation,
+            after: limit,
+        }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_are_floor_or_ceil_and_starving_members_win() {
+        assert_eq!(share(4, 2, &[2, 2]), 2);
+        assert_eq!(share(4, 3, &[2, 2]), 1, "a member holding none starves");
+        assert_eq!(share(4, 3, &[2, 1, 1]), 2);
+        assert_eq!(share(5, 2, &[3, 2]), 3);
+        assert_eq!(share(3, 0, &[]), 3);
+    }
+
+    #[test]
+    fn fencing_relations_are_validated() {
+        let mut config = PartitionLeaseConfig::new("g", "t", 4);
+        assert!(config.validate().is_ok(), "the defaults hold");
+        config.takeover_delay = config.session_timeout / 2;
+        assert!(config.validate().is_err());
+        config.takeover_delay = config.session_timeout;
+        config.heartbeat = config.session_timeout;
+        assert!(config.validate().is_err());
+        config.heartbeat = Duration::from_millis(500);
+        config.partitions = 0;
+        assert!(config.validate().is_err());
     }
 }

@@ -55,7 +55,9 @@ pub struct PgOutboxSource {
     pool: Pool,
     target: String,
     config: OutboxConfig,
-    lock_namespace: i32,
+    table: crate::SqlName,
+    /// Resolved from the server at the first claim (see [`resolve_lock_namespace`]).
+    lock_namespace: tokio::sync::OnceCell<i32>,
     rotation: AtomicUsize,
     /// Whether the last claim found fewer events than it asked for: the
     /// next one then takes every pending lane instead of `lanes_per_claim`.
@@ -82,7 +84,8 @@ impl PgOutboxSource {
         Ok(Self {
             pool,
             target: target.into(),
-            lock_namespace: lock_namespace(&table.plain()),
+            table: table.clone(),
+            lock_namespace: tokio::sync::OnceCell::new(),
             rotation: AtomicUsize::new(rotation_seed()),
             // Narrow at start: relays started together on a backlog must not
             // all lock every lane at once.
@@ -173,9 +176,42 @@ impl PgOutboxSource {
 }
 
 /// The advisory-lock namespace of an outbox table's lanes: a stable hash of
-/// its name, so two outbox tables never share lane locks.
-pub(crate) fn lock_namespace(table: &str) -> i32 {
-    i32::from_ne_bytes(crate::stable_hash(&format!("outbox-lanes:{table}")).to_ne_bytes())
+/// the table's schema-qualified name as the server resolves it (through the
+/// session's `search_path`), so that every spelling of one table (`outbox`,
+/// `public.outbox`, `"public"."outbox"`) shares one namespace, and relays
+/// configured differently still exclude each other, while two tables never
+/// share lane locks.
+pub(crate) async fn resolve_lock_namespace<C: deadpool_postgres::GenericClient + Sync>(
+    client: &C,
+    table: &crate::SqlName,
+) -> Result<i32, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
+            &[&table.to_string()],
+        )
+        .await
+        .map_err(|e| PgError::query("outbox table lookup", e))?;
+    let Some(row) = row else {
+        return Err(PgError::Config(format!(
+            "outbox table {} does not exist for this user's search_path (run `outbox migrate`)",
+            table.plain()
+        )));
+    };
+    let schema: String = row
+        .try_get(0)
+        .map_err(|e| PgError::query("outbox table lookup", e))?;
+    let name: String = row
+        .try_get(1)
+        .map_err(|e| PgError::query("outbox table lookup", e))?;
+    Ok(lock_namespace(&schema, &name))
+}
+
+/// The lane-lock namespace of the table `schema`.`name`.
+pub(crate) fn lock_namespace(schema: &str, name: &str) -> i32 {
+    let hash = crate::stable_hash(&format!("outbox-lanes:{schema}.{name}"));
+    i32::from_ne_bytes(hash.to_ne_bytes())
 }
 
 /// A different starting lane per process, so relays started together do not
@@ -208,16 +244,27 @@ impl Source for PgOutboxSource {
         // Statistics lag behind a burst of deletes, and a bitmap or
         // sequential scan would then visit every dead row; the index scan
         // skips dead entries once marked.
+        let namespace = *self
+            .lock_namespace
+            .get_or_try_init(|| async {
+                let client = self
+                    .pool
+                    .get()
+                    .await
+                    .map_err(|e| crate::connect::pool_error(e, &self.target))?;
+                resolve_lock_namespace(&client, &self.table).await
+            })
+            .await?;
         let (mut claim, rows) = PgClaim::open(
             &self.pool,
             &self.target,
             self.config.claim_timeout,
             "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off",
             &self.claim_sql,
-            &[&self.lock_namespace, &rotation, &lanes_limit, &limit],
+            &[&namespace, &rotation, &lanes_limit, &limit],
         )
         .await?;
-        claim.lock_namespace = self.lock_namespace;
+        claim.lock_namespace = namespace;
         let Some(first) = rows.first() else {
             // No lane had pending events, or their rows were taken by a
             // claim that just committed; which lanes this one still locked

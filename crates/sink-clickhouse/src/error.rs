@@ -17,6 +17,33 @@ pub enum SinkError {
     /// Configuration that cannot work.
     #[error("invalid clickhouse configuration: {0}")]
     Config(String),
+    /// The bus serves, at a position the table already holds, a different
+    /// event than the one stored there: the topic started over (deleted and
+    /// created again, or its broker lost its data). Skipping the record as a
+    /// redelivery would lose it, so the sink stops.
+    #[error(
+        "topic {topic} partition {partition} offset {offset}: table {table} already holds event \
+         {stored_event_id:?} at this position, but the broker now serves event {record_event_id:?} \
+         there. The topic's offsets started over (it was deleted and created again, or the \
+         broker lost its data), so positions no longer identify events; nothing of this batch \
+         was written or skipped. Recover by pointing the consumer at a new table (or moving \
+         this table's rows of the old topic aside) and reading the new topic from its beginning; \
+         see GUARANTEES.md, \"A topic that starts over\""
+    )]
+    OffsetRegression {
+        /// Kafka topic.
+        topic: String,
+        /// Kafka partition.
+        partition: i32,
+        /// The first offset found holding another event.
+        offset: i64,
+        /// `database.table` holding the stored row.
+        table: String,
+        /// The event id stored at that position ("" when the dead letter had none).
+        stored_event_id: String,
+        /// The event id the broker now serves there ("" when the record has none).
+        record_event_id: String,
+    },
     /// A request to the server failed.
     #[error("clickhouse at {url}: {operation} failed: {detail}")]
     Request {
@@ -76,7 +103,9 @@ impl SinkError {
     /// Whether waiting and retrying can succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            SinkError::InvalidIdentifier { .. } | SinkError::Config(_) => false,
+            SinkError::InvalidIdentifier { .. }
+            | SinkError::Config(_)
+            | SinkError::OffsetRegression { .. } => false,
             SinkError::Request { retryable, .. } => *retryable,
         }
     }

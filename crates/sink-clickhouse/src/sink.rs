@@ -1,6 +1,6 @@
 //! The ClickHouse [`Sink`]: batched RowBinary inserts, exactly-once by position.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -23,8 +23,11 @@ use crate::{ClickHouseConfig, SinkError};
 /// offset it came from. Whenever a partition's records do not continue
 /// where this sink last wrote (at start, after a rebalance, after a failed
 /// insert), the sink reads which offsets at or after the first one are
-/// already stored, in the table and in the dead-letter table, and skips
-/// them. So a consumer killed after the insert but before its Kafka commit
+/// already stored, in the table and in the dead-letter table, with the
+/// event id stored there, and skips a record only when its event id is the
+/// stored one. A different id at a stored position means the topic started
+/// over (its offsets restarted at 0): the write fails with the permanent
+/// [`SinkError::OffsetRegression`] instead of losing the new event. So a consumer killed after the insert but before its Kafka commit
 /// re-reads the batch and writes nothing twice, and an insert cut off by a
 /// crash, which ClickHouse 18.16 keeps as whatever rows had arrived, is
 /// completed with just the missing rows.
@@ -68,8 +71,9 @@ pub struct ClickHouseSink<M: RowMapper> {
 struct PartitionState {
     /// The offset after the last record this sink wrote or skipped.
     next_expected: i64,
-    /// Offsets at or after `next_expected` found already stored.
-    stored: BTreeSet<i64>,
+    /// Offsets at or after `next_expected` found already stored, with the
+    /// event id stored there.
+    stored: BTreeMap<i64, String>,
     /// Ids of the latest rows written to this partition.
     recent: RecentIds,
 }
@@ -83,6 +87,18 @@ struct IdRow {
 #[derive(Row, Deserialize)]
 struct OffsetRow {
     kafka_offset: i64,
+    event_id: String,
+}
+
+/// Whether the event id stored at a position (a UUID from the table, the raw
+/// header from the dead-letter table, "" for none) is the one `record`
+/// carries there now. UUIDs compare by value, so spelling does not matter.
+fn same_event(stored: &str, record: Option<&str>) -> bool {
+    let record = record.unwrap_or_default();
+    match (Uuid::parse_str(stored), Uuid::parse_str(record)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => stored == record,
+    }
 }
 
 /// A record the sink could never write, as kept in its dead-letter table.
@@ -320,18 +336,21 @@ impl<M: RowMapper> ClickHouseSink<M> {
         )
     }
 
-    /// Offsets at or after `from` already stored for this partition.
+    /// Offsets at or after `from` already stored for this partition, each
+    /// with the event id stored there.
     async fn stored_offsets(
         &self,
         topic: &str,
         partition: i32,
         from: i64,
-    ) -> Result<BTreeSet<i64>, SinkError> {
+    ) -> Result<BTreeMap<i64, String>, SinkError> {
         let sql = format!(
-            "SELECT kafka_offset FROM (\
-               SELECT kafka_offset FROM {} WHERE kafka_partition = ? AND kafka_offset >= ? \
+            "SELECT kafka_offset, event_id FROM (\
+               SELECT kafka_offset, toString(event_id) AS event_id FROM {} \
+                 WHERE kafka_partition = ? AND kafka_offset >= ? \
                UNION ALL \
-               SELECT kafka_offset FROM {} WHERE topic = ? AND kafka_partition = ? AND kafka_offset >= ?)",
+               SELECT kafka_offset, event_id FROM {} \
+                 WHERE topic = ? AND kafka_partition = ? AND kafka_offset >= ?)",
             self.table_ref(),
             self.dead_letter_ref()
         );
@@ -345,7 +364,10 @@ impl<M: RowMapper> ClickHouseSink<M> {
             .bind(from)
             .fetch_all::<OffsetRow>();
         let rows = bounded(&self.config, "position lookup", query).await?;
-        Ok(rows.into_iter().map(|r| r.kafka_offset).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.kafka_offset, r.event_id))
+            .collect())
     }
 
     /// Ids of the latest `dedup_window` rows of a partition, oldest first.
@@ -460,7 +482,19 @@ impl<M: RowMapper> ClickHouseSink<M> {
         for record in records {
             let key = (record.topic.clone(), record.position.partition);
             let state = self.partitions.get(&key);
-            if state.is_some_and(|state| state.stored.contains(&record.position.offset)) {
+            if let Some(stored) = state.and_then(|state| state.stored.get(&record.position.offset))
+            {
+                let carried = record.headers.get(outbox_core::HEADER_EVENT_ID);
+                if !same_event(stored, carried.map(String::as_str)) {
+                    return Err(SinkError::OffsetRegression {
+                        topic: record.topic.clone(),
+                        partition: record.position.partition,
+                        offset: record.position.offset,
+                        table: format!("{}.{}", self.config.database, self.config.table),
+                        stored_event_id: stored.clone(),
+                        record_event_id: carried.cloned().unwrap_or_default(),
+                    });
+                }
                 report.duplicates += 1;
                 continue;
             }
@@ -521,7 +555,7 @@ impl<M: RowMapper> ClickHouseSink<M> {
         }
         for state in self.partitions.values_mut() {
             let next = state.next_expected;
-            state.stored.retain(|offset| *offset >= next);
+            state.stored.retain(|offset, _| *offset >= next);
         }
         for (position, reason) in &report.dead_lettered {
             warn!(
@@ -573,18 +607,19 @@ impl<M: RowMapper> Sink for ClickHouseSink<M> {
             }
         }
     }
+
+    /// Forgets what is known of every partition, so the next batch of each
+    /// looks up what is stored: called by the consumer loop whenever
+    /// ownership moved (another owner may have written meanwhile).
+    fn forget_positions(&mut self) {
+        self.partitions.clear();
+    }
 }
 
 impl<M: RowMapper> ClickHouseSink<M> {
     /// The client, for queries of the caller's own.
     pub fn client(&self) -> &Client {
         &self.client
-    }
-
-    /// Forgets what is known of every partition, so the next batch looks up
-    /// what is stored (used after a consumer group rebalance).
-    pub fn forget_positions(&mut self) {
-        self.partitions.clear();
     }
 
     /// Position of the last record written for each partition, from the table.
@@ -726,6 +761,26 @@ async fn bounded<T>(
             operation,
             clickhouse::error::Error::TimedOut,
         )),
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::same_event;
+
+    #[test]
+    fn ids_compare_by_value_and_absent_ids_match_only_empty() {
+        let id = "0190a5f0-1c2b-7d3e-8f40-5a6b7c8d9e0f";
+        assert!(same_event(id, Some(&id.to_uppercase())));
+        assert!(same_event(id, Some("0190a5f01c2b7d3e8f405a6b7c8d9e0f")));
+        assert!(!same_event(
+            id,
+            Some("0190a5f0-1c2b-7d3e-8f40-5a6b7c8d9e00")
+        ));
+        assert!(!same_event(id, None));
+        assert!(same_event("", None));
+        assert!(same_event("not-a-uuid", Some("not-a-uuid")));
+        assert!(!same_event("", Some(id)));
     }
 }
 

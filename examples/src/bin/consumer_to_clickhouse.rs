@@ -182,6 +182,7 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
             async move { report_lag(&probe, &topic).await }
         },
     ));
+    let mut lease = None;
     if matches!(cli.assignment, AssignmentArg::Leased) {
         let pg = cli.pg.config("consumer_to_clickhouse leases")?;
         let pool = pg.create_pool()?;
@@ -204,9 +205,11 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
         );
         lease_config.session_timeout = Duration::from_millis(cli.lease_timeout_ms);
         lease_config.takeover_delay = lease_config.session_timeout;
-        let (owned_tx, owned_rx) = watch::channel(Vec::new());
+        lease_config.validate()?;
+        let (owned_tx, owned_rx) = watch::channel(outbox_core::Lease::default());
         let (applied_tx, applied_rx) = watch::channel(Vec::new());
-        subscription.follow_ownership(owned_rx, applied_tx);
+        subscription.follow_ownership(owned_rx.clone(), applied_tx);
+        lease = Some(owned_rx);
         let leases = PartitionLeases::new(pg, lease_config);
         let token = shutdown.clone();
         tokio::spawn(async move {
@@ -224,10 +227,11 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
         ..ConsumeConfig::default()
     };
     info!(topic = %cli.group.topic, group = %cli.group.group_id, "consuming");
-    let stats = Consume::new(subscription, sink, config)
-        .with_health(health)
-        .run(shutdown)
-        .await?;
+    let mut consume = Consume::new(subscription, sink, config).with_health(health);
+    if let Some(lease) = lease {
+        consume = consume.with_lease(lease);
+    }
+    let stats = consume.run(shutdown).await?;
     println!(
         "wrote {} rows ({} duplicates skipped, {} dead-lettered)",
         stats.written, stats.duplicates, stats.dead_lettered

@@ -5,6 +5,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod leases;
 #[cfg(feature = "sqlx")]
 mod sqlx;
 mod tls;
@@ -604,9 +605,43 @@ async fn stalled_claim_is_handed_over_after_the_claim_timeout() {
     );
 }
 
+/// Invariant (per-key order across relays): two relays configured with
+/// different spellings of one outbox table (`t_x` and `public.t_x`) share
+/// its lane locks, so while one holds a key's lane the other claims none of
+/// that key's events (it would publish them ahead of the first relay's).
+#[tokio::test]
+async fn every_spelling_of_the_table_shares_the_lane_locks() {
+    let (pool, config) = setup("spelling").await;
+    let outbox = Outbox::new(&config).unwrap();
+    let client = pool.get().await.unwrap();
+    let events: Vec<Event> = (0..40)
+        .map(|i| Event::new("t", format!("e{i}")).with_key("one key"))
+        .collect();
+    outbox.enqueue(&client, &events).await.unwrap();
+    let qualified = OutboxConfig {
+        table: format!("public.{}", config.table),
+        dead_letter_table: format!("public.{}", config.dead_letter_table),
+        ..config.clone()
+    };
+    let a = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let b = PgOutboxSource::new(pool.clone(), "test", qualified).unwrap();
+    let first = a.claim(10).await.unwrap();
+    let second = b.claim(10).await.unwrap();
+    println!(
+        "first_claimed={} second_claimed_while_held={}",
+        first.as_ref().map_or(0, |c| c.events.len()),
+        second.as_ref().map_or(0, |c| c.events.len())
+    );
+    assert_eq!(first.map(|c| c.events.len()), Some(10));
+    assert!(
+        second.is_none(),
+        "the other spelling claimed the same key's later events while its lane was held"
+    );
+}
+
 /// One lease member: its `owned` view, its `applied` reporter, its stop token.
 struct Member {
-    owned: tokio::sync::watch::Receiver<Vec<i32>>,
+    owned: tokio::sync::watch::Receiver<outbox_core::Lease>,
     applied: tokio::sync::watch::Sender<Vec<i32>>,
     stop: tokio_util::sync::CancellationToken,
 }
@@ -615,8 +650,8 @@ fn lease_member(group: &str) -> Member {
     let mut config = outbox_pg::PartitionLeaseConfig::new(group, "topic", 4);
     config.heartbeat = Duration::from_millis(200);
     config.session_timeout = Duration::from_secs(2);
-    config.takeover_delay = Duration::from_millis(500);
-    let (owned_tx, owned) = tokio::sync::watch::channel(Vec::new());
+    config.takeover_delay = config.session_timeout;
+    let (owned_tx, owned) = tokio::sync::watch::channel(outbox_core::Lease::default());
     let (applied, applied_rx) = tokio::sync::watch::channel(Vec::new());
     let stop = tokio_util::sync::CancellationToken::new();
     let leases = outbox_pg::PartitionLeases::new(pg_config(), config);
@@ -630,7 +665,7 @@ fn lease_member(group: &str) -> Member {
 
 /// The consumer loop's side: work (report) exactly what is owned.
 fn follow(member: &Member) {
-    let owned = member.owned.borrow().clone();
+    let owned = member.owned.borrow().partitions.clone();
     member.applied.send_replace(owned);
 }
 
@@ -640,7 +675,10 @@ async fn settle(members: &[&Member], expect: &[usize], limit: Duration) -> Vec<V
         for member in members {
             follow(member);
         }
-        let views: Vec<Vec<i32>> = members.iter().map(|m| m.owned.borrow().clone()).collect();
+        let views: Vec<Vec<i32>> = members
+            .iter()
+            .map(|m| m.owned.borrow().partitions.clone())
+            .collect();
         let mut sizes: Vec<usize> = views.iter().map(Vec::len).collect();
         sizes.sort();
         if sizes == expect {
@@ -677,7 +715,7 @@ async fn partition_leases_share_and_hand_over() {
     let c = lease_member(&group);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
-        c.owned.borrow().is_empty(),
+        c.owned.borrow().partitions.is_empty(),
         "taken before the owners let go"
     );
     let views = settle(&[&a, &b, &c], &[1, 1, 2], Duration::from_secs(10)).await;

@@ -417,3 +417,54 @@ async fn cluster_tables_write_through_distributed_exactly_once() {
     );
     assert_eq!((distributed, distinct, local), (120, 120, 120));
 }
+
+/// Invariant (no silent loss): when a topic starts over at offset 0 (deleted
+/// and created again, or its broker's data lost), records at offsets that
+/// the table already holds for other events are never skipped as
+/// duplicates: the sink stops with a permanent error that names the
+/// partition, the offset and both event ids, and writes nothing of that batch.
+#[tokio::test]
+async fn a_topic_that_starts_over_is_an_error_not_duplicates() {
+    let mut sink = fresh_sink("regression").await;
+    let old = batch(0, 0..300);
+    sink.write(&old).await.unwrap();
+
+    // A restarted consumer reads the re-created topic from its beginning:
+    // new events at the old offsets.
+    let reborn = batch(0, 0..200);
+    let mut restarted = restarted_sink("regression").await;
+    let outcome = restarted.write(&reborn).await;
+    let (rows, _) = counts(&restarted, "it_regression").await;
+    println!(
+        "old_rows=300 new_events=200 outcome={:?} rows_after={rows}",
+        outcome.as_ref().map(|r| (r.written, r.duplicates))
+    );
+    let err = outcome.expect_err("new events at stored offsets must not be skipped");
+    assert!(!err.is_retryable(), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("offset 0"), "{text}");
+    assert!(text.contains(&reborn[0].headers[HEADER_EVENT_ID]), "{text}");
+    assert!(text.contains(&old[0].headers[HEADER_EVENT_ID]), "{text}");
+    assert_eq!(rows, 300);
+
+    // The same sink that wrote the old events, seeing offset 0 again.
+    let again = sink.write(&reborn).await;
+    assert!(again.is_err_and(|e| !e.is_retryable()));
+}
+
+/// A redelivery that overlaps dead letters is still recognised by id: the
+/// comparison covers the dead-letter table (empty ids included).
+#[tokio::test]
+async fn redelivered_dead_letters_are_duplicates_not_regressions() {
+    let mut sink = fresh_sink("dead_redelivery").await;
+    let mut records = batch(3, 0..10);
+    records[4].headers.remove(HEADER_EVENT_ID);
+    records[6]
+        .headers
+        .insert(HEADER_EVENT_ID.into(), "not-a-uuid".into());
+    let first = sink.write(&records).await.unwrap();
+    assert_eq!((first.written, first.dead_lettered.len()), (8, 2));
+    let mut restarted = restarted_sink("dead_redelivery").await;
+    let again = restarted.write(&records).await.unwrap();
+    assert_eq!((again.written, again.duplicates), (0, 10));
+}
