@@ -300,6 +300,10 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
             &format!("{name}_dead"),
             "--claim-timeout-secs",
             &CLAIM_TIMEOUT_SECS.to_string(),
+            // Below the claim timeout: a stalled relay's publish ends before
+            // another relay may take its events (see GUARANTEES.md).
+            "--kafka-message-timeout-ms",
+            &(CLAIM_TIMEOUT_SECS * 1000 * 4 / 5).to_string(),
             "--batch-size",
             "200",
         ]

@@ -23,7 +23,7 @@ use clap::Args;
 use clickhouse::Row;
 use outbox_core::Record;
 use serde::{Deserialize, Serialize};
-use sink_clickhouse::{RowMapper, RowMeta};
+use sink_clickhouse::{ClickHouseConfig, RowMapper, RowMeta};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -216,9 +216,17 @@ pub struct ClickHouseArgs {
     /// ClickHouse table the rows go to.
     #[arg(long, env = "OUTBOX_CLICKHOUSE_TABLE", default_value = "user_logins")]
     pub clickhouse_table: String,
-    /// Latest event ids remembered per partition, to skip events the relay published twice.
-    #[arg(long, env = "OUTBOX_DEDUP_WINDOW", default_value_t = 100_000)]
+    /// Latest event ids remembered per partition at least, to skip events
+    /// the relay published twice (the window grows to cover the horizon).
+    #[arg(long, env = "OUTBOX_DEDUP_WINDOW", default_value_t = ClickHouseConfig::default().dedup_window)]
     pub dedup_window: usize,
+    /// How long after its original a republished copy may come, by record
+    /// timestamps (s): above the relays' claim timeout plus message timeout.
+    #[arg(long, env = "OUTBOX_DEDUP_HORIZON_SECS", default_value_t = ClickHouseConfig::default().dedup_horizon.as_secs())]
+    pub dedup_horizon_secs: u64,
+    /// The most ids one partition's dedup window may grow to.
+    #[arg(long, env = "OUTBOX_DEDUP_WINDOW_MAX", default_value_t = ClickHouseConfig::default().dedup_window_max)]
+    pub dedup_window_max: usize,
     /// ClickHouse table for records that can never be written.
     #[arg(
         long,
@@ -270,6 +278,8 @@ impl ClickHouseArgs {
             table: self.clickhouse_table.clone(),
             dead_letter_table: self.clickhouse_dead_letter_table.clone(),
             dedup_window: self.dedup_window,
+            dedup_horizon: Duration::from_secs(self.dedup_horizon_secs),
+            dedup_window_max: self.dedup_window_max,
             cluster: self
                 .clickhouse_cluster
                 .as_ref()
@@ -333,6 +343,8 @@ impl std::fmt::Debug for ClickHouseArgs {
             .field("clickhouse_database", &self.clickhouse_database)
             .field("clickhouse_table", &self.clickhouse_table)
             .field("dedup_window", &self.dedup_window)
+            .field("dedup_horizon_secs", &self.dedup_horizon_secs)
+            .field("dedup_window_max", &self.dedup_window_max)
             .field(
                 "clickhouse_dead_letter_table",
                 &self.clickhouse_dead_letter_table,

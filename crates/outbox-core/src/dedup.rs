@@ -41,6 +41,19 @@ pub struct RecentIds {
     /// Keyed per window, so ids chosen to collide cannot slow every window.
     hasher: RandomState,
     capacity: usize,
+    /// With a horizon: when each id was published (ms since the epoch;
+    /// `i64::MIN` unknown), slot for slot with `ring`.
+    stamps: Vec<i64>,
+    newest_ms: i64,
+    horizon: Option<Horizon>,
+    /// Ids forgotten though younger than the horizon (the window could not grow).
+    overruns: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Horizon {
+    ms: i64,
+    max_capacity: usize,
 }
 
 impl std::fmt::Debug for RecentIds {
@@ -48,6 +61,7 @@ impl std::fmt::Debug for RecentIds {
         f.debug_struct("RecentIds")
             .field("len", &self.ring.len())
             .field("capacity", &self.capacity)
+            .field("overruns", &self.overruns)
             .finish()
     }
 }
@@ -69,6 +83,102 @@ impl RecentIds {
             index: HashTable::new(),
             hasher: RandomState::new(),
             capacity: capacity.min(u32::MAX as usize),
+            stamps: Vec::new(),
+            newest_ms: i64::MIN,
+            horizon: None,
+            overruns: 0,
+        }
+    }
+
+    /// A window that starts at `capacity` ids and doubles, up to
+    /// `max_capacity`, whenever forgetting its oldest id would forget one
+    /// published less than `horizon` before the newest (see
+    /// [`RecentIds::insert_at`]). So it covers a time, whatever the rate:
+    /// a relay republishes a copy at most its claim timeout plus the
+    /// producer's message timeout after the original.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use outbox_core::RecentIds;
+    /// use uuid::Uuid;
+    ///
+    /// let mut recent = RecentIds::with_horizon(2, Duration::from_secs(60), 1000);
+    /// let ids: Vec<Uuid> = (0..10).map(|_| Uuid::new_v4()).collect();
+    /// for (n, id) in ids.iter().enumerate() {
+    ///     recent.insert_at(*id, 1_000 * n as i64); // one per second
+    /// }
+    /// assert!(ids.iter().all(|id| recent.contains(id)), "ten seconds fit in the horizon");
+    /// assert_eq!(recent.overruns(), 0);
+    /// ```
+    pub fn with_horizon(
+        capacity: usize,
+        horizon: std::time::Duration,
+        max_capacity: usize,
+    ) -> Self {
+        let mut recent = Self::new(capacity.max(1));
+        recent.horizon = Some(Horizon {
+            ms: i64::try_from(horizon.as_millis()).unwrap_or(i64::MAX),
+            max_capacity: max_capacity.max(recent.capacity).min(u32::MAX as usize),
+        });
+        recent
+    }
+
+    /// Remembers `id`, published at `published_ms` (ms since the epoch; use
+    /// `i64::MIN` when unknown: such an id never makes the window grow).
+    /// Without a horizon this is [`RecentIds::insert`].
+    pub fn insert_at(&mut self, id: Uuid, published_ms: i64) {
+        if let Some(horizon) = self.horizon {
+            self.newest_ms = self.newest_ms.max(published_ms);
+            if self.ring.len() == self.capacity && self.capacity > 0 {
+                let oldest = self.stamps.get(self.next).copied().unwrap_or(i64::MIN);
+                let young = oldest != i64::MIN
+                    && self.newest_ms.saturating_sub(oldest) < horizon.ms
+                    && !self.contains(&id);
+                if young {
+                    if self.capacity < horizon.max_capacity {
+                        self.grow((self.capacity * 2).min(horizon.max_capacity));
+                    } else {
+                        self.overruns += 1;
+                    }
+                }
+            }
+        }
+        self.insert_stamped(id, published_ms);
+    }
+
+    /// Ids forgotten although they were younger than the horizon, because
+    /// the window had reached its largest capacity: each is a copy that
+    /// could be written twice. A sink reports these.
+    pub fn overruns(&self) -> u64 {
+        self.overruns
+    }
+
+    /// How many ids the window holds at most now.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Makes room for `capacity` ids: the ring is laid out oldest first
+    /// again, so it keeps filling in order, and the index rebuilt.
+    fn grow(&mut self, capacity: usize) {
+        self.ring.rotate_left(self.next);
+        if self.stamps.len() == self.ring.len() {
+            self.stamps.rotate_left(self.next);
+        }
+        self.next = 0;
+        self.capacity = capacity;
+        self.ring.reserve_exact(capacity - self.ring.len());
+        let Self {
+            ring,
+            index,
+            hasher,
+            ..
+        } = self;
+        index.clear();
+        for (slot, id) in ring.iter().enumerate() {
+            index.insert_unique(Self::hash(hasher, *id), slot as u32, |&s| {
+                Self::hash(hasher, ring[s as usize])
+            });
         }
     }
 
@@ -89,6 +199,10 @@ impl RecentIds {
 
     /// Remembers `id`, forgetting the oldest beyond the capacity.
     pub fn insert(&mut self, id: Uuid) {
+        self.insert_at(id, i64::MIN);
+    }
+
+    fn insert_stamped(&mut self, id: Uuid, published_ms: i64) {
         if self.capacity == 0 {
             return;
         }
@@ -103,12 +217,15 @@ impl RecentIds {
         {
             return;
         }
+        let stamped = self.horizon.is_some();
         let Self {
             ring,
             next,
             index,
             hasher,
             capacity,
+            stamps,
+            ..
         } = self;
         let slot = if ring.len() < *capacity {
             if ring.len() == ring.capacity() {
@@ -118,6 +235,9 @@ impl RecentIds {
                 ring.reserve_exact(more);
             }
             ring.push(id);
+            if stamped {
+                stamps.push(published_ms);
+            }
             ring.len() - 1
         } else {
             let slot = *next;
@@ -126,6 +246,9 @@ impl RecentIds {
                 entry.remove();
             }
             ring[slot] = id;
+            if let Some(stamp) = stamps.get_mut(slot) {
+                *stamp = published_ms;
+            }
             *next = (slot + 1) % *capacity;
             slot
         };
@@ -182,6 +305,53 @@ mod tests {
         recent.insert(id(4));
         assert!(!recent.contains(&id(1)));
         assert!(recent.contains(&id(2)) && recent.contains(&id(3)) && recent.contains(&id(4)));
+    }
+
+    /// Invariant (copies recognised at any rate): a window with a horizon
+    /// keeps every id published within the horizon of the newest, growing
+    /// as needed, and counts what it had to forget at its largest size.
+    #[test]
+    fn a_horizon_grows_the_window_to_cover_its_time() {
+        // 100 ids per second for 30 s, horizon 10 s: at least 1,000 ids.
+        let mut recent = RecentIds::with_horizon(16, std::time::Duration::from_secs(10), 4096);
+        for n in 0..3000u128 {
+            recent.insert_at(id(n), n as i64 * 10);
+        }
+        let covered = (0..3000u128)
+            .rev()
+            .take_while(|n| recent.contains(&id(*n)))
+            .count();
+        println!(
+            "capacity={} covered={covered} overruns={}",
+            recent.capacity(),
+            recent.overruns()
+        );
+        assert!(covered >= 1000, "covered only {covered}");
+        assert_eq!(recent.capacity(), 1024);
+        assert_eq!(recent.overruns(), 0);
+        for n in 2000..3000u128 {
+            assert!(recent.contains(&id(n)), "{n}");
+        }
+
+        // The same rate with a cap below what the horizon needs.
+        let mut capped = RecentIds::with_horizon(16, std::time::Duration::from_secs(10), 256);
+        for n in 0..3000u128 {
+            capped.insert_at(id(n), n as i64 * 10);
+        }
+        assert_eq!(capped.capacity(), 256);
+        assert_eq!(capped.overruns(), 3000 - 256);
+    }
+
+    #[test]
+    fn ids_of_unknown_time_never_grow_the_window() {
+        let mut recent = RecentIds::with_horizon(4, std::time::Duration::from_secs(3600), 1024);
+        for n in 0..100u128 {
+            recent.insert(id(n));
+        }
+        assert_eq!(
+            (recent.capacity(), recent.len(), recent.overruns()),
+            (4, 4, 0)
+        );
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub use event::{
 };
 pub use health::{ComponentState, Health};
 pub use lease::Lease;
-pub use relay::{hold_back_after_failures, Relay, RelayConfig, RelayStats};
+pub use relay::{
+    check_claim_outlives_publish, hold_back_after_failures, Relay, RelayConfig, RelayStats,
+};
 pub use sink::{RecordStatus, Sink, WriteReport};
 pub use source::{AckSummary, Claimed, Source};

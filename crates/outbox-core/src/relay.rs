@@ -339,6 +339,37 @@ pub fn hold_back_after_failures(events: &[Event], deliveries: Vec<Delivery>) -> 
         .collect()
 }
 
+/// Checks that a relay's publish attempt always ends before its claim can
+/// be handed over: the producer gives a message up after `message_timeout`,
+/// while another relay may claim the events once `claim_timeout` passed.
+/// With the message timeout shorter, an original either landed or failed by
+/// the time a copy can be published, so a copy always lands *after* its
+/// original and at most the claim timeout (plus the new relay's publish)
+/// later, which is what a sink's dedup horizon has to cover.
+///
+/// ```
+/// use std::time::Duration;
+/// let s = Duration::from_secs;
+/// assert!(outbox_core::check_claim_outlives_publish(s(20), s(10)).is_ok());
+/// assert!(outbox_core::check_claim_outlives_publish(s(5), s(10)).is_err());
+/// ```
+pub fn check_claim_outlives_publish(
+    claim_timeout: Duration,
+    message_timeout: Duration,
+) -> crate::Result<()> {
+    if message_timeout < claim_timeout {
+        return Ok(());
+    }
+    Err(crate::Error::permanent(
+        Stage::Config,
+        format!(
+            "the producer's message timeout ({message_timeout:?}) must be shorter than the claim timeout \
+             ({claim_timeout:?}): otherwise a stalled relay's publish can still land after another relay \
+             took its events over, and the copies may arrive before the originals"
+        ),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

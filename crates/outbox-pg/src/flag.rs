@@ -30,8 +30,11 @@ pub fn flag_row_event_id(table: &str, id: i64) -> Uuid {
 /// Publishes rows of a business table whose flag column is false, and sets
 /// the flag only after the broker acknowledged them.
 ///
-/// Rows are claimed in id order with `FOR UPDATE SKIP LOCKED`, so several
-/// relays share the work. The payload is the row as a JSON object without
+/// Rows are claimed in id order, shared among relays by advisory locks, and
+/// read under `FOR KEY SHARE SKIP LOCKED`, so a claim never holds up a
+/// business update of its rows. A row that a business transaction holds
+/// locked (`SELECT … FOR UPDATE`) waits, and so do the later rows of its
+/// key: one key's rows reach the broker in id order. The payload is the row as a JSON object without
 /// the flag column; the key is the text of the key column; the event id is
 /// [`flag_row_event_id`]. A row the broker rejects for good is recorded in
 /// the dead-letter table (origin = the table) and flagged, so it does not
@@ -71,11 +74,39 @@ impl FlagTableSource {
             Some(key) => format!("t.{}::text", SqlIdent::parse(key)?),
             None => "NULL::text".to_string(),
         };
-        // The flag name is passed as a parameter, never spliced as a string literal.
-        let claim_sql = format!(
-            "SELECT t.{id}::bigint AS id, {key_expr} AS key, (to_jsonb(t) - $2::text)::text AS payload \
-             FROM {table} t WHERE NOT t.{flag} ORDER BY t.{id} LIMIT $1 FOR UPDATE SKIP LOCKED"
+        // The rows are locked FOR KEY SHARE, which a business UPDATE does not
+        // wait for (only deletes and key changes do), and shared among relays
+        // by transaction-level advisory locks, tried only on the candidates
+        // (a materialized CTE under the LIMIT). A row some business
+        // transaction holds FOR UPDATE is skipped, and so is every later
+        // candidate of its key: "blocked" is each key's first unflagged row
+        // this claim did not lock, and nothing of a key is published from
+        // there on, so a key's rows reach the broker in id order. The flag
+        // name is passed as a parameter, never spliced as a string literal.
+        let namespace = format!("hashtext('outbox-flag-rows:' || '{table}'::regclass::oid::text)");
+        let candidates = format!(
+            "candidates AS MATERIALIZED ( \
+               SELECT t.{id}::bigint AS id, {key_expr} AS key, (to_jsonb(t) - $2::text)::text AS payload \
+               FROM {table} t WHERE NOT t.{flag} ORDER BY t.{id} LIMIT $1 FOR KEY SHARE OF t SKIP LOCKED), \
+             locked AS MATERIALIZED ( \
+               SELECT * FROM candidates WHERE pg_try_advisory_xact_lock({namespace}, hashint8(id)))"
         );
+        let claim_sql = match &config.key_column {
+            Some(key) => {
+                let key = SqlIdent::parse(key)?;
+                format!(
+                    "WITH {candidates}, \
+                     blocked AS ( \
+                       SELECT e.{key}::text AS key, min(e.{id}::bigint) AS first FROM {table} e \
+                       WHERE NOT e.{flag} AND e.{id} <= (SELECT max(id) FROM locked) \
+                         AND e.{id}::bigint NOT IN (SELECT id FROM locked) \
+                       GROUP BY 1) \
+                     SELECT l.id, l.key, l.payload FROM locked l LEFT JOIN blocked b ON b.key = l.key \
+                     WHERE b.first IS NULL OR l.id < b.first ORDER BY l.id"
+                )
+            }
+            None => format!("WITH {candidates} SELECT id, key, payload FROM locked ORDER BY id"),
+        };
         let mark_sql = format!("UPDATE {table} SET {flag} = true WHERE {id} = ANY($1::bigint[])");
         let dead_letter_sql = format!(
             "WITH failed AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::uuid[]) AS f(id, reason, event_id)), \

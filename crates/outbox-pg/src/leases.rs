@@ -54,6 +54,26 @@ impl PartitionLeaseConfig {
         }
     }
 
+    /// The same with another session timeout: the takeover delay follows
+    /// it, and the heartbeat shrinks to a sixth of it when 1 s would not fit
+    /// (see [`PartitionLeaseConfig::validate`]).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use outbox_pg::PartitionLeaseConfig;
+    ///
+    /// let config = PartitionLeaseConfig::new("g", "t", 4).with_session_timeout(Duration::from_secs(3));
+    /// assert_eq!(config.heartbeat, Duration::from_millis(500));
+    /// assert_eq!(config.takeover_delay, Duration::from_secs(3));
+    /// assert!(config.validate().is_ok());
+    /// ```
+    pub fn with_session_timeout(mut self, session_timeout: Duration) -> Self {
+        self.session_timeout = session_timeout;
+        self.takeover_delay = session_timeout;
+        self.heartbeat = Duration::from_secs(1).min(session_timeout / 6);
+        self
+    }
+
     /// How long a grant holds after the heartbeat that proved it was sent:
     /// half the session timeout.
     pub fn validity(&self) -> Duration {

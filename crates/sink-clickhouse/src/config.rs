@@ -41,14 +41,24 @@ pub struct ClickHouseConfig {
     /// Longest time one INSERT may take. Default: 60 s.
     pub insert_timeout: Duration,
     /// How many of the latest event ids of each partition the sink
-    /// remembers to recognise an event the relay published twice (it was
-    /// killed after the broker's acknowledgement, before its commit). The
-    /// copy lands in the same partition, behind whatever else was published
-    /// meanwhile; a copy farther behind than this is not recognised. Size it
-    /// above the events per second of one partition times the relay's claim
-    /// timeout plus the longest a relay may stall. 0 turns the check off.
-    /// Costs about 40 bytes per id. Default: 100 000.
+    /// remembers at least, to recognise an event a relay published twice (it
+    /// died or stalled after the broker's acknowledgement, before its
+    /// commit). The copy lands in the same partition, behind whatever else
+    /// was published meanwhile. The window grows beyond this, up to
+    /// [`ClickHouseConfig::dedup_window_max`], so that it always holds the
+    /// ids published within [`ClickHouseConfig::dedup_horizon`] of the
+    /// newest. 0 turns the check off. About 30 bytes per id. Default: 100 000.
     pub dedup_window: usize,
+    /// How long after an original a copy may be published, by the record
+    /// timestamps the producer set: must exceed the relays' claim timeout
+    /// plus their producer's message timeout (GUARANTEES.md). Default: 120 s
+    /// (the defaults are 20 s and 10 s).
+    pub dedup_horizon: Duration,
+    /// The most ids the window of one partition may grow to. When the
+    /// horizon would need more, the oldest ids are forgotten anyway and
+    /// counted (`outbox_sink_dedup_overruns_total`, and a warning).
+    /// Default: 2 000 000 (about 60 MB per partition at the cap).
+    pub dedup_window_max: usize,
     /// Write to a cluster: `table` and `dead_letter_table` become
     /// `Distributed` tables over local tables on every shard. Default: none
     /// (one server).
@@ -120,6 +130,8 @@ impl Default for ClickHouseConfig {
             create_tables: true,
             insert_timeout: Duration::from_secs(60),
             dedup_window: 100_000,
+            dedup_horizon: Duration::from_secs(120),
+            dedup_window_max: 2_000_000,
             cluster: None,
         }
     }

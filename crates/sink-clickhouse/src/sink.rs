@@ -38,8 +38,9 @@ use crate::{ClickHouseConfig, SinkError};
 /// id and lands in the same partition (same key; keyless events are placed
 /// by id). The sink remembers the ids of the last
 /// [`ClickHouseConfig::dedup_window`] rows of each partition, loaded from
-/// the table when it looks a partition up, and skips a record whose id is
-/// among them.
+/// the table when it looks a partition up, and more as needed to cover
+/// [`ClickHouseConfig::dedup_horizon`] of publishing time at any rate; it
+/// skips a record whose id is among them.
 ///
 /// The table is a `ReplacingMergeTree` ordered by position, as a last
 /// safety net.
@@ -76,6 +77,8 @@ struct PartitionState {
     stored: BTreeMap<i64, String>,
     /// Ids of the latest rows written to this partition.
     recent: RecentIds,
+    /// `recent.overruns()` already reported.
+    overruns_reported: u64,
 }
 
 #[derive(Row, Deserialize)]
@@ -373,10 +376,14 @@ impl<M: RowMapper> ClickHouseSink<M> {
     /// Ids of the latest `dedup_window` rows of a partition, oldest first.
     async fn recent_ids(&self, partition: i32) -> Result<RecentIds, SinkError> {
         let capacity = self.config.dedup_window;
-        let mut recent = RecentIds::new(capacity);
         if capacity == 0 {
-            return Ok(recent);
+            return Ok(RecentIds::new(0));
         }
+        let mut recent = RecentIds::with_horizon(
+            capacity,
+            self.config.dedup_horizon,
+            self.config.dedup_window_max,
+        );
         let window = i64::try_from(capacity).unwrap_or(i64::MAX);
         let sql = format!(
             "SELECT event_id FROM {table} WHERE kafka_partition = ? AND kafka_offset > \
@@ -468,6 +475,7 @@ impl<M: RowMapper> ClickHouseSink<M> {
                         next_expected: *first,
                         stored,
                         recent,
+                        overruns_reported: 0,
                     },
                 );
             }
@@ -476,7 +484,7 @@ impl<M: RowMapper> ClickHouseSink<M> {
         let ingested_at = now_s();
         let mut report = WriteReport::default();
         let mut rows = Vec::with_capacity(records.len());
-        let mut row_ids: Vec<((String, i32), Uuid)> = Vec::with_capacity(records.len());
+        let mut row_ids: Vec<((String, i32), Uuid, i64)> = Vec::with_capacity(records.len());
         let mut batch_ids: HashSet<Uuid> = HashSet::new();
         let mut dead = Vec::new();
         for record in records {
@@ -511,7 +519,7 @@ impl<M: RowMapper> ClickHouseSink<M> {
                     report.duplicates += 1;
                     continue;
                 }
-                row_ids.push((key, id));
+                row_ids.push((key, id, record.timestamp_ms.unwrap_or(i64::MIN)));
             }
             let mapped = record
                 .event_id()
@@ -548,9 +556,26 @@ impl<M: RowMapper> ClickHouseSink<M> {
                 state.next_expected = state.next_expected.max(record.position.offset + 1);
             }
         }
-        for (key, id) in row_ids {
+        for (key, id, published_ms) in row_ids {
             if let Some(state) = self.partitions.get_mut(&key) {
-                state.recent.insert(id);
+                state.recent.insert_at(id, published_ms);
+            }
+        }
+        for ((topic, partition), state) in &mut self.partitions {
+            let overruns = state.recent.overruns();
+            if overruns > state.overruns_reported {
+                metrics::counter!("outbox_sink_dedup_overruns_total")
+                    .increment(overruns - state.overruns_reported);
+                warn!(
+                    topic,
+                    partition,
+                    window = state.recent.capacity(),
+                    horizon_s = self.config.dedup_horizon.as_secs(),
+                    forgotten_too_young = overruns - state.overruns_reported,
+                    "the dedup window is at dedup_window_max and covers less than dedup_horizon at this \
+                     rate: a relay's republished copy could be written twice; raise dedup_window_max"
+                );
+                state.overruns_reported = overruns;
             }
         }
         for state in self.partitions.values_mut() {

@@ -198,13 +198,12 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
         })
         .await?;
         let partitions = partitions.get();
-        let mut lease_config = PartitionLeaseConfig::new(
+        let lease_config = PartitionLeaseConfig::new(
             cli.group.group_id.clone(),
             cli.group.topic.clone(),
             partitions,
-        );
-        lease_config.session_timeout = Duration::from_millis(cli.lease_timeout_ms);
-        lease_config.takeover_delay = lease_config.session_timeout;
+        )
+        .with_session_timeout(Duration::from_millis(cli.lease_timeout_ms));
         lease_config.validate()?;
         let (owned_tx, owned_rx) = watch::channel(outbox_core::Lease::default());
         let (applied_tx, applied_rx) = watch::channel(Vec::new());

@@ -145,6 +145,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     health.up(Stage::Source);
 
     let kafka = cli.kafka.config("producer_pg_to_kafka")?;
+    outbox_core::check_claim_outlives_publish(
+        Duration::from_secs(cli.claim_timeout_secs),
+        kafka.message_timeout,
+    )?;
     let bus = KafkaBus::new(kafka.clone())?;
     retry_startup("kafka", startup, || bus.check_connection()).await?;
     if matches!(cli.source, SourceKind::FlagTable) {

@@ -605,6 +605,97 @@ async fn stalled_claim_is_handed_over_after_the_claim_timeout() {
     );
 }
 
+/// A flag table `flag_<name>` of `rows` logins, all of user `a` but every
+/// third of `b`, and a source over it.
+async fn flag_table(name: &str, rows: i64) -> (deadpool_postgres::Pool, FlagTableSource) {
+    let (pool, config) = setup(name).await;
+    let client = pool.get().await.unwrap();
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS flag_{name};
+             CREATE TABLE flag_{name} (id bigserial PRIMARY KEY, username text NOT NULL,
+               event_type text NOT NULL, sent_to_kafka boolean NOT NULL DEFAULT false);
+             INSERT INTO flag_{name} (username, event_type)
+               SELECT CASE WHEN i % 3 = 0 THEN 'b' ELSE 'a' END, 'login' FROM generate_series(1, {rows}) i;"
+        ))
+        .await
+        .unwrap();
+    let source = FlagTableSource::new(
+        pool.clone(),
+        "test",
+        FlagTableConfig {
+            table: format!("flag_{name}"),
+            topic: "flag_events".into(),
+            dead_letter_table: config.dead_letter_table.clone(),
+            ..FlagTableConfig::default()
+        },
+    )
+    .unwrap();
+    (pool, source)
+}
+
+/// Invariant (per-key order, one relay): a row that a business transaction
+/// holds locked is not published, and neither is any later row of its key
+/// (they would reach Kafka ahead of it); other keys flow. Once the business
+/// transaction ends, the key's rows come in id order.
+#[tokio::test]
+async fn flag_table_keeps_a_keys_order_past_a_row_locked_by_the_business() {
+    let (pool, source) = flag_table("locked_row", 9).await;
+    let business = pool.get().await.unwrap();
+    // Row 4 is user a's: a business transaction holds it.
+    business
+        .batch_execute("BEGIN; SELECT * FROM flag_locked_row WHERE id = 4 FOR UPDATE")
+        .await
+        .unwrap();
+    let claimed = source.claim(100).await.unwrap().unwrap();
+    let ids = |c: &outbox_core::Claimed<outbox_pg::PgClaim>| -> Vec<uuid::Uuid> {
+        c.events.iter().map(|e| e.id).collect()
+    };
+    let id = |n: i64| outbox_pg::flag_row_event_id("flag_locked_row", n);
+    println!(
+        "claimed while row 4 is locked: {} of 9 (a: 1,2,4,5,7,8; b: 3,6,9)",
+        claimed.events.len()
+    );
+    assert_eq!(
+        ids(&claimed),
+        vec![id(1), id(2), id(3), id(6), id(9)],
+        "user a's rows after the locked row 4 must wait"
+    );
+    let acks: Vec<Delivery> = (0..claimed.events.len() as i64).map(ack).collect();
+    source.acknowledge(claimed, &acks).await.unwrap();
+    business.batch_execute("ROLLBACK").await.unwrap();
+    let rest = source.claim(100).await.unwrap().unwrap();
+    assert_eq!(ids(&rest), vec![id(4), id(5), id(7), id(8)]);
+}
+
+/// A claim does not hold up the business: an update of a claimed row (not
+/// of its key) goes through while the claim is open.
+#[tokio::test]
+async fn flag_table_claims_do_not_block_business_updates() {
+    let (pool, source) = flag_table("no_block", 3).await;
+    let claimed = source.claim(100).await.unwrap().unwrap();
+    let business = pool.get().await.unwrap();
+    let started = std::time::Instant::now();
+    let updated = business
+        .batch_execute(
+            "SET statement_timeout = 1000; UPDATE flag_no_block SET event_type = 'logout' WHERE id = 2; \
+             RESET statement_timeout",
+        )
+        .await;
+    println!(
+        "business update of a claimed row: {:?} after {:?}",
+        updated.as_ref().map(|_| "done"),
+        started.elapsed()
+    );
+    assert!(
+        updated.is_ok(),
+        "the business update waited for the claim: {updated:?}"
+    );
+    let acks: Vec<Delivery> = (0..claimed.events.len() as i64).map(ack).collect();
+    let summary = source.acknowledge(claimed, &acks).await.unwrap();
+    assert_eq!(summary.completed, 3);
+}
+
 /// Invariant (per-key order across relays): two relays configured with
 /// different spellings of one outbox table (`t_x` and `public.t_x`) share
 /// its lane locks, so while one holds a key's lane the other claims none of
