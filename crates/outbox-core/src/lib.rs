@@ -25,7 +25,8 @@ pub use event::{
 pub use health::{ComponentState, Health};
 pub use lease::Lease;
 pub use relay::{
-    check_claim_outlives_publish, hold_back_after_failures, Relay, RelayConfig, RelayStats,
+    check_claim_outlives_publish, hold_back_after_failures, probe_failing_keys, Relay, RelayConfig,
+    RelayStats,
 };
 pub use sink::{RecordStatus, Sink, WriteReport};
 pub use source::{AckSummary, Claimed, Source};

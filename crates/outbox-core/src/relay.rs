@@ -104,7 +104,16 @@ pub struct Relay<S, B> {
     bus: B,
     config: RelayConfig,
     health: Health,
+    /// Keys whose earliest pending event the broker did not take last time.
+    failing: std::sync::Mutex<FailingKeys>,
 }
+
+/// Keys (topic, key) whose earliest pending event failed to publish.
+type FailingKeys = HashSet<(String, Bytes)>;
+
+/// More failing keys than this are forgotten at once (each is then published
+/// whole again): a bound on memory, not on correctness.
+const MAX_FAILING_KEYS: usize = 100_000;
 
 impl<S: Source, B: Bus> Relay<S, B> {
     /// A relay over `source` and `bus`.
@@ -114,6 +123,7 @@ impl<S: Source, B: Bus> Relay<S, B> {
             bus,
             config,
             health: Health::default(),
+            failing: std::sync::Mutex::new(HashSet::new()),
         }
     }
 
@@ -144,9 +154,44 @@ impl<S: Source, B: Bus> Relay<S, B> {
         let first_event = claimed.events.first().map(|e| e.id);
         let last_event = claimed.events.last().map(|e| e.id);
         let claimed_at = std::time::Instant::now();
+        // Of a key whose earliest event failed last time, only that event is
+        // published (a probe); its later events wait unpublished instead of
+        // being published, held back and published again every round.
+        let publish_now = {
+            let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+            probe_failing_keys(&claimed.events, &failing)
+        };
+        let to_publish: Vec<Event> = claimed
+            .events
+            .iter()
+            .zip(&publish_now)
+            .filter(|(_, now)| **now)
+            .map(|(event, _)| event.clone())
+            .collect();
         // On error, dropping the claim abandons it: every event stays pending.
-        let published = self.observe(self.bus.publish(&claimed.events).await)?;
+        let published = if to_publish.len() == claimed.events.len() {
+            self.observe(self.bus.publish(&claimed.events).await)?
+        } else {
+            let mut answers = self
+                .observe(self.bus.publish(&to_publish).await)?
+                .into_iter();
+            publish_now
+                .iter()
+                .map(|now| match now {
+                    true => answers
+                        .next()
+                        .unwrap_or_else(|| Delivery::Retryable("the bus gave no answer".into())),
+                    false => Delivery::Retryable(
+                        "held back unpublished: an earlier event of the same key is not published yet".into(),
+                    ),
+                })
+                .collect()
+        };
         self.health.up(Stage::Bus);
+        {
+            let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+            update_failing_keys(&mut failing, &claimed.events, &publish_now, &published);
+        }
         let deliveries = hold_back_after_failures(&claimed.events, published);
         let published_at = std::time::Instant::now();
         let summary = self.observe(self.source.acknowledge(claimed, &deliveries).await)?;
@@ -339,6 +384,71 @@ pub fn hold_back_after_failures(events: &[Event], deliveries: Vec<Delivery>) -> 
         .collect()
 }
 
+/// Which events of a claimed batch to publish now: all, except that of a key
+/// in `failing` (its earliest event was not taken by the broker last time)
+/// only the first event is published. The rest of such a key would be
+/// held back anyway (see [`hold_back_after_failures`]); not publishing them
+/// keeps a poison event from making copies of its key's later events every
+/// round.
+///
+/// ```
+/// use std::collections::HashSet;
+/// use outbox_core::{probe_failing_keys, Event};
+///
+/// let events = vec![
+///     Event::new("t", "1").with_key("k"),
+///     Event::new("t", "2").with_key("other"),
+///     Event::new("t", "3").with_key("k"),
+/// ];
+/// let failing = HashSet::from([("t".to_string(), bytes::Bytes::from_static(b"k"))]);
+/// assert_eq!(probe_failing_keys(&events, &failing), vec![true, true, false]);
+/// ```
+pub fn probe_failing_keys(events: &[Event], failing: &HashSet<(String, Bytes)>) -> Vec<bool> {
+    if failing.is_empty() {
+        return vec![true; events.len()];
+    }
+    let mut probed: HashSet<(&str, &Bytes)> = HashSet::new();
+    events
+        .iter()
+        .map(|event| match &event.key {
+            Some(key) if failing.contains(&(event.topic.clone(), key.clone())) => {
+                probed.insert((event.topic.as_str(), key))
+            }
+            _ => true,
+        })
+        .collect()
+}
+
+/// After a publish: a key whose first published event was not taken (the
+/// broker's answer was retryable) is failing; one whose first event was
+/// acknowledged or dead-lettered is not any more.
+fn update_failing_keys(
+    failing: &mut FailingKeys,
+    events: &[Event],
+    published: &[bool],
+    deliveries: &[Delivery],
+) {
+    let mut seen: HashSet<(&str, &Bytes)> = HashSet::new();
+    for ((event, now), delivery) in events.iter().zip(published).zip(deliveries) {
+        let Some(key) = &event.key else { continue };
+        if !*now || !seen.insert((event.topic.as_str(), key)) {
+            continue;
+        }
+        let scoped = (event.topic.clone(), key.clone());
+        match delivery {
+            Delivery::Retryable(_) => {
+                if failing.len() >= MAX_FAILING_KEYS {
+                    failing.clear();
+                }
+                failing.insert(scoped);
+            }
+            Delivery::Acknowledged(_) | Delivery::Rejected(_) => {
+                failing.remove(&scoped);
+            }
+        }
+    }
+}
+
 /// Checks that a relay's publish attempt always ends before its claim can
 /// be handed over: the producer gives a message up after `message_timeout`,
 /// while another relay may claim the events once `claim_timeout` passed.
@@ -397,5 +507,131 @@ mod tests {
         assert_eq!(out[1], ack(1));
         assert!(matches!(out[2], Delivery::Retryable(_)));
         assert_eq!(out[3], ack(3));
+    }
+
+    /// An in-memory outbox: claims every pending event in order.
+    #[derive(Default)]
+    struct Memory {
+        pending: std::sync::Mutex<Vec<Event>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Source for Memory {
+        type Claim = ();
+
+        async fn claim(&self, max: usize) -> Result<Option<crate::Claimed<()>>> {
+            let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.is_empty() {
+                return Ok(None);
+            }
+            let events = pending.iter().take(max).cloned().collect();
+            Ok(Some(crate::Claimed { events, claim: () }))
+        }
+
+        async fn acknowledge(
+            &self,
+            claimed: crate::Claimed<()>,
+            deliveries: &[Delivery],
+        ) -> Result<AckSummary> {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let mut summary = AckSummary::default();
+            for (event, delivery) in claimed.events.iter().zip(deliveries) {
+                match delivery {
+                    Delivery::Retryable(_) => summary.released += 1,
+                    done => {
+                        pending.retain(|e| e.id != event.id);
+                        if matches!(done, Delivery::Acknowledged(_)) {
+                            summary.completed += 1;
+                        } else {
+                            summary.dead_lettered += 1;
+                        }
+                    }
+                }
+            }
+            Ok(summary)
+        }
+    }
+
+    /// A broker that refuses one event (retryably) its first `failures`
+    /// times and logs every event it is handed.
+    struct Refusing {
+        poison: uuid::Uuid,
+        failures: std::sync::Mutex<usize>,
+        handed: std::sync::Mutex<Vec<uuid::Uuid>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Bus for Refusing {
+        async fn publish(&self, events: &[Event]) -> Result<Vec<Delivery>> {
+            let mut handed = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+            let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+            Ok(events
+                .iter()
+                .enumerate()
+                .map(|(n, event)| {
+                    handed.push(event.id);
+                    if event.id == self.poison && *failures > 0 {
+                        *failures -= 1;
+                        Delivery::Retryable("INVALID_TIMESTAMP".into())
+                    } else {
+                        Delivery::Acknowledged(Position {
+                            partition: 0,
+                            offset: n as i64,
+                        })
+                    }
+                })
+                .collect())
+        }
+    }
+
+    /// Invariant (no copies from a poison event): while the earliest event
+    /// of a key keeps failing, the key's later events are not handed to the
+    /// broker again and again; other keys flow; once the poison passes, the
+    /// key's events follow in order, each published once.
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_event_does_not_republish_its_keys_later_events() -> Result<()> {
+        let events: Vec<Event> = (0..6)
+            .map(|n| Event::new("t", format!("{n}")).with_key(if n % 2 == 0 { "k" } else { "o" }))
+            .collect();
+        let poison = events[0].id;
+        let source = Memory::default();
+        source
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(events.iter().cloned());
+        let bus = Refusing {
+            poison,
+            failures: std::sync::Mutex::new(5),
+            handed: Default::default(),
+        };
+        let relay = Relay::new(
+            source,
+            bus,
+            RelayConfig {
+                stop_when_idle: true,
+                backoff_initial: Duration::from_millis(1),
+                backoff_max: Duration::from_millis(1),
+                ..RelayConfig::default()
+            },
+        );
+        let stats = relay.run(CancellationToken::new()).await?;
+        let handed = relay
+            .bus
+            .handed
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default();
+        let times = |id: uuid::Uuid| handed.iter().filter(|h| **h == id).count();
+        let counts: Vec<usize> = events.iter().map(|e| times(e.id)).collect();
+        println!("handed to the broker per event (k: 0,2,4; o: 1,3,5): {counts:?}; {stats:?}");
+        assert_eq!(stats.published, 6);
+        assert_eq!(counts[0], 6, "the poison: 5 refusals and the success");
+        assert_eq!(counts[1], 1);
+        assert_eq!(counts[3], 1);
+        assert_eq!(counts[5], 1);
+        // Published once in the first round (held back), once after the poison passed.
+        assert!(counts[2] <= 2 && counts[4] <= 2, "{counts:?}");
+        Ok(())
     }
 }

@@ -45,6 +45,9 @@ pub struct KafkaBus {
     producer: RwLock<FutureProducer<Reporting>>,
     known_topics: Mutex<HashSet<String>>,
     partition_counts: Mutex<HashMap<String, i32>>,
+    /// Events refused together with others: their refusal may be the whole
+    /// request's, so the next publish sends each alone before believing it.
+    suspects: Mutex<HashSet<uuid::Uuid>>,
 }
 
 impl KafkaBus {
@@ -58,6 +61,7 @@ impl KafkaBus {
             producer: RwLock::new(producer),
             known_topics: Mutex::new(HashSet::new()),
             partition_counts: Mutex::new(HashMap::new()),
+            suspects: Mutex::new(HashSet::new()),
         })
     }
 
@@ -222,76 +226,157 @@ fn classify(err: &KafkaError) -> Delivery {
     }
 }
 
+/// A permanent refusal shared by several events of one publish may be the
+/// broker refusing the whole request they travelled in (MESSAGE_TOO_LARGE
+/// counts a batch, not a record): it is believed only for an event that was
+/// sent alone. The others become retryable; their indexes are returned, to
+/// be sent alone next time. A refusal of a single event among accepted ones
+/// is its own.
+fn isolate_shared_rejections(deliveries: &mut [Delivery], alone: &[bool]) -> Vec<usize> {
+    let shared: Vec<usize> = deliveries
+        .iter()
+        .zip(alone)
+        .enumerate()
+        .filter(|(_, (delivery, alone))| matches!(delivery, Delivery::Rejected(_)) && !**alone)
+        .map(|(index, _)| index)
+        .collect();
+    if shared.len() < 2 {
+        return Vec::new();
+    }
+    for &index in &shared {
+        if let Delivery::Rejected(reason) = &deliveries[index] {
+            deliveries[index] = Delivery::Retryable(format!(
+                "{reason}; refused together with {} other events, so possibly for the request \
+                 they shared: each is sent alone next",
+                shared.len() - 1
+            ));
+        }
+    }
+    shared
+}
+
+impl KafkaBus {
+    /// Hands `event` to the producer; waits while its local queue is full.
+    async fn send(
+        &self,
+        producer: &FutureProducer<Reporting>,
+        event: &Event,
+    ) -> outbox_core::Result<Result<rdkafka::producer::DeliveryFuture, KafkaError>> {
+        let event_id = event.id.to_string();
+        let created_ms = event.created_at_ms().to_string();
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&event.topic)
+            .payload(&event.payload[..])
+            .timestamp(event.created_at_ms())
+            .headers(headers_for(event, &event_id, &created_ms));
+        match &event.key {
+            Some(key) => record = record.key(&key[..]),
+            // No key: a partition chosen by the event id, so a republished
+            // event lands where its first copy did and sinks can tell.
+            None => {
+                let count = self.partition_count(&event.topic).await?;
+                record = record.partition(partition_for_id(event.id, count));
+            }
+        }
+        // Enqueue in order; a full local queue drains as deliveries complete.
+        loop {
+            match producer.send_result(record) {
+                Ok(future) => return Ok(Ok(future)),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((err, _)) => return Ok(Err(err)),
+            }
+        }
+    }
+}
+
+fn answer(
+    result: Result<
+        rdkafka::producer::future_producer::OwnedDeliveryResult,
+        futures::channel::oneshot::Canceled,
+    >,
+) -> (Delivery, bool) {
+    match result {
+        Ok(Ok(delivery)) => (
+            Delivery::Acknowledged(Position {
+                partition: delivery.partition,
+                offset: delivery.offset,
+            }),
+            false,
+        ),
+        Ok(Err((err, _message))) => {
+            let lost_topic = matches!(
+                err.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
+            );
+            (classify(&err), lost_topic)
+        }
+        Err(_canceled) => (
+            Delivery::Retryable("kafka producer was dropped".into()),
+            false,
+        ),
+    }
+}
+
 #[async_trait]
 impl Bus for KafkaBus {
     async fn publish(&self, events: &[Event]) -> outbox_core::Result<Vec<Delivery>> {
         self.ensure_known_topics(events).await?;
         let producer = self.producer();
-        let mut pending = Vec::with_capacity(events.len());
-        for event in events {
-            let event_id = event.id.to_string();
-            let created_ms = event.created_at_ms().to_string();
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&event.topic)
-                .payload(&event.payload[..])
-                .timestamp(event.created_at_ms())
-                .headers(headers_for(event, &event_id, &created_ms));
-            match &event.key {
-                Some(key) => record = record.key(&key[..]),
-                // No key: a partition chosen by the event id, so a republished
-                // event lands where its first copy did and sinks can tell.
-                None => {
-                    let count = self.partition_count(&event.topic).await?;
-                    record = record.partition(partition_for_id(event.id, count));
-                }
-            }
-            // Enqueue in order; a full local queue drains as deliveries complete.
-            let outcome = loop {
-                match producer.send_result(record) {
-                    Ok(future) => break Ok(future),
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                        record = returned;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((err, _)) => break Err(err),
-                }
+        let alone: Vec<bool> = {
+            let suspects = self
+                .suspects
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            events.iter().map(|e| suspects.contains(&e.id)).collect()
+        };
+        let mut deliveries: Vec<Delivery> = (0..events.len())
+            .map(|_| Delivery::Retryable(String::new()))
+            .collect();
+        let mut lost_topic = vec![false; events.len()];
+        // Suspects first, each in a request of its own: sent, then awaited.
+        for (index, event) in events.iter().enumerate().filter(|(i, _)| alone[*i]) {
+            (deliveries[index], lost_topic[index]) = match self.send(&producer, event).await? {
+                Ok(future) => answer(future.await),
+                Err(err) => (classify(&err), false),
             };
-            pending.push(outcome);
         }
-        let mut deliveries = Vec::with_capacity(events.len());
         let mut futures = Vec::new();
         let mut slots = Vec::new();
-        for (index, outcome) in pending.into_iter().enumerate() {
-            match outcome {
+        for (index, event) in events.iter().enumerate().filter(|(i, _)| !alone[*i]) {
+            match self.send(&producer, event).await? {
                 Ok(future) => {
                     slots.push(index);
                     futures.push(future);
-                    deliveries.push(Delivery::Retryable(String::new()));
                 }
-                Err(err) => deliveries.push(classify(&err)),
+                Err(err) => deliveries[index] = classify(&err),
             }
         }
-        let mut lost_topics = Vec::new();
         for (index, result) in slots.into_iter().zip(join_all(futures).await) {
-            deliveries[index] = match result {
-                Ok(Ok(delivery)) => Delivery::Acknowledged(Position {
-                    partition: delivery.partition,
-                    offset: delivery.offset,
-                }),
-                Ok(Err((err, _message))) => {
-                    if matches!(
-                        err.rdkafka_error_code(),
-                        Some(
-                            RDKafkaErrorCode::UnknownTopicOrPartition
-                                | RDKafkaErrorCode::UnknownTopic
-                        )
-                    ) {
-                        lost_topics.push(events[index].topic.as_str());
-                    }
-                    classify(&err)
-                }
-                Err(_canceled) => Delivery::Retryable("kafka producer was dropped".into()),
-            };
+            (deliveries[index], lost_topic[index]) = answer(result);
         }
+        let isolated = isolate_shared_rejections(&mut deliveries, &alone);
+        {
+            let mut suspects = self
+                .suspects
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (event, alone) in events.iter().zip(&alone) {
+                if *alone {
+                    suspects.remove(&event.id);
+                }
+            }
+            for index in isolated {
+                suspects.insert(events[index].id);
+            }
+        }
+        let lost_topics: Vec<&str> = events
+            .iter()
+            .zip(&lost_topic)
+            .filter(|(_, lost)| **lost)
+            .map(|(event, _)| event.topic.as_str())
+            .collect();
         // A broker that lost a topic (restarted without its data) makes us
         // create it again on the next attempt.
         if !lost_topics.is_empty() {
@@ -316,5 +401,38 @@ impl Bus for KafkaBus {
             warn!(%code, reason, "kafka producer reported a fatal error");
         }
         Ok(deliveries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected() -> Delivery {
+        Delivery::Rejected("MESSAGE_TOO_LARGE".into())
+    }
+
+    fn acked() -> Delivery {
+        Delivery::Acknowledged(Position {
+            partition: 0,
+            offset: 1,
+        })
+    }
+
+    #[test]
+    fn shared_refusals_are_tried_alone_and_lone_ones_are_believed() {
+        let mut shared = vec![rejected(), acked(), rejected(), rejected()];
+        let isolated = isolate_shared_rejections(&mut shared, &[false; 4]);
+        assert_eq!(isolated, vec![0, 2, 3]);
+        assert!(matches!(shared[0], Delivery::Retryable(_)));
+        assert_eq!(shared[1], acked());
+
+        let mut lone = vec![rejected(), acked(), acked()];
+        assert!(isolate_shared_rejections(&mut lone, &[false; 3]).is_empty());
+        assert_eq!(lone[0], rejected());
+
+        let mut sent_alone = vec![rejected(), rejected()];
+        assert!(isolate_shared_rejections(&mut sent_alone, &[true, true]).is_empty());
+        assert_eq!(sent_alone, vec![rejected(), rejected()]);
     }
 }

@@ -103,6 +103,9 @@ pub fn is_permanent_delivery_code(code: RDKafkaErrorCode) -> bool {
             | RDKafkaErrorCode::InvalidTopic
             | RDKafkaErrorCode::InvalidArgument
             | RDKafkaErrorCode::UnsupportedForMessageFormat
+            | RDKafkaErrorCode::InvalidTimestamp
+            | RDKafkaErrorCode::MessageBatchTooLarge
+            | RDKafkaErrorCode::PolicyViolation
     )
 }
 

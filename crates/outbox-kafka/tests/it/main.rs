@@ -226,3 +226,45 @@ async fn unreachable_broker_is_named_in_the_error() {
     assert!(text.contains("kafka at 127.0.0.1:1"), "{text}");
     assert!(text.contains("is the broker running"), "{text}");
 }
+
+/// Invariant (poison isolated, innocents flow): a refusal shared by several
+/// events of a batch is not believed until each was sent alone; then only
+/// the events refused alone are rejected. Here the producer's own size
+/// limit refuses two oversized events among accepted ones.
+#[tokio::test]
+async fn refusals_shared_by_a_batch_are_confirmed_one_event_at_a_time() {
+    let topic = unique("isolate");
+    let mut config = kafka();
+    config
+        .extra
+        .insert("message.max.bytes".into(), "10000".into());
+    let bus = KafkaBus::new(config).unwrap();
+    let big = "x".repeat(20_000);
+    let events = vec![
+        Event::new(topic.clone(), "small 1").with_key("a"),
+        Event::new(topic.clone(), big.clone()).with_key("b"),
+        Event::new(topic.clone(), "small 2").with_key("c"),
+        Event::new(topic.clone(), big).with_key("d"),
+    ];
+    let first = bus.publish(&events).await.unwrap();
+    let kinds = |d: &[Delivery]| -> Vec<&'static str> {
+        d.iter()
+            .map(|d| match d {
+                Delivery::Acknowledged(_) => "acked",
+                Delivery::Retryable(_) => "retryable",
+                Delivery::Rejected(_) => "rejected",
+            })
+            .collect()
+    };
+    println!("first publish: {:?}", kinds(&first));
+    assert_eq!(
+        kinds(&first),
+        vec!["acked", "retryable", "acked", "retryable"]
+    );
+    let again = bus
+        .publish(&[events[1].clone(), events[3].clone()])
+        .await
+        .unwrap();
+    println!("each alone: {:?}", kinds(&again));
+    assert_eq!(kinds(&again), vec!["rejected", "rejected"]);
+}
