@@ -69,6 +69,30 @@ pub enum FileSinkError {
         #[source]
         source: std::io::Error,
     },
+    /// A record arrived at a position the file already holds for another
+    /// event: the topic's offsets started over (it was deleted and created
+    /// again, or the broker lost its data). Skipping it as a redelivery would
+    /// lose it.
+    #[error(
+        "file sink {path}: topic {topic} partition {partition} offset {offset} already holds event \
+         {stored:?}, but the broker now serves {arrived:?} there: the topic's offsets started over. \
+         Nothing of this batch was written; move the file aside and read the new topic from its \
+         beginning (GUARANTEES.md, \"A topic that starts over\")"
+    )]
+    OffsetRegression {
+        /// The data file.
+        path: PathBuf,
+        /// Kafka topic.
+        topic: String,
+        /// Kafka partition.
+        partition: i32,
+        /// The offset.
+        offset: i64,
+        /// The event id stored there (`None`: the stored line had none).
+        stored: Option<Uuid>,
+        /// The event id of the arriving record.
+        arrived: Option<Uuid>,
+    },
     /// A complete line of the file is not a line this sink wrote.
     #[error(
         "file sink {path}: line {line} is not a record line ({reason}); is this the right file?"
@@ -87,7 +111,9 @@ impl From<FileSinkError> for outbox_core::Error {
     fn from(err: FileSinkError) -> Self {
         match err {
             FileSinkError::Io { .. } => outbox_core::Error::retryable(Stage::Sink, err),
-            FileSinkError::Foreign { .. } | FileSinkError::Unrecoverable { .. } => {
+            FileSinkError::Foreign { .. }
+            | FileSinkError::Unrecoverable { .. }
+            | FileSinkError::OffsetRegression { .. } => {
                 outbox_core::Error::permanent(Stage::Sink, err)
             }
         }
@@ -124,6 +150,10 @@ pub struct DeadLine {
     pub reason: String,
     /// The payload as UTF-8 (lossy).
     pub payload: String,
+    /// The event id, when the message carried a valid one (absent in files
+    /// written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<Uuid>,
 }
 
 /// What the sink knows of one partition.
@@ -133,6 +163,19 @@ struct PartitionState {
     last_offset: i64,
     /// Latest event ids written.
     recent: RecentIds,
+    /// The event id at each of the latest offsets handled (written,
+    /// dead-lettered or skipped), at most `dedup_window` of them: what a
+    /// redelivery at an offset already handled must carry.
+    at_offset: std::collections::BTreeMap<i64, Option<Uuid>>,
+}
+
+impl PartitionState {
+    fn remember(&mut self, offset: i64, id: Option<Uuid>, window: usize) {
+        self.at_offset.insert(offset, id);
+        while self.at_offset.len() > window.max(1) {
+            self.at_offset.pop_first();
+        }
+    }
 }
 
 /// Appends records as JSON lines; see the crate documentation.
@@ -155,6 +198,7 @@ impl FileSink {
             })?;
             let state = state(&mut partitions, &parsed.topic, parsed.partition, &config);
             state.last_offset = state.last_offset.max(parsed.offset);
+            state.remember(parsed.offset, parsed.event_id, config.dedup_window);
             if let Some(id) = parsed.event_id {
                 state.recent.insert(id);
             }
@@ -169,6 +213,9 @@ impl FileSink {
                 })?;
             let state = state(&mut partitions, &parsed.topic, parsed.partition, &config);
             state.last_offset = state.last_offset.max(parsed.offset);
+            if parsed.event_id.is_some() {
+                state.remember(parsed.offset, parsed.event_id, config.dedup_window);
+            }
             Ok(())
         })?;
         Ok(Self {
@@ -210,6 +257,7 @@ fn state<'a>(
         .or_insert_with(|| PartitionState {
             last_offset: -1,
             recent: RecentIds::new(config.dedup_window),
+            at_offset: Default::default(),
         })
 }
 
@@ -266,6 +314,7 @@ impl Sink for FileSink {
         let (mut data, mut dead) = (Vec::new(), Vec::new());
         // Decided against a copy of the state: on error nothing changes.
         let mut seen: HashMap<(String, i32), (i64, Vec<Uuid>)> = HashMap::new();
+        let mut handled: Vec<((String, i32), i64, Option<Uuid>)> = Vec::new();
         for record in records {
             let key = (record.topic.clone(), record.position.partition);
             let known = self.partitions.get(&key);
@@ -273,6 +322,30 @@ impl Sink for FileSink {
                 .entry(key)
                 .or_insert_with(|| (known.map_or(-1, |s| s.last_offset), Vec::new()));
             let event_id = record.event_id().ok();
+            if record.position.offset <= *last {
+                let stored = known.and_then(|s| s.at_offset.get(&record.position.offset));
+                if let Some(stored) = stored {
+                    // A dead letter of an old file has no id: nothing to compare.
+                    if stored.is_some() && *stored != event_id {
+                        return Err(FileSinkError::OffsetRegression {
+                            path: self.config.path.clone(),
+                            topic: record.topic.clone(),
+                            partition: record.position.partition,
+                            offset: record.position.offset,
+                            stored: *stored,
+                            arrived: event_id,
+                        }
+                        .into());
+                    }
+                }
+            }
+            if record.position.offset > *last {
+                handled.push((
+                    (record.topic.clone(), record.position.partition),
+                    record.position.offset,
+                    event_id,
+                ));
+            }
             let republished = event_id.is_some_and(|id| {
                 ids.contains(&id) || known.is_some_and(|s| s.recent.contains(&id))
             });
@@ -310,6 +383,7 @@ impl Sink for FileSink {
                         offset: record.position.offset,
                         reason: reason.clone(),
                         payload: String::from_utf8_lossy(payload).into_owned(),
+                        event_id,
                     };
                     push_line(&mut dead, &line)?;
                     report.dead_lettered.push((record.position, reason));
@@ -330,6 +404,10 @@ impl Sink for FileSink {
             for id in ids {
                 state.recent.insert(id);
             }
+        }
+        for ((topic, partition), offset, id) in handled {
+            let state = state(&mut self.partitions, &topic, partition, &self.config);
+            state.remember(offset, id, self.config.dedup_window);
         }
         Ok(report)
     }

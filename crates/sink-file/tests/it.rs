@@ -184,3 +184,37 @@ async fn a_foreign_file_is_refused() {
     assert!(err.contains("line 1 is not a record line"), "{err}");
     assert!(err.contains("events.jsonl"), "{err}");
 }
+
+/// Invariant (no silent loss): new events at offsets the file already holds
+/// for other events (the topic started over) stop the sink with a permanent
+/// error, in the same process and after a reopen; nothing is appended.
+#[tokio::test]
+async fn a_topic_that_starts_over_is_an_error_not_duplicates() {
+    let dir = dir("regression");
+    let config = FileSinkConfig::new(dir.join("events.jsonl"));
+    let old: Vec<Record> = (0..20)
+        .map(|o| record(0, o, Uuid::new_v4(), "{}"))
+        .collect();
+    let mut sink = FileSink::open(config.clone()).unwrap();
+    sink.write(&old).await.unwrap();
+    let reborn: Vec<Record> = (0..5).map(|o| record(0, o, Uuid::new_v4(), "{}")).collect();
+    let same_process = sink.write(&reborn).await;
+    drop(sink);
+    let mut reopened = FileSink::open(config.clone()).unwrap();
+    let after_reopen = reopened.write(&reborn).await;
+    println!(
+        "same process: {:?}; after reopen: {:?}; lines={}",
+        same_process.as_ref().map(|r| (r.written, r.duplicates)),
+        after_reopen.as_ref().map(|r| (r.written, r.duplicates)),
+        lines(&config.path).len()
+    );
+    for outcome in [same_process, after_reopen] {
+        let err = outcome.expect_err("new events at stored offsets must not be skipped");
+        assert!(!err.is_retryable());
+        assert!(err.to_string().contains("started over"), "{err}");
+    }
+    // A true redelivery is still a duplicate.
+    let again = reopened.write(&old[10..]).await.unwrap();
+    assert_eq!((again.written, again.duplicates), (0, 10));
+    assert_eq!(lines(&config.path).len(), 20);
+}
