@@ -666,7 +666,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
     }
     let passed = !violated && drained;
     if cli.keep == Keep::Never || (cli.keep == Keep::OnFailure && passed) {
-        drop_run(&pool, &ch, &cli.kafka_brokers, &name).await;
+        drop_run(&pool, &ch, &name).await;
     } else {
         println!(
             "chaos: kept tables {name}, {name}_dead, {name}_ledger and topic {name} for inspection"
@@ -689,18 +689,14 @@ enum Verdict {
     DidNotDrain,
 }
 
-/// Drops what a run wrote: its PostgreSQL and ClickHouse tables and its
-/// topic. Best effort: a failure is printed, the verdict stands.
-async fn drop_run(
-    pool: &outbox_pg::deadpool_postgres::Pool,
-    ch: &clickhouse::Client,
-    brokers: &str,
-    name: &str,
-) {
-    use outbox_kafka::rdkafka::admin::{AdminClient, AdminOptions};
-    use outbox_kafka::rdkafka::client::DefaultClientContext;
-    use outbox_kafka::rdkafka::ClientConfig;
-
+/// Drops what a run wrote: its PostgreSQL and ClickHouse tables. Best
+/// effort: a failure is printed, the verdict stands.
+///
+/// Its topic is left on the broker: tansu 0.6 deletes *every* topic on any
+/// DeleteTopics request, so deleting this one would make every other topic
+/// on the shared broker (the demo's `user_events` among them) start over at
+/// offset 0, which their consumers rightly refuse (an offset regression).
+async fn drop_run(pool: &outbox_pg::deadpool_postgres::Pool, ch: &clickhouse::Client, name: &str) {
     let pg = async {
         let client = pool.get().await?;
         client
@@ -721,26 +717,6 @@ async fn drop_run(
         {
             println!("chaos: could not drop the ClickHouse table {table}: {err}");
         }
-    }
-    let admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("log_level", "3")
-        .create();
-    match admin {
-        Ok(admin) => {
-            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-            match admin.delete_topics(&[name], &options).await {
-                Ok(results) => {
-                    for result in results {
-                        if let Err((topic, code)) = result {
-                            println!("chaos: could not delete topic {topic}: {code}");
-                        }
-                    }
-                }
-                Err(err) => println!("chaos: could not delete topic {name}: {err}"),
-            }
-        }
-        Err(err) => println!("chaos: could not delete topic {name}: {err}"),
     }
 }
 

@@ -1004,3 +1004,84 @@ async fn committed_event_wakes_the_idle_relay() {
         "the relay was not woken: {latency:?}"
     );
 }
+
+/// Invariant (no silent loss when a topic starts over): the demo path, on a
+/// broker of its own; after its topic is deleted (as tansu 0.6 does to every
+/// topic on any DeleteTopics) the relay creates it again and publishes new
+/// rows from offset 0. The consumer must stop with an error that says the
+/// topic started over, write none of them over the old positions, and skip
+/// none as duplicates; the new events stay readable in Kafka.
+#[tokio::test]
+async fn a_demo_topic_that_starts_over_stops_the_consumer_instead_of_losing_rows() {
+    let mut broker = PrivateBroker::new();
+    broker.start().await;
+    let brokers = broker.brokers();
+    let table = unique("reborn");
+    let topic = table.clone();
+    let group = unique("group");
+    create_flag_table(&table, 100).await;
+    let relay = || {
+        let output = command("producer_pg_to_kafka")
+            .args(["--drain", "--table", &table, "--topic", &topic])
+            .args(["--kafka-brokers", &brokers])
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let consumer = || {
+        let output = command("consumer_to_clickhouse")
+            .args(["--topic", &topic, "--clickhouse-table", &table])
+            .args(["--group-id", &group, "--kafka-brokers", &brokers])
+            .args(["--exit-after-idle-secs", "6"])
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let (ok, out) = relay();
+    assert!(ok && out.contains("published 100 events"), "{out}");
+    let (ok, out) = consumer();
+    assert!(ok, "{out}");
+    assert_eq!(ch_counts(&table).await, (100, 100));
+
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+    let options = rdkafka::admin::AdminOptions::new();
+    admin.delete_topics(&[&topic], &options).await.unwrap();
+    let client = pg().create_pool().unwrap().get().await.unwrap();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {table} (username, event_type) \
+                 SELECT 'after', 'login' FROM generate_series(1, 200)"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (ok, out) = relay();
+    assert!(ok && out.contains("published 200 events"), "{out}");
+    let (ok, out) = consumer();
+    let (rows, _) = ch_counts(&table).await;
+    let in_kafka = read_topic(&brokers, &topic, 200, Duration::from_secs(1))
+        .await
+        .len();
+    println!(
+        "old_rows=100 new_rows=200 consumer_ok={ok} clickhouse_rows={rows} new_events_in_kafka={in_kafka} consumer_said={:?}",
+        out.lines().last().unwrap_or_default()
+    );
+    assert!(!ok, "the consumer must stop: {out}");
+    assert!(out.contains("started over"), "{out}");
+    assert_eq!(rows, 100, "nothing written over the old positions");
+    assert_eq!(in_kafka, 200, "the new events wait in Kafka");
+}
