@@ -365,14 +365,78 @@ tansu_start() {
   wait_for "kafka (tansu) on 127.0.0.1:$KAFKA_PORT" 30 "$KAFKA_LOG" kafka_ready
 }
 
+# tansu 0.6 can wedge with its port open, answering every request with
+# Storage(UnableToSend) (see ../shared/ENVIRONMENT.md): a TCP check cannot
+# see it, so the probe produces one message to a topic of its own and
+# fetches it back. It runs on Python's confluent-kafka, installed once into
+# a virtualenv in the cache (not an idempotent producer: tansu's
+# idempotence check is what panics).
+PROBE_VENV="$OUTBOX_CACHE/kafka-probe-venv"
+
+kafka_probe_install() {
+  if [ -x "$PROBE_VENV/bin/python" ] && "$PROBE_VENV/bin/python" -c 'import confluent_kafka' 2>/dev/null; then
+    return 0
+  fi
+  log "installing the broker probe (python confluent-kafka) into $PROBE_VENV (once)"
+  mkdir -p "$OUTBOX_CACHE"
+  python3 -m venv "$PROBE_VENV" >/dev/null &&
+    "$PROBE_VENV/bin/pip" install -q --disable-pip-version-check 'confluent-kafka>=2.3,<3' >/dev/null ||
+    die "could not install confluent-kafka for the broker probe (pip); check the package index"
+}
+
+# Prints why the broker failed the produce-and-fetch probe; status 1 then.
+kafka_probe() {
+  "$PROBE_VENV/bin/python" - "127.0.0.1:$KAFKA_PORT" <<'PY'
+import sys, uuid
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+brokers, topic = sys.argv[1], "outbox_stack_probe"
+conf = {"bootstrap.servers": brokers, "log_level": 0, "socket.timeout.ms": 5000}
+try:
+    admin = AdminClient(conf)
+    if topic not in admin.list_topics(timeout=5).topics:
+        for future in admin.create_topics([NewTopic(topic, 1, 1)], operation_timeout=5).values():
+            try:
+                future.result(timeout=10)
+            except KafkaException as err:
+                if "exist" not in str(err).lower():
+                    raise
+    value = uuid.uuid4().hex.encode()
+    delivered = {}
+    def report(err, msg):
+        delivered["err"], delivered["offset"] = err, (msg.offset() if msg is not None else None)
+    producer = Producer({**conf, "enable.idempotence": False, "acks": "all", "message.timeout.ms": 8000})
+    producer.produce(topic, value, on_delivery=report)
+    producer.flush(10)
+    if delivered.get("err") is not None or delivered.get("offset") is None:
+        sys.exit(f"produce failed: {delivered.get('err') or 'no delivery report'}")
+    consumer = Consumer({**conf, "group.id": "outbox-stack-probe", "enable.auto.commit": False})
+    consumer.assign([TopicPartition(topic, 0, delivered["offset"])])
+    message = consumer.poll(10)
+    consumer.close()
+    if message is None:
+        sys.exit("fetch returned nothing within 10 s")
+    if message.error() is not None or message.value() != value:
+        sys.exit(f"fetch failed: {message.error() or 'another value came back'}")
+except KafkaException as err:
+    sys.exit(f"request failed: {err}")
+PY
+}
+
 kafka_up() {
   tansu_install
+  kafka_probe_install
   mkdir -p "$KAFKA_DIR"
-  local pid
+  local pid why
   pid="$(cat "$KAFKA_PID" 2>/dev/null || true)"
   if pid_alive "$pid" && kafka_ready; then
-    log "kafka (tansu) already running (pid $pid, port $KAFKA_PORT)"
-    return 0
+    if why="$(kafka_probe 2>&1)"; then
+      log "kafka (tansu) already running (pid $pid, port $KAFKA_PORT)"
+      return 0
+    fi
+    log "kafka (tansu) pid $pid holds its port but is wedged ($why); restarting it"
+    kafka_down
   fi
   if [ ! -f "$KAFKA_DIR/tansu.db" ]; then
     # tansu creates its schema on first start; stop it again to index it.
@@ -381,7 +445,15 @@ kafka_up() {
   fi
   tansu_header_index || die "cannot add the header index to $KAFKA_DIR/tansu.db"
   tansu_start
-  log "kafka ready"
+  local tries
+  for tries in 1 2 3; do
+    if why="$(kafka_probe 2>&1)"; then
+      log "kafka ready"
+      return 0
+    fi
+    sleep 1
+  done
+  die "kafka (tansu) started but failed the produce-and-fetch probe: $why (log: $KAFKA_LOG)"
 }
 
 kafka_down() {
@@ -552,7 +624,14 @@ status() {
   local k c
   k="$(cat "$KAFKA_PID" 2>/dev/null || true)"
   c="$(cat "$CH_PID" 2>/dev/null || true)"
-  if pid_alive "$k" && kafka_ready; then echo "kafka      up    pid $k 127.0.0.1:$KAFKA_PORT (tansu)"; else echo "kafka      down"; rc=1; fi
+  local why=""
+  if ! pid_alive "$k" || ! kafka_ready; then
+    echo "kafka      down"; rc=1
+  elif [ -x "$PROBE_VENV/bin/python" ] && ! why="$(kafka_probe 2>&1)"; then
+    echo "kafka      wedged pid $k 127.0.0.1:$KAFKA_PORT (port open, produce/fetch probe failed: $why; 'scripts/stack.sh restart kafka')"; rc=1
+  else
+    echo "kafka      up    pid $k 127.0.0.1:$KAFKA_PORT (tansu)"
+  fi
   if pid_alive "$c" && ch_ready; then echo "clickhouse up    pid $c 127.0.0.1:$CH_HTTP_PORT"; else echo "clickhouse down"; rc=1; fi
   return $rc
 }

@@ -514,13 +514,62 @@ pub fn exit_with(result: anyhow::Result<()>) -> std::process::ExitCode {
     }
 }
 
-/// A token cancelled on SIGINT or SIGTERM. If the process has not ended
+/// The exit code of a process whose work in flight did not finish within
+/// the drain timeout after SIGINT or SIGTERM (as `timeout(1)` uses it), so
+/// a supervisor can tell a stuck stop from a clean one.
+pub const EXIT_DRAIN_TIMED_OUT: i32 = 124;
+
+/// The process's shutdown token and the tasks it waits for before exiting.
+static BACKGROUND: std::sync::OnceLock<(tokio_util::task::TaskTracker, CancellationToken)> =
+    std::sync::OnceLock::new();
+
+fn background() -> &'static (tokio_util::task::TaskTracker, CancellationToken) {
+    BACKGROUND.get_or_init(|| {
+        (
+            tokio_util::task::TaskTracker::new(),
+            CancellationToken::new(),
+        )
+    })
+}
+
+/// Spawns a task that must end before the process exits (a lease session
+/// to close cleanly, a gauge refresher, the /metrics server): it must end
+/// once the token of [`shutdown_on_signals`] is cancelled. See [`finish`].
+pub fn spawn_background<F>(task: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    background().0.spawn(task);
+}
+
+/// Ends the process's work: cancels the shutdown token (the main loop ended
+/// on its own, say after `--drain`), then waits up to `limit` for every task
+/// of [`spawn_background`]. A task still running then is an error, so the
+/// exit status tells.
+pub async fn finish(result: anyhow::Result<()>, limit: Duration) -> anyhow::Result<()> {
+    let (tasks, token) = background();
+    token.cancel();
+    tasks.close();
+    let joined = tokio::time::timeout(limit, tasks.wait()).await.is_ok();
+    match (result, joined) {
+        (Err(err), _) => Err(err),
+        (Ok(()), true) => Ok(()),
+        (Ok(()), false) => anyhow::bail!(
+            "background tasks did not stop within the drain timeout ({} s)",
+            limit.as_secs()
+        ),
+    }
+}
+
+/// A token cancelled on SIGINT or SIGTERM (the process's one shutdown
+/// token: [`finish`] cancels it too). If the process has not ended
 /// `drain_timeout` after the signal (a batch stuck on a service that stopped
-/// answering, a client library blocking on close), it exits with code 0 from
-/// a plain thread, which fires even if the async runtime is blocked: work in
-/// flight was not committed, so it stays pending or is read again.
+/// answering, a client library blocking on close), it exits with
+/// [`EXIT_DRAIN_TIMED_OUT`] from a plain thread, which fires even if the
+/// async runtime is blocked: work in flight was not committed, so it stays
+/// pending or is read again.
 pub fn shutdown_on_signals(drain_timeout: Duration) -> CancellationToken {
-    let token = CancellationToken::new();
+    let token = background().1.clone();
     let cancel = token.clone();
     tokio::spawn(async move {
         let ctrl_c = tokio::signal::ctrl_c();
@@ -553,10 +602,11 @@ pub fn shutdown_on_signals(drain_timeout: Duration) -> CancellationToken {
         std::thread::spawn(move || {
             std::thread::sleep(drain_timeout);
             eprintln!(
-                "warning: work in flight did not finish within the drain timeout ({} s); exiting, it stays uncommitted",
+                "error: work in flight did not finish within the drain timeout ({} s); exiting with code \
+                 {EXIT_DRAIN_TIMED_OUT}, it stays uncommitted",
                 drain_timeout.as_secs()
             );
-            std::process::exit(0);
+            std::process::exit(EXIT_DRAIN_TIMED_OUT);
         });
     });
     token

@@ -71,7 +71,7 @@ impl OpsArgs {
         let addr = listener.local_addr()?;
         let handle = install_recorder()?;
         info!(%addr, "serving /metrics, /healthz and /readyz");
-        tokio::spawn(serve(listener, handle, health, shutdown));
+        crate::spawn_background(serve(listener, handle, health, shutdown));
         Ok(Some(Ops { addr }))
     }
 }

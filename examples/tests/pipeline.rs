@@ -482,6 +482,76 @@ async fn sigterm_stops_binaries_cleanly() {
     assert_eq!(ch_counts(&table).await, (10, 10));
 }
 
+/// Invariant (a stuck stop is told from a clean one): a consumer whose
+/// ClickHouse stops answering mid-insert (its path blackholed) and that is
+/// then asked to stop exits after the drain timeout with code 124, not 0;
+/// what it was writing stays uncommitted, and a restarted consumer writes
+/// every event once.
+#[tokio::test]
+async fn a_drain_that_times_out_exits_non_zero() {
+    let table = unique("stuck");
+    let group = unique("g");
+    let upstream = tokio::net::lookup_host(clickhouse_url().trim_start_matches("http://"))
+        .await
+        .unwrap()
+        .find(|addr| addr.is_ipv4())
+        .unwrap();
+    let proxy = netfault::FaultProxy::start(upstream).await.unwrap();
+    let via_proxy = format!("http://127.0.0.1:{}", proxy.addr().port());
+    let bus = KafkaBus::new(kafka(&brokers())).unwrap();
+    let publish = |n: usize| {
+        let events: Vec<Event> = (0..n)
+            .map(|i| Event::new(table.clone(), format!("{{\"i\":{i}}}")).with_key(format!("k{i}")))
+            .collect();
+        let bus = &bus;
+        async move {
+            let deliveries = outbox_core::Bus::publish(bus, &events).await.unwrap();
+            assert!(deliveries.iter().all(|d| d.is_acknowledged()));
+        }
+    };
+    let consumer = |url: &str| {
+        command("consumer_to_clickhouse")
+            .args(["--topic", &table, "--clickhouse-table", &table])
+            .args(["--group-id", &group, "--format", "raw"])
+            .args(["--clickhouse-url", url, "--drain-timeout-secs", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    publish(20).await;
+    let mut stuck = consumer(&via_proxy);
+    within(Duration::from_secs(40), "the first rows", async {
+        while ch_query(&format!("EXISTS TABLE `{table}` FORMAT TabSeparated")).await != "1"
+            || ch_count(&table).await < 20
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    proxy.set(netfault::Fault::Blackhole, netfault::Fault::Blackhole);
+    publish(30).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stopped = std::time::Instant::now();
+    let status = terminate(&mut stuck, Duration::from_secs(20));
+    let took = stopped.elapsed();
+    println!("stuck consumer: exit={status:?} after {took:?} (drain timeout 2 s)");
+    assert_eq!(status.and_then(|s| s.code()), Some(124));
+    assert!(took < Duration::from_secs(6), "{took:?}");
+
+    let mut healthy = consumer(&clickhouse_url());
+    within(Duration::from_secs(40), "every row", async {
+        while ch_count(&table).await < 50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = terminate(&mut healthy, Duration::from_secs(15));
+    assert!(matches!(status, Some(s) if s.success()), "{status:?}");
+    assert_eq!(ch_counts(&table).await, (50, 50));
+}
+
 /// Bad input: an invalid identifier, wrong credentials and unreachable
 /// services each give a clear message naming the problem and a non-zero exit.
 #[tokio::test]

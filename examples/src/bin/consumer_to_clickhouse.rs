@@ -116,7 +116,8 @@ const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9465";
 async fn main() -> ExitCode {
     let cli: Cli = examples::parse_cli();
     init_tracing(&cli.log);
-    examples::exit_with(run(cli).await)
+    let drain = Duration::from_secs(cli.log.drain_timeout_secs);
+    examples::exit_with(examples::finish(run(cli).await, drain).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -174,7 +175,7 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
     let probe = outbox_kafka::LagProbe::new(&kafka, &cli.group.group_id, &cli.group.topic)?;
     let probe = std::sync::Arc::new(probe);
     let lag_topic = cli.group.topic.clone();
-    tokio::spawn(examples::every(
+    examples::spawn_background(examples::every(
         Duration::from_secs(cli.lag_interval_secs.max(1)),
         shutdown.clone(),
         move || {
@@ -211,7 +212,7 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
         lease = Some(owned_rx);
         let leases = PartitionLeases::new(pg, lease_config);
         let token = shutdown.clone();
-        tokio::spawn(async move {
+        examples::spawn_background(async move {
             if let Err(err) = leases.run(owned_tx, applied_rx, token.clone()).await {
                 tracing::error!(error = %err, "partition leases failed for good; stopping");
                 token.cancel();

@@ -89,7 +89,8 @@ const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 async fn main() -> ExitCode {
     let cli: Cli = examples::parse_cli();
     init_tracing(&cli.log);
-    examples::exit_with(run(cli).await)
+    let drain = Duration::from_secs(cli.log.drain_timeout_secs);
+    examples::exit_with(examples::finish(run(cli).await, drain).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -177,7 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let interval = Duration::from_secs(cli.backlog_interval_secs.max(1));
             let admin = outbox_pg::OutboxAdmin::new(&outbox_config)?;
             let (backlog_pool, backlog_target) = (pool.clone(), target.clone());
-            tokio::spawn(examples::every(interval, shutdown.clone(), move || {
+            examples::spawn_background(examples::every(interval, shutdown.clone(), move || {
                 let (pool, target, admin) =
                     (backlog_pool.clone(), backlog_target.clone(), admin.clone());
                 async move { report_backlog(&pool, &target, &admin).await }
