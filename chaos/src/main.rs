@@ -123,6 +123,45 @@ struct Proc {
     child: Option<Child>,
     stopped: bool,
     restart_at: Option<Instant>,
+    /// Its own paths to the services, each through a fault proxy.
+    paths: Vec<ServicePath>,
+}
+
+/// One process's path to one service: a proxy the harness can cut.
+struct ServicePath {
+    service: &'static str,
+    proxy: netfault::FaultProxy,
+    heal_at: Option<Instant>,
+}
+
+impl ServicePath {
+    async fn to(service: &'static str, upstream: &str) -> anyhow::Result<Self> {
+        let upstream = tokio::net::lookup_host(upstream)
+            .await
+            .with_context(|| format!("resolving {upstream}"))?
+            .find(std::net::SocketAddr::is_ipv4)
+            .with_context(|| format!("no IPv4 address for {upstream}"))?;
+        Ok(Self {
+            service,
+            proxy: netfault::FaultProxy::start(upstream).await?,
+            heal_at: None,
+        })
+    }
+
+    /// The environment that points a binary at this path.
+    fn env(&self) -> Vec<(String, String)> {
+        let port = self.proxy.addr().port().to_string();
+        match self.service {
+            "postgres" => vec![
+                ("OUTBOX_PG_HOST".into(), "127.0.0.1".into()),
+                ("OUTBOX_PG_PORT".into(), port),
+            ],
+            _ => vec![(
+                "OUTBOX_CLICKHOUSE_URL".into(),
+                format!("http://127.0.0.1:{port}"),
+            )],
+        }
+    }
 }
 
 impl Proc {
@@ -131,9 +170,11 @@ impl Proc {
             .create(true)
             .append(true)
             .open(&self.log)?;
+        let own: Vec<(String, String)> = self.paths.iter().flat_map(ServicePath::env).collect();
         let child = Command::new(&self.program)
             .args(&self.args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(own.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
             // Five binaries on one host: any free port for /metrics.
             .env("OUTBOX_METRICS_ADDR", "127.0.0.1:0")
@@ -189,6 +230,8 @@ struct Tally {
     unexpected_exits: u32,
     service_restarts: BTreeMap<&'static str, u32>,
     broker_panic_restarts: u32,
+    /// Paths cut (blackholed or reset), by process kind and service.
+    partitions: BTreeMap<String, u32>,
 }
 
 #[tokio::main]
@@ -318,8 +361,19 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
             );
         }
     }
-    let mut relays: Vec<Proc> = (0..3)
-        .map(|i| Proc {
+    // Every process reaches PostgreSQL (and a consumer ClickHouse) through
+    // a proxy of its own, so one process at a time can be cut off. Kafka is
+    // reached directly: a client reconnects to the broker's advertised
+    // address, so a proxy would not sit on its data path.
+    let pg_upstream = format!("{}:{}", cli.pg_host, cli.pg_port);
+    let ch_upstream = cli
+        .clickhouse_url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let mut relays: Vec<Proc> = Vec::new();
+    for i in 0..3 {
+        relays.push(Proc {
             label: format!("relay{i}"),
             program: relay_program.clone(),
             args: relay_args.clone(),
@@ -327,10 +381,12 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
             child: None,
             stopped: false,
             restart_at: None,
-        })
-        .collect();
-    let mut consumers: Vec<Proc> = (0..2)
-        .map(|i| Proc {
+            paths: vec![ServicePath::to("postgres", &pg_upstream).await?],
+        });
+    }
+    let mut consumers: Vec<Proc> = Vec::new();
+    for i in 0..2 {
+        consumers.push(Proc {
             label: format!("consumer{i}"),
             program: bin_dir.join("consumer_to_clickhouse"),
             args: [
@@ -359,8 +415,12 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
             child: None,
             stopped: false,
             restart_at: None,
-        })
-        .collect();
+            paths: vec![
+                ServicePath::to("postgres", &pg_upstream).await?,
+                ServicePath::to("clickhouse", &ch_upstream).await?,
+            ],
+        });
+    }
     for proc in relays.iter_mut().chain(consumers.iter_mut()) {
         proc.start(&env)?;
     }
@@ -391,6 +451,18 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
             .await?;
         let now = Instant::now();
         for proc in relays.iter_mut().chain(consumers.iter_mut()) {
+            for path in &mut proc.paths {
+                if path.heal_at.is_some_and(|at| at <= now) {
+                    path.proxy.set(netfault::Fault::Pass, netfault::Fault::Pass);
+                    path.heal_at = None;
+                    println!(
+                        "chaos: +{:>4}s healed {} -> {}",
+                        started.elapsed().as_secs(),
+                        proc.label,
+                        path.service
+                    );
+                }
+            }
             if proc.restart_at.is_none() && proc.exited() {
                 // Like a supervisor: a process that ended on its own is started again.
                 tally.unexpected_exits += 1;
@@ -406,7 +478,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
             }
         }
         match rng.u32(0..100) {
-            0..=34 => {
+            0..=27 => {
                 let relay = &mut relays[rng.usize(0..3)];
                 if relay.running() && !relay.stopped {
                     relay.kill();
@@ -420,7 +492,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
                     );
                 }
             }
-            35..=54 => {
+            28..=41 => {
                 let index = rng.usize(0..3);
                 let relay = &mut relays[index];
                 if relay.running() && !relay.stopped {
@@ -439,7 +511,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
                     relay.stopped = false;
                 }
             }
-            55..=79 => {
+            42..=61 => {
                 let consumer = &mut consumers[rng.usize(0..2)];
                 if consumer.running() {
                     consumer.kill();
@@ -459,6 +531,39 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
                     );
                 }
             }
+            62..=84 => {
+                // Cut one process from one service for longer than its
+                // claim or lease timeout: packets dropped (a blackhole,
+                // sockets left open) or connections reset.
+                let procs: Vec<&mut Proc> = relays.iter_mut().chain(consumers.iter_mut()).collect();
+                let count = procs.len();
+                let proc = procs.into_iter().nth(rng.usize(0..count));
+                if let Some(proc) = proc {
+                    let index = rng.usize(0..proc.paths.len());
+                    let path = &mut proc.paths[index];
+                    if path.heal_at.is_none() {
+                        let (fault, how) = if rng.u32(0..4) == 0 {
+                            (netfault::Fault::Reset, "reset")
+                        } else {
+                            (netfault::Fault::Blackhole, "blackhole")
+                        };
+                        let hold = CLAIM_TIMEOUT_SECS.max(LEASE_TIMEOUT_MS / 1000) + rng.u64(2..10);
+                        path.proxy.set(fault, fault);
+                        path.heal_at = Some(Instant::now() + Duration::from_secs(hold));
+                        let kind = proc.label.trim_end_matches(|c: char| c.is_ascii_digit());
+                        *tally
+                            .partitions
+                            .entry(format!("{kind}-{}-{how}", path.service))
+                            .or_default() += 1;
+                        println!(
+                            "chaos: +{:>4}s {how} {} -> {} for {hold}s",
+                            started.elapsed().as_secs(),
+                            proc.label,
+                            path.service
+                        );
+                    }
+                }
+            }
             _ if !cli.no_service_restarts => {
                 let service = ["kafka", "postgres", "clickhouse"][rng.usize(0..3)];
                 println!(
@@ -476,6 +581,10 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
     writing.store(false, Ordering::SeqCst);
     writer.await??;
     for proc in relays.iter_mut().chain(consumers.iter_mut()) {
+        for path in &mut proc.paths {
+            path.proxy.set(netfault::Fault::Pass, netfault::Fault::Pass);
+            path.heal_at = None;
+        }
         if proc.stopped {
             proc.signal("-CONT");
             proc.stopped = false;
@@ -638,7 +747,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         (false, false) => "DID-NOT-DRAIN",
     };
     println!(
-        "chaos: {verdict} seed={seed} duration={}s committed={} rolled_back={} in_clickhouse={} lost={lost} duplicated={duplicated} phantom={phantom} out_of_order={out_of_order} undelivered={undelivered} dead_letters={} relay_kills={} relay_stops={} consumer_kills={} consumer_long_pauses={} unexpected_exits={} service_restarts=[{}] broker_panic_restarts={} relay={} idempotence={}",
+        "chaos: {verdict} seed={seed} duration={}s committed={} rolled_back={} in_clickhouse={} lost={lost} duplicated={duplicated} phantom={phantom} out_of_order={out_of_order} undelivered={undelivered} dead_letters={} relay_kills={} relay_stops={} consumer_kills={} consumer_long_pauses={} unexpected_exits={} service_restarts=[{}] partitions=[{}] broker_panic_restarts={} relay={} idempotence={}",
         duration.as_secs(),
         committed.len(),
         rolled_back.load(Ordering::SeqCst),
@@ -650,6 +759,12 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         tally.long_pauses,
         tally.unexpected_exits,
         restarts.join(" "),
+        tally
+            .partitions
+            .iter()
+            .map(|(what, n)| format!("{what}={n}"))
+            .collect::<Vec<_>>()
+            .join(" "),
         tally.broker_panic_restarts,
         if cli.unsafe_relay { "unsafe" } else { "shipped" },
         if cli.kafka_idempotence { "on" } else { "off" },
