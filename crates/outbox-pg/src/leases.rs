@@ -178,6 +178,12 @@ impl PartitionLeases {
         }
     }
 
+    /// The `application_name` of this group's lease sessions, for finding
+    /// them in `pg_stat_activity` (one per live member).
+    pub fn application_name(&self) -> &str {
+        &self.application_name
+    }
+
     /// Keeps ownership until `shutdown`, publishing the granted partitions on
     /// `owned` and releasing a partition once `applied` no longer holds it.
     /// Connection failures are retried; while disconnected nothing is

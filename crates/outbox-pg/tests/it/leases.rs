@@ -96,16 +96,20 @@ async fn settle(members: &[&Member], expect: &[usize], limit: Duration) -> Vec<V
     }
 }
 
-/// The pid of the backend holding the lock of `partition` in any lease group.
-async fn holder_pid(partition: i32) -> i32 {
+/// The pid of the backend of `group` holding the lock of `partition` (other
+/// tests run lease groups of their own at the same time).
+async fn holder_pid(group: &str, partition: i32) -> i32 {
+    let app = PartitionLeases::new(pg_config(), PartitionLeaseConfig::new(group, "topic", 4))
+        .application_name()
+        .to_string();
     let pool = pg_config().create_pool().unwrap();
     let client = pool.get().await.unwrap();
     client
         .query_one(
             "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND granted \
              AND objid = $1::int::oid AND pid IN (SELECT pid FROM pg_stat_activity \
-             WHERE application_name LIKE 'outbox-consumer %') LIMIT 1",
-            &[&partition],
+             WHERE application_name = $2) LIMIT 1",
+            &[&partition, &app],
         )
         .await
         .unwrap()
@@ -147,7 +151,7 @@ async fn a_terminated_lease_session_is_revoked_at_once_and_taken_only_after_its_
     let lost = views[0].clone();
     let epoch_before = a.owned.borrow().epoch;
 
-    let pid = holder_pid(lost[0]).await;
+    let pid = holder_pid(&group, lost[0]).await;
     let admin = pg_config().create_pool().unwrap();
     let killed = Instant::now();
     admin
