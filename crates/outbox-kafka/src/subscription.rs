@@ -41,6 +41,8 @@ pub struct KafkaSubscription {
     fallback_offset: Offset,
     ownership: Option<Ownership>,
     generation: u64,
+    /// With broker-side groups: the assignment last seen, to notice a rebalance.
+    group_assignment: Option<Vec<(String, i32)>>,
 }
 
 /// The partitions this consumer may work, and the report of those it works.
@@ -128,6 +130,7 @@ impl KafkaSubscription {
             fallback_offset: fallback_offset(&config),
             ownership: None,
             generation: 0,
+            group_assignment: matches!(config.assignment, Assignment::Group).then(Vec::new),
         })
     }
 
@@ -190,6 +193,27 @@ impl KafkaSubscription {
             }
         });
         Ok(())
+    }
+
+    /// With a broker-side group, moves the generation when a rebalance
+    /// changed the assignment (a local call, no round trip).
+    fn notice_rebalance(&mut self) {
+        let Some(last) = self.group_assignment.as_mut() else {
+            return;
+        };
+        let Ok(list) = self.consumer.assignment() else {
+            return;
+        };
+        let mut now: Vec<(String, i32)> = list
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        now.sort();
+        if *last != now {
+            *last = now;
+            self.generation += 1;
+        }
     }
 
     /// The underlying rdkafka consumer, for inspection (assignment, lag).
@@ -303,6 +327,7 @@ impl Subscription for KafkaSubscription {
         max_wait: Duration,
     ) -> outbox_core::Result<Vec<Record>> {
         self.apply_ownership()?;
+        self.notice_rebalance();
         let mut records = Vec::new();
         let mut deadline = Instant::now() + max_wait;
         while records.len() < max_records {

@@ -65,6 +65,7 @@ pub struct ClickHouseSink<M: RowMapper> {
     config: ClickHouseConfig,
     mapper: M,
     partitions: HashMap<(String, i32), PartitionState>,
+    facts: ServerFacts,
 }
 
 /// What the sink knows of one partition since it last looked it up.
@@ -175,18 +176,59 @@ pub fn client_for(config: &ClickHouseConfig) -> Result<Client, SinkError> {
         .with_password(&config.password)
         .with_database(&config.database)
         .with_validation(false);
-    if let Some(cluster) = &config.cluster {
-        // An insert into a Distributed table is acknowledged only once every
-        // shard wrote its rows: what the sink acknowledges must be durable,
-        // and its position lookups must see it.
-        client = client.with_setting("insert_distributed_sync", "1");
-        if cluster.insert_quorum > 0 {
-            client = client
-                .with_setting("insert_quorum", cluster.insert_quorum.to_string())
-                .with_setting("select_sequential_consistency", "1");
-        }
+    for (name, value) in write_settings(config, &ServerFacts::default()) {
+        client = client.with_setting(name, value);
     }
     Ok(client)
+}
+
+/// What the sink learns of its server and table at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ServerFacts {
+    /// `(major, minor)` of `SELECT version()`; `(0, 0)` unknown.
+    pub version: (u32, u32),
+    /// Whether the data table is a `Distributed` table.
+    pub distributed_table: bool,
+}
+
+/// The settings every write and lookup of the sink runs with: what keeps an
+/// acknowledged insert durable where the lookups see it.
+///
+/// - An insert into a `Distributed` table (configured as a cluster, or found
+///   to be one) is acknowledged only once every shard wrote its rows
+///   (`insert_distributed_sync`); otherwise the server acknowledges rows it
+///   has only queued, and a lookup right after would miss them.
+/// - With `insert_quorum`, reads are sequentially consistent, so a lookup
+///   never reads a replica behind the last quorum insert; servers that can
+///   run quorum inserts in parallel (20.10 and later) are told not to, since
+///   sequential consistency only holds for sequential quorum inserts.
+pub(crate) fn write_settings(
+    config: &ClickHouseConfig,
+    facts: &ServerFacts,
+) -> Vec<(&'static str, String)> {
+    let mut settings = Vec::new();
+    if config.cluster.is_some() || facts.distributed_table {
+        settings.push(("insert_distributed_sync", "1".to_string()));
+    }
+    if let Some(cluster) = &config.cluster {
+        if cluster.insert_quorum > 0 {
+            settings.push(("insert_quorum", cluster.insert_quorum.to_string()));
+            settings.push(("select_sequential_consistency", "1".to_string()));
+            if facts.version >= (20, 10) {
+                settings.push(("insert_quorum_parallel", "0".to_string()));
+            }
+        }
+    }
+    settings
+}
+
+/// `(major, minor)` of a ClickHouse version string such as `18.16.1`.
+fn parse_version(text: &str) -> (u32, u32) {
+    let mut parts = text
+        .trim()
+        .split('.')
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
 /// Runs `SELECT 1` on the server of `config`, with a classified error
@@ -215,12 +257,64 @@ impl<M: RowMapper> ClickHouseSink<M> {
             config,
             mapper,
             partitions: HashMap::new(),
+            facts: ServerFacts::default(),
         };
         sink.check_connection().await?;
         if sink.config.create_tables {
             sink.create_tables().await?;
         }
+        let facts = sink.server_facts().await?;
+        let mut sink = sink;
+        sink.facts = facts.clone();
+        let defaults = write_settings(&sink.config, &ServerFacts::default());
+        for (name, value) in write_settings(&sink.config, &facts) {
+            if !defaults.iter().any(|(n, _)| *n == name) {
+                sink.client = sink.client.with_setting(name, value);
+            }
+        }
+        if facts.distributed_table && sink.config.cluster.is_none() {
+            warn!(
+                table = %sink.table_ref(),
+                "the table is Distributed but no cluster is configured: inserts wait for every shard \
+                 (insert_distributed_sync=1); configure the cluster so lookups and DDL know it"
+            );
+        }
         Ok(sink)
+    }
+
+    /// The settings its inserts and lookups run with, as decided at start
+    /// from the configuration, the server's version and the table's engine.
+    pub fn write_settings(&self) -> Vec<(&'static str, String)> {
+        write_settings(&self.config, &self.facts)
+    }
+
+    /// The server's version and whether the data table is `Distributed`.
+    /// `SHOW CREATE TABLE`, not `system.tables`: ClickHouse 18 fails a scan
+    /// of `system.tables` when another client drops a table it lists.
+    async fn server_facts(&self) -> Result<ServerFacts, SinkError> {
+        let version = bounded(
+            &self.config,
+            "version check",
+            self.client.query("SELECT version()").fetch_one::<String>(),
+        )
+        .await?;
+        let create = bounded(
+            &self.config,
+            "table check",
+            self.client
+                .query(&format!("SHOW CREATE TABLE {}", self.table_ref()))
+                .fetch_optional::<String>(),
+        )
+        .await;
+        // A table created later by someone else is looked at on the next start.
+        let distributed_table = match create {
+            Ok(Some(ddl)) => ddl.contains("ENGINE = Distributed"),
+            Ok(None) | Err(_) => false,
+        };
+        Ok(ServerFacts {
+            version: parse_version(&version),
+            distributed_table,
+        })
     }
 
     /// Runs `SELECT 1` (see [`check_connection`]).
@@ -790,6 +884,60 @@ async fn bounded<T>(
 }
 
 #[cfg(test)]
+mod settings_tests {
+    use super::*;
+    use crate::ClusterConfig;
+
+    fn names(config: &ClickHouseConfig, facts: &ServerFacts) -> Vec<String> {
+        write_settings(config, facts)
+            .into_iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect()
+    }
+
+    #[test]
+    fn distributed_inserts_wait_for_the_shards_and_quorum_reads_are_sequential() {
+        let one_server = ClickHouseConfig::default();
+        assert!(names(&one_server, &ServerFacts::default()).is_empty());
+        let found_distributed = ServerFacts {
+            version: (18, 16),
+            distributed_table: true,
+        };
+        assert_eq!(
+            names(&one_server, &found_distributed),
+            ["insert_distributed_sync=1"]
+        );
+        let quorum = ClickHouseConfig {
+            cluster: Some(ClusterConfig {
+                insert_quorum: 2,
+                ..ClusterConfig::new("c")
+            }),
+            ..ClickHouseConfig::default()
+        };
+        let old = ServerFacts {
+            version: (18, 16),
+            distributed_table: true,
+        };
+        assert_eq!(
+            names(&quorum, &old),
+            [
+                "insert_distributed_sync=1",
+                "insert_quorum=2",
+                "select_sequential_consistency=1"
+            ]
+        );
+        let current = ServerFacts {
+            version: (26, 9),
+            distributed_table: true,
+        };
+        assert!(names(&quorum, &current).contains(&"insert_quorum_parallel=0".to_string()));
+        assert_eq!(parse_version("18.16.1"), (18, 16));
+        assert_eq!(parse_version("26.9.2.1"), (26, 9));
+        assert_eq!(parse_version("garbage"), (0, 0));
+    }
+}
+
+#[cfg(test)]
 mod identity_tests {
     use super::same_event;
 
@@ -826,6 +974,7 @@ mod ddl_tests {
             config,
             mapper: RawEventMapper,
             partitions: HashMap::new(),
+            facts: ServerFacts::default(),
         })
     }
 

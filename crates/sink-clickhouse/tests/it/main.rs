@@ -380,6 +380,21 @@ async fn cluster_tables_write_through_distributed_exactly_once() {
     let mut sink = ClickHouseSink::new(cfg.clone(), RawEventMapper)
         .await
         .unwrap();
+    // The same Distributed table named without its cluster: found, and
+    // written synchronously all the same.
+    let unaware = ClickHouseSink::new(
+        ClickHouseConfig {
+            create_tables: false,
+            ..config("cluster")
+        },
+        RawEventMapper,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        unaware.write_settings(),
+        vec![("insert_distributed_sync", "1".to_string())]
+    );
     let first = sink.write(&batch).await.unwrap();
     drop(sink);
     let mut restarted = ClickHouseSink::new(cfg.clone(), RawEventMapper)
