@@ -19,13 +19,16 @@ DURATION ?= 150s
 SEED ?=
 SIZE ?= full
 
-.PHONY: bench chaos help demo test stack-up stack-down stack-status stack-reset build fmt clippy unit
+FUZZ_SECONDS ?= 120
+
+.PHONY: bench chaos fuzz help demo test stack-up stack-down stack-status stack-reset build fmt clippy unit
 
 help:
 	@echo "make demo        run the demo pipeline end to end and show the ClickHouse rows"
 	@echo "make test        stack up, cargo fmt --check, clippy, all tests (KEEP_STACK=1 keeps the stack)"
 	@echo "make chaos       attack the pipeline (DURATION=150s, SEED=…) and verify it; see chaos/README.md"
 	@echo "make bench       measure raw limits, the original design and ours (SIZE=small|full); see docs/performance.md"
+	@echo "make fuzz        run every fuzz target for FUZZ_SECONDS (120) each; see fuzz/README.md"
 	@echo "make stack-up    start PostgreSQL, Kafka (tansu) and ClickHouse (installs what is missing)"
 	@echo "make stack-down  stop them; make stack-reset also deletes their data"
 
@@ -51,6 +54,9 @@ chaos:
 	@scripts/stack.sh up
 	cargo build -q -p examples -p chaos --bins
 	cargo run -q -p chaos -- --duration $(DURATION) $(if $(SEED),--seed $(SEED),)
+
+fuzz:
+	@scripts/fuzz.sh run $(FUZZ_SECONDS)
 
 bench:
 	@scripts/stack.sh up
@@ -78,4 +84,5 @@ test:
 	echo "== benchmark smoke run (checks it runs and reports; asserts no figure)"; \
 	cargo build -p bench --bins $(FEATURES); \
 	cargo test -p bench --all-targets $(FEATURES) -- --nocapture; \
-	echo "== doc tests"; cargo test --workspace --doc $(FEATURES)
+	echo "== doc tests"; cargo test --workspace --doc $(FEATURES); \
+	echo "== fuzz smoke (10 s per target)"; scripts/fuzz.sh smoke
