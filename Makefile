@@ -36,6 +36,7 @@ stack-up:
 	@scripts/stack.sh up
 
 stack-down:
+	@scripts/cluster.sh down
 	@scripts/stack.sh down
 
 stack-status:
@@ -71,8 +72,9 @@ clippy:
 
 test:
 	@set -euo pipefail; \
-	if [ "$${KEEP_STACK:-0}" != "1" ]; then trap 'scripts/stack.sh down' EXIT; fi; \
+	if [ "$${KEEP_STACK:-0}" != "1" ]; then trap 'scripts/cluster.sh down; scripts/stack.sh down' EXIT; fi; \
 	scripts/stack.sh up; \
+	scripts/cluster.sh up; \
 	echo "== cargo fmt --check"; cargo fmt --all -- --check; \
 	echo "== cargo clippy"; cargo clippy --workspace --all-targets $(FEATURES) -- -D warnings; \
 	echo "== cargo test"; cargo test --workspace --all-targets $(FEATURES) --exclude examples --exclude chaos --exclude bench; \

@@ -257,10 +257,11 @@ pub struct ClickHouseArgs {
         action = clap::ArgAction::Set
     )]
     pub clickhouse_replicated: bool,
-    /// With replicas: insert_quorum of every insert; set it to the replicas
-    /// per shard so that a lookup never reads a lagging replica. 0: off.
-    #[arg(long, env = "OUTBOX_CLICKHOUSE_INSERT_QUORUM", default_value_t = 0)]
-    pub clickhouse_insert_quorum: u32,
+    /// With replicas: insert_quorum of every insert (and sequentially
+    /// consistent lookups); absent: the replicas per shard, from the
+    /// cluster's definition. 0 or 1: off.
+    #[arg(long, env = "OUTBOX_CLICKHOUSE_INSERT_QUORUM")]
+    pub clickhouse_insert_quorum: Option<u32>,
 }
 
 impl ClickHouseArgs {

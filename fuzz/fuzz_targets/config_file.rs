@@ -26,7 +26,8 @@ fuzz_target!(|data: &[u8]| {
     if std::fs::write(&path, data).is_err() {
         return;
     }
-    let parsed = examples::try_parse_from::<Cli, _, _>(["fuzz", "--config", &path.to_string_lossy()]);
+    let parsed =
+        examples::try_parse_from::<Cli, _, _>(["fuzz", "--config", &path.to_string_lossy()]);
     if let Ok(cli) = parsed {
         let _ = cli.clickhouse.config();
         let _ = cli.kafka.config("fuzz");

@@ -11,8 +11,14 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(name) = outbox_pg::SqlName::parse(text) {
         let rendered = name.to_string();
         // Quoted parts of letters, digits and '_' only, joined by one '.'.
-        let inner: String = rendered.chars().filter(|c| *c != '"' && *c != '.').collect();
-        assert!(inner.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{rendered}");
+        let inner: String = rendered
+            .chars()
+            .filter(|c| *c != '"' && *c != '.')
+            .collect();
+        assert!(
+            inner.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "{rendered}"
+        );
         assert_eq!(rendered.matches('"').count() % 2, 0, "{rendered}");
         assert_eq!(outbox_pg::SqlName::parse(&name.plain()).ok(), Some(name));
     }

@@ -75,7 +75,7 @@ pub struct ClickHouseConfig {
 ///
 /// let config = ClickHouseConfig {
 ///     cluster: Some(ClusterConfig {
-///         insert_quorum: 2, // two replicas per shard
+///         insert_quorum: Some(2), // two replicas per shard; None: found from the cluster
 ///         ..ClusterConfig::new("analytics")
 ///     }),
 ///     ..ClickHouseConfig::default()
@@ -97,11 +97,13 @@ pub struct ClusterConfig {
     /// Suffix of the local tables' names. Default: `_local`.
     pub local_suffix: String,
     /// With replicas: `insert_quorum` for every insert, and sequentially
-    /// consistent reads. Set it to the number of replicas per shard: a
-    /// lookup that reads a replica lagging behind would not see rows
-    /// already written and write them again. 0 turns it off (one replica
-    /// per shard). Default: 0.
-    pub insert_quorum: u32,
+    /// consistent reads, so that a lookup never reads a replica lagging
+    /// behind rows already written (it would write them again: the cluster
+    /// tests show it). `None`: the replicas per shard, read from
+    /// `system.clusters` at start (the fewest of any shard; a warning when
+    /// shards differ, since one quorum applies to every shard). `Some(0)` or
+    /// `Some(1)`: off. Default: `None`.
+    pub insert_quorum: Option<u32>,
 }
 
 impl ClusterConfig {
@@ -112,7 +114,7 @@ impl ClusterConfig {
             on_cluster: true,
             replicated: true,
             local_suffix: "_local".into(),
-            insert_quorum: 0,
+            insert_quorum: None,
         }
     }
 }

@@ -189,6 +189,8 @@ pub(crate) struct ServerFacts {
     pub version: (u32, u32),
     /// Whether the data table is a `Distributed` table.
     pub distributed_table: bool,
+    /// Replicas of each shard of the configured cluster (`system.clusters`).
+    pub replicas_per_shard: Vec<u32>,
 }
 
 /// The settings every write and lookup of the sink runs with: what keeps an
@@ -211,8 +213,16 @@ pub(crate) fn write_settings(
         settings.push(("insert_distributed_sync", "1".to_string()));
     }
     if let Some(cluster) = &config.cluster {
-        if cluster.insert_quorum > 0 {
-            settings.push(("insert_quorum", cluster.insert_quorum.to_string()));
+        let quorum = match cluster.insert_quorum {
+            Some(quorum) => quorum,
+            None if cluster.replicated => {
+                facts.replicas_per_shard.iter().copied().min().unwrap_or(0)
+            }
+            None => 0,
+        };
+        // ClickHouse treats a quorum below 2 as no quorum.
+        if quorum >= 2 {
+            settings.push(("insert_quorum", quorum.to_string()));
             settings.push(("select_sequential_consistency", "1".to_string()));
             if facts.version >= (20, 10) {
                 settings.push(("insert_quorum_parallel", "0".to_string()));
@@ -311,9 +321,43 @@ impl<M: RowMapper> ClickHouseSink<M> {
             Ok(Some(ddl)) => ddl.contains("ENGINE = Distributed"),
             Ok(None) | Err(_) => false,
         };
+        let mut replicas_per_shard = Vec::new();
+        if let Some(cluster) = &self.config.cluster {
+            let counts = bounded(
+                &self.config,
+                "cluster lookup",
+                self.client
+                    .query(
+                        "SELECT toUInt32(count()) FROM system.clusters WHERE cluster = ? \
+                         GROUP BY shard_num ORDER BY shard_num",
+                    )
+                    .bind(&cluster.name)
+                    .fetch_all::<u32>(),
+            )
+            .await?;
+            if counts.is_empty() {
+                return Err(SinkError::Config(format!(
+                    "cluster {:?} is not defined on {} (remote_servers in the server's config)",
+                    cluster.name, self.config.url
+                )));
+            }
+            if cluster.replicated
+                && cluster.insert_quorum.is_none()
+                && counts.iter().min() != counts.iter().max()
+            {
+                warn!(
+                    cluster = %cluster.name,
+                    replicas_per_shard = ?counts,
+                    "shards have different numbers of replicas: one insert_quorum applies to all, so the \
+                     fewest is used and a lookup may read a lagging replica of a larger shard"
+                );
+            }
+            replicas_per_shard = counts;
+        }
         Ok(ServerFacts {
             version: parse_version(&version),
             distributed_table,
+            replicas_per_shard,
         })
     }
 
@@ -902,6 +946,7 @@ mod settings_tests {
         let found_distributed = ServerFacts {
             version: (18, 16),
             distributed_table: true,
+            ..ServerFacts::default()
         };
         assert_eq!(
             names(&one_server, &found_distributed),
@@ -909,7 +954,7 @@ mod settings_tests {
         );
         let quorum = ClickHouseConfig {
             cluster: Some(ClusterConfig {
-                insert_quorum: 2,
+                insert_quorum: Some(2),
                 ..ClusterConfig::new("c")
             }),
             ..ClickHouseConfig::default()
@@ -917,6 +962,7 @@ mod settings_tests {
         let old = ServerFacts {
             version: (18, 16),
             distributed_table: true,
+            ..ServerFacts::default()
         };
         assert_eq!(
             names(&quorum, &old),
@@ -929,8 +975,27 @@ mod settings_tests {
         let current = ServerFacts {
             version: (26, 9),
             distributed_table: true,
+            ..ServerFacts::default()
         };
         assert!(names(&quorum, &current).contains(&"insert_quorum_parallel=0".to_string()));
+        // Found from the cluster: the fewest replicas of any shard; 1 is no quorum.
+        let auto = ClickHouseConfig {
+            cluster: Some(ClusterConfig::new("c")),
+            ..ClickHouseConfig::default()
+        };
+        let two_replicas = ServerFacts {
+            version: (18, 16),
+            replicas_per_shard: vec![2, 2],
+            ..ServerFacts::default()
+        };
+        assert!(names(&auto, &two_replicas).contains(&"insert_quorum=2".to_string()));
+        let uneven = ServerFacts {
+            replicas_per_shard: vec![2, 1],
+            ..two_replicas.clone()
+        };
+        assert!(!names(&auto, &uneven)
+            .iter()
+            .any(|s| s.starts_with("insert_quorum")));
         assert_eq!(parse_version("18.16.1"), (18, 16));
         assert_eq!(parse_version("26.9.2.1"), (26, 9));
         assert_eq!(parse_version("garbage"), (0, 0));
