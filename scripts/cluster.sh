@@ -20,6 +20,9 @@ DIR="${STACK_DIR:-$ROOT/.stack}/cluster"
 ZK_PORT="${ZK_PORT:-2182}"
 ZK_DIR="$DIR/zookeeper"
 
+# shellcheck source=scripts/clickhouse-users.sh
+. "$ROOT/scripts/clickhouse-users.sh"
+
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi; }
@@ -134,34 +137,7 @@ ch_config() {
     <distributed_ddl><path>/clickhouse/task_queue/ddl</path></distributed_ddl>
 </yandex>
 EOF
-  cat >"$dir/users.xml" <<'EOF'
-<?xml version="1.0"?>
-<yandex>
-    <profiles>
-        <default>
-            <max_memory_usage>4000000000</max_memory_usage>
-            <load_balancing>random</load_balancing>
-        </default>
-    </profiles>
-    <users>
-        <default>
-            <password></password>
-            <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
-            <profile>default</profile>
-            <quota>default</quota>
-        </default>
-        <user>
-            <password>strongpassword</password>
-            <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
-            <profile>default</profile>
-            <quota>default</quota>
-        </user>
-    </users>
-    <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors>
-        <result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time>
-    </interval></default></quotas>
-</yandex>
-EOF
+  write_clickhouse_users "$dir/users.xml" 4000000000
 }
 
 ch_start() {

@@ -37,6 +37,9 @@ TLS_DIR="$STACK_DIR/tls"
 TANSU_VERSION="0.6.0"
 TANSU_BIN="$OUTBOX_CACHE/tansu-$TANSU_VERSION/bin/tansu"
 
+# shellcheck source=scripts/clickhouse-users.sh
+. "$ROOT/scripts/clickhouse-users.sh"
+
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
 
@@ -535,43 +538,7 @@ ch_config() {
     <default_session_timeout>60</default_session_timeout>
 </yandex>
 EOF
-  cat >"$CH_DIR/users.xml" <<'EOF'
-<?xml version="1.0"?>
-<yandex>
-    <profiles>
-        <default>
-            <max_memory_usage>10000000000</max_memory_usage>
-            <load_balancing>random</load_balancing>
-        </default>
-    </profiles>
-    <users>
-        <default>
-            <password></password>
-            <networks><ip>::1</ip><ip>127.0.0.1</ip></networks>
-            <profile>default</profile>
-            <quota>default</quota>
-        </default>
-        <user>
-            <password>strongpassword</password>
-            <networks><ip>::1</ip><ip>127.0.0.1</ip></networks>
-            <profile>default</profile>
-            <quota>default</quota>
-        </user>
-    </users>
-    <quotas>
-        <default>
-            <interval>
-                <duration>3600</duration>
-                <queries>0</queries>
-                <errors>0</errors>
-                <result_rows>0</result_rows>
-                <read_rows>0</read_rows>
-                <execution_time>0</execution_time>
-            </interval>
-        </default>
-    </quotas>
-</yandex>
-EOF
+  write_clickhouse_users "$CH_DIR/users.xml" 10000000000
 }
 
 ch_up() {

@@ -269,3 +269,47 @@ async fn a_member_cut_off_from_postgres_stops_before_its_partitions_move() {
     a.stop.cancel();
     b.stop.cancel();
 }
+
+/// Invariants (one writer per partition, no stalled partition): members of a
+/// group split the partitions fairly and never own one twice; a newcomer
+/// gets partitions only after their owner stopped working them; a member
+/// that stops (or dies) has its partitions taken over within the session
+/// timeout.
+#[tokio::test]
+async fn partition_leases_share_and_hand_over() {
+    let group = format!("g{}", uuid::Uuid::now_v7().simple());
+    let a = member(&group, pg_config());
+    let b = member(&group, pg_config());
+    let views = settle(&[&a, &b], &[2, 2], Duration::from_secs(10)).await;
+    let mut all: Vec<i32> = views.concat();
+    all.sort();
+    assert_eq!(
+        all,
+        vec![0, 1, 2, 3],
+        "each partition exactly once: {views:?}"
+    );
+
+    // A newcomer: partitions move only when their owner reports it stopped working them.
+    let c = member(&group, pg_config());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        c.owned.borrow().partitions.is_empty(),
+        "taken before the owners let go"
+    );
+    let views = settle(&[&a, &b, &c], &[1, 1, 2], Duration::from_secs(10)).await;
+    println!("three members: {views:?}");
+    let mut all: Vec<i32> = views.concat();
+    all.sort();
+    assert_eq!(all, vec![0, 1, 2, 3]);
+
+    // A member stops for good: the others take its partitions.
+    let started = std::time::Instant::now();
+    a.stop.cancel();
+    let views = settle(&[&b, &c], &[2, 2], Duration::from_secs(10)).await;
+    println!("after one left: {views:?} in {:?}", started.elapsed());
+    let mut all: Vec<i32> = views.concat();
+    all.sort();
+    assert_eq!(all, vec![0, 1, 2, 3]);
+    b.stop.cancel();
+    c.stop.cancel();
+}
