@@ -20,13 +20,11 @@ DIR="${STACK_DIR:-$ROOT/.stack}/cluster"
 ZK_PORT="${ZK_PORT:-2182}"
 ZK_DIR="$DIR/zookeeper"
 
-# shellcheck source=scripts/clickhouse-users.sh
-. "$ROOT/scripts/clickhouse-users.sh"
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
-as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi; }
-pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
 
 install_packages() {
   local missing=()
@@ -42,14 +40,6 @@ install_packages() {
   }
 }
 
-stop_pid() {
-  local pid="$1" i
-  pid_alive "$pid" || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 300; i++)); do pid_alive "$pid" || return 0; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-}
-
 zk_ready() {
   local answer
   answer="$( (exec 3<>"/dev/tcp/127.0.0.1/$ZK_PORT" && printf 'ruok' >&3 && timeout 2 cat <&3) 2>/dev/null || true)"
@@ -59,6 +49,7 @@ zk_ready() {
 zk_up() {
   mkdir -p "$ZK_DIR/data"
   if pid_alive "$(cat "$ZK_DIR/pid" 2>/dev/null || true)" && zk_ready; then return 0; fi
+  free_port "$ZK_PORT" zookeeper
   log "starting zookeeper on 127.0.0.1:$ZK_PORT"
   (cd "$ZK_DIR" && exec setsid java -Xmx256m -Dzookeeper.4lw.commands.whitelist=ruok \
     -cp /etc/zookeeper/conf_example:/usr/share/java/zookeeper.jar \
@@ -144,6 +135,8 @@ ch_start() {
   local n="$1" dir="$DIR/ch$1" i
   if pid_alive "$(cat "$dir/pid" 2>/dev/null || true)" && ch_ready "$n"; then return 0; fi
   ch_config "$n"
+  local port
+  for port in "$(http_port "$n")" "$(tcp_port "$n")" "904$n"; do free_port "$port" "clickhouse ch$n"; done
   log "starting clickhouse ch$n (shard $(shard_of "$n")) on 127.0.0.1:$(http_port "$n")"
   (cd "$dir" && exec setsid clickhouse-server --config-file="$dir/config.xml" \
     >>"$dir/log/stdout.log" 2>&1 </dev/null) &
@@ -163,7 +156,7 @@ ch_wait() {
 
 ch_stop() {
   local dir="$DIR/ch$1"
-  stop_pid "$(cat "$dir/pid" 2>/dev/null || true)"
+  stop_pid "$(cat "$dir/pid" 2>/dev/null || true)" 30
   rm -f "$dir/pid"
 }
 
