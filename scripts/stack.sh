@@ -238,6 +238,13 @@ build_deps() {
   fi
 }
 
+# The chaos harness cuts a client's path to Kafka in the kernel's packet
+# filter (a proxy cannot sit on it: clients reconnect to the broker's
+# advertised address).
+test_tools() {
+  command -v iptables >/dev/null || apt_install iptables
+}
+
 # ---------------------------------------------------------------------- TLS
 
 tls_up() {
@@ -557,6 +564,7 @@ case "${1:-}" in
   up)
     mkdir -p "$STACK_DIR"
     build_deps
+    test_tools
     pg_up
     kafka_up
     ch_up

@@ -3,6 +3,7 @@
 //! per-key order from the real stores, and exits non-zero on a violation.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -93,6 +94,19 @@ const CLAIM_TIMEOUT_SECS: u64 = 5;
 /// A consumer's partitions move after this long.
 const LEASE_TIMEOUT_MS: u64 = 4000;
 const KEYS: usize = 32;
+/// Group ids the relays and consumers run with (the packet filter tells
+/// their connections apart by them).
+const RELAY_GID: u32 = 4300;
+const CONSUMER_GID: u32 = 4310;
+
+/// The port of the first broker of `brokers` (`host:port,…`).
+fn kafka_port(brokers: &str) -> anyhow::Result<u16> {
+    let first = brokers.split(',').next().unwrap_or_default().trim();
+    first
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .with_context(|| format!("no port in the broker address {first:?}"))
+}
 
 fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     let text = text.trim();
@@ -123,15 +137,27 @@ struct Proc {
     child: Option<Child>,
     stopped: bool,
     restart_at: Option<Instant>,
-    /// Its own paths to the services, each through a fault proxy.
+    /// Its own paths to the services, each of which can be cut.
     paths: Vec<ServicePath>,
+    /// The group id it runs with, which tells its packets apart.
+    gid: u32,
 }
 
-/// One process's path to one service: a proxy the harness can cut.
+/// One process's path to one service, which the harness can cut.
 struct ServicePath {
     service: &'static str,
-    proxy: netfault::FaultProxy,
+    cut: Cut,
     heal_at: Option<Instant>,
+}
+
+/// How a path is cut.
+enum Cut {
+    /// A proxy of the process's own, which the binary is pointed at.
+    Proxy(netfault::FaultProxy),
+    /// The kernel's packet filter, by the process's group id: a Kafka
+    /// client reconnects to the broker's advertised address, so a proxy
+    /// would not sit on its data path.
+    Filter(Arc<netfault::PacketFilter>, u32),
 }
 
 impl ServicePath {
@@ -143,14 +169,48 @@ impl ServicePath {
             .with_context(|| format!("no IPv4 address for {upstream}"))?;
         Ok(Self {
             service,
-            proxy: netfault::FaultProxy::start(upstream).await?,
+            cut: Cut::Proxy(netfault::FaultProxy::start(upstream).await?),
             heal_at: None,
         })
     }
 
+    /// The path to the broker of a process running with group id `gid`.
+    fn kafka(filter: &Arc<netfault::PacketFilter>, gid: u32) -> anyhow::Result<Self> {
+        filter.track(gid)?;
+        Ok(Self {
+            service: "kafka",
+            cut: Cut::Filter(filter.clone(), gid),
+            heal_at: None,
+        })
+    }
+
+    /// The faults this path can be cut with.
+    fn faults(&self) -> &'static [(netfault::Fault, &'static str)] {
+        match self.cut {
+            Cut::Proxy(_) => &[
+                (netfault::Fault::Blackhole, "blackhole"),
+                (netfault::Fault::Blackhole, "blackhole"),
+                (netfault::Fault::Blackhole, "blackhole"),
+                (netfault::Fault::Reset, "reset"),
+            ],
+            Cut::Filter(..) => &[(netfault::Fault::Blackhole, "blackhole")],
+        }
+    }
+
+    fn set(&self, fault: netfault::Fault) -> anyhow::Result<()> {
+        match &self.cut {
+            Cut::Proxy(proxy) => proxy.set(fault, fault),
+            Cut::Filter(filter, gid) => filter.set(*gid, fault)?,
+        }
+        Ok(())
+    }
+
     /// The environment that points a binary at this path.
     fn env(&self) -> Vec<(String, String)> {
-        let port = self.proxy.addr().port().to_string();
+        let Cut::Proxy(proxy) = &self.cut else {
+            return Vec::new();
+        };
+        let port = proxy.addr().port().to_string();
         match self.service {
             "postgres" => vec![
                 ("OUTBOX_PG_HOST".into(), "127.0.0.1".into()),
@@ -172,6 +232,7 @@ impl Proc {
             .open(&self.log)?;
         let own: Vec<(String, String)> = self.paths.iter().flat_map(ServicePath::env).collect();
         let child = Command::new(&self.program)
+            .gid(self.gid)
             .args(&self.args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(own.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -363,8 +424,14 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
     }
     // Every process reaches PostgreSQL (and a consumer ClickHouse) through
     // a proxy of its own, so one process at a time can be cut off. Kafka is
-    // reached directly: a client reconnects to the broker's advertised
-    // address, so a proxy would not sit on its data path.
+    // reached directly (a client reconnects to the broker's advertised
+    // address, so a proxy would not sit on its data path): each process
+    // runs with a group id of its own, by which the packet filter cuts it.
+    let kafka_port = kafka_port(&cli.kafka_brokers)?;
+    let filter = Arc::new(
+        netfault::PacketFilter::install("OUTBOX_CHAOS", kafka_port)
+            .context("the harness cuts Kafka paths in the packet filter")?,
+    );
     let pg_upstream = format!("{}:{}", cli.pg_host, cli.pg_port);
     let ch_upstream = cli
         .clickhouse_url
@@ -381,7 +448,11 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
             child: None,
             stopped: false,
             restart_at: None,
-            paths: vec![ServicePath::to("postgres", &pg_upstream).await?],
+            paths: vec![
+                ServicePath::to("postgres", &pg_upstream).await?,
+                ServicePath::kafka(&filter, RELAY_GID + i)?,
+            ],
+            gid: RELAY_GID + i,
         });
     }
     let mut consumers: Vec<Proc> = Vec::new();
@@ -418,7 +489,9 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
             paths: vec![
                 ServicePath::to("postgres", &pg_upstream).await?,
                 ServicePath::to("clickhouse", &ch_upstream).await?,
+                ServicePath::kafka(&filter, CONSUMER_GID + i)?,
             ],
+            gid: CONSUMER_GID + i,
         });
     }
     for proc in relays.iter_mut().chain(consumers.iter_mut()) {
@@ -453,7 +526,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         for proc in relays.iter_mut().chain(consumers.iter_mut()) {
             for path in &mut proc.paths {
                 if path.heal_at.is_some_and(|at| at <= now) {
-                    path.proxy.set(netfault::Fault::Pass, netfault::Fault::Pass);
+                    path.set(netfault::Fault::Pass)?;
                     path.heal_at = None;
                     println!(
                         "chaos: +{:>4}s healed {} -> {}",
@@ -542,13 +615,10 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
                     let index = rng.usize(0..proc.paths.len());
                     let path = &mut proc.paths[index];
                     if path.heal_at.is_none() {
-                        let (fault, how) = if rng.u32(0..4) == 0 {
-                            (netfault::Fault::Reset, "reset")
-                        } else {
-                            (netfault::Fault::Blackhole, "blackhole")
-                        };
+                        let faults = path.faults();
+                        let (fault, how) = faults[rng.usize(0..faults.len())];
                         let hold = CLAIM_TIMEOUT_SECS.max(LEASE_TIMEOUT_MS / 1000) + rng.u64(2..10);
-                        path.proxy.set(fault, fault);
+                        path.set(fault)?;
                         path.heal_at = Some(Instant::now() + Duration::from_secs(hold));
                         let kind = proc.label.trim_end_matches(|c: char| c.is_ascii_digit());
                         *tally
@@ -582,7 +652,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
     writer.await??;
     for proc in relays.iter_mut().chain(consumers.iter_mut()) {
         for path in &mut proc.paths {
-            path.proxy.set(netfault::Fault::Pass, netfault::Fault::Pass);
+            path.set(netfault::Fault::Pass)?;
             path.heal_at = None;
         }
         if proc.stopped {

@@ -3,7 +3,7 @@
 
 /// The guide `docs/extending.md`, whose code is compiled as doc tests.
 #[cfg(doctest)]
-#[doc = include_str!("../../../docs/extending.md")]
+#[doc = include_str!("../../docs/extending.md")]
 pub struct ExtendingGuide;
 
 use std::collections::HashMap;

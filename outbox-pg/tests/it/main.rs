@@ -22,7 +22,7 @@ use outbox_pg::{
 
 #[test]
 fn init_sql_holds_the_generated_schema() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../init.sql");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../init.sql");
     let text = std::fs::read_to_string(path).unwrap();
     let begin = "-- BEGIN outbox schema";
     let end = "-- END outbox schema";

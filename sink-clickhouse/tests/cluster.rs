@@ -238,7 +238,7 @@ async fn a_lagging_replica_is_never_read_with_the_quorum_it_finds() {
 }
 
 fn cluster_script(args: &[&str]) {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/cluster.sh");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/cluster.sh");
     let status = std::process::Command::new(script)
         .args(args)
         .status()

@@ -16,9 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 fn tls_file(name: &str) -> PathBuf {
     let dir = std::env::var("OUTBOX_TLS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../.stack/tls"))
-        });
+        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.stack/tls")));
     dir.join(name)
 }
 

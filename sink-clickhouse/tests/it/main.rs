@@ -272,7 +272,7 @@ fn tls_file(name: &str) -> std::path::PathBuf {
     let dir = std::env::var("OUTBOX_TLS_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| {
-            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../.stack/tls"))
+            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.stack/tls"))
         });
     dir.join(name)
 }
