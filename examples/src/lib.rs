@@ -22,8 +22,10 @@ use clap::builder::TypedValueParser as _;
 use clap::Args;
 use clickhouse::Row;
 use outbox_core::Record;
+use outbox_kafka::KafkaConfig;
+use outbox_pg::{OutboxConfig, PgConfig};
 use serde::{Deserialize, Serialize};
-use sink_clickhouse::{ClickHouseConfig, RowMapper, RowMeta};
+use sink_clickhouse::{ClickHouseConfig, ClusterConfig, RowMapper, RowMeta};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -31,19 +33,19 @@ use tracing::{info, warn};
 #[derive(Clone, Args)]
 pub struct PgArgs {
     /// PostgreSQL host.
-    #[arg(long, env = "OUTBOX_PG_HOST", default_value = "127.0.0.1")]
+    #[arg(long, env = "OUTBOX_PG_HOST", default_value_t = PgConfig::default().host)]
     pub pg_host: String,
     /// PostgreSQL port.
-    #[arg(long, env = "OUTBOX_PG_PORT", default_value_t = 5432)]
+    #[arg(long, env = "OUTBOX_PG_PORT", default_value_t = PgConfig::default().port)]
     pub pg_port: u16,
     /// PostgreSQL user.
-    #[arg(long, env = "OUTBOX_PG_USER", default_value = "admin")]
+    #[arg(long, env = "OUTBOX_PG_USER", default_value_t = PgConfig::default().user)]
     pub pg_user: String,
     /// PostgreSQL password (prefer the environment variable).
     #[arg(
         long,
         env = "OUTBOX_PG_PASSWORD",
-        default_value = "admin",
+        default_value_t = PgConfig::default().password,
         hide_default_value = true,
         hide_env_values = true
     )]
@@ -53,7 +55,7 @@ pub struct PgArgs {
     #[arg(long, env = "OUTBOX_PG_PASSWORD_FILE", value_name = "FILE")]
     pub pg_password_file: Option<PathBuf>,
     /// PostgreSQL database.
-    #[arg(long, env = "OUTBOX_PG_DATABASE", default_value = "test_db")]
+    #[arg(long, env = "OUTBOX_PG_DATABASE", default_value_t = PgConfig::default().dbname)]
     pub pg_database: String,
     /// TLS to PostgreSQL, as libpq's sslmode: only verify-full checks that
     /// the server is who it claims to be.
@@ -104,35 +106,35 @@ pub fn secret(value: &str, file: Option<&Path>) -> anyhow::Result<String> {
 #[derive(Clone, Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers.
-    #[arg(long, env = "OUTBOX_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    #[arg(long, env = "OUTBOX_KAFKA_BROKERS", default_value_t = KafkaConfig::default().brokers)]
     pub kafka_brokers: String,
     /// Partitions of topics created by this program.
-    #[arg(long, env = "OUTBOX_TOPIC_PARTITIONS", default_value_t = 3)]
+    #[arg(long, env = "OUTBOX_TOPIC_PARTITIONS", default_value_t = KafkaConfig::default().topic_partitions)]
     pub topic_partitions: i32,
     /// How long the producer tries to deliver a message before reporting failure (ms).
     #[arg(
         long,
         env = "OUTBOX_KAFKA_MESSAGE_TIMEOUT_MS",
-        default_value_t = 10_000
+        default_value_t = millis(KafkaConfig::default().message_timeout)
     )]
     pub kafka_message_timeout_ms: u64,
     /// How long the producer waits to fill a request (`linger.ms`): more
     /// is bigger requests, less is lower latency.
-    #[arg(long, env = "OUTBOX_KAFKA_LINGER_MS", default_value_t = 5)]
+    #[arg(long, env = "OUTBOX_KAFKA_LINGER_MS", default_value_t = millis(KafkaConfig::default().linger))]
     pub kafka_linger_ms: u64,
     /// Use the idempotent producer. `false` for brokers that cannot take its
     /// epoch bump after a timeout (tansu 0.6); the guarantees hold either way.
     #[arg(
         long,
         env = "OUTBOX_KAFKA_IDEMPOTENCE",
-        default_value_t = true,
+        default_value_t = KafkaConfig::default().idempotence,
         action = clap::ArgAction::Set
     )]
     pub kafka_idempotence: bool,
     /// Compression of the batches the producer sends: none, lz4, zstd, gzip
     /// or snappy. On tansu, none is fastest and lightest; on Apache Kafka
     /// over a slow network lz4 or zstd usually pays.
-    #[arg(long, env = "OUTBOX_KAFKA_COMPRESSION", default_value = "none")]
+    #[arg(long, env = "OUTBOX_KAFKA_COMPRESSION", default_value_t = KafkaConfig::default().compression)]
     pub kafka_compression: outbox_kafka::Compression,
     /// Further librdkafka properties, `key=value` separated by commas
     /// (`security.protocol=SASL_PLAINTEXT,sasl.mechanism=PLAIN,…`). Values
@@ -188,7 +190,7 @@ pub struct ClickHouseArgs {
     #[arg(
         long,
         env = "OUTBOX_CLICKHOUSE_URL",
-        default_value = "http://127.0.0.1:8123"
+        default_value_t = ClickHouseConfig::default().url
     )]
     pub clickhouse_url: String,
     /// PEM file of the CA certificates to trust for an https:// ClickHouse
@@ -196,13 +198,13 @@ pub struct ClickHouseArgs {
     #[arg(long, env = "OUTBOX_CLICKHOUSE_CA_FILE", value_name = "FILE")]
     pub clickhouse_ca_file: Option<PathBuf>,
     /// ClickHouse user.
-    #[arg(long, env = "OUTBOX_CLICKHOUSE_USER", default_value = "user")]
+    #[arg(long, env = "OUTBOX_CLICKHOUSE_USER", default_value_t = ClickHouseConfig::default().user)]
     pub clickhouse_user: String,
     /// ClickHouse password (prefer the environment variable).
     #[arg(
         long,
         env = "OUTBOX_CLICKHOUSE_PASSWORD",
-        default_value = "strongpassword",
+        default_value_t = ClickHouseConfig::default().password,
         hide_default_value = true,
         hide_env_values = true
     )]
@@ -211,10 +213,10 @@ pub struct ClickHouseArgs {
     #[arg(long, env = "OUTBOX_CLICKHOUSE_PASSWORD_FILE", value_name = "FILE")]
     pub clickhouse_password_file: Option<PathBuf>,
     /// ClickHouse database.
-    #[arg(long, env = "OUTBOX_CLICKHOUSE_DATABASE", default_value = "default")]
+    #[arg(long, env = "OUTBOX_CLICKHOUSE_DATABASE", default_value_t = ClickHouseConfig::default().database)]
     pub clickhouse_database: String,
     /// ClickHouse table the rows go to.
-    #[arg(long, env = "OUTBOX_CLICKHOUSE_TABLE", default_value = "user_logins")]
+    #[arg(long, env = "OUTBOX_CLICKHOUSE_TABLE", default_value_t = ClickHouseConfig::default().table)]
     pub clickhouse_table: String,
     /// Latest event ids remembered per partition at least, to skip events
     /// the relay published twice (the window grows to cover the horizon).
@@ -231,7 +233,7 @@ pub struct ClickHouseArgs {
     #[arg(
         long,
         env = "OUTBOX_CLICKHOUSE_DEAD_LETTER_TABLE",
-        default_value = "outbox_dead_letter"
+        default_value_t = ClickHouseConfig::default().dead_letter_table
     )]
     pub clickhouse_dead_letter_table: String,
     /// Write to this ClickHouse cluster (a name of the servers'
@@ -244,7 +246,7 @@ pub struct ClickHouseArgs {
     #[arg(
         long,
         env = "OUTBOX_CLICKHOUSE_ON_CLUSTER",
-        default_value_t = true,
+        default_value_t = ClusterConfig::new("").on_cluster,
         action = clap::ArgAction::Set
     )]
     pub clickhouse_on_cluster: bool,
@@ -253,7 +255,7 @@ pub struct ClickHouseArgs {
     #[arg(
         long,
         env = "OUTBOX_CLICKHOUSE_REPLICATED",
-        default_value_t = true,
+        default_value_t = ClusterConfig::new("").replicated,
         action = clap::ArgAction::Set
     )]
     pub clickhouse_replicated: bool,
@@ -395,13 +397,13 @@ mod redaction_tests {
 #[derive(Debug, Clone, Args)]
 pub struct OutboxTableArgs {
     /// Outbox table (with --source outbox).
-    #[arg(long, env = "OUTBOX_TABLE", default_value = "outbox")]
+    #[arg(long, env = "OUTBOX_TABLE", default_value_t = OutboxConfig::default().table)]
     pub outbox_table: String,
     /// Dead-letter table for events the broker can never take.
     #[arg(
         long,
         env = "OUTBOX_DEAD_LETTER_TABLE",
-        default_value = "outbox_dead_letter"
+        default_value_t = OutboxConfig::default().dead_letter_table
     )]
     pub dead_letter_table: String,
 }
@@ -466,6 +468,12 @@ pub struct LogArgs {
     /// exiting anyway (s). Abandoned work is not lost: it was not committed.
     #[arg(long, env = "OUTBOX_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
+}
+
+/// `duration` in whole milliseconds, for options given in ms (their
+/// defaults come from the libraries' configuration structs).
+pub fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Installs the tracing subscriber (`RUST_LOG` filters, default `info`).

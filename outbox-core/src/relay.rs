@@ -34,10 +34,11 @@ pub struct RelayConfig {
     /// claim → publish → acknowledge loop. With 2, one batch is claimed and
     /// acknowledged in Postgres while the other is on its way to the broker.
     ///
-    /// Above 1 only with a source whose concurrent claims never hold events
-    /// of the same key (`outbox_pg::PgOutboxSource`, whose claims own
-    /// disjoint lanes); otherwise two batches could publish one key out of
-    /// order. Default: 1.
+    /// Applies only to a source whose concurrent claims never hold events
+    /// of one key ([`Source::claims_are_disjoint_by_key`], as
+    /// `outbox_pg::PgOutboxSource`, whose claims own disjoint lanes); any
+    /// other source gets one batch in flight, since two could publish a key
+    /// out of order. Default: 2.
     pub max_in_flight_batches: usize,
 }
 
@@ -49,7 +50,7 @@ impl Default for RelayConfig {
             stop_when_idle: false,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
-            max_in_flight_batches: 1,
+            max_in_flight_batches: 2,
         }
     }
 }
@@ -249,7 +250,7 @@ impl<S: Source, B: Bus> Relay<S, B> {
     pub async fn run(&self, shutdown: CancellationToken) -> Result<RelayStats> {
         // A permanent failure of one loop stops the others, not the caller's token.
         let stop = shutdown.child_token();
-        let loops = (0..self.config.max_in_flight_batches.max(1)).map(|_| self.run_loop(&stop));
+        let loops = (0..self.in_flight_batches()).map(|_| self.run_loop(&stop));
         let mut stats = RelayStats::default();
         let mut first_error = None;
         for result in futures::future::join_all(loops).await {
@@ -270,6 +271,15 @@ impl<S: Source, B: Bus> Relay<S, B> {
             Some(err) => Err(err),
             None => Ok(stats),
         }
+    }
+
+    /// How many batches this relay keeps in flight: the configured number
+    /// where the source's claims are disjoint by key, else one.
+    pub fn in_flight_batches(&self) -> usize {
+        in_flight_batches(
+            self.config.max_in_flight_batches,
+            self.source.claims_are_disjoint_by_key(),
+        )
     }
 
     /// One claim → publish → acknowledge loop.
@@ -480,6 +490,16 @@ pub fn check_claim_outlives_publish(
     ))
 }
 
+/// Batches in flight for `configured` on a source whose claims are (or are
+/// not) disjoint by key.
+fn in_flight_batches(configured: usize, disjoint: bool) -> usize {
+    if disjoint {
+        configured.max(1)
+    } else {
+        1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,10 +529,15 @@ mod tests {
         assert_eq!(out[3], ack(3));
     }
 
-    /// An in-memory outbox: claims every pending event in order.
+    /// An in-memory outbox: claims every pending event in order (so two
+    /// claims at once hold the same events: not disjoint by key unless
+    /// told to say so), counting the claims held at once.
     #[derive(Default)]
     struct Memory {
         pending: std::sync::Mutex<Vec<Event>>,
+        says_disjoint: bool,
+        open: std::sync::atomic::AtomicUsize,
+        most_open: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait::async_trait]
@@ -520,12 +545,19 @@ mod tests {
         type Claim = ();
 
         async fn claim(&self, max: usize) -> Result<Option<crate::Claimed<()>>> {
+            use std::sync::atomic::Ordering::SeqCst;
             let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             if pending.is_empty() {
                 return Ok(None);
             }
             let events = pending.iter().take(max).cloned().collect();
+            let open = self.open.fetch_add(1, SeqCst) + 1;
+            self.most_open.fetch_max(open, SeqCst);
             Ok(Some(crate::Claimed { events, claim: () }))
+        }
+
+        fn claims_are_disjoint_by_key(&self) -> bool {
+            self.says_disjoint
         }
 
         async fn acknowledge(
@@ -533,6 +565,7 @@ mod tests {
             claimed: crate::Claimed<()>,
             deliveries: &[Delivery],
         ) -> Result<AckSummary> {
+            self.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             let mut summary = AckSummary::default();
             for (event, delivery) in claimed.events.iter().zip(deliveries) {
@@ -632,6 +665,70 @@ mod tests {
         assert_eq!(counts[5], 1);
         // Published once in the first round (held back), once after the poison passed.
         assert!(counts[2] <= 2 && counts[4] <= 2, "{counts:?}");
+        Ok(())
+    }
+
+    /// A broker that takes a while and acknowledges everything.
+    struct Slow;
+
+    #[async_trait::async_trait]
+    impl Bus for Slow {
+        async fn publish(&self, events: &[Event]) -> Result<Vec<Delivery>> {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok((0..events.len())
+                .map(|n| {
+                    Delivery::Acknowledged(Position {
+                        partition: 0,
+                        offset: n as i64,
+                    })
+                })
+                .collect())
+        }
+    }
+
+    /// (most claims held at once, events published) for a source that does
+    /// or does not say its claims are disjoint, configured for 4 in flight.
+    async fn run_with_four_in_flight(says_disjoint: bool) -> Result<(usize, u64)> {
+        let source = Memory {
+            says_disjoint,
+            ..Memory::default()
+        };
+        source
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend((0..20).map(|n| Event::new("t", format!("{n}")).with_key("k")));
+        let relay = Relay::new(
+            source,
+            Slow,
+            RelayConfig {
+                batch_size: 2,
+                max_in_flight_batches: 4,
+                stop_when_idle: true,
+                ..RelayConfig::default()
+            },
+        );
+        let stats = relay.run(CancellationToken::new()).await?;
+        let most = relay
+            .source
+            .most_open
+            .load(std::sync::atomic::Ordering::SeqCst);
+        Ok((most, stats.published))
+    }
+
+    /// Invariant (a key's order is never split across batches in flight):
+    /// the relay keeps several batches in flight only for a source whose
+    /// claims are disjoint by key; any other source gets one, whatever the
+    /// configuration says, and publishes each event once.
+    #[tokio::test(start_paused = true)]
+    async fn only_a_source_with_disjoint_claims_gets_batches_in_flight() -> Result<()> {
+        let (most, published) = run_with_four_in_flight(false).await?;
+        println!("claims not disjoint: {most} held at once, {published} published");
+        assert_eq!((most, published), (1, 20));
+        let (most, _) = run_with_four_in_flight(true).await?;
+        println!("claims disjoint: {most} held at once");
+        assert_eq!(most, 4);
+        assert_eq!(in_flight_batches(0, true), 1);
         Ok(())
     }
 }

@@ -60,4 +60,13 @@ pub trait Source: Send + Sync {
         tokio::time::sleep(timeout).await;
         Ok(())
     }
+
+    /// Whether claims held at the same time never hold events of one key
+    /// (the source splits keys into lanes and a claim owns whole lanes).
+    /// Only then does the [`Relay`](crate::Relay) keep more than one batch
+    /// in flight: otherwise two batches could publish a key out of order.
+    /// The default, `false`, is right for any source that does not prove it.
+    fn claims_are_disjoint_by_key(&self) -> bool {
+        false
+    }
 }

@@ -227,6 +227,12 @@ fn rotation_seed() -> usize {
 impl Source for PgOutboxSource {
     type Claim = PgClaim;
 
+    /// A claim locks whole lanes and every event of a key is in its key's
+    /// lane.
+    fn claims_are_disjoint_by_key(&self) -> bool {
+        true
+    }
+
     async fn claim(&self, max_events: usize) -> outbox_core::Result<Option<Claimed<PgClaim>>> {
         let limit = i64::try_from(max_events).unwrap_or(i64::MAX);
         // Under a backlog a claim fills from its first lane or two anyway, and

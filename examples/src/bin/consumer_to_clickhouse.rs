@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use examples::{
-    init_tracing, retry_startup, shutdown_on_signals, ClickHouseArgs, GroupArgs, KafkaArgs,
+    init_tracing, millis, retry_startup, shutdown_on_signals, ClickHouseArgs, GroupArgs, KafkaArgs,
     LogArgs, OpsArgs, PgArgs, UserLoginMapper,
 };
 use outbox_core::{Consume, ConsumeConfig, Health, Stage};
@@ -58,7 +58,7 @@ struct Cli {
     #[arg(long, env = "OUTBOX_LAG_INTERVAL_SECS", default_value_t = 15)]
     lag_interval_secs: u64,
     /// With --assignment leased: how long a silent consumer keeps its partitions (ms).
-    #[arg(long, env = "OUTBOX_LEASE_TIMEOUT_MS", default_value_t = 6_000)]
+    #[arg(long, env = "OUTBOX_LEASE_TIMEOUT_MS", default_value_t = millis(PartitionLeaseConfig::new("", "", 1).session_timeout))]
     lease_timeout_ms: u64,
     #[command(flatten)]
     group: GroupArgs,
@@ -79,34 +79,39 @@ struct Cli {
     )]
     format: RowFormat,
     /// Most records per ClickHouse insert.
-    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 10_000)]
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = ConsumeConfig::default().batch_size)]
     batch_size: usize,
     /// Longest wait to fill a batch (ms).
-    #[arg(long, env = "OUTBOX_BATCH_WAIT_MS", default_value_t = 200)]
+    #[arg(long, env = "OUTBOX_BATCH_WAIT_MS", default_value_t = millis(ConsumeConfig::default().max_wait))]
     batch_wait_ms: u64,
     /// After the first record of a batch, how long to keep collecting more
     /// (ms). Low load gets small batches soon; high load gets big ones
     /// anyway, because records pile up while the previous batch is written.
-    #[arg(long, env = "OUTBOX_BATCH_LINGER_MS", default_value_t = 5)]
+    #[arg(long, env = "OUTBOX_BATCH_LINGER_MS", default_value_t = millis(consumer_defaults().batch_linger))]
     batch_linger_ms: u64,
     /// How long the broker may hold a fetch that finds nothing (ms,
     /// `fetch.wait.max.ms`). tansu 0.6 waits it out on every fetch, so it adds
     /// to latency there; lower costs more idle fetches.
-    #[arg(long, env = "OUTBOX_FETCH_WAIT_MS", default_value_t = 5)]
+    #[arg(long, env = "OUTBOX_FETCH_WAIT_MS", default_value_t = millis(consumer_defaults().fetch_wait))]
     fetch_wait_ms: u64,
     /// Most bytes one fetch response may carry (`fetch.max.bytes`): less
     /// bounds memory while catching up a backlog, more catches up faster.
-    #[arg(long, env = "OUTBOX_FETCH_MAX_BYTES", default_value_t = 52_428_800)]
+    #[arg(long, env = "OUTBOX_FETCH_MAX_BYTES", default_value_t = consumer_defaults().fetch_max_bytes)]
     fetch_max_bytes: u32,
     /// Kafka session timeout (ms).
-    #[arg(long, env = "OUTBOX_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "OUTBOX_SESSION_TIMEOUT_MS", default_value_t = millis(consumer_defaults().session_timeout))]
     session_timeout_ms: u64,
     /// Kafka max poll interval (ms): also how long a rejoin waits for a member that died.
-    #[arg(long, env = "OUTBOX_MAX_POLL_INTERVAL_MS", default_value_t = 60_000)]
+    #[arg(long, env = "OUTBOX_MAX_POLL_INTERVAL_MS", default_value_t = millis(consumer_defaults().max_poll_interval))]
     max_poll_interval_ms: u64,
     /// Exit after this many seconds without any record.
     #[arg(long, env = "OUTBOX_EXIT_AFTER_IDLE_SECS")]
     exit_after_idle_secs: Option<u64>,
+}
+
+/// The Kafka consumer's defaults (the options below take theirs from here).
+fn consumer_defaults() -> ConsumerConfig {
+    ConsumerConfig::new("", Vec::<String>::new())
 }
 
 /// Where /metrics listens unless told otherwise (the relay's default + 1).

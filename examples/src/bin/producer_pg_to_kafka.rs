@@ -64,14 +64,15 @@ struct Cli {
     no_migrate: bool,
     /// How long a claim may wait for the broker before Postgres ends it and
     /// its lanes go to another relay (s).
-    #[arg(long, env = "OUTBOX_CLAIM_TIMEOUT_SECS", default_value_t = 20)]
+    #[arg(long, env = "OUTBOX_CLAIM_TIMEOUT_SECS", default_value_t = OutboxConfig::default().claim_timeout.as_secs())]
     claim_timeout_secs: u64,
     /// Most events per batch.
-    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 4000)]
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = RelayConfig::default().batch_size)]
     batch_size: usize,
-    /// Batches in flight at once (with --source outbox; each claim owns its
-    /// own lanes, so keys keep their order). A flag table allows only 1.
-    #[arg(long, env = "OUTBOX_IN_FLIGHT_BATCHES", default_value_t = 2)]
+    /// Batches in flight at once, with a source whose claims never share a
+    /// key (the outbox: each claim owns its lanes, so keys keep their
+    /// order). A flag table has one.
+    #[arg(long, env = "OUTBOX_IN_FLIGHT_BATCHES", default_value_t = RelayConfig::default().max_in_flight_batches)]
     in_flight_batches: usize,
     /// Exit once nothing is pending instead of waiting for new events.
     #[arg(long, env = "OUTBOX_DRAIN")]
@@ -120,11 +121,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.in_flight_batches == 0 {
         anyhow::bail!("--in-flight-batches must be at least 1");
     }
-    // A flag table has no lanes: two claims at once could reorder a key.
-    let in_flight_batches = match cli.source {
-        SourceKind::FlagTable => 1,
-        SourceKind::Outbox => cli.in_flight_batches,
-    };
 
     let shutdown = shutdown_on_signals(Duration::from_secs(cli.log.drain_timeout_secs));
     let health = Health::new([Stage::Source, Stage::Bus]);
@@ -164,7 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let relay_config = RelayConfig {
         batch_size: cli.batch_size,
         stop_when_idle: cli.drain,
-        max_in_flight_batches: in_flight_batches,
+        max_in_flight_batches: cli.in_flight_batches,
         ..RelayConfig::default()
     };
     match cli.source {
