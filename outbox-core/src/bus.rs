@@ -43,9 +43,13 @@ pub trait Bus: Send + Sync {
     /// Publishes `events` in order and waits for the broker's answer on each.
     ///
     /// The result has one [`Delivery`] per event, in the same order. Events of
-    /// one key are published in the order given. `Err` means the bus itself is
-    /// unusable (for example a fatal producer error); no event of the batch
-    /// may be considered acknowledged then.
+    /// one key are published in the order given, and an event that is not
+    /// taken (a retryable answer) leaves no later event of its key taken:
+    /// the acknowledged events of a key are the first ones, apart from events
+    /// rejected for good (the relay counts any other answer as a gap in the
+    /// key's order, see [`keys_with_order_gaps`](crate::keys_with_order_gaps)).
+    /// `Err` means the bus itself is unusable (for example a fatal producer
+    /// error); no event of the batch may be considered acknowledged then.
     async fn publish(&self, events: &[Event]) -> Result<Vec<Delivery>>;
 }
 

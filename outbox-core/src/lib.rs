@@ -12,6 +12,8 @@ mod lease;
 mod relay;
 mod sink;
 mod source;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use backoff::Backoff;
 pub use bus::{Bus, Checkpoint, DecodeError, Delivery, Position, Record, Subscription};
@@ -25,8 +27,8 @@ pub use event::{
 pub use health::{ComponentState, Health};
 pub use lease::Lease;
 pub use relay::{
-    check_claim_outlives_publish, hold_back_after_failures, probe_failing_keys, Relay, RelayConfig,
-    RelayStats,
+    check_claim_outlives_publish, hold_back_after_failures, keys_with_order_gaps,
+    probe_failing_keys, Relay, RelayConfig, RelayStats,
 };
 pub use sink::{RecordStatus, Sink, WriteReport};
 pub use source::{AckSummary, Claimed, Source};

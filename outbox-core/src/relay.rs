@@ -135,6 +135,11 @@ impl<S: Source, B: Bus> Relay<S, B> {
         self
     }
 
+    /// Gives back the parts.
+    pub fn into_parts(self) -> (S, B) {
+        (self.source, self.bus)
+    }
+
     /// The source, for inspection.
     pub fn source(&self) -> &S {
         &self.source
@@ -192,6 +197,15 @@ impl<S: Source, B: Bus> Relay<S, B> {
         {
             let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
             update_failing_keys(&mut failing, &claimed.events, &publish_now, &published);
+        }
+        for (topic, key) in keys_with_order_gaps(&claimed.events, &published) {
+            metrics::counter!("outbox_relay_key_order_gaps_total").increment(1);
+            warn!(
+                topic = %topic,
+                key = %String::from_utf8_lossy(&key),
+                "the broker acknowledged a later event of a key whose earlier event failed: \
+                 unless that failure was a lost acknowledgement, the key is out of order on the topic"
+            );
         }
         let deliveries = hold_back_after_failures(&claimed.events, published);
         let published_at = std::time::Instant::now();
@@ -352,6 +366,46 @@ pub(crate) async fn sleep_or_cancel(delay: Duration, shutdown: &CancellationToke
         _ = shutdown.cancelled() => {}
         _ = tokio::time::sleep(delay) => {}
     }
+}
+
+/// Keys of `events` whose answers put an acknowledgement after a retryable
+/// failure: the broker took a later event of the key while an earlier one
+/// failed. Unless that failure was only a lost acknowledgement (the event
+/// is on the broker after all), the key's order on the topic is already
+/// broken, which no retry undoes: a consumer that keeps the first copy of
+/// each event writes the later event first. A bus that keeps each
+/// partition's order fails the later events with the earlier one (see
+/// [`Bus::publish`]); librdkafka can leave such a gap when queued messages
+/// reach their `message.timeout.ms` at different moments, so the relay
+/// counts and reports these keys instead of assuming they cannot happen.
+///
+/// ```
+/// use outbox_core::{keys_with_order_gaps, Delivery, Event, Position};
+///
+/// let events = vec![Event::new("t", "1").with_key("k"), Event::new("t", "2").with_key("k")];
+/// let acked = Delivery::Acknowledged(Position { partition: 0, offset: 9 });
+/// let gaps = keys_with_order_gaps(&events, &[Delivery::Retryable("timeout".into()), acked]);
+/// assert_eq!(gaps, vec![("t".to_string(), bytes::Bytes::from_static(b"k"))]);
+/// ```
+pub fn keys_with_order_gaps(events: &[Event], deliveries: &[Delivery]) -> Vec<(String, Bytes)> {
+    let mut failed: HashSet<(&str, &Bytes)> = HashSet::new();
+    let mut gaps: Vec<(String, Bytes)> = Vec::new();
+    for (event, delivery) in events.iter().zip(deliveries) {
+        let Some(key) = event.key.as_ref() else {
+            continue;
+        };
+        let scoped = (event.topic.as_str(), key);
+        match delivery {
+            Delivery::Retryable(_) => {
+                failed.insert(scoped);
+            }
+            Delivery::Acknowledged(_) if failed.remove(&scoped) => {
+                gaps.push((event.topic.clone(), key.clone()));
+            }
+            _ => {}
+        }
+    }
+    gaps
 }
 
 /// Keeps per-key order across a partly failed batch.
