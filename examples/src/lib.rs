@@ -551,6 +551,22 @@ where
     background().0.spawn(task);
 }
 
+/// [`spawn_background`] for a task the process cannot work without: when
+/// it fails, the error is logged naming `what` and `shutdown` is cancelled,
+/// so the process stops instead of running on without it.
+pub fn spawn_critical<F, E>(what: &'static str, task: F, shutdown: CancellationToken)
+where
+    F: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    spawn_background(async move {
+        if let Err(err) = task.await {
+            tracing::error!(error = %err, "{what} failed for good; stopping");
+            shutdown.cancel();
+        }
+    });
+}
+
 /// Ends the process's work: cancels the shutdown token (the main loop ended
 /// on its own, say after `--drain`), then waits up to `limit` for every task
 /// of [`spawn_background`]. A task still running then is an error, so the

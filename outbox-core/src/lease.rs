@@ -1,5 +1,6 @@
 //! Which partitions a consumer may write, and until when it may write them.
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// The partitions a consumer may work, as granted by whatever shares them
@@ -65,6 +66,55 @@ impl Lease {
     pub fn revoked_by(&self, next: &Lease) -> bool {
         next.epoch != self.epoch
     }
+}
+
+/// The granting end of partition ownership (held by whatever shares the
+/// partitions among consumers, for example `outbox_pg::PartitionLeases`):
+/// it publishes each [`Lease`] and learns which partitions the consumer
+/// has actually switched to, so that it hands a dropped partition to
+/// another consumer only after this one stopped reading it.
+#[derive(Debug)]
+pub struct Granter {
+    /// The current grant.
+    pub lease: watch::Sender<Lease>,
+    /// The partitions the consumer works now (after its current batch).
+    pub applied: watch::Receiver<Vec<i32>>,
+}
+
+/// The following end: the subscription reads only `lease`'s partitions and
+/// reports on `applied` the set it switched to (between batches); the
+/// consume loop fences writes by `lease` ([`crate::Consume::with_lease`],
+/// with a clone of the receiver).
+#[derive(Debug)]
+pub struct Ownership {
+    /// The current grant.
+    pub lease: watch::Receiver<Lease>,
+    /// Where the follower reports the partitions it works.
+    pub applied: watch::Sender<Vec<i32>>,
+}
+
+/// A connected pair: nothing granted yet.
+///
+/// ```
+/// let (granter, ownership) = outbox_core::ownership();
+/// granter.lease.send_modify(|lease| lease.partitions = vec![0, 1]);
+/// assert_eq!(ownership.lease.borrow().partitions, [0, 1]);
+/// ownership.applied.send_replace(vec![0, 1]);
+/// assert_eq!(*granter.applied.borrow(), [0, 1]);
+/// ```
+pub fn ownership() -> (Granter, Ownership) {
+    let (lease_tx, lease_rx) = watch::channel(Lease::default());
+    let (applied_tx, applied_rx) = watch::channel(Vec::new());
+    (
+        Granter {
+            lease: lease_tx,
+            applied: applied_rx,
+        },
+        Ownership {
+            lease: lease_rx,
+            applied: applied_tx,
+        },
+    )
 }
 
 #[cfg(test)]

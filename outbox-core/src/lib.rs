@@ -25,7 +25,7 @@ pub use event::{
     HEADER_CREATED_AT_MS, HEADER_EVENT_ID,
 };
 pub use health::{ComponentState, Health};
-pub use lease::Lease;
+pub use lease::{ownership, Granter, Lease, Ownership};
 pub use relay::{
     check_claim_outlives_publish, hold_back_after_failures, keys_with_order_gaps,
     probe_failing_keys, Relay, RelayConfig, RelayStats,

@@ -135,21 +135,18 @@ impl KafkaSubscription {
     }
 
     /// Works exactly the partitions (of the first configured topic) that
-    /// `owned` grants, re-read at every poll, and reports on `applied` the set
-    /// it works once the previous batch is done, so the granter may hand a
-    /// dropped partition to another consumer. A new grant (other partitions,
-    /// or a new epoch: ownership may have moved away and back) re-assigns
-    /// every partition from the group's committed offsets and moves
-    /// [`Subscription::generation`]. Pass the same channel to
-    /// `outbox_core::Consume::with_lease` so that writes are fenced too.
-    pub fn follow_ownership(
-        &mut self,
-        owned: watch::Receiver<Lease>,
-        applied: watch::Sender<Vec<i32>>,
-    ) {
+    /// `ownership.lease` grants, re-read at every poll, and reports on
+    /// `ownership.applied` the set it works once the previous batch is done,
+    /// so the granter may hand a dropped partition to another consumer. A
+    /// new grant (other partitions, or a new epoch: ownership may have moved
+    /// away and back) re-assigns every partition from the group's committed
+    /// offsets and moves [`Subscription::generation`]. Give a clone of
+    /// `ownership.lease` to `outbox_core::Consume::with_lease` so that
+    /// writes are fenced too.
+    pub fn follow_ownership(&mut self, ownership: outbox_core::Ownership) {
         self.ownership = Some(Ownership {
-            owned,
-            applied,
+            owned: ownership.lease,
+            applied: ownership.applied,
             current: None,
         });
     }

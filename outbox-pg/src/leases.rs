@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use outbox_core::Lease;
+use outbox_core::{Granter, Lease, Ownership};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_postgres::Client;
@@ -124,13 +124,13 @@ impl PartitionLeaseConfig {
 /// member above its share, or at `ceil` while another is below `floor`, gives
 /// partitions back; one below takes free ones.
 ///
-/// The consumer loop reads the partitions it may work from
-/// [`PartitionLeases::run`]'s `owned` channel and reports the set it
+/// The consumer follows the [`Ownership`] of [`PartitionLeases::start`]: it
+/// reads the partitions it may work from `lease` and reports the set it
 /// actually works on `applied` (between batches). A partition is unlocked
 /// only once `applied` no longer contains it, so a voluntary hand-over
 /// never has two writers.
 ///
-/// **Fencing, for the involuntary cases.** Each grant on `owned` is an
+/// **Fencing, for the involuntary cases.** Each grant is an
 /// [`outbox_core::Lease`] valid for [`PartitionLeaseConfig::validity`] after
 /// the heartbeat that proved it was sent, extended by each answered
 /// heartbeat; every lease statement has that long to answer, and the
@@ -147,14 +147,14 @@ impl PartitionLeaseConfig {
 /// ```no_run
 /// # async fn example() -> Result<(), outbox_pg::PgError> {
 /// use outbox_pg::{PartitionLeaseConfig, PartitionLeases, PgConfig};
-/// use tokio::sync::watch;
 ///
-/// let (owned_tx, owned_rx) = watch::channel(outbox_core::Lease::default());
-/// let (applied_tx, applied_rx) = watch::channel(Vec::new());
 /// let leases = PartitionLeases::new(PgConfig::default(), PartitionLeaseConfig::new("g", "user_events", 3));
-/// tokio::spawn(leases.run(owned_tx, applied_rx, tokio_util::sync::CancellationToken::new()));
-/// // The consumer loop: assign `owned_rx.borrow().partitions`, then `applied_tx.send(...)`.
-/// # drop((owned_rx, applied_tx)); Ok(()) }
+/// let (ownership, leasing) = leases.start(tokio_util::sync::CancellationToken::new());
+/// tokio::spawn(leasing);
+/// // The subscription follows `ownership` (`KafkaSubscription::follow_ownership`):
+/// // it reads `ownership.lease.borrow().partitions` and reports the set it
+/// // switched to on `ownership.applied`.
+/// # drop(ownership); Ok(()) }
 /// ```
 pub struct PartitionLeases {
     pg: PgConfig,
@@ -184,16 +184,32 @@ impl PartitionLeases {
         &self.application_name
     }
 
-    /// Keeps ownership until `shutdown`, publishing the granted partitions on
-    /// `owned` and releasing a partition once `applied` no longer holds it.
-    /// Connection failures are retried; while disconnected nothing is
-    /// granted. Fails at once if the configuration does not validate.
-    pub async fn run(
+    /// Starts sharing: the [`Ownership`] for the subscription (and, cloned,
+    /// the consume loop) and the future that keeps the leases (see
+    /// [`PartitionLeases::run`]), for the caller to spawn where it tracks
+    /// its tasks. A permanent failure of that future ends the grant, so
+    /// the consumer stops writing; the caller decides whether to stop.
+    pub fn start(
         self,
-        owned: watch::Sender<Lease>,
-        mut applied: watch::Receiver<Vec<i32>>,
         shutdown: CancellationToken,
-    ) -> Result<(), PgError> {
+    ) -> (
+        Ownership,
+        impl std::future::Future<Output = Result<(), PgError>> + Send + 'static,
+    ) {
+        let (granter, ownership) = outbox_core::ownership();
+        (ownership, self.run(granter, shutdown))
+    }
+
+    /// Keeps ownership until `shutdown`, publishing each grant on
+    /// `granter.lease` and releasing a partition once `granter.applied` no
+    /// longer holds it. Connection failures are retried; while disconnected
+    /// nothing is granted. Fails at once if the configuration does not
+    /// validate.
+    pub async fn run(self, granter: Granter, shutdown: CancellationToken) -> Result<(), PgError> {
+        let Granter {
+            lease: owned,
+            mut applied,
+        } = granter;
         self.config.validate()?;
         let mut epoch = owned.borrow().epoch;
         while !shutdown.is_cancelled() {

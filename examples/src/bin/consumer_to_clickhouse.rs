@@ -15,7 +15,6 @@ use outbox_core::{Consume, ConsumeConfig, Health, Stage};
 use outbox_kafka::{Assignment, ConsumerConfig, KafkaSubscription};
 use outbox_pg::{PartitionLeaseConfig, PartitionLeases};
 use sink_clickhouse::{ClickHouseSink, RawEventMapper, RowMapper};
-use tokio::sync::watch;
 use tracing::info;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -211,18 +210,10 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
         )
         .with_session_timeout(Duration::from_millis(cli.lease_timeout_ms));
         lease_config.validate()?;
-        let (owned_tx, owned_rx) = watch::channel(outbox_core::Lease::default());
-        let (applied_tx, applied_rx) = watch::channel(Vec::new());
-        subscription.follow_ownership(owned_rx.clone(), applied_tx);
-        lease = Some(owned_rx);
-        let leases = PartitionLeases::new(pg, lease_config);
-        let token = shutdown.clone();
-        examples::spawn_background(async move {
-            if let Err(err) = leases.run(owned_tx, applied_rx, token.clone()).await {
-                tracing::error!(error = %err, "partition leases failed for good; stopping");
-                token.cancel();
-            }
-        });
+        let (ownership, leasing) = PartitionLeases::new(pg, lease_config).start(shutdown.clone());
+        lease = Some(ownership.lease.clone());
+        subscription.follow_ownership(ownership);
+        examples::spawn_critical("partition leases", leasing, shutdown.clone());
     }
 
     let config = ConsumeConfig {

@@ -29,10 +29,10 @@ fn member(group: &str, pg: PgConfig) -> Member {
     config.heartbeat = Duration::from_millis(200);
     config.session_timeout = SESSION_TIMEOUT;
     config.takeover_delay = SESSION_TIMEOUT;
-    let (owned_tx, owned) = watch::channel(Lease::default());
-    let (applied, applied_rx) = watch::channel(Vec::new());
     let stop = CancellationToken::new();
-    tokio::spawn(PartitionLeases::new(pg, config).run(owned_tx, applied_rx, stop.clone()));
+    let (ownership, leasing) = PartitionLeases::new(pg, config).start(stop.clone());
+    tokio::spawn(leasing);
+    let (owned, applied) = (ownership.lease, ownership.applied);
     let history = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut follow = owned.clone();
     let log = history.clone();
