@@ -338,3 +338,120 @@ async fn outbox_command_migrates_reports_and_replays_a_dead_letter() {
         .await
         .unwrap();
 }
+
+/// `consumer_to_clickhouse` once, raw rows into `table` (dead letters into
+/// `{table}_dead`), until `topic` is idle.
+fn consume_raw(topic: &str, table: &str) -> String {
+    let dead = format!("{table}_dead");
+    let output = command("consumer_to_clickhouse")
+        .args(["--topic", topic, "--group-id", table, "--format", "raw"])
+        .args(["--clickhouse-table", table])
+        .args(["--clickhouse-dead-letter-table", &dead])
+        .args(["--exit-after-idle-secs", "3"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    text
+}
+
+/// Invariants (a poison record on the ClickHouse side is isolated and
+/// comes back once): a record the sink cannot write (no event id: a
+/// foreign producer) is dead-lettered with its reason while the rest is
+/// written; `outbox dead-letter --side clickhouse` lists and shows it by
+/// position, `replay` publishes it again and removes it from the table only
+/// once the broker acknowledged it, and the consumer then writes it, so the
+/// table ends with every record once and no dead letter.
+#[tokio::test]
+async fn clickhouse_dead_letters_are_listed_replayed_and_written_once() {
+    use outbox_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
+    let name = unique("chdead");
+    let topic = name.clone();
+    let dead_table = format!("{name}_dead");
+    let kafka_config = kafka(&brokers());
+    outbox_kafka::ensure_topics(&kafka_config, &[&topic])
+        .await
+        .unwrap();
+    let good: Vec<Event> = (0..2)
+        .map(|i| Event::new(topic.clone(), format!("good {i}")).with_key("k"))
+        .collect();
+    let bus = outbox_kafka::KafkaBus::new(kafka_config.clone()).unwrap();
+    let acked = outbox_core::Bus::publish(&bus, &good).await.unwrap();
+    assert!(acked.iter().all(|d| d.is_acknowledged()), "{acked:?}");
+    let producer: FutureProducer = outbox_kafka::rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key("foreign")
+                .payload("no id header"),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+
+    let first = consume_raw(&topic, &name);
+    let admin = |rest: &[&str]| {
+        let args: Vec<String> = ["--clickhouse-dead-letter-table", dead_table.as_str()]
+            .iter()
+            .chain(["dead-letter"].iter())
+            .chain(rest.iter())
+            .map(|s| s.to_string())
+            .collect();
+        async move {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            outbox_command(&refs).await
+        }
+    };
+    let (ok, list, err) = admin(&["list", "--side", "clickhouse"]).await;
+    assert!(ok, "{err}");
+    let line = list
+        .lines()
+        .find(|l| l.starts_with(&format!("{topic}:")))
+        .unwrap_or_else(|| panic!("no dead letter listed:\n{list}\n{first}"));
+    assert!(
+        line.contains("outbox-event-id"),
+        "the reason is kept: {line}"
+    );
+    let at = line.split_whitespace().next().unwrap().to_string();
+    let (ok, shown, err) = admin(&["show", "--side", "clickhouse", &at]).await;
+    assert!(ok && shown.contains("no id header"), "{shown}{err}");
+    let (ok, _, err) = admin(&["show", "--side", "clickhouse", "not-a-position"]).await;
+    assert!(!ok && err.contains("topic:partition:offset"), "{err}");
+    let (ok, none, err) = admin(&[
+        "replay",
+        "--side",
+        "clickhouse",
+        &format!("{topic}:0:99999"),
+    ])
+    .await;
+    assert!(ok && none.contains("nothing to replay"), "{none}{err}");
+    let after_first = ch_counts(&name).await;
+
+    let (ok, replayed, err) = admin(&["replay", "--side", "clickhouse", &at]).await;
+    assert!(
+        ok && replayed.contains("replayed 1 of 1"),
+        "{replayed}{err}"
+    );
+    // The table's deletion is applied in the background.
+    let mut left = u64::MAX;
+    for _ in 0..50 {
+        left = ch_count(&dead_table).await;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    consume_raw(&topic, &name);
+    let (rows, distinct) = ch_counts(&name).await;
+    println!(
+        "good=2 poison=1: first pass rows={} dead=1; after replay rows={rows} distinct={distinct} dead_left={left}",
+        after_first.0
+    );
+    assert_eq!(after_first, (2, 2));
+    assert_eq!((rows, distinct, left), (3, 3, 0));
+}

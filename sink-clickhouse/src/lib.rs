@@ -2,16 +2,18 @@
 #![warn(missing_docs)]
 
 mod config;
+mod dead_letters;
 mod error;
 mod mapper;
 mod sink;
 
 pub use config::{validate_identifier, ClickHouseConfig, ClusterConfig};
+pub use dead_letters::{
+    BadPosition, ClickHouseDeadLetters, DeadLetterPosition, DeadLetterSelection, ReplayReport,
+};
 pub use error::{server_code, SinkError};
 pub use mapper::{RawEventMapper, RawEventRow, RowMapper, RowMeta, META_COLUMNS_DDL};
-pub use sink::{
-    check_connection, client_for, ClickHouseDeadLetters, ClickHouseSink, DeadLetterRow,
-};
+pub use sink::{check_connection, client_for, ClickHouseSink, DeadLetterRow};
 
 /// Re-exported so users derive rows with the same client version.
 pub use clickhouse;

@@ -20,9 +20,8 @@ use examples::{
     init_tracing, retry_startup, ClickHouseArgs, GroupArgs, KafkaArgs, LogArgs, OutboxTableArgs,
     PgArgs,
 };
-use outbox_core::{Bus, Delivery, Event};
 use outbox_pg::{OutboxAdmin, OutboxConfig, Selection};
-use sink_clickhouse::ClickHouseDeadLetters;
+use sink_clickhouse::{ClickHouseDeadLetters, DeadLetterPosition, DeadLetterSelection};
 
 /// Operate an outbox: schema, status, dead letters.
 #[derive(Debug, Parser)]
@@ -364,19 +363,17 @@ fn unix(time: SystemTime) -> String {
 }
 
 /// `topic:partition:offset` (Kafka topic names cannot hold `:`).
-fn parse_position(text: &str) -> anyhow::Result<(String, i32, i64)> {
-    let mut parts = text.rsplitn(3, ':');
-    let (Some(offset), Some(partition), Some(topic)) = (parts.next(), parts.next(), parts.next())
-    else {
-        bail!("{text:?} is not topic:partition:offset");
-    };
-    let partition = partition
-        .parse()
-        .with_context(|| format!("{text:?}: partition {partition:?} is not a number"))?;
-    let offset = offset
-        .parse()
-        .with_context(|| format!("{text:?}: offset {offset:?} is not a number"))?;
-    Ok((topic.to_string(), partition, offset))
+/// The dead letters `args` names on the ClickHouse side.
+fn clickhouse_selection(args: &SelectionArgs) -> anyhow::Result<DeadLetterSelection> {
+    if args.all {
+        return Ok(DeadLetterSelection::All);
+    }
+    let positions = args
+        .ids
+        .iter()
+        .map(|id| id.parse::<DeadLetterPosition>())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(DeadLetterSelection::At(positions))
 }
 
 async fn clickhouse_dead_letters(cli: &Cli, command: &DeadLetterCommand) -> anyhow::Result<()> {
@@ -385,27 +382,6 @@ async fn clickhouse_dead_letters(cli: &Cli, command: &DeadLetterCommand) -> anyh
         .validate()
         .context("invalid clickhouse configuration")?;
     let dead = ClickHouseDeadLetters::new(ch_config)?;
-    // Every dead letter the command may need, oldest first.
-    let all = || dead.dead_letters(None, u64::MAX);
-    let selected = |rows: Vec<sink_clickhouse::DeadLetterRow>, args: &SelectionArgs| {
-        if args.all {
-            return Ok(rows);
-        }
-        let wanted = args
-            .ids
-            .iter()
-            .map(|id| parse_position(id))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok::<_, anyhow::Error>(
-            rows.into_iter()
-                .filter(|r| {
-                    wanted.iter().any(|(t, p, o)| {
-                        *t == r.topic && *p == r.kafka_partition && *o == r.kafka_offset
-                    })
-                })
-                .collect(),
-        )
-    };
     match command {
         DeadLetterCommand::List { limit, .. } => {
             let rows = dead.dead_letters(None, u64::from(*limit)).await?;
@@ -414,89 +390,48 @@ async fn clickhouse_dead_letters(cli: &Cli, command: &DeadLetterCommand) -> anyh
                 "topic:partition:offset", "event_id"
             );
             for r in rows {
-                let at = format!("{}:{}:{}", r.topic, r.kafka_partition, r.kafka_offset);
+                let at = DeadLetterPosition::of(&r).to_string();
                 println!("{at:<30}  {:<36}  {}", r.event_id, r.reason);
             }
         }
         DeadLetterCommand::Show { id, .. } => {
-            let (topic, partition, offset) = parse_position(id)?;
-            let row = dead
-                .dead_letters(Some(&topic), u64::MAX)
-                .await?
-                .into_iter()
-                .find(|r| r.kafka_partition == partition && r.kafka_offset == offset);
-            let Some(r) = row else {
+            let at: DeadLetterPosition = id.parse()?;
+            let rows = dead.select(&DeadLetterSelection::At(vec![at])).await?;
+            let Some(r) = rows.into_iter().next() else {
                 bail!("no clickhouse dead letter at {id}");
             };
-            println!(
-                "position:  {}:{}:{}",
-                r.topic, r.kafka_partition, r.kafka_offset
-            );
+            println!("position:  {}", DeadLetterPosition::of(&r));
             println!("event_id:  {}", r.event_id);
             println!("key:       {}", r.key);
             println!("reason:    {}", r.reason);
             println!("failed_at: {} (unix s)", r.failed_at);
             println!("payload ({} bytes): {}", r.payload.len(), r.payload);
         }
-        DeadLetterCommand::Replay { selection: s, .. } => {
-            let rows = selected(all().await?, s)?;
-            if rows.is_empty() {
-                println!("nothing to replay");
-                return Ok(());
-            }
+        DeadLetterCommand::Replay { selection, .. } => {
             let bus = outbox_kafka::KafkaBus::new(cli.kafka.config("outbox admin")?)?;
-            let events = rows
-                .iter()
-                .map(|r| {
-                    let mut event = Event::new(r.topic.clone(), r.payload.clone().into_bytes());
-                    // The same id: a consumer that did write it after all skips it.
-                    if let Ok(id) = r.event_id.parse() {
-                        event = event.with_id(id);
-                    }
-                    if !r.key.is_empty() {
-                        event = event.with_key(r.key.clone().into_bytes());
-                    }
-                    event
-                })
-                .collect::<Vec<_>>();
-            eprintln!("publishing {} dead letters to Kafka…", events.len());
-            let deliveries = bus.publish(&events).await?;
-            let mut replayed = 0;
-            for (row, delivery) in rows.iter().zip(deliveries) {
-                match delivery {
-                    // Removed only once the broker has it again.
-                    Delivery::Acknowledged(_) => {
-                        dead.delete_dead_letters(Some((
-                            &row.topic,
-                            row.kafka_partition,
-                            row.kafka_offset,
-                        )))
-                        .await?;
-                        replayed += 1;
-                    }
-                    Delivery::Retryable(reason) | Delivery::Rejected(reason) => eprintln!(
-                        "{}:{}:{} not replayed: {reason}",
-                        row.topic, row.kafka_partition, row.kafka_offset
-                    ),
-                }
+            let report = dead.replay(&bus, &clickhouse_selection(selection)?).await?;
+            for (at, reason) in &report.kept {
+                eprintln!("{at} not replayed: {reason}");
             }
-            println!("replayed {replayed} of {} dead letters", rows.len());
+            let total = report.replayed.len() + report.kept.len();
+            if total == 0 {
+                println!("nothing to replay");
+            } else {
+                println!("replayed {} of {total} dead letters", report.replayed.len());
+            }
         }
-        DeadLetterCommand::Purge { selection: s, .. } => {
-            if s.all {
-                dead.delete_dead_letters(None).await?;
-                println!("purging every clickhouse dead letter (applied in the background)");
-                return Ok(());
+        DeadLetterCommand::Purge { selection, .. } => {
+            let selection = clickhouse_selection(selection)?;
+            dead.purge(&selection).await?;
+            match selection {
+                DeadLetterSelection::All => {
+                    println!("purging every clickhouse dead letter (applied in the background)")
+                }
+                DeadLetterSelection::At(positions) => println!(
+                    "purging {} clickhouse dead letters (applied in the background)",
+                    positions.len()
+                ),
             }
-            let rows = selected(all().await?, s)?;
-            for r in &rows {
-                dead.delete_dead_letters(Some((&r.topic, r.kafka_partition, r.kafka_offset)))
-                    .await?;
-            }
-            println!(
-                "purging {} clickhouse dead letters (applied in the background)",
-                rows.len()
-            );
         }
     }
     Ok(())
