@@ -189,6 +189,22 @@ impl LagProbe {
         })
     }
 
+    /// [`LagProbe::lag`], also set as the gauge
+    /// `outbox_consumer_lag{topic, partition}`: records of the topic that
+    /// the group has not committed yet.
+    pub async fn report(&self) -> Result<Vec<PartitionLag>, BusError> {
+        let lags = self.lag().await?;
+        for lag in &lags {
+            metrics::gauge!(
+                "outbox_consumer_lag",
+                "topic" => self.topic.clone(),
+                "partition" => lag.partition.to_string()
+            )
+            .set(lag.lag as f64);
+        }
+        Ok(lags)
+    }
+
     /// The lag of every partition of the topic, in partition order.
     pub async fn lag(&self) -> Result<Vec<PartitionLag>, BusError> {
         use rdkafka::consumer::Consumer;

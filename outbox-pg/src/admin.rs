@@ -155,6 +155,21 @@ impl OutboxAdmin {
         })
     }
 
+    /// [`OutboxAdmin::backlog`], also set as the gauges
+    /// `outbox_backlog_events` and `outbox_oldest_pending_age_seconds`
+    /// (for a process that refreshes them every so often: each call scans
+    /// the table once).
+    pub async fn report_backlog<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+    ) -> Result<Backlog, PgError> {
+        let backlog = self.backlog(client).await?;
+        metrics::gauge!("outbox_backlog_events").set(backlog.pending as f64);
+        metrics::gauge!("outbox_oldest_pending_age_seconds")
+            .set(backlog.oldest_age.unwrap_or_default().as_secs_f64());
+        Ok(backlog)
+    }
+
     /// Pending count and the oldest pending event's age (one scan of the table).
     pub async fn backlog<C: GenericClient + Sync>(&self, client: &C) -> Result<Backlog, PgError> {
         let row = client

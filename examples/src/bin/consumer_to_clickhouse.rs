@@ -178,13 +178,12 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
     health.up(Stage::Bus);
     let probe = outbox_kafka::LagProbe::new(&kafka, &cli.group.group_id, &cli.group.topic)?;
     let probe = std::sync::Arc::new(probe);
-    let lag_topic = cli.group.topic.clone();
     examples::spawn_background(examples::every(
         Duration::from_secs(cli.lag_interval_secs.max(1)),
         shutdown.clone(),
         move || {
-            let (probe, topic) = (probe.clone(), lag_topic.clone());
-            async move { report_lag(&probe, &topic).await }
+            let probe = probe.clone();
+            async move { report_lag(&probe).await }
         },
     ));
     let mut lease = None;
@@ -235,20 +234,9 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Refreshes the `outbox_consumer_lag{topic, partition}` gauge: records in
-/// the topic that the group has not committed yet.
-async fn report_lag(probe: &outbox_kafka::LagProbe, topic: &str) {
-    match probe.lag().await {
-        Ok(lags) => {
-            for lag in lags {
-                metrics::gauge!(
-                    "outbox_consumer_lag",
-                    "topic" => topic.to_string(),
-                    "partition" => lag.partition.to_string()
-                )
-                .set(lag.lag as f64);
-            }
-        }
-        Err(err) => tracing::debug!(error = %err, "consumer lag query failed"),
+/// Refreshes the consumer-lag gauge (`LagProbe::report`).
+async fn report_lag(probe: &outbox_kafka::LagProbe) {
+    if let Err(err) = probe.report().await {
+        tracing::debug!(error = %err, "consumer lag query failed");
     }
 }

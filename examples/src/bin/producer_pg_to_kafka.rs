@@ -186,24 +186,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Refreshes the `outbox_backlog_events` and
-/// `outbox_oldest_pending_age_seconds` gauges.
+/// Refreshes the backlog gauges (`OutboxAdmin::report_backlog`).
 async fn report_backlog(
     pool: &outbox_pg::deadpool_postgres::Pool,
     target: &str,
     admin: &outbox_pg::OutboxAdmin,
 ) {
-    let backlog = match outbox_pg::connection(pool, target).await {
-        Ok(client) => admin.backlog(&client).await,
+    let reported = match outbox_pg::connection(pool, target).await {
+        Ok(client) => admin.report_backlog(&client).await.map(drop),
         Err(err) => Err(err),
     };
-    match backlog {
-        Ok(backlog) => {
-            metrics::gauge!("outbox_backlog_events").set(backlog.pending as f64);
-            metrics::gauge!("outbox_oldest_pending_age_seconds")
-                .set(backlog.oldest_age.unwrap_or_default().as_secs_f64());
-        }
-        Err(err) => tracing::debug!(error = %err, "backlog query failed"),
+    if let Err(err) = reported {
+        tracing::debug!(error = %err, "backlog query failed");
     }
 }
 
