@@ -4,6 +4,7 @@
 mod config;
 mod dead_letters;
 mod error;
+mod exactly_once;
 mod mapper;
 mod sink;
 

@@ -1,6 +1,6 @@
 //! The ClickHouse [`Sink`]: batched RowBinary inserts, exactly-once by position.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 use uuid::Uuid;
 
+use crate::exactly_once::{advance, lookups_needed, plan, PartitionState};
 use crate::mapper::{RowMapper, RowMeta, META_COLUMNS_DDL};
 use crate::{ClickHouseConfig, SinkError};
 
@@ -68,20 +69,6 @@ pub struct ClickHouseSink<M: RowMapper> {
     facts: ServerFacts,
 }
 
-/// What the sink knows of one partition since it last looked it up.
-#[derive(Debug)]
-struct PartitionState {
-    /// The offset after the last record this sink wrote or skipped.
-    next_expected: i64,
-    /// Offsets at or after `next_expected` found already stored, with the
-    /// event id stored there.
-    stored: BTreeMap<i64, String>,
-    /// Ids of the latest rows written to this partition.
-    recent: RecentIds,
-    /// `recent.overruns()` already reported.
-    overruns_reported: u64,
-}
-
 #[derive(Row, Deserialize)]
 struct IdRow {
     #[serde(with = "clickhouse::serde::uuid")]
@@ -92,17 +79,6 @@ struct IdRow {
 struct OffsetRow {
     kafka_offset: i64,
     event_id: String,
-}
-
-/// Whether the event id stored at a position (a UUID from the table, the raw
-/// header from the dead-letter table, "" for none) is the one `record`
-/// carries there now. UUIDs compare by value, so spelling does not matter.
-fn same_event(stored: &str, record: Option<&str>) -> bool {
-    let record = record.unwrap_or_default();
-    match (Uuid::parse_str(stored), Uuid::parse_str(record)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => stored == record,
-    }
 }
 
 /// A record the sink could never write, as kept in its dead-letter table.
@@ -582,83 +558,50 @@ impl<M: RowMapper> ClickHouseSink<M> {
 
     async fn write_batch(&mut self, records: &[Record]) -> Result<WriteReport, SinkError> {
         // Look up every partition whose records do not continue where we left off.
-        let mut first_offsets: Vec<((String, i32), i64)> = Vec::new();
-        for record in records {
-            let key = (record.topic.clone(), record.position.partition);
-            if !first_offsets.iter().any(|(k, _)| *k == key) {
-                first_offsets.push((key, record.position.offset));
-            }
-        }
-        for ((topic, partition), first) in &first_offsets {
-            let key = (topic.clone(), *partition);
-            let continues = self
-                .partitions
-                .get(&key)
-                .is_some_and(|state| state.next_expected == *first);
-            if !continues {
-                let stored = self.stored_offsets(topic, *partition, *first).await?;
-                if !stored.is_empty() {
-                    debug!(
-                        topic,
-                        partition,
-                        from = first,
-                        already_stored = stored.len(),
-                        "found records already written"
-                    );
-                }
-                let recent = self.recent_ids(*partition).await?;
-                self.partitions.insert(
-                    key,
-                    PartitionState {
-                        next_expected: *first,
-                        stored,
-                        recent,
-                        overruns_reported: 0,
-                    },
+        for ((topic, partition), first) in lookups_needed(&self.partitions, records) {
+            let stored = self.stored_offsets(&topic, partition, first).await?;
+            if !stored.is_empty() {
+                debug!(
+                    topic,
+                    partition,
+                    from = first,
+                    already_stored = stored.len(),
+                    "found records already written"
                 );
             }
+            let recent = self.recent_ids(partition).await?;
+            self.partitions.insert(
+                (topic, partition),
+                PartitionState {
+                    next_expected: first,
+                    stored,
+                    recent,
+                    overruns_reported: 0,
+                },
+            );
+        }
+        let plan = plan(&self.partitions, records, self.config.dedup_window > 0).map_err(|r| {
+            SinkError::OffsetRegression {
+                topic: r.topic,
+                partition: r.partition,
+                offset: r.offset,
+                table: format!("{}.{}", self.config.database, self.config.table),
+                stored_event_id: r.stored_event_id,
+                record_event_id: r.record_event_id,
+            }
+        })?;
+        if plan.copies > 0 {
+            debug!(copies = plan.copies, "second copies of events skipped");
         }
 
         let ingested_at = now_s();
-        let mut report = WriteReport::default();
+        let mut report = WriteReport {
+            duplicates: plan.duplicates + plan.copies,
+            ..WriteReport::default()
+        };
         let mut rows = Vec::with_capacity(records.len());
-        let mut row_ids: Vec<((String, i32), Uuid, i64)> = Vec::with_capacity(records.len());
-        let mut batch_ids: HashSet<Uuid> = HashSet::new();
         let mut dead = Vec::new();
-        for record in records {
-            let key = (record.topic.clone(), record.position.partition);
-            let state = self.partitions.get(&key);
-            if let Some(stored) = state.and_then(|state| state.stored.get(&record.position.offset))
-            {
-                let carried = record.headers.get(outbox_core::HEADER_EVENT_ID);
-                if !same_event(stored, carried.map(String::as_str)) {
-                    return Err(SinkError::OffsetRegression {
-                        topic: record.topic.clone(),
-                        partition: record.position.partition,
-                        offset: record.position.offset,
-                        table: format!("{}.{}", self.config.database, self.config.table),
-                        stored_event_id: stored.clone(),
-                        record_event_id: carried.cloned().unwrap_or_default(),
-                    });
-                }
-                report.duplicates += 1;
-                continue;
-            }
-            if let Ok(id) = record.event_id() {
-                let copy = state.is_some_and(|state| state.recent.contains(&id))
-                    || (self.config.dedup_window > 0 && !batch_ids.insert(id));
-                if copy {
-                    debug!(
-                        partition = record.position.partition,
-                        offset = record.position.offset,
-                        event_id = %id,
-                        "second copy of an event skipped"
-                    );
-                    report.duplicates += 1;
-                    continue;
-                }
-                row_ids.push((key, id, record.timestamp_ms.unwrap_or(i64::MIN)));
-            }
+        for (record, _) in records.iter().zip(&plan.write).filter(|(_, write)| **write) {
             let mapped = record
                 .event_id()
                 .map_err(|e| e.to_string())
@@ -687,18 +630,21 @@ impl<M: RowMapper> ClickHouseSink<M> {
             .await?;
         self.insert_rows(&self.config.table, &rows).await?;
         report.written = rows.len();
+        advance(&mut self.partitions, records, plan.new_ids);
+        self.report_overruns();
+        for (position, reason) in &report.dead_lettered {
+            warn!(
+                partition = position.partition,
+                offset = position.offset,
+                reason,
+                "record dead-lettered"
+            );
+        }
+        Ok(report)
+    }
 
-        for record in records {
-            let key = (record.topic.clone(), record.position.partition);
-            if let Some(state) = self.partitions.get_mut(&key) {
-                state.next_expected = state.next_expected.max(record.position.offset + 1);
-            }
-        }
-        for (key, id, published_ms) in row_ids {
-            if let Some(state) = self.partitions.get_mut(&key) {
-                state.recent.insert_at(id, published_ms);
-            }
-        }
+    /// Counts and logs ids each partition's window had to forget too young.
+    fn report_overruns(&mut self) {
         for ((topic, partition), state) in &mut self.partitions {
             let overruns = state.recent.overruns();
             if overruns > state.overruns_reported {
@@ -716,19 +662,6 @@ impl<M: RowMapper> ClickHouseSink<M> {
                 state.overruns_reported = overruns;
             }
         }
-        for state in self.partitions.values_mut() {
-            let next = state.next_expected;
-            state.stored.retain(|offset, _| *offset >= next);
-        }
-        for (position, reason) in &report.dead_lettered {
-            warn!(
-                partition = position.partition,
-                offset = position.offset,
-                reason,
-                "record dead-lettered"
-            );
-        }
-        Ok(report)
     }
 }
 
@@ -900,26 +833,6 @@ mod settings_tests {
         assert_eq!(parse_version("18.16.1"), (18, 16));
         assert_eq!(parse_version("26.9.2.1"), (26, 9));
         assert_eq!(parse_version("garbage"), (0, 0));
-    }
-}
-
-#[cfg(test)]
-mod identity_tests {
-    use super::same_event;
-
-    #[test]
-    fn ids_compare_by_value_and_absent_ids_match_only_empty() {
-        let id = "0190a5f0-1c2b-7d3e-8f40-5a6b7c8d9e0f";
-        assert!(same_event(id, Some(&id.to_uppercase())));
-        assert!(same_event(id, Some("0190a5f01c2b7d3e8f405a6b7c8d9e0f")));
-        assert!(!same_event(
-            id,
-            Some("0190a5f0-1c2b-7d3e-8f40-5a6b7c8d9e00")
-        ));
-        assert!(!same_event(id, None));
-        assert!(same_event("", None));
-        assert!(same_event("not-a-uuid", Some("not-a-uuid")));
-        assert!(!same_event("", Some(id)));
     }
 }
 
