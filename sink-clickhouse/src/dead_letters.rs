@@ -8,7 +8,8 @@ use clickhouse::{Client, Row};
 use outbox_core::{Bus, Delivery, Event};
 use serde::Deserialize;
 
-use crate::sink::{bounded, client_for, DeadLetterRow};
+use crate::client::{bounded, client_for};
+use crate::sink::DeadLetterRow;
 use crate::{ClickHouseConfig, SinkError};
 
 /// Where a dead letter was read from: its topic, partition and offset

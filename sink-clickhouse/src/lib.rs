@@ -1,20 +1,23 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod client;
 mod config;
+mod ddl;
 mod dead_letters;
 mod error;
 mod exactly_once;
 mod mapper;
 mod sink;
 
+pub use client::{check_connection, client_for};
 pub use config::{validate_identifier, ClickHouseConfig, ClusterConfig};
 pub use dead_letters::{
     BadPosition, ClickHouseDeadLetters, DeadLetterPosition, DeadLetterSelection, ReplayReport,
 };
 pub use error::{server_code, SinkError};
 pub use mapper::{RawEventMapper, RawEventRow, RowMapper, RowMeta, META_COLUMNS_DDL};
-pub use sink::{check_connection, client_for, ClickHouseSink, DeadLetterRow};
+pub use sink::{ClickHouseSink, DeadLetterRow};
 
 /// Re-exported so users derive rows with the same client version.
 pub use clickhouse;
