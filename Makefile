@@ -77,6 +77,9 @@ test:
 	scripts/cluster.sh up; \
 	echo "== cargo fmt --check"; cargo fmt --all -- --check; \
 	echo "== cargo clippy"; cargo clippy --workspace --all-targets $(FEATURES) -- -D warnings; \
+	echo "== cargo package (each library crate could be published)"; \
+	for crate in outbox-core outbox-pg outbox-kafka sink-clickhouse sink-file; do \
+	  cargo package -q -p $$crate --allow-dirty --no-verify; done; \
 	echo "== cargo test"; cargo test --workspace --all-targets $(FEATURES) --exclude examples --exclude chaos --exclude bench; \
 	echo "== end-to-end tests (one at a time: they share one broker)"; \
 	cargo test -p examples --all-targets $(FEATURES) -- --test-threads=1; \

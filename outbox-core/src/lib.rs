@@ -30,5 +30,5 @@ pub use relay::{
     check_claim_outlives_publish, hold_back_after_failures, keys_with_order_gaps,
     probe_failing_keys, Relay, RelayConfig, RelayStats,
 };
-pub use sink::{RecordStatus, Sink, WriteReport};
+pub use sink::{Sink, WriteReport};
 pub use source::{AckSummary, Claimed, Source};

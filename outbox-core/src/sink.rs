@@ -5,18 +5,6 @@ use async_trait::async_trait;
 use crate::bus::Record;
 use crate::Result;
 
-/// What a sink did with one record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RecordStatus {
-    /// Durably written by this call.
-    Written,
-    /// Already durably written before (a redelivery); not written again.
-    Duplicate,
-    /// Can never be written (undecodable, does not fit the table); durably
-    /// stored in the sink's dead-letter place with this reason.
-    DeadLettered(String),
-}
-
 /// What a sink durably did with a batch.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct WriteReport {
