@@ -290,10 +290,7 @@ impl PartitionLeases {
             ),
         )
         .await?;
-        let mut owned: BTreeSet<i32> = BTreeSet::new();
-        // Locked, not granted yet: partition → when it was locked.
-        let mut taking: std::collections::BTreeMap<i32, Instant> = Default::default();
-        let mut releasing: BTreeSet<i32> = BTreeSet::new();
+        let mut holdings = Holdings::default();
         let mut rotation = std::process::id() as usize;
         loop {
             // The grant is proven from when this round's first statement was
@@ -339,44 +336,19 @@ impl PartitionLeases {
                 .collect();
             let keep = share(partitions, members, &held);
 
-            // Release what the consumer loop no longer works.
             let applied_now: BTreeSet<i32> = applied.borrow_and_update().iter().copied().collect();
-            let done: Vec<i32> = releasing
-                .iter()
-                .copied()
-                .filter(|p| !applied_now.contains(p))
-                .collect();
-            for partition in done {
+            for partition in holdings.handed_over(&applied_now) {
                 self.unlock(&client, partition).await?;
-                releasing.remove(&partition);
                 info!(topic = %self.config.topic, partition, "partition handed over");
             }
-
-            let holding = owned.len() + taking.len();
-            if holding > keep {
-                // Give back the excess: partitions not granted yet first
-                // (nobody works them), then the highest granted ones,
-                // unlocked once no longer applied.
-                let mut excess = holding - keep;
-                while excess > 0 {
-                    if let Some((&partition, _)) = taking.iter().next_back() {
-                        taking.remove(&partition);
-                        self.unlock(&client, partition).await?;
-                    } else if let Some(&partition) = owned.iter().next_back() {
-                        owned.remove(&partition);
-                        releasing.insert(partition);
-                    }
-                    excess -= 1;
-                }
-            } else if holding < keep && releasing.is_empty() {
+            for partition in holdings.give_back(keep) {
+                self.unlock(&client, partition).await?;
+            }
+            if holdings.wants_more(keep) {
                 rotation = rotation.wrapping_add(1);
-                for step in 0..partitions {
-                    if owned.len() + taking.len() >= keep {
+                for partition in holdings.candidates(partitions, rotation) {
+                    if !holdings.wants_more(keep) {
                         break;
-                    }
-                    let partition = i32::try_from((rotation + step) % partitions).unwrap_or(0);
-                    if owned.contains(&partition) || taking.contains_key(&partition) {
-                        continue;
                     }
                     let got: bool = bounded(limit, "partition lease (acquire)", async {
                         client
@@ -391,22 +363,15 @@ impl PartitionLeases {
                     .await?;
                     if got {
                         info!(topic = %self.config.topic, partition, "partition locked; granted after the takeover delay");
-                        taking.insert(partition, Instant::now());
+                        holdings.locked(partition, Instant::now());
                     }
                 }
             }
-            let ripe: Vec<i32> = taking
-                .iter()
-                .filter(|(_, locked)| locked.elapsed() >= self.config.takeover_delay)
-                .map(|(partition, _)| *partition)
-                .collect();
-            for partition in ripe {
-                taking.remove(&partition);
-                owned.insert(partition);
+            for partition in holdings.ripen(Instant::now(), self.config.takeover_delay) {
                 info!(topic = %self.config.topic, partition, "partition taken");
             }
             let lease = Lease {
-                partitions: owned.iter().copied().collect(),
+                partitions: holdings.granted(),
                 epoch,
                 valid_until: Some(valid_until),
             };
@@ -461,6 +426,92 @@ fn revoke(owned: &watch::Sender<Lease>, epoch: u64) {
 /// `floor` or `ceil` of partitions / members; when some member (`held` lists
 /// the holdings of the members that hold any) is below `floor`, nobody
 /// keeps more than `floor`.
+/// What one member holds, and the rules by which it changes; the session
+/// does the locking and unlocking these decide.
+#[derive(Debug, Default)]
+struct Holdings {
+    /// Granted: the consumer may work them.
+    owned: BTreeSet<i32>,
+    /// Locked, not granted yet: partition → when it was locked.
+    taking: std::collections::BTreeMap<i32, Instant>,
+    /// Given back, still locked until the consumer stops working them.
+    releasing: BTreeSet<i32>,
+}
+
+impl Holdings {
+    /// Partitions being given back that the consumer no longer works: to
+    /// unlock now (a voluntary hand-over never has two writers).
+    fn handed_over(&mut self, applied: &BTreeSet<i32>) -> Vec<i32> {
+        let done: Vec<i32> = self
+            .releasing
+            .iter()
+            .copied()
+            .filter(|p| !applied.contains(p))
+            .collect();
+        for partition in &done {
+            self.releasing.remove(partition);
+        }
+        done
+    }
+
+    /// Gives back what exceeds `keep`: partitions not granted yet first
+    /// (nobody works them: returned, to unlock now), then the highest
+    /// granted ones (moved to releasing, unlocked once no longer applied).
+    fn give_back(&mut self, keep: usize) -> Vec<i32> {
+        let mut unlock = Vec::new();
+        while self.owned.len() + self.taking.len() > keep {
+            if let Some((&partition, _)) = self.taking.iter().next_back() {
+                self.taking.remove(&partition);
+                unlock.push(partition);
+            } else if let Some(&partition) = self.owned.iter().next_back() {
+                self.owned.remove(&partition);
+                self.releasing.insert(partition);
+            }
+        }
+        unlock
+    }
+
+    /// Whether to try locking more: below `keep`, and not while giving
+    /// any back (the share is moving the other way).
+    fn wants_more(&self, keep: usize) -> bool {
+        self.owned.len() + self.taking.len() < keep && self.releasing.is_empty()
+    }
+
+    /// Partitions to try, starting at `rotation` (so members do not all
+    /// race for the same one), skipping those held.
+    fn candidates(&self, partitions: usize, rotation: usize) -> Vec<i32> {
+        (0..partitions)
+            .map(|step| i32::try_from((rotation + step) % partitions).unwrap_or(0))
+            .filter(|p| !self.owned.contains(p) && !self.taking.contains_key(p))
+            .collect()
+    }
+
+    /// `partition` was locked at `at`.
+    fn locked(&mut self, partition: i32, at: Instant) {
+        self.taking.insert(partition, at);
+    }
+
+    /// Grants the partitions locked at least `takeover_delay` before `now`.
+    fn ripen(&mut self, now: Instant, takeover_delay: Duration) -> Vec<i32> {
+        let ripe: Vec<i32> = self
+            .taking
+            .iter()
+            .filter(|(_, locked)| now.duration_since(**locked) >= takeover_delay)
+            .map(|(partition, _)| *partition)
+            .collect();
+        for partition in &ripe {
+            self.taking.remove(partition);
+            self.owned.insert(*partition);
+        }
+        ripe
+    }
+
+    /// The granted partitions, ascending.
+    fn granted(&self) -> Vec<i32> {
+        self.owned.iter().copied().collect()
+    }
+}
+
 fn share(partitions: usize, members: usize, held: &[usize]) -> usize {
     let members = members.max(1);
     let fewest = if held.len() < members {
@@ -495,6 +546,41 @@ async fn bounded<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A member taking over: locked partitions are granted only after the
+    /// takeover delay; above its share it gives back the ungranted first,
+    /// then the highest granted, which it unlocks only once the consumer
+    /// stopped working them; it does not take more while giving back.
+    #[test]
+    fn holdings_grant_late_give_back_in_order_and_hand_over_when_stopped() {
+        let start = Instant::now();
+        let delay = Duration::from_secs(6);
+        let mut h = Holdings::default();
+        assert_eq!(h.candidates(4, 2), [2, 3, 0, 1]);
+        for p in [0, 1, 2] {
+            h.locked(p, start);
+        }
+        assert!(
+            h.ripen(start + delay / 2, delay).is_empty(),
+            "not before the delay"
+        );
+        assert!(h.granted().is_empty());
+        assert_eq!(h.ripen(start + delay, delay), [0, 1, 2]);
+        h.locked(3, start + delay);
+        assert_eq!(h.candidates(4, 0), Vec::<i32>::new());
+
+        // The share drops to 2: the ungranted 3 goes at once, then 2.
+        assert_eq!(h.give_back(2), [3]);
+        assert_eq!(h.granted(), [0, 1]);
+        assert!(!h.wants_more(3), "no taking while giving back");
+        let still_working = BTreeSet::from([0, 1, 2]);
+        assert!(
+            h.handed_over(&still_working).is_empty(),
+            "2 is still worked"
+        );
+        assert_eq!(h.handed_over(&BTreeSet::from([0, 1])), [2]);
+        assert!(h.wants_more(3) && !h.wants_more(2));
+    }
 
     #[test]
     fn shares_are_floor_or_ceil_and_starving_members_win() {
