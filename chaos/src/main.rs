@@ -2,19 +2,28 @@
 //! shipped binaries, then verifies no loss, no duplicate, no phantom and
 //! per-key order from the real stores, and exits non-zero on a violation.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use outbox_core::Event;
-use outbox_pg::{migrate, Outbox, OutboxConfig, PgConfig};
+use outbox_pg::{migrate, OutboxConfig, PgConfig};
 use uuid::Uuid;
+
+mod attack;
+mod procs;
+mod services;
+mod verify;
+mod writer;
+
+use procs::{kafka_port, Proc, ServicePath, CONSUMER_GID, RELAY_GID};
+use services::BrokerWatch;
+use verify::{Counts, Landed};
+use writer::write_events;
 
 /// Attack the pipeline with kills, stops and service restarts, then verify
 /// its guarantees from PostgreSQL and ClickHouse.
@@ -94,20 +103,6 @@ const CLAIM_TIMEOUT_SECS: u64 = 5;
 /// A consumer's partitions move after this long.
 const LEASE_TIMEOUT_MS: u64 = 4000;
 const KEYS: usize = 32;
-/// Group ids the relays and consumers run with (the packet filter tells
-/// their connections apart by them).
-const RELAY_GID: u32 = 4300;
-const CONSUMER_GID: u32 = 4310;
-
-/// The port of the first broker of `brokers` (`host:port,…`).
-fn kafka_port(brokers: &str) -> anyhow::Result<u16> {
-    let first = brokers.split(',').next().unwrap_or_default().trim();
-    first
-        .rsplit_once(':')
-        .and_then(|(_, port)| port.parse().ok())
-        .with_context(|| format!("no port in the broker address {first:?}"))
-}
-
 fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     let text = text.trim();
     let (number, unit) = text.split_at(
@@ -123,163 +118,6 @@ fn parse_duration(text: &str) -> anyhow::Result<Duration> {
         "h" => Duration::from_secs(value * 3600),
         other => bail!("unknown duration unit {other:?} (use s, m or h)"),
     })
-}
-
-/// What tansu logs once it serves requests.
-const TANSU_READY: &[u8] = b"ready in ";
-
-/// One process of the pipeline.
-struct Proc {
-    label: String,
-    program: PathBuf,
-    args: Vec<String>,
-    log: PathBuf,
-    child: Option<Child>,
-    stopped: bool,
-    restart_at: Option<Instant>,
-    /// Its own paths to the services, each of which can be cut.
-    paths: Vec<ServicePath>,
-    /// The group id it runs with, which tells its packets apart.
-    gid: u32,
-}
-
-/// One process's path to one service, which the harness can cut.
-struct ServicePath {
-    service: &'static str,
-    cut: Cut,
-    heal_at: Option<Instant>,
-}
-
-/// How a path is cut.
-enum Cut {
-    /// A proxy of the process's own, which the binary is pointed at.
-    Proxy(netfault::FaultProxy),
-    /// The kernel's packet filter, by the process's group id: a Kafka
-    /// client reconnects to the broker's advertised address, so a proxy
-    /// would not sit on its data path.
-    Filter(Arc<netfault::PacketFilter>, u32),
-}
-
-impl ServicePath {
-    async fn to(service: &'static str, upstream: &str) -> anyhow::Result<Self> {
-        let upstream = tokio::net::lookup_host(upstream)
-            .await
-            .with_context(|| format!("resolving {upstream}"))?
-            .find(std::net::SocketAddr::is_ipv4)
-            .with_context(|| format!("no IPv4 address for {upstream}"))?;
-        Ok(Self {
-            service,
-            cut: Cut::Proxy(netfault::FaultProxy::start(upstream).await?),
-            heal_at: None,
-        })
-    }
-
-    /// The path to the broker of a process running with group id `gid`.
-    fn kafka(filter: &Arc<netfault::PacketFilter>, gid: u32) -> anyhow::Result<Self> {
-        filter.track(gid)?;
-        Ok(Self {
-            service: "kafka",
-            cut: Cut::Filter(filter.clone(), gid),
-            heal_at: None,
-        })
-    }
-
-    /// The faults this path can be cut with.
-    fn faults(&self) -> &'static [(netfault::Fault, &'static str)] {
-        match self.cut {
-            Cut::Proxy(_) => &[
-                (netfault::Fault::Blackhole, "blackhole"),
-                (netfault::Fault::Blackhole, "blackhole"),
-                (netfault::Fault::Blackhole, "blackhole"),
-                (netfault::Fault::Reset, "reset"),
-            ],
-            Cut::Filter(..) => &[(netfault::Fault::Blackhole, "blackhole")],
-        }
-    }
-
-    fn set(&self, fault: netfault::Fault) -> anyhow::Result<()> {
-        match &self.cut {
-            Cut::Proxy(proxy) => proxy.set(fault, fault),
-            Cut::Filter(filter, gid) => filter.set(*gid, fault)?,
-        }
-        Ok(())
-    }
-
-    /// The environment that points a binary at this path.
-    fn env(&self) -> Vec<(String, String)> {
-        let Cut::Proxy(proxy) = &self.cut else {
-            return Vec::new();
-        };
-        let port = proxy.addr().port().to_string();
-        match self.service {
-            "postgres" => vec![
-                ("OUTBOX_PG_HOST".into(), "127.0.0.1".into()),
-                ("OUTBOX_PG_PORT".into(), port),
-            ],
-            _ => vec![(
-                "OUTBOX_CLICKHOUSE_URL".into(),
-                format!("http://127.0.0.1:{port}"),
-            )],
-        }
-    }
-}
-
-impl Proc {
-    fn start(&mut self, env: &[(String, String)]) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let own: Vec<(String, String)> = self.paths.iter().flat_map(ServicePath::env).collect();
-        let child = Command::new(&self.program)
-            .gid(self.gid)
-            .args(&self.args)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .envs(own.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("RUST_LOG", "info")
-            // Five binaries on one host: any free port for /metrics.
-            .env("OUTBOX_METRICS_ADDR", "127.0.0.1:0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", self.program.display()))?;
-        self.child = Some(child);
-        self.stopped = false;
-        self.restart_at = None;
-        Ok(())
-    }
-
-    fn signal(&self, signal: &str) {
-        if let Some(child) = &self.child {
-            let _ = Command::new("kill")
-                .args([signal, &child.id().to_string()])
-                .status();
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        self.stopped = false;
-    }
-
-    fn running(&self) -> bool {
-        self.child.is_some()
-    }
-
-    /// Whether the process ended on its own (a supervisor restarts it).
-    fn exited(&mut self) -> bool {
-        match self.child.as_mut().map(Child::try_wait) {
-            Some(Ok(Some(_))) => {
-                self.child = None;
-                true
-            }
-            _ => false,
-        }
-    }
 }
 
 #[derive(Default)]
@@ -522,129 +360,17 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         broker_watch
             .restart_if_panicked(&script, &mut tally)
             .await?;
-        let now = Instant::now();
-        for proc in relays.iter_mut().chain(consumers.iter_mut()) {
-            for path in &mut proc.paths {
-                if path.heal_at.is_some_and(|at| at <= now) {
-                    path.set(netfault::Fault::Pass)?;
-                    path.heal_at = None;
-                    println!(
-                        "chaos: +{:>4}s healed {} -> {}",
-                        started.elapsed().as_secs(),
-                        proc.label,
-                        path.service
-                    );
-                }
-            }
-            if proc.restart_at.is_none() && proc.exited() {
-                // Like a supervisor: a process that ended on its own is started again.
-                tally.unexpected_exits += 1;
-                println!(
-                    "chaos: +{:>4}s {} exited on its own; restarting it",
-                    started.elapsed().as_secs(),
-                    proc.label
-                );
-                proc.start(&env)?;
-            }
-            if proc.restart_at.is_some_and(|at| at <= now) {
-                proc.start(&env)?;
-            }
-        }
-        match rng.u32(0..100) {
-            0..=27 => {
-                let relay = &mut relays[rng.usize(0..3)];
-                if relay.running() && !relay.stopped {
-                    relay.kill();
-                    tally.relay_kills += 1;
-                    let pause = if rng.bool() { 0 } else { rng.u64(5..20) };
-                    relay.restart_at = Some(Instant::now() + Duration::from_secs(pause));
-                    println!(
-                        "chaos: +{:>4}s SIGKILL {} (restart in {pause}s)",
-                        started.elapsed().as_secs(),
-                        relay.label
-                    );
-                }
-            }
-            28..=41 => {
-                let index = rng.usize(0..3);
-                let relay = &mut relays[index];
-                if relay.running() && !relay.stopped {
-                    relay.signal("-STOP");
-                    relay.stopped = true;
-                    tally.relay_stops += 1;
-                    let hold = CLAIM_TIMEOUT_SECS + rng.u64(2..8);
-                    println!(
-                        "chaos: +{:>4}s SIGSTOP {} for {hold}s",
-                        started.elapsed().as_secs(),
-                        relay.label
-                    );
-                    tokio::time::sleep(Duration::from_secs(hold)).await;
-                    let relay = &mut relays[index];
-                    relay.signal("-CONT");
-                    relay.stopped = false;
-                }
-            }
-            42..=61 => {
-                let consumer = &mut consumers[rng.usize(0..2)];
-                if consumer.running() {
-                    consumer.kill();
-                    tally.consumer_kills += 1;
-                    // Sometimes long enough that the survivor must take over.
-                    let pause = if rng.bool() {
-                        0
-                    } else {
-                        tally.long_pauses += 1;
-                        LEASE_TIMEOUT_MS / 1000 + rng.u64(5..15)
-                    };
-                    consumer.restart_at = Some(Instant::now() + Duration::from_secs(pause));
-                    println!(
-                        "chaos: +{:>4}s SIGKILL {} (restart in {pause}s)",
-                        started.elapsed().as_secs(),
-                        consumer.label
-                    );
-                }
-            }
-            62..=84 => {
-                // Cut one process from one service for longer than its
-                // claim or lease timeout: packets dropped (a blackhole,
-                // sockets left open) or connections reset.
-                let procs: Vec<&mut Proc> = relays.iter_mut().chain(consumers.iter_mut()).collect();
-                let count = procs.len();
-                let proc = procs.into_iter().nth(rng.usize(0..count));
-                if let Some(proc) = proc {
-                    let index = rng.usize(0..proc.paths.len());
-                    let path = &mut proc.paths[index];
-                    if path.heal_at.is_none() {
-                        let faults = path.faults();
-                        let (fault, how) = faults[rng.usize(0..faults.len())];
-                        let hold = CLAIM_TIMEOUT_SECS.max(LEASE_TIMEOUT_MS / 1000) + rng.u64(2..10);
-                        path.set(fault)?;
-                        path.heal_at = Some(Instant::now() + Duration::from_secs(hold));
-                        let kind = proc.label.trim_end_matches(|c: char| c.is_ascii_digit());
-                        *tally
-                            .partitions
-                            .entry(format!("{kind}-{}-{how}", path.service))
-                            .or_default() += 1;
-                        println!(
-                            "chaos: +{:>4}s {how} {} -> {} for {hold}s",
-                            started.elapsed().as_secs(),
-                            proc.label,
-                            path.service
-                        );
-                    }
-                }
-            }
-            _ if !cli.no_service_restarts => {
-                let service = ["kafka", "postgres", "clickhouse"][rng.usize(0..3)];
-                println!(
-                    "chaos: +{:>4}s crash and restart {service}",
-                    started.elapsed().as_secs()
-                );
-                crash_service(&script, service).await?;
-                *tally.service_restarts.entry(service).or_default() += 1;
-            }
-            _ => {}
-        }
+        attack::tend(&mut relays, &mut consumers, &mut tally, started, &env)?;
+        attack::strike(
+            &mut rng,
+            &mut relays,
+            &mut consumers,
+            &mut tally,
+            started,
+            &script,
+            !cli.no_service_restarts,
+        )
+        .await?;
     }
 
     // Stop attacking; let everything drain.
@@ -719,14 +445,6 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
     }
 
     // Verify from the stores.
-    #[derive(clickhouse::Row, serde::Deserialize)]
-    struct Landed {
-        #[serde(with = "clickhouse::serde::uuid")]
-        event_id: Uuid,
-        payload: String,
-        kafka_partition: i32,
-        kafka_offset: i64,
-    }
     let mut rows = ch
         .query(&format!(
             "SELECT event_id, payload, kafka_partition, kafka_offset FROM `{name}`"
@@ -734,7 +452,6 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         .fetch_all::<Landed>()
         .await?;
     rows.sort_by_key(|r| (r.kafka_partition, r.kafka_offset));
-    let distinct: HashSet<Uuid> = rows.iter().map(|r| r.event_id).collect();
     // Still in the outbox is undelivered, not lost: only a run that drained
     // can call a missing event lost.
     let still_pending: HashSet<Uuid> = pool
@@ -747,12 +464,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         .collect();
     // Missing from ClickHouse but in Kafka (acknowledged, not yet consumed)
     // is undelivered too; only an event in none of the stores is lost.
-    let missing: Vec<Uuid> = committed
-        .iter()
-        .filter(|id| !distinct.contains(id) && !still_pending.contains(id))
-        .copied()
-        .collect();
-    let in_kafka = if missing.is_empty() {
+    let in_kafka = if verify::missing(&committed, &rows, &still_pending).is_empty() {
         HashSet::new()
     } else {
         broker_watch
@@ -760,7 +472,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
             .await?;
         let brokers = cli.kafka_brokers.clone();
         let topic = name.clone();
-        match tokio::task::spawn_blocking(move || read_event_ids(&brokers, &topic)).await? {
+        match tokio::task::spawn_blocking(move || verify::read_event_ids(&brokers, &topic)).await? {
             Ok(ids) => ids,
             Err(err) => {
                 println!(
@@ -770,28 +482,13 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
             }
         }
     };
-    let undelivered = committed
-        .iter()
-        .filter(|id| !distinct.contains(id) && still_pending.contains(id))
-        .count()
-        + missing.iter().filter(|id| in_kafka.contains(id)).count();
-    let lost = missing.iter().filter(|id| !in_kafka.contains(id)).count();
-    let duplicated = rows.len() - distinct.len();
-    let phantom = distinct.difference(&committed).count();
-    let mut last_seq: HashMap<String, i64> = HashMap::new();
-    let mut out_of_order = 0;
-    let mut seen: HashSet<Uuid> = HashSet::new();
-    // Order is judged on first occurrences; copies are counted as duplicates.
-    for row in rows.iter().filter(|r| seen.insert(r.event_id)) {
-        let value: serde_json::Value = serde_json::from_str(&row.payload).unwrap_or_default();
-        let key = value["key"].as_str().unwrap_or_default().to_string();
-        let seq = value["seq"].as_i64().unwrap_or(-1);
-        let previous = last_seq.entry(key).or_insert(-1);
-        if seq <= *previous {
-            out_of_order += 1;
-        }
-        *previous = (*previous).max(seq);
-    }
+    let Counts {
+        lost,
+        duplicated,
+        phantom,
+        out_of_order,
+        undelivered,
+    } = verify::judge(&committed, &rows, &still_pending, &in_kafka);
     let dead_pg: i64 = pool
         .get()
         .await?
@@ -903,201 +600,4 @@ async fn drop_run(pool: &outbox_pg::deadpool_postgres::Pool, ch: &clickhouse::Cl
             println!("chaos: could not drop the ClickHouse table {table}: {err}");
         }
     }
-}
-
-/// Every event id in `topic`, read from the beginning of each partition to
-/// its end (explicit assignment: no group involved).
-fn read_event_ids(brokers: &str, topic: &str) -> anyhow::Result<HashSet<Uuid>> {
-    use outbox_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
-    use outbox_kafka::rdkafka::message::Headers;
-    use outbox_kafka::rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("{topic}_verify"))
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .first()
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
-    let mut ends = HashMap::new();
-    let mut list = TopicPartitionList::new();
-    for partition in &partitions {
-        let (_, high) = consumer.fetch_watermarks(topic, *partition, Duration::from_secs(30))?;
-        if high > 0 {
-            ends.insert(*partition, high);
-            list.add_partition_offset(topic, *partition, Offset::Beginning)?;
-        }
-    }
-    consumer.assign(&list)?;
-    let mut ids = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while !ends.is_empty() && Instant::now() < deadline {
-        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
-            continue;
-        };
-        let message = message?;
-        if let Some(id) = message.headers().and_then(|h| {
-            h.iter()
-                .find(|h| h.key == outbox_core::HEADER_EVENT_ID)
-                .and_then(|h| h.value)
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(|v| Uuid::parse_str(v).ok())
-        }) {
-            ids.insert(id);
-        }
-        if ends
-            .get(&message.partition())
-            .is_some_and(|end| message.offset() + 1 >= *end)
-        {
-            ends.remove(&message.partition());
-        }
-    }
-    if !ends.is_empty() {
-        bail!("reading the topic back timed out");
-    }
-    Ok(ids)
-}
-
-/// SIGKILLs a service of the local stack and starts it again (`stack.sh crash`).
-async fn crash_service(script: &Path, service: &'static str) -> anyhow::Result<()> {
-    let script = script.to_path_buf();
-    let ok = tokio::task::spawn_blocking(move || {
-        Command::new("bash")
-            .arg(&script)
-            .args(["crash", service])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    })
-    .await?;
-    if !ok {
-        bail!("restarting {service} failed");
-    }
-    Ok(())
-}
-
-/// Watches tansu's log for panics.
-///
-/// tansu 0.6.0 sometimes panics in its storage actor (idempotent-producer
-/// check) when producers reconnect after restarts; the process then keeps
-/// its port but refuses every request until restarted. A supervisor in
-/// production would restart a broker that stopped serving; this plays that
-/// part, so a run measures the pipeline rather than the local broker's bug.
-/// Each such restart is counted in the summary (`broker_panic_restarts`).
-struct BrokerWatch {
-    log: PathBuf,
-    looked_up_to: u64,
-}
-
-impl BrokerWatch {
-    /// Starts looking at tansu's last start, so that a panic the broker is
-    /// still wedged on is seen at once.
-    fn new(root: &Path) -> Self {
-        let log = root.join(".stack/kafka/tansu.log");
-        let text = std::fs::read(&log).unwrap_or_default();
-        let last_start = text
-            .windows(TANSU_READY.len())
-            .rposition(|w| w == TANSU_READY)
-            .unwrap_or(text.len());
-        Self {
-            log,
-            looked_up_to: last_start as u64,
-        }
-    }
-
-    /// Whether tansu logged a panic since the last look.
-    fn panicked_since_last_look(&mut self) -> bool {
-        let Ok(text) = std::fs::read(&self.log) else {
-            return false;
-        };
-        let start = usize::try_from(self.looked_up_to)
-            .unwrap_or(0)
-            .min(text.len());
-        self.looked_up_to = text.len() as u64;
-        String::from_utf8_lossy(&text[start..]).contains("panicked")
-    }
-
-    async fn restart_if_panicked(
-        &mut self,
-        script: &Path,
-        tally: &mut Tally,
-    ) -> anyhow::Result<()> {
-        if self.panicked_since_last_look() {
-            println!("chaos: the broker (tansu) panicked; restarting it like a supervisor would");
-            crash_service(script, "kafka").await?;
-            tally.broker_panic_restarts += 1;
-            // The restart's own log lines are not a new panic.
-            self.panicked_since_last_look();
-        }
-        Ok(())
-    }
-}
-
-/// Commits events of random keys in transactions of 1–10 events, a tenth of
-/// them rolled back, each with a ledger row in the same transaction.
-#[allow(clippy::too_many_arguments)]
-async fn write_events(
-    pool: outbox_pg::deadpool_postgres::Pool,
-    config: OutboxConfig,
-    ledger: String,
-    topic: String,
-    events_per_second: u32,
-    seed: u64,
-    writing: Arc<AtomicBool>,
-    attempted: Arc<AtomicU64>,
-    rolled_back: Arc<AtomicU64>,
-) -> anyhow::Result<()> {
-    let outbox = Outbox::new(&config)?;
-    let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed);
-    let mut next_seq = vec![0i64; KEYS];
-    let insert = format!("INSERT INTO {ledger} (event_id) SELECT unnest($1::uuid[])");
-    while writing.load(Ordering::SeqCst) {
-        let size = rng.usize(1..=10);
-        let events: Vec<Event> = (0..size)
-            .map(|_| {
-                let key = rng.usize(0..KEYS);
-                // The sequence grows on every attempt: a rolled-back event
-                // leaves a gap, never a repeat.
-                let seq = next_seq[key];
-                next_seq[key] += 1;
-                Event::new(
-                    topic.clone(),
-                    format!("{{\"key\":\"k{key}\",\"seq\":{seq}}}"),
-                )
-                .with_key(format!("k{key}"))
-            })
-            .collect();
-        let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
-        let rollback = rng.u32(0..10) == 0;
-        let result: anyhow::Result<()> = async {
-            let mut client = pool.get().await?;
-            let tx = client.transaction().await?;
-            tx.execute(&insert, &[&ids]).await?;
-            outbox.enqueue(&tx, &events).await?;
-            if rollback {
-                tx.rollback().await?;
-            } else {
-                tx.commit().await?;
-            }
-            Ok(())
-        }
-        .await;
-        attempted.fetch_add(size as u64, Ordering::SeqCst);
-        if result.is_ok() && rollback {
-            rolled_back.fetch_add(size as u64, Ordering::SeqCst);
-        }
-        if result.is_err() {
-            // PostgreSQL restarting: the outcome is in the ledger.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        let pace = Duration::from_secs_f64(size as f64 / f64::from(events_per_second.max(1)));
-        tokio::time::sleep(pace).await;
-    }
-    Ok(())
 }

@@ -15,9 +15,9 @@ use uuid::Uuid;
 /// originals. The window must cover how far apart they can land.
 ///
 /// The ids sit in a ring of exactly `capacity` slots with a hash index of
-/// 4-byte slot numbers beside it: about 22 bytes per remembered id, where a
-/// set plus a queue of ids took about 75 (a consumer holds one window per
-/// partition, 100,000 ids each by default).
+/// 4-byte slot numbers beside it, rather than a set plus a queue of ids:
+/// a consumer holds one window per partition, 100,000 ids each by default,
+/// so the bytes per id matter (measured in `docs/performance.md`).
 ///
 /// ```
 /// use outbox_core::RecentIds;

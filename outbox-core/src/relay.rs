@@ -17,10 +17,8 @@ use crate::{Backoff, Event, Health, Result, Stage};
 pub struct RelayConfig {
     /// Most events claimed and published at once. Only a backlog fills a
     /// batch (at low load a claim takes what is pending), so this trades a
-    /// backlog's drain speed for the relay's memory: draining 1,000,000
-    /// events, 4000 moved 1.24 times as many events per second as 1000,
-    /// for 40 MiB of peak RSS instead of 23 (`docs/performance.md`).
-    /// Default: 4000.
+    /// backlog's drain speed for the relay's memory (both measured in
+    /// `docs/performance.md`). Default: 4000.
     pub batch_size: usize,
     /// Longest wait for new events when the outbox is empty. Default: 500 ms.
     pub idle_wait: Duration,

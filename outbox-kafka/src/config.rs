@@ -266,10 +266,10 @@ pub struct ConsumerConfig {
     /// keeps a response's decompressed batches until their last message is
     /// consumed, so this bounds the consumer's memory while it catches up a
     /// backlog, against catch-up speed (more, smaller fetches). It matters
-    /// most for compressed topics: tansu 0.6 caps a response at 5 MiB of
-    /// *compressed* batches, which lz4 turned into about 40 MiB in memory
-    /// (a consumer catching up 1,000,000 lz4 events peaked at 150–160 MiB;
-    /// uncompressed, at 68–77 MiB). Default: 50 MiB (librdkafka's).
+    /// most for compressed topics: tansu 0.6 caps a response by its
+    /// *compressed* size, which decompresses to several times that in
+    /// memory (measured in `docs/performance.md`). Default: 50 MiB
+    /// (librdkafka's).
     pub fetch_max_bytes: u32,
     /// `auto.offset.reset` for partitions without a committed position. Default: `earliest`.
     pub auto_offset_reset: String,

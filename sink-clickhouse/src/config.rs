@@ -47,7 +47,8 @@ pub struct ClickHouseConfig {
     /// was published meanwhile. The window grows beyond this, up to
     /// [`ClickHouseConfig::dedup_window_max`], so that it always holds the
     /// ids published within [`ClickHouseConfig::dedup_horizon`] of the
-    /// newest. 0 turns the check off. About 30 bytes per id. Default: 100 000.
+    /// newest. 0 turns the check off. Its memory per id is measured in
+    /// `docs/performance.md`. Default: 100 000.
     pub dedup_window: usize,
     /// How long after an original a copy may be published, by the record
     /// timestamps the producer set: must exceed the relays' claim timeout
