@@ -262,7 +262,15 @@ impl<S: Source, B: Bus> Relay<S, B> {
     pub async fn run(&self, shutdown: CancellationToken) -> Result<RelayStats> {
         // A permanent failure of one loop stops the others, not the caller's token.
         let stop = shutdown.child_token();
-        let loops = (0..self.in_flight_batches()).map(|_| self.run_loop(&stop));
+        let in_flight = self.in_flight_batches();
+        if in_flight < self.config.max_in_flight_batches {
+            info!(
+                configured = self.config.max_in_flight_batches,
+                in_flight,
+                "the source's claims may share keys: one batch in flight keeps their order"
+            );
+        }
+        let loops = (0..in_flight).map(|_| self.run_loop(&stop));
         let mut stats = RelayStats::default();
         let mut first_error = None;
         for result in futures::future::join_all(loops).await {
