@@ -6,8 +6,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use futures::stream::{FuturesUnordered, StreamExt};
 use outbox_core::{Event, HEADER_CREATED_AT_MS, HEADER_EVENT_ID};
-use outbox_kafka::rdkafka::admin::{AdminClient, AdminOptions};
-use outbox_kafka::rdkafka::client::DefaultClientContext;
 use outbox_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
 use outbox_kafka::rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use outbox_kafka::rdkafka::message::{Header, OwnedHeaders};
@@ -21,7 +19,6 @@ use crate::{key, payload, say, Env};
 
 /// `count` items in `elapsed`.
 pub struct Measured {
-    pub topic: String,
     pub count: usize,
     pub elapsed: Duration,
 }
@@ -117,12 +114,7 @@ pub async fn raw_produce(env: &Env, n: usize) -> anyhow::Result<Measured> {
     if failed > 0 {
         bail!("raw produce: {failed} of {n} messages were not acknowledged");
     }
-    Ok(Measured {
-        topic,
-        count: n,
-        elapsed,
-    }
-    .report("raw produce", "msg"))
+    Ok(Measured { count: n, elapsed }.report("raw produce", "msg"))
 }
 
 /// The broker hop alone at a steady rate: the rdkafka producer (the relay's
@@ -205,7 +197,6 @@ pub async fn raw_latency(env: &Env, rate: u32, length: Duration) -> anyhow::Resu
         crate::pipeline::quantile(&ms, 0.99),
         crate::pipeline::quantile(&ms, 1.0),
     ));
-    drop_topic(env, &topic).await;
     Ok(ms)
 }
 
@@ -247,7 +238,6 @@ pub async fn raw_consume(env: &Env, topic: &str, n: usize) -> anyhow::Result<Mea
             }
         }
         Ok(Measured {
-            topic,
             count,
             elapsed: started.elapsed(),
         }
@@ -301,12 +291,7 @@ pub async fn raw_insert(env: &Env, n: usize) -> anyhow::Result<Measured> {
     }
     let elapsed = started.elapsed();
     drop_ch_tables(env, &table).await;
-    Ok(Measured {
-        topic: table,
-        count: n,
-        elapsed,
-    }
-    .report("raw insert", "row"))
+    Ok(Measured { count: n, elapsed }.report("raw insert", "row"))
 }
 
 /// ClickHouse alone at the consumer's pace at 1,000 events/s: an insert of
@@ -434,12 +419,7 @@ pub async fn raw_claim(env: &Env, n: usize) -> anyhow::Result<Measured> {
     }
     let elapsed = started.elapsed();
     drop_pg_tables(env, &[&table, &format!("{table}_dead")]).await;
-    Ok(Measured {
-        topic: table,
-        count,
-        elapsed,
-    }
-    .report("raw claim", "row"))
+    Ok(Measured { count, elapsed }.report("raw claim", "row"))
 }
 
 /// The original demo's relay: select the unsent rows, send each one, wait
@@ -498,13 +478,7 @@ pub async fn naive_relay(env: &Env, n: usize) -> anyhow::Result<Measured> {
     }
     let elapsed = started.elapsed();
     drop_pg_tables(env, &[&table]).await;
-    drop_topic(env, &topic).await;
-    Ok(Measured {
-        topic,
-        count,
-        elapsed,
-    }
-    .report("original design", "event"))
+    Ok(Measured { count, elapsed }.report("original design", "event"))
 }
 
 /// Drops PostgreSQL tables of the run (unless `--keep`).
@@ -534,24 +508,6 @@ pub async fn drop_ch_tables(env: &Env, table: &str) {
             .query(&format!("DROP TABLE IF EXISTS `{t}`"))
             .execute()
             .await;
-    }
-}
-
-/// Deletes a topic of the run (unless `--keep`), so the broker's storage
-/// does not grow by every run.
-pub async fn drop_topic(env: &Env, topic: &str) {
-    if env.keep {
-        return;
-    }
-    let admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
-        .set("bootstrap.servers", &env.kafka.brokers)
-        .set("log_level", "3")
-        .create();
-    if let Ok(admin) = admin {
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        if let Err(err) = admin.delete_topics(&[topic], &options).await {
-            say(format!("  could not delete topic {topic}: {err}"));
-        }
     }
 }
 

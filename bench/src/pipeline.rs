@@ -12,9 +12,7 @@ use outbox_pg::{migrate, Outbox, PgOutboxSource};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::hops::{
-    drop_ch_tables, drop_pg_tables, drop_topic, fill_outbox, outbox_config, topic_end,
-};
+use crate::hops::{drop_ch_tables, drop_pg_tables, fill_outbox, outbox_config, topic_end};
 use crate::procs::Proc;
 use crate::{key, payload, say, Env};
 
@@ -149,10 +147,11 @@ pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result
     })
 }
 
-/// Drops the tables and topic of a relay run.
+/// Drops the tables of a relay run. Its topic stays on the broker: tansu
+/// 0.6 deletes every topic on any DeleteTopics request, the demo's and
+/// other users' included.
 pub async fn drop_relay_run(env: &Env, run: &BacklogRun) {
     drop_pg_tables(env, &[&run.table, &format!("{}_dead", run.table)]).await;
-    drop_topic(env, &run.topic).await;
 }
 
 /// Times the consumer binary writing the `n` messages of `topic` into a new
@@ -608,7 +607,6 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
         run.cpu_busy_pct,
     ));
     drop_pg_tables(env, &[&table, &format!("{table}_dead")]).await;
-    drop_topic(env, &topic).await;
     drop_ch_tables(env, &table).await;
     Ok(run)
 }

@@ -38,8 +38,72 @@ const KEYS: [&str; 29] = [
     "claim_vacuumed_vs_empty",
 ];
 
+/// The broker of the local stack, as the bench binary reaches it.
+fn brokers() -> String {
+    std::env::var("OUTBOX_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// A topic of someone else on the shared broker, with one message; returns
+/// its name.
+fn sentinel_topic() -> String {
+    use outbox_kafka::rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let topic = format!("bench_sentinel_{}", uuid::Uuid::now_v7().simple());
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let config = outbox_kafka::KafkaConfig {
+        brokers: brokers(),
+        topic_partitions: 1,
+        ..outbox_kafka::KafkaConfig::default()
+    };
+    runtime
+        .block_on(outbox_kafka::ensure_topics(&config, &[&topic]))
+        .expect("the sentinel topic is created");
+    let producer: BaseProducer = outbox_kafka::rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("a producer");
+    producer
+        .send(BaseRecord::<str, str>::to(&topic).payload("sentinel"))
+        .map_err(|(e, _)| e)
+        .expect("the sentinel message is queued");
+    producer
+        .flush(std::time::Duration::from_secs(10))
+        .expect("the sentinel message is written");
+    topic
+}
+
+/// Messages in `topic` (its high watermark), or `None` once it is gone.
+fn messages_in(topic: &str) -> Option<i64> {
+    use outbox_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = outbox_kafka::rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", "bench-sentinel")
+        .create()
+        .expect("a consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), std::time::Duration::from_secs(10))
+        .ok()?;
+    let known = metadata
+        .topics()
+        .first()
+        .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty());
+    if !known {
+        return None;
+    }
+    consumer
+        .fetch_watermarks(topic, 0, std::time::Duration::from_secs(10))
+        .ok()
+        .map(|(_, high)| high)
+}
+
+/// Invariants: the smoke run's report is complete (below), and the bench
+/// leaves the other topics of the shared broker alone: tansu 0.6 deletes
+/// every topic on any DeleteTopics request, so a bench that deleted its
+/// own topics wiped the demo's `user_events` too (whose consumer then
+/// stops on an offset regression).
 #[test]
 fn smoke_run_writes_a_complete_report() {
+    let sentinel = sentinel_topic();
+    assert_eq!(messages_in(&sentinel), Some(1), "the sentinel is written");
     let out = std::env::temp_dir().join(format!("outbox-bench-smoke-{}", std::process::id()));
     let status = Command::new(env!("CARGO_BIN_EXE_bench"))
         .args(["--size", "smoke", "--out"])
@@ -47,6 +111,13 @@ fn smoke_run_writes_a_complete_report() {
         .status()
         .expect("the bench binary starts");
     assert!(status.success(), "bench --size smoke failed: {status}");
+    let after = messages_in(&sentinel);
+    println!("another topic on the shared broker: 1 message before the bench, {after:?} after");
+    assert_eq!(
+        after,
+        Some(1),
+        "the bench deleted another topic of the broker"
+    );
 
     let text = std::fs::read_to_string(out.join("report.json")).expect("report.json written");
     let report: serde_json::Value = serde_json::from_str(&text).expect("report.json is JSON");
