@@ -40,10 +40,13 @@ install_packages() {
   }
 }
 
+# Serving requests, not only running: `ruok` answers imok while ZooKeeper
+# still loads its database, and a ClickHouse server whose first session
+# handshake fails then exits at start.
 zk_ready() {
   local answer
-  answer="$( (exec 3<>"/dev/tcp/127.0.0.1/$ZK_PORT" && printf 'ruok' >&3 && timeout 2 cat <&3) 2>/dev/null || true)"
-  [ "$answer" = "imok" ]
+  answer="$( (exec 3<>"/dev/tcp/127.0.0.1/$ZK_PORT" && printf 'srvr' >&3 && timeout 2 cat <&3) 2>/dev/null || true)"
+  [[ "$answer" == *"Mode: standalone"* ]]
 }
 
 zk_up() {
@@ -51,7 +54,7 @@ zk_up() {
   if pid_alive "$(cat "$ZK_DIR/pid" 2>/dev/null || true)" && zk_ready; then return 0; fi
   free_port "$ZK_PORT" zookeeper
   log "starting zookeeper on 127.0.0.1:$ZK_PORT"
-  (cd "$ZK_DIR" && exec setsid java -Xmx256m -Dzookeeper.4lw.commands.whitelist=ruok \
+  (cd "$ZK_DIR" && exec setsid java -Xmx256m -Dzookeeper.4lw.commands.whitelist=srvr \
     -cp /etc/zookeeper/conf_example:/usr/share/java/zookeeper.jar \
     org.apache.zookeeper.server.ZooKeeperServerMain "$ZK_PORT" "$ZK_DIR/data" \
     >>"$ZK_DIR/zookeeper.log" 2>&1 </dev/null) &

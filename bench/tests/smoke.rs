@@ -40,7 +40,7 @@ const KEYS: [&str; 29] = [
 
 /// The broker of the local stack, as the bench binary reaches it.
 fn brokers() -> String {
-    std::env::var("OUTBOX_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+    test_support::brokers()
 }
 
 /// A topic of someone else on the shared broker, with one message; returns

@@ -20,7 +20,7 @@ fn node(n: u8) -> String {
 }
 
 fn unique(name: &str) -> String {
-    format!("cl_{name}_{}", &Uuid::now_v7().simple().to_string()[20..])
+    test_support::unique("cl", name)
 }
 
 fn config(url: &str, table: &str, cluster: &str, quorum: Option<u32>) -> ClickHouseConfig {

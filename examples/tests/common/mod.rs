@@ -13,27 +13,9 @@ use outbox_kafka::rdkafka::consumer::{Consumer, StreamConsumer};
 use outbox_kafka::rdkafka::message::Headers;
 use outbox_kafka::rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use outbox_kafka::KafkaConfig;
-use outbox_pg::PgConfig;
 use uuid::Uuid;
 
-pub fn pg() -> PgConfig {
-    PgConfig {
-        host: std::env::var("OUTBOX_PG_HOST").unwrap_or_else(|_| "127.0.0.1".into()),
-        port: std::env::var("OUTBOX_PG_PORT")
-            .ok()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(5432),
-        ..PgConfig::default()
-    }
-}
-
-pub fn brokers() -> String {
-    std::env::var("OUTBOX_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
-pub fn clickhouse_url() -> String {
-    std::env::var("OUTBOX_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
-}
+pub use test_support::{brokers, clickhouse_url, pg};
 
 pub fn kafka(brokers: &str) -> KafkaConfig {
     KafkaConfig {
@@ -45,8 +27,7 @@ pub fn kafka(brokers: &str) -> KafkaConfig {
 
 /// A short name unique to this run, safe as a table, topic or group name.
 pub fn unique(name: &str) -> String {
-    let id = Uuid::now_v7().simple().to_string();
-    format!("e2e_{name}_{}", &id[20..])
+    test_support::unique("e2e", name)
 }
 
 /// One message as read back from Kafka.

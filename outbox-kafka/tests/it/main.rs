@@ -14,14 +14,13 @@ use uuid::Uuid;
 
 fn kafka() -> KafkaConfig {
     KafkaConfig {
-        brokers: std::env::var("OUTBOX_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
         message_timeout: Duration::from_secs(10),
-        ..KafkaConfig::default()
+        ..test_support::kafka()
     }
 }
 
 fn unique(name: &str) -> String {
-    format!("it_{name}_{}", Uuid::now_v7().simple())
+    test_support::unique("it", name)
 }
 
 fn consumer_config(group: &str, topic: &str) -> ConsumerConfig {

@@ -14,10 +14,7 @@ use outbox_kafka::{ConsumerConfig, KafkaBus, KafkaConfig, KafkaSubscription};
 use tokio::net::{TcpListener, TcpStream};
 
 fn tls_file(name: &str) -> PathBuf {
-    let dir = std::env::var("OUTBOX_TLS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.stack/tls")));
-    dir.join(name)
+    test_support::tls_file(name)
 }
 
 fn tansu_bin() -> PathBuf {

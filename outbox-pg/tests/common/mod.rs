@@ -5,14 +5,7 @@ use outbox_pg::{migrate, OutboxConfig, PgConfig};
 
 /// The stack's PostgreSQL; override with `OUTBOX_PG_HOST` / `OUTBOX_PG_PORT`.
 pub fn pg_config() -> PgConfig {
-    PgConfig {
-        host: std::env::var("OUTBOX_PG_HOST").unwrap_or_else(|_| "127.0.0.1".into()),
-        port: std::env::var("OUTBOX_PG_PORT")
-            .ok()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(5432),
-        ..PgConfig::default()
-    }
+    test_support::pg()
 }
 
 /// Tables `t_<name>` and `t_<name>_dead`.

@@ -9,10 +9,7 @@ use outbox_core::{Event, Source};
 use outbox_pg::{check_connection, PgConfig, PgError, SslMode};
 
 fn tls_file(name: &str) -> PathBuf {
-    let dir = std::env::var("OUTBOX_TLS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.stack/tls")));
-    dir.join(name)
+    test_support::tls_file(name)
 }
 
 fn tls_config(host: &str, ssl_mode: SslMode, root: Option<&str>) -> PgConfig {

@@ -12,11 +12,9 @@ use uuid::Uuid;
 
 fn config(name: &str) -> ClickHouseConfig {
     ClickHouseConfig {
-        url: std::env::var("OUTBOX_CLICKHOUSE_URL")
-            .unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
         table: format!("it_{name}"),
         dead_letter_table: format!("it_{name}_dead"),
-        ..ClickHouseConfig::default()
+        ..test_support::clickhouse()
     }
 }
 
@@ -269,12 +267,7 @@ async fn second_copy_at_a_new_offset_is_skipped() {
 }
 
 fn tls_file(name: &str) -> std::path::PathBuf {
-    let dir = std::env::var("OUTBOX_TLS_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.stack/tls"))
-        });
-    dir.join(name)
+    test_support::tls_file(name)
 }
 
 fn https_config(name: &str, host: &str, ca: Option<&str>) -> ClickHouseConfig {
