@@ -8,6 +8,7 @@ mod dedup;
 mod error;
 mod event;
 mod health;
+mod key_order;
 mod lease;
 mod relay;
 mod sink;
@@ -25,10 +26,8 @@ pub use event::{
     HEADER_CREATED_AT_MS, HEADER_EVENT_ID,
 };
 pub use health::{ComponentState, Health};
+pub use key_order::{hold_back_after_failures, keys_with_order_gaps, probe_failing_keys};
 pub use lease::{ownership, Granter, Lease, Ownership};
-pub use relay::{
-    check_claim_outlives_publish, hold_back_after_failures, keys_with_order_gaps,
-    probe_failing_keys, Relay, RelayConfig, RelayStats,
-};
+pub use relay::{check_claim_outlives_publish, Relay, RelayConfig, RelayStats};
 pub use sink::{Sink, WriteReport};
 pub use source::{AckSummary, Claimed, Source};

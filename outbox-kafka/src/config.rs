@@ -148,10 +148,11 @@ impl KafkaConfig {
 ///
 /// ```
 /// use outbox_kafka::Compression;
-/// let lz4: Compression = "lz4".parse().unwrap();
+/// let lz4: Compression = "lz4".parse()?;
 /// assert_eq!(lz4, Compression::Lz4);
 /// assert_eq!(lz4.to_string(), "lz4");
 /// assert!("brotli".parse::<Compression>().is_err());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Compression {

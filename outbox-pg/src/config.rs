@@ -9,7 +9,8 @@ use crate::{PgError, SqlIdent, SqlName};
 /// ```
 /// let config = outbox_pg::OutboxConfig::default();
 /// assert_eq!(config.table, "outbox");
-/// config.validate().unwrap();
+/// config.validate()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
@@ -86,7 +87,8 @@ impl OutboxConfig {
 /// ```
 /// let config = outbox_pg::FlagTableConfig::default();
 /// assert_eq!(config.flag_column, "sent_to_kafka");
-/// config.validate().unwrap();
+/// config.validate()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct FlagTableConfig {

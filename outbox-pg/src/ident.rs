@@ -13,9 +13,10 @@ use crate::PgError;
 /// ```
 /// use outbox_pg::SqlName;
 ///
-/// let name = SqlName::parse("app.outbox").unwrap();
+/// let name = SqlName::parse("app.outbox")?;
 /// assert_eq!(name.to_string(), r#""app"."outbox""#);
 /// assert!(SqlName::parse("outbox; DROP TABLE users").is_err());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SqlName {
@@ -83,8 +84,9 @@ impl SqlName {
 /// ```
 /// use outbox_pg::SqlIdent;
 ///
-/// assert_eq!(SqlIdent::parse("sent_to_kafka").unwrap().to_string(), r#""sent_to_kafka""#);
+/// assert_eq!(SqlIdent::parse("sent_to_kafka")?.to_string(), r#""sent_to_kafka""#);
 /// assert!(SqlIdent::parse("a\"b").is_err());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SqlIdent(String);

@@ -10,8 +10,9 @@ use crate::{OutboxConfig, PgError};
 /// the repository holds the same SQL for the default names.
 ///
 /// ```
-/// let sql = outbox_pg::schema_sql(&outbox_pg::OutboxConfig::default()).unwrap();
+/// let sql = outbox_pg::schema_sql(&outbox_pg::OutboxConfig::default())?;
 /// assert!(sql.contains(r#"CREATE TABLE IF NOT EXISTS "outbox""#));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn schema_sql(config: &OutboxConfig) -> Result<String, PgError> {
     let table = config.table()?;

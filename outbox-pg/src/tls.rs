@@ -24,9 +24,10 @@ use crate::PgError;
 ///
 /// ```
 /// use outbox_pg::SslMode;
-/// assert_eq!("verify-full".parse::<SslMode>().unwrap(), SslMode::VerifyFull);
+/// assert_eq!("verify-full".parse::<SslMode>()?, SslMode::VerifyFull);
 /// assert_eq!(SslMode::default(), SslMode::Prefer);
 /// assert!("verify_full".parse::<SslMode>().is_err());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum SslMode {

@@ -12,7 +12,8 @@ use crate::SinkError;
 /// ```
 /// let config = sink_clickhouse::ClickHouseConfig::default();
 /// assert_eq!(config.table, "user_logins");
-/// config.validate().unwrap();
+/// config.validate()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Clone)]
 pub struct ClickHouseConfig {
@@ -81,7 +82,8 @@ pub struct ClickHouseConfig {
 ///     }),
 ///     ..ClickHouseConfig::default()
 /// };
-/// config.validate().unwrap();
+/// config.validate()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {

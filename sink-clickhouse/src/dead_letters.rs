@@ -19,10 +19,11 @@ use crate::{ClickHouseConfig, SinkError};
 /// ```
 /// use sink_clickhouse::DeadLetterPosition;
 ///
-/// let at: DeadLetterPosition = "orders:v2:3:1200".parse().unwrap();
+/// let at: DeadLetterPosition = "orders:v2:3:1200".parse()?;
 /// assert_eq!((at.topic.as_str(), at.partition, at.offset), ("orders:v2", 3, 1200));
 /// assert_eq!(at.to_string(), "orders:v2:3:1200");
 /// assert!("orders:3".parse::<DeadLetterPosition>().is_err());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DeadLetterPosition {
@@ -173,19 +174,11 @@ impl ClickHouseDeadLetters {
             DeadLetterSelection::At(positions) if positions.is_empty() => return Ok(Vec::new()),
             DeadLetterSelection::At(positions) => positions,
         };
-        let sql = format!(
-            "SELECT ?fields FROM {} WHERE {} \
-             ORDER BY failed_at, topic, kafka_partition, kafka_offset",
-            self.table_ref(),
-            position_filter(positions.len())
+        let query = self.at_positions(
+            &format!("SELECT ?fields FROM {} WHERE", self.table_ref()),
+            positions,
+            "ORDER BY failed_at, topic, kafka_partition, kafka_offset",
         );
-        let mut query = self.client.query(&sql);
-        for at in positions {
-            query = query
-                .bind(at.topic.as_str())
-                .bind(at.partition)
-                .bind(at.offset);
-        }
         bounded(
             &self.config,
             "dead-letter select",
@@ -222,19 +215,28 @@ impl ClickHouseDeadLetters {
             DeadLetterSelection::At(positions) if positions.is_empty() => return Ok(()),
             DeadLetterSelection::At(positions) => positions,
         };
-        let sql = format!(
-            "ALTER TABLE {} DELETE WHERE {}",
-            self.table_ref(),
-            position_filter(positions.len())
+        let query = self.at_positions(
+            &format!("ALTER TABLE {} DELETE WHERE", self.table_ref()),
+            positions,
+            "",
         );
-        let mut query = self.client.query(&sql);
-        for at in positions {
-            query = query
+        bounded(&self.config, "dead-letter delete", query.execute()).await
+    }
+
+    /// `{head} <the positions' filter> {tail}`, the positions bound.
+    fn at_positions(
+        &self,
+        head: &str,
+        positions: &[DeadLetterPosition],
+        tail: &str,
+    ) -> clickhouse::query::Query {
+        let sql = format!("{head} {} {tail}", position_filter(positions.len()));
+        positions.iter().fold(self.client.query(&sql), |query, at| {
+            query
                 .bind(at.topic.as_str())
                 .bind(at.partition)
-                .bind(at.offset);
-        }
-        bounded(&self.config, "dead-letter delete", query.execute()).await
+                .bind(at.offset)
+        })
     }
 
     /// Sends the selected dead letters through the normal path again: each

@@ -208,7 +208,7 @@ mod tests {
 
     /// A redelivery: stored positions are skipped, the rest written.
     #[test]
-    fn stored_positions_are_duplicates_and_the_rest_is_written() {
+    fn stored_positions_are_duplicates_and_the_rest_is_written() -> Result<(), Regression> {
         let id = ids(3);
         let partitions = HashMap::from([(
             ("t".to_string(), 0),
@@ -219,10 +219,11 @@ mod tests {
             record(0, 1, id[1]),
             record(0, 2, id[2]),
         ];
-        let plan = plan(&partitions, &records, true).unwrap();
+        let plan = plan(&partitions, &records, true)?;
         assert_eq!(plan.write, [false, false, true]);
         assert_eq!((plan.duplicates, plan.copies), (2, 0));
         assert_eq!(plan.new_ids.len(), 1);
+        Ok(())
     }
 
     /// A topic that started over: the stored position holds another event.
@@ -239,7 +240,7 @@ mod tests {
     /// A relay's republished copy at a new offset, and a copy inside one
     /// batch, are skipped by id; with dedup off only positions count.
     #[test]
-    fn copies_are_skipped_by_id_unless_dedup_is_off() {
+    fn copies_are_skipped_by_id_unless_dedup_is_off() -> Result<(), Regression> {
         let id = ids(2);
         let partitions = HashMap::from([(("t".to_string(), 0), state(5, &[], &[id[0]]))]);
         let records = [
@@ -247,29 +248,32 @@ mod tests {
             record(0, 6, id[1]),
             record(0, 7, id[1]),
         ];
-        let on = plan(&partitions, &records, true).unwrap();
+        let on = plan(&partitions, &records, true)?;
         assert_eq!(on.write, [false, true, false]);
         assert_eq!((on.duplicates, on.copies), (0, 2));
         let off_state = HashMap::from([(("t".to_string(), 0), state(5, &[], &[]))]);
-        let off = plan(&off_state, &records, false).unwrap();
+        let off = plan(&off_state, &records, false)?;
         assert_eq!(off.write, [true, true, true]);
+        Ok(())
     }
 
     #[test]
-    fn advancing_continues_after_the_batch_and_forgets_passed_positions() {
+    fn advancing_continues_after_the_batch_and_forgets_passed_positions() -> Result<(), Regression>
+    {
         let id = ids(3);
         let mut partitions = HashMap::from([(
             ("t".to_string(), 0),
             state(0, &[(0, id[0]), (9, id[2])], &[]),
         )]);
         let records = [record(0, 0, id[0]), record(0, 1, id[1])];
-        let planned = plan(&partitions, &records, true).unwrap();
+        let planned = plan(&partitions, &records, true)?;
         advance(&mut partitions, &records, planned.new_ids);
         let state = &partitions[&("t".to_string(), 0)];
         assert_eq!(state.next_expected, 2);
         assert_eq!(state.stored.keys().collect::<Vec<_>>(), [&9]);
         assert!(state.recent.contains(&id[1]));
         assert!(lookups_needed(&partitions, &[record(0, 2, id[2])]).is_empty());
+        Ok(())
     }
 
     #[test]
