@@ -19,7 +19,6 @@ pub use config_file::{parse_cli, try_parse_from};
 pub use demo::{UserLoginMapper, UserLoginRow};
 pub use ops::{Ops, OpsArgs};
 pub use runtime::{
-    every, exit_with, finish, init_tracing, millis, render_error, retry_startup,
-    shutdown_on_signals, spawn_background, spawn_critical, LogArgs, Retryable,
-    EXIT_DRAIN_TIMED_OUT,
+    exit_with, finish, init_tracing, millis, render_error, retry_startup, shutdown_on_signals,
+    spawn_background, spawn_critical, LogArgs, Retryable, EXIT_DRAIN_TIMED_OUT,
 };

@@ -6,25 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use outbox_core::ErrorChain;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-
-/// Runs `task` every `interval` until `shutdown` (for gauges refreshed in
-/// the background).
-pub async fn every<F, Fut>(interval: Duration, shutdown: CancellationToken, mut task: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => task().await,
-        }
-    }
-}
 
 /// Options of every binary: configuration file, logging, start and stop.
 #[derive(Debug, Clone, Args)]
@@ -66,22 +50,10 @@ pub fn init_tracing(args: &LogArgs) {
     }
 }
 
-/// One line for an error and its causes, leaving out causes whose text the
-/// message already contains (adapter messages embed their cause's detail).
+/// One line for an error and its causes, outermost first (every layer
+/// says only its own part, see [`outbox_core::ErrorChain`]).
 pub fn render_error(err: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in err.chain() {
-        let part = cause.to_string();
-        let first_line = part.lines().next().unwrap_or_default();
-        if text.contains(first_line) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&part);
-    }
-    text
+    format!("{err:#}")
 }
 
 /// The exit of a binary: 0 on success; otherwise the error, logged and
@@ -132,11 +104,11 @@ where
 pub fn spawn_critical<F, E>(what: &'static str, task: F, shutdown: CancellationToken)
 where
     F: Future<Output = Result<(), E>> + Send + 'static,
-    E: std::fmt::Display,
+    E: std::error::Error + 'static,
 {
     spawn_background(async move {
         if let Err(err) = task.await {
-            tracing::error!(error = %err, "{what} failed for good; stopping");
+            tracing::error!(error = %ErrorChain(&err), "{what} failed for good; stopping");
             shutdown.cancel();
         }
     });
@@ -217,7 +189,7 @@ pub async fn retry_startup<F, Fut, E>(what: &str, timeout: Duration, mut check: 
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), E>>,
-    E: std::fmt::Display + Retryable,
+    E: std::error::Error + Retryable + 'static,
 {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut delay = Duration::from_millis(200);
@@ -225,7 +197,7 @@ where
         match check().await {
             Ok(()) => return Ok(()),
             Err(err) if err.retryable() && tokio::time::Instant::now() + delay < deadline => {
-                warn!(error = %err, "{what} not ready yet; retrying");
+                warn!(error = %ErrorChain(&err), "{what} not ready yet; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }

@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 use crate::bus::{Checkpoint, Record, Subscription};
 use crate::relay::{count_error, sleep_or_cancel};
 use crate::sink::Sink;
-use crate::{Backoff, Error, Health, Lease, Result, Stage};
+use crate::{Backoff, Error, ErrorChain, Health, Lease, Result, Stage};
 
 /// Settings of a [`Consume`] loop.
 #[derive(Debug, Clone)]
@@ -160,16 +160,16 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
                     records
                 }
                 Err(err) if err.is_retryable() => {
-                    self.health.down(err.stage(), &err);
+                    self.health.down(err.stage(), ErrorChain(&err));
                     count_error("consume", err.stage(), true);
                     stats.retries += 1;
                     let delay = backoff.next_delay();
-                    warn!(error = %err, delay_ms = delay.as_millis() as u64, "polling the bus failed; retrying");
+                    warn!(error = %ErrorChain(&err), delay_ms = delay.as_millis() as u64, "polling the bus failed; retrying");
                     sleep_or_cancel(delay, &shutdown).await;
                     continue;
                 }
                 Err(err) => {
-                    self.health.down(err.stage(), &err);
+                    self.health.down(err.stage(), ErrorChain(&err));
                     count_error("consume", err.stage(), false);
                     return Err(err);
                 }
@@ -237,7 +237,7 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
             // failed commit is logged, not retried: the next commit covers it.
             if let Err(err) = self.subscription.commit(&checkpoint_after(&records)).await {
                 count_error("consume", err.stage(), err.is_retryable());
-                warn!(error = %err, "committing consumer positions failed; records will be re-read and skipped as duplicates");
+                warn!(error = %ErrorChain(&err), "committing consumer positions failed; records will be re-read and skipped as duplicates");
             }
         }
         info!(
@@ -273,7 +273,7 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
                     return Ok(Outcome::Written(report));
                 }
                 Err(err) if err.is_retryable() => {
-                    self.health.down(err.stage(), &err);
+                    self.health.down(err.stage(), ErrorChain(&err));
                     count_error("consume", err.stage(), true);
                     stats.retries += 1;
                     if shutdown.is_cancelled() {
@@ -285,18 +285,19 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
                             Stage::Sink,
                             format!(
                                 "the sink kept failing for {:?} while this consumer held leased partitions \
-                                 (last error: {err}); stopping so that its leases end and a consumer that \
+                                 (last error: {}); stopping so that its leases end and a consumer that \
                                  can write takes them over",
-                                self.config.stall_limit
+                                self.config.stall_limit,
+                                ErrorChain(&err)
                             ),
                         ));
                     }
                     let delay = backoff.next_delay();
-                    warn!(error = %err, attempt = backoff.attempts(), delay_ms = delay.as_millis() as u64, "sink write failed; retrying the same batch");
+                    warn!(error = %ErrorChain(&err), attempt = backoff.attempts(), delay_ms = delay.as_millis() as u64, "sink write failed; retrying the same batch");
                     sleep_or_cancel(delay, shutdown).await;
                 }
                 Err(err) => {
-                    self.health.down(err.stage(), &err);
+                    self.health.down(err.stage(), ErrorChain(&err));
                     count_error("consume", err.stage(), false);
                     return Err(err);
                 }
@@ -648,8 +649,9 @@ mod tests {
         let err = outcome
             .err()
             .ok_or_else(|| Error::permanent(Stage::Sink, "no stall"))?;
-        println!("stopped after {:?}: {err}", started.elapsed());
-        assert!(err.to_string().contains("kept failing"));
+        let message = ErrorChain(&err).to_string();
+        println!("stopped after {:?}: {message}", started.elapsed());
+        assert!(message.contains("kept failing"));
         assert!(started.elapsed() < Duration::from_secs(1));
 
         let (mut unleased, _) = consume(vec![(1, records(0, 0..3))], Duration::ZERO, true);

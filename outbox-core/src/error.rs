@@ -49,11 +49,26 @@ impl fmt::Display for Stage {
 /// assert!(err.is_retryable());
 /// assert_eq!(err.stage(), Stage::Bus);
 /// ```
+///
+/// Its `Display` names only the stage; what happened is its
+/// [`source`](std::error::Error::source). Print the whole story with
+/// [`ErrorChain`]:
+///
+/// ```
+/// use outbox_core::{Error, ErrorChain, Stage};
+///
+/// let err = Error::permanent(Stage::Sink, "clickhouse at http://ch:8123: authentication failed");
+/// assert_eq!(err.to_string(), "sink");
+/// assert_eq!(
+///     ErrorChain(&err).to_string(),
+///     "sink: clickhouse at http://ch:8123: authentication failed"
+/// );
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A transient failure: retry later.
-    #[error("{stage}: {source}")]
+    #[error("{stage}")]
     Retryable {
         /// Where it happened.
         stage: Stage,
@@ -62,7 +77,7 @@ pub enum Error {
         source: BoxError,
     },
     /// A failure that retrying will not fix.
-    #[error("{stage}: {source}")]
+    #[error("{stage}")]
     Permanent {
         /// Where it happened.
         stage: Stage,
@@ -99,5 +114,55 @@ impl Error {
         match self {
             Error::Retryable { stage, .. } | Error::Permanent { stage, .. } => *stage,
         }
+    }
+}
+
+/// An error and its causes on one line, outermost first, separated by `": "`:
+/// how logs and messages print an error.
+///
+/// Every error of the workspace says only its own layer in `Display` and
+/// leaves the rest to its `source()`, so each cause appears once. Errors of
+/// driver crates (tokio-postgres, rdkafka, clickhouse) repeat their causes in
+/// their own text; the adapters summarise them in their message instead of
+/// exposing them as a source, so a chain never runs through them.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(err) = cause {
+            write!(f, ": {err}")?;
+            cause = err.source();
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("clickhouse at http://ch:8123: insert failed")]
+    struct Adapter {
+        #[source]
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_chain_names_each_layer_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let err = Error::retryable(Stage::Sink, Adapter { source: io });
+        assert_eq!(
+            ErrorChain(&err).to_string(),
+            "sink: clickhouse at http://ch:8123: insert failed: connection refused"
+        );
     }
 }

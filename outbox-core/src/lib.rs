@@ -10,6 +10,7 @@ mod event;
 mod health;
 mod key_order;
 mod lease;
+mod periodic;
 mod relay;
 mod sink;
 mod source;
@@ -20,7 +21,7 @@ pub use backoff::Backoff;
 pub use bus::{Bus, Checkpoint, DecodeError, Delivery, Position, Record, Subscription};
 pub use consume::{checkpoint_after, Consume, ConsumeConfig, ConsumeStats};
 pub use dedup::RecentIds;
-pub use error::{BoxError, Error, Result, Stage};
+pub use error::{BoxError, Error, ErrorChain, Result, Stage};
 pub use event::{
     ms_to_system_time, system_time_to_ms, Event, CONTENT_TYPE_JSON, HEADER_CONTENT_TYPE,
     HEADER_CREATED_AT_MS, HEADER_EVENT_ID,
@@ -28,6 +29,7 @@ pub use event::{
 pub use health::{ComponentState, Health};
 pub use key_order::{hold_back_after_failures, keys_with_order_gaps, probe_failing_keys};
 pub use lease::{ownership, Granter, Lease, Ownership};
+pub use periodic::every;
 pub use relay::{check_claim_outlives_publish, Relay, RelayConfig, RelayStats};
 pub use sink::{Sink, WriteReport};
 pub use source::{AckSummary, Claimed, Source};

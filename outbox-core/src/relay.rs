@@ -13,7 +13,7 @@ use crate::key_order::{
     FailingKeys,
 };
 use crate::source::{AckSummary, Source};
-use crate::{Backoff, Event, Health, Result, Stage};
+use crate::{Backoff, ErrorChain, Event, Health, Result, Stage};
 
 /// Settings of a [`Relay`].
 #[derive(Debug, Clone)]
@@ -243,7 +243,7 @@ impl<S: Source, B: Bus> Relay<S, B> {
     /// error is down, the stage the request went to is up otherwise.
     fn observe<T>(&self, result: Result<T>) -> Result<T> {
         if let Err(err) = &result {
-            self.health.down(err.stage(), err);
+            self.health.down(err.stage(), ErrorChain(err));
         }
         result
     }
@@ -331,8 +331,8 @@ impl<S: Source, B: Bus> Relay<S, B> {
                         _ = shutdown.cancelled() => break,
                         waited = self.source.wait_for_events(self.config.idle_wait) => {
                             if let Err(err) = waited {
-                                self.health.down(err.stage(), &err);
-                                warn!(error = %err, "waiting for new events failed; polling instead");
+                                self.health.down(err.stage(), ErrorChain(&err));
+                                warn!(error = %ErrorChain(&err), "waiting for new events failed; polling instead");
                                 sleep_or_cancel(self.config.idle_wait, shutdown).await;
                             }
                         }
@@ -342,7 +342,7 @@ impl<S: Source, B: Bus> Relay<S, B> {
                     stats.retries += 1;
                     count_error("relay", err.stage(), true);
                     let delay = backoff.next_delay();
-                    warn!(error = %err, attempt = backoff.attempts(), delay_ms = delay.as_millis() as u64, "relay cycle failed; retrying");
+                    warn!(error = %ErrorChain(&err), attempt = backoff.attempts(), delay_ms = delay.as_millis() as u64, "relay cycle failed; retrying");
                     sleep_or_cancel(delay, shutdown).await;
                 }
                 Err(err) => {

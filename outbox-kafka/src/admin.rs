@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::RDKafkaErrorCode;
 
@@ -28,7 +30,7 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), 
         .create_with_context(context.clone())
         .map_err(|source| BusError::Config {
             brokers: config.brokers.clone(),
-            source,
+            cause: source,
         })?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
@@ -100,7 +102,7 @@ pub async fn topic_partitions(config: &KafkaConfig, topic: &str) -> Result<i32, 
         .create_with_context(context)
         .map_err(|source| BusError::Config {
             brokers: config.brokers.clone(),
-            source,
+            cause: source,
         })?;
     let name = topic.to_string();
     let count = tokio::task::spawn_blocking(move || {
@@ -180,7 +182,7 @@ impl LagProbe {
         config.apply_extra(&mut client_config);
         let consumer = client_config.create().map_err(|source| BusError::Config {
             brokers: config.brokers.clone(),
-            source,
+            cause: source,
         })?;
         Ok(Self {
             consumer: std::sync::Arc::new(consumer),
@@ -203,6 +205,18 @@ impl LagProbe {
             .set(lag.lag as f64);
         }
         Ok(lags)
+    }
+
+    /// [`LagProbe::report`] every `interval` until `shutdown` (for a
+    /// consumer that keeps its lag gauge fresh). A failed round is logged and
+    /// the next one tries again: the gauge only goes stale.
+    pub async fn report_every(self, interval: Duration, shutdown: CancellationToken) {
+        outbox_core::every(interval, shutdown, || async {
+            if let Err(err) = self.report().await {
+                tracing::debug!(error = %err, "consumer lag query failed");
+            }
+        })
+        .await;
     }
 
     /// The lag of every partition of the topic, in partition order.

@@ -180,7 +180,7 @@ fn create_producer(
         .create_with_context(context.clone())
         .map_err(|source| BusError::Config {
             brokers: config.brokers.clone(),
-            source,
+            cause: source,
         })
 }
 

@@ -8,13 +8,14 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 #[non_exhaustive]
 pub enum BusError {
     /// A client could not be created from the configuration.
-    #[error("kafka at {brokers}: invalid client configuration: {source}")]
+    #[error("kafka at {brokers}: invalid client configuration: {cause}")]
     Config {
         /// Bootstrap servers.
         brokers: String,
-        /// The underlying error.
-        #[source]
-        source: KafkaError,
+        /// The driver's error, for inspection. Not the `source()`: the
+        /// message above already carries its text, and driver errors repeat
+        /// their own causes, so a chain through it would say things twice.
+        cause: KafkaError,
     },
     /// The brokers did not answer.
     #[error("kafka at {brokers} is unreachable: {detail}; is the broker running?")]
@@ -49,15 +50,16 @@ pub enum BusError {
         retryable: bool,
     },
     /// Consuming or committing failed.
-    #[error("kafka at {brokers}: {operation} failed: {source}")]
+    #[error("kafka at {brokers}: {operation} failed: {cause}")]
     Consumer {
         /// Bootstrap servers.
         brokers: String,
         /// What was being done.
         operation: &'static str,
-        /// The underlying error.
-        #[source]
-        source: KafkaError,
+        /// The driver's error, for inspection. Not the `source()`: the
+        /// message above already carries its text, and driver errors repeat
+        /// their own causes, so a chain through it would say things twice.
+        cause: KafkaError,
     },
     /// The producer hit a fatal error and must be recreated.
     #[error("kafka at {brokers}: fatal producer error: {detail}")]
@@ -76,7 +78,7 @@ impl BusError {
             BusError::Config { .. } | BusError::Security { .. } => false,
             BusError::Unreachable { .. } | BusError::FatalProducer { .. } => true,
             BusError::CreateTopic { retryable, .. } => *retryable,
-            BusError::Consumer { source, .. } => !is_permanent_kafka(source),
+            BusError::Consumer { cause, .. } => !is_permanent_kafka(cause),
         }
     }
 }

@@ -100,13 +100,13 @@ impl KafkaSubscription {
         let consumer: StreamConsumer =
             client_config.create().map_err(|source| BusError::Config {
                 brokers: kafka.brokers.clone(),
-                source,
+                cause: source,
             })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         let consumer_error = |operation, source| BusError::Consumer {
             brokers: kafka.brokers.clone(),
             operation,
-            source,
+            cause: source,
         };
         match config.assignment {
             Assignment::Group => consumer
@@ -165,7 +165,7 @@ impl KafkaSubscription {
             let consumer_error = |source| BusError::Consumer {
                 brokers: self.brokers.clone(),
                 operation: "assign",
-                source,
+                cause: source,
             };
             let mut wanted_list = TopicPartitionList::new();
             for partition in &wanted.0 {
@@ -226,7 +226,7 @@ impl KafkaSubscription {
         BusError::Consumer {
             brokers: self.brokers.clone(),
             operation,
-            source,
+            cause: source,
         }
     }
 }

@@ -170,6 +170,30 @@ impl OutboxAdmin {
         Ok(backlog)
     }
 
+    /// [`OutboxAdmin::report_backlog`] every `interval` until `shutdown`,
+    /// on a connection of `pool` taken for each round (for a relay that
+    /// keeps the backlog gauges fresh; `target` names the database in
+    /// errors). A failed round is logged and the next one tries again: the
+    /// gauges only go stale, nothing else depends on them.
+    pub async fn report_backlog_every(
+        self,
+        pool: deadpool_postgres::Pool,
+        target: String,
+        interval: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        outbox_core::every(interval, shutdown, || async {
+            let reported = match crate::connection(&pool, &target).await {
+                Ok(client) => self.report_backlog(&client).await.map(drop),
+                Err(err) => Err(err),
+            };
+            if let Err(err) = reported {
+                tracing::debug!(error = %err, "backlog query failed");
+            }
+        })
+        .await;
+    }
+
     /// Pending count and the oldest pending event's age (one scan of the table).
     pub async fn backlog<C: GenericClient + Sync>(&self, client: &C) -> Result<Backlog, PgError> {
         let row = client

@@ -35,9 +35,10 @@ pub enum PgError {
         operation: &'static str,
         /// What went wrong.
         detail: String,
-        /// The underlying error.
-        #[source]
-        source: tokio_postgres::Error,
+        /// The driver's error, for inspection. Not the `source()`: the
+        /// message above already carries its text, and driver errors repeat
+        /// their own causes, so a chain through it would say things twice.
+        cause: tokio_postgres::Error,
     },
     /// A statement failed on a connection of another driver (sqlx, see
     /// `Outbox::enqueue_sqlx`).
@@ -101,7 +102,7 @@ impl PgError {
         PgError::Query {
             operation,
             detail: describe(&source),
-            source,
+            cause: source,
         }
     }
 
@@ -114,7 +115,7 @@ impl PgError {
             | PgError::MalformedRow { .. } => false,
             PgError::Connect { retryable, .. } | PgError::Driver { retryable, .. } => *retryable,
             PgError::RowsMoved { .. } | PgError::TimedOut { .. } => true,
-            PgError::Query { source, .. } => is_retryable_pg(source),
+            PgError::Query { cause, .. } => is_retryable_pg(cause),
         }
     }
 }

@@ -55,9 +55,10 @@ pub enum SinkError {
         detail: String,
         /// Whether waiting can help.
         retryable: bool,
-        /// The underlying error.
-        #[source]
-        source: clickhouse::error::Error,
+        /// The driver's error, for inspection. Not the `source()`: the
+        /// message above already carries its text, and driver errors repeat
+        /// their own causes, so a chain through it would say things twice.
+        cause: clickhouse::error::Error,
     },
 }
 
@@ -96,7 +97,7 @@ impl SinkError {
             operation,
             detail,
             retryable,
-            source,
+            cause: source,
         }
     }
 

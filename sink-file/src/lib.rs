@@ -49,7 +49,7 @@ impl FileSinkConfig {
 #[non_exhaustive]
 pub enum FileSinkError {
     /// Reading, writing or syncing failed.
-    #[error("file sink {path}: {operation} failed: {source}")]
+    #[error("file sink {path}: {operation} failed")]
     Io {
         /// The file.
         path: PathBuf,
@@ -61,7 +61,7 @@ pub enum FileSinkError {
     },
     /// A failed write could not be undone: reopen the sink (which cuts off
     /// the partial line) before writing again.
-    #[error("file sink {path}: a failed write could not be undone ({source}); restart to recover")]
+    #[error("file sink {path}: a failed write could not be undone (restart to recover)")]
     Unrecoverable {
         /// The file.
         path: PathBuf,

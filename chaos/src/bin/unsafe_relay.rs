@@ -82,7 +82,11 @@ async fn main() -> anyhow::Result<()> {
                     eprintln!("unsafe_relay: dropped {dropped} events the broker refused");
                 }
             }
-            Err(err) => eprintln!("unsafe_relay: dropped a batch of {}: {err}", events.len()),
+            Err(err) => eprintln!(
+                "unsafe_relay: dropped a batch of {}: {}",
+                events.len(),
+                outbox_core::ErrorChain(&err)
+            ),
         }
     }
 }

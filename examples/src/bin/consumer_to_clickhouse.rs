@@ -177,14 +177,9 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
     let mut subscription = KafkaSubscription::new(&kafka, consumer_config)?;
     health.up(Stage::Bus);
     let probe = outbox_kafka::LagProbe::new(&kafka, &cli.group.group_id, &cli.group.topic)?;
-    let probe = std::sync::Arc::new(probe);
-    examples::spawn_background(examples::every(
+    examples::spawn_background(probe.report_every(
         Duration::from_secs(cli.lag_interval_secs.max(1)),
         shutdown.clone(),
-        move || {
-            let probe = probe.clone();
-            async move { report_lag(&probe).await }
-        },
     ));
     let mut lease = None;
     if matches!(cli.assignment, AssignmentArg::Leased) {
@@ -232,11 +227,4 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
         stats.written, stats.duplicates, stats.dead_lettered
     );
     Ok(())
-}
-
-/// Refreshes the consumer-lag gauge (`LagProbe::report`).
-async fn report_lag(probe: &outbox_kafka::LagProbe) {
-    if let Err(err) = probe.report().await {
-        tracing::debug!(error = %err, "consumer lag query failed");
-    }
 }

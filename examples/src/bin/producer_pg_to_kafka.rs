@@ -173,31 +173,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             info!(table = %cli.tables.outbox_table, "relaying outbox table");
             let interval = Duration::from_secs(cli.backlog_interval_secs.max(1));
             let admin = outbox_pg::OutboxAdmin::new(&outbox_config)?;
-            let (backlog_pool, backlog_target) = (pool.clone(), target.clone());
-            examples::spawn_background(examples::every(interval, shutdown.clone(), move || {
-                let (pool, target, admin) =
-                    (backlog_pool.clone(), backlog_target.clone(), admin.clone());
-                async move { report_backlog(&pool, &target, &admin).await }
-            }));
+            examples::spawn_background(admin.report_backlog_every(
+                pool.clone(),
+                target.clone(),
+                interval,
+                shutdown.clone(),
+            ));
             let source =
                 PgOutboxSource::new(pool, target, outbox_config)?.listen_for_events(pg.clone());
             run_relay(source, bus, relay_config, health, shutdown).await
         }
-    }
-}
-
-/// Refreshes the backlog gauges (`OutboxAdmin::report_backlog`).
-async fn report_backlog(
-    pool: &outbox_pg::deadpool_postgres::Pool,
-    target: &str,
-    admin: &outbox_pg::OutboxAdmin,
-) {
-    let reported = match outbox_pg::connection(pool, target).await {
-        Ok(client) => admin.report_backlog(&client).await.map(drop),
-        Err(err) => Err(err),
-    };
-    if let Err(err) = reported {
-        tracing::debug!(error = %err, "backlog query failed");
     }
 }
 

@@ -173,12 +173,10 @@ async fn acknowledgement_missing_a_row_rolls_the_claim_back() {
         .acknowledge(claimed, &[ack(0), ack(1), ack(2)])
         .await
         .unwrap_err();
-    println!("{err}");
-    assert!(err.is_retryable(), "{err}");
-    assert!(
-        err.to_string().contains("found 2 of the 3 claimed rows"),
-        "{err}"
-    );
+    let text = outbox_core::ErrorChain(&err).to_string();
+    println!("{text}");
+    assert!(err.is_retryable(), "{text}");
+    assert!(text.contains("found 2 of the 3 claimed rows"), "{text}");
     let pending: i64 = client
         .query_one("SELECT count(*) FROM t_rows_moved", &[])
         .await
