@@ -11,7 +11,7 @@ use outbox_kafka::rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use outbox_kafka::rdkafka::message::{Header, OwnedHeaders};
 use outbox_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use outbox_kafka::rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use outbox_pg::{migrate, Outbox, OutboxConfig};
+use outbox_pg::{migrate, Outbox, OutboxConfig, ValidOutboxConfig};
 use sink_clickhouse::{ClickHouseConfig, ClickHouseSink, RawEventMapper, RawEventRow};
 use uuid::Uuid;
 
@@ -251,8 +251,9 @@ async fn raw_sink(env: &Env, table: &str) -> anyhow::Result<ClickHouseSink<RawEv
     let config = ClickHouseConfig {
         table: table.to_string(),
         dead_letter_table: format!("{table}_dead"),
-        ..env.ch.clone()
-    };
+        ..(*env.ch).clone()
+    }
+    .validate()?;
     Ok(ClickHouseSink::new(config, RawEventMapper).await?)
 }
 
@@ -342,25 +343,26 @@ pub async fn raw_small_inserts(
 }
 
 /// The outbox settings of a benchmark table.
-pub fn outbox_config(table: &str) -> OutboxConfig {
-    OutboxConfig {
+pub fn outbox_config(table: &str) -> anyhow::Result<ValidOutboxConfig> {
+    Ok(OutboxConfig {
         table: table.to_string(),
         dead_letter_table: format!("{table}_dead"),
         ..OutboxConfig::default()
     }
+    .validate()?)
 }
 
 /// Creates the outbox table `config` names and enqueues `n` events for
 /// `topic` through [`Outbox::enqueue`], 1000 per transaction.
 pub async fn fill_outbox(
     env: &Env,
-    config: &OutboxConfig,
+    config: &ValidOutboxConfig,
     topic: &str,
     n: usize,
 ) -> anyhow::Result<()> {
     let mut client = env.pool.get().await?;
     migrate(&client, config).await?;
-    let outbox = Outbox::new(config)?;
+    let outbox = Outbox::new(config);
     let started = Instant::now();
     let mut next_report = n / 5;
     for start in (0..n).step_by(1000) {
@@ -387,7 +389,7 @@ pub async fn fill_outbox(
 /// them, commit; one worker, until the table is empty.
 pub async fn raw_claim(env: &Env, n: usize) -> anyhow::Result<Measured> {
     let table = env.name("raw_claim");
-    let config = outbox_config(&table);
+    let config = outbox_config(&table)?;
     fill_outbox(env, &config, &table, n).await?;
     let mut client = env.pool.get().await?;
     // Settled table, as a relay would find a backlog.

@@ -17,7 +17,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use outbox_kafka::KafkaConfig;
 use outbox_pg::PgConfig;
-use sink_clickhouse::ClickHouseConfig;
+use sink_clickhouse::ValidClickHouseConfig;
 use uuid::Uuid;
 
 /// How much work each phase does.
@@ -108,7 +108,7 @@ pub struct Env {
     pub pg: PgConfig,
     pub pool: outbox_pg::deadpool_postgres::Pool,
     pub kafka: KafkaConfig,
-    pub ch: ClickHouseConfig,
+    pub ch: ValidClickHouseConfig,
     pub bin_dir: PathBuf,
     pub log_dir: PathBuf,
     /// Prefix of every table and topic of this run.

@@ -78,7 +78,7 @@ pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result
     let table = env.name(&format!("relay{relays}"));
     let topic = table.clone();
     outbox_kafka::ensure_topics(&env.kafka, &[topic.as_str()]).await?;
-    fill_outbox(env, &outbox_config(&table), &topic, n).await?;
+    fill_outbox(env, &outbox_config(&table)?, &topic, n).await?;
     say(format!("relay ×{relays}: draining {n} events from {table}"));
     let started = Instant::now();
     let mut procs = Vec::new();
@@ -233,9 +233,9 @@ pub async fn claim_cost(env: &Env, table: Option<&str>, probes: usize) -> anyhow
             &owned
         }
     };
-    let config = outbox_config(table);
+    let config = outbox_config(table)?;
     fill_outbox(env, &config, table, probes * 1000).await?;
-    let source = PgOutboxSource::new(env.pool.clone(), env.pg.target(), config)?;
+    let source = PgOutboxSource::new(env.pool.clone(), env.pg.target(), config);
     let mut times = Vec::new();
     loop {
         let started = Instant::now();
@@ -440,7 +440,7 @@ struct Seen {
 pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<LatencyRun> {
     let table = env.name(&format!("lat{rate}"));
     let topic = table.clone();
-    let config = outbox_config(&table);
+    let config = outbox_config(&table)?;
     migrate(&env.pool.get().await?, &config).await?;
     outbox_kafka::ensure_topics(&env.kafka, &[topic.as_str()]).await?;
     let ch = sink_clickhouse::client_for(&env.ch)?;
@@ -458,7 +458,7 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
         &env.child_env(),
         &env.log_dir.join(format!("{table}_consumer.log")),
     )?;
-    let outbox = Outbox::new(&config)?;
+    let outbox = Outbox::new(&config);
 
     // Warm up: one event through, so start-up is not measured.
     let warm = Event::new(topic.clone(), payload(0)).with_key(key(0));

@@ -184,7 +184,8 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         dead_letter_table: format!("{name}_dead"),
         claim_timeout: Duration::from_secs(CLAIM_TIMEOUT_SECS),
         ..OutboxConfig::default()
-    };
+    }
+    .validate()?;
     let ledger = format!("{name}_ledger");
     {
         let client = pool.get().await?;

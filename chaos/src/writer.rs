@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_core::Event;
-use outbox_pg::{Outbox, OutboxConfig};
+use outbox_pg::{Outbox, ValidOutboxConfig};
 use uuid::Uuid;
 
 use crate::KEYS;
@@ -15,7 +15,7 @@ use crate::KEYS;
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn write_events(
     pool: outbox_pg::deadpool_postgres::Pool,
-    config: OutboxConfig,
+    config: ValidOutboxConfig,
     ledger: String,
     topic: String,
     events_per_second: u32,
@@ -24,7 +24,7 @@ pub(crate) async fn write_events(
     attempted: Arc<AtomicU64>,
     rolled_back: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
-    let outbox = Outbox::new(&config)?;
+    let outbox = Outbox::new(&config);
     let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed);
     let mut next_seq = vec![0i64; KEYS];
     let insert = format!("INSERT INTO {ledger} (event_id) SELECT unnest($1::uuid[])");

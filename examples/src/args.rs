@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use clap::builder::TypedValueParser as _;
 use clap::Args;
 use outbox_kafka::KafkaConfig;
@@ -250,9 +252,10 @@ pub struct ClickHouseArgs {
 }
 
 impl ClickHouseArgs {
-    /// The adapter's configuration; fails when the password file cannot be read.
-    pub fn config(&self) -> anyhow::Result<sink_clickhouse::ClickHouseConfig> {
-        Ok(sink_clickhouse::ClickHouseConfig {
+    /// The adapter's configuration, validated; fails when the password
+    /// file cannot be read or a name or limit is invalid.
+    pub fn config(&self) -> anyhow::Result<sink_clickhouse::ValidClickHouseConfig> {
+        let config = sink_clickhouse::ClickHouseConfig {
             url: self.clickhouse_url.clone(),
             ca_file: self.clickhouse_ca_file.clone(),
             user: self.clickhouse_user.clone(),
@@ -276,7 +279,10 @@ impl ClickHouseArgs {
                     ..sink_clickhouse::ClusterConfig::new(name.clone())
                 }),
             ..sink_clickhouse::ClickHouseConfig::default()
-        })
+        };
+        config
+            .validate()
+            .context("invalid clickhouse configuration")
     }
 }
 

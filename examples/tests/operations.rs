@@ -52,7 +52,9 @@ async fn least_privilege_relay_with_config_file_metrics_and_no_leaked_secret() {
         table: name.clone(),
         dead_letter_table: dead.clone(),
         ..OutboxConfig::default()
-    };
+    }
+    .validate()
+    .unwrap();
     let admin = admin_client().await;
     migrate(&admin, &config).await.unwrap();
     admin
@@ -77,7 +79,7 @@ async fn least_privilege_relay_with_config_file_metrics_and_no_leaked_secret() {
     .create_pool()
     .unwrap();
     let mut service = service_pool.get().await.unwrap();
-    let outbox = Outbox::new(&config).unwrap();
+    let outbox = Outbox::new(&config);
     let events: Vec<Event> = (0..40)
         .map(|i| {
             Event::new(topic.clone(), format!("{{\"i\":{i}}}")).with_key(format!("k{}", i % 7))
@@ -272,7 +274,9 @@ async fn outbox_command_migrates_reports_and_replays_a_dead_letter() {
         table: name.clone(),
         dead_letter_table: dead.clone(),
         ..OutboxConfig::default()
-    };
+    }
+    .validate()
+    .unwrap();
     let mut events: Vec<Event> = (0..5)
         .map(|i| Event::new(topic.clone(), format!("small {i}")).with_key(format!("k{i}")))
         .collect();
@@ -280,11 +284,7 @@ async fn outbox_command_migrates_reports_and_replays_a_dead_letter() {
     events.push(poison.clone());
     let mut admin = admin_client().await;
     let tx = admin.transaction().await.unwrap();
-    Outbox::new(&config)
-        .unwrap()
-        .enqueue(&tx, &events)
-        .await
-        .unwrap();
+    Outbox::new(&config).enqueue(&tx, &events).await.unwrap();
     tx.commit().await.unwrap();
 
     let (ok, status, err) = run(with(&["status"])).await;

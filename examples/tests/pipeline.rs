@@ -10,17 +10,19 @@ use std::time::Duration;
 use common::*;
 use outbox_core::{Event, Relay, RelayConfig};
 use outbox_kafka::KafkaBus;
-use outbox_pg::{migrate, Outbox, OutboxConfig, PgOutboxSource};
+use outbox_pg::{migrate, Outbox, OutboxConfig, PgOutboxSource, ValidOutboxConfig};
 use uuid::Uuid;
 
-async fn outbox_tables(name: &str) -> (outbox_pg::deadpool_postgres::Pool, OutboxConfig) {
+async fn outbox_tables(name: &str) -> (outbox_pg::deadpool_postgres::Pool, ValidOutboxConfig) {
     let pool = pg().create_pool().unwrap();
     let config = OutboxConfig {
         table: name.to_string(),
         dead_letter_table: format!("{name}_dead"),
         claim_timeout: Duration::from_secs(30),
         ..OutboxConfig::default()
-    };
+    }
+    .validate()
+    .unwrap();
     let client = pool.get().await.unwrap();
     migrate(&client, &config).await.unwrap();
     (pool, config)
@@ -28,13 +30,13 @@ async fn outbox_tables(name: &str) -> (outbox_pg::deadpool_postgres::Pool, Outbo
 
 async fn enqueue_in_transactions(
     pool: &outbox_pg::deadpool_postgres::Pool,
-    config: &OutboxConfig,
+    config: &ValidOutboxConfig,
     topic: &str,
     transactions: usize,
     per_transaction: usize,
     commit: bool,
 ) -> Vec<Uuid> {
-    let outbox = Outbox::new(config).unwrap();
+    let outbox = Outbox::new(config);
     let mut client = pool.get().await.unwrap();
     let mut ids = Vec::new();
     for t in 0..transactions {
@@ -77,7 +79,7 @@ async fn committed_events_published_once_rolled_back_never() {
     let rolled_back = enqueue_in_transactions(&pool, &config, &topic, 5, 20, false).await;
     assert!(rolled_back.is_empty());
 
-    let source = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let source = PgOutboxSource::new(pool.clone(), "test", config);
     let bus = KafkaBus::new(kafka(&brokers())).unwrap();
     let relay = Relay::new(
         source,
@@ -128,8 +130,8 @@ async fn two_relays_publish_each_event_once() {
         .await
         .unwrap();
 
-    let relay = |pool: outbox_pg::deadpool_postgres::Pool, config: OutboxConfig| {
-        let source = PgOutboxSource::new(pool, "test", config).unwrap();
+    let relay = |pool: outbox_pg::deadpool_postgres::Pool, config: ValidOutboxConfig| {
+        let source = PgOutboxSource::new(pool, "test", config);
         let bus = KafkaBus::new(kafka(&brokers())).unwrap();
         Relay::new(
             source,
@@ -181,7 +183,7 @@ async fn broker_down_keeps_events_pending_until_it_returns() {
 
     let (pool, config) = outbox_tables(&name).await;
     let committed = enqueue_in_transactions(&pool, &config, &topic, 5, 10, true).await;
-    let source = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let source = PgOutboxSource::new(pool.clone(), "test", config);
     let bus = KafkaBus::new(kafka(&broker.brokers())).unwrap();
     let relay = Relay::new(
         source,
@@ -707,7 +709,7 @@ async fn three_relays_keep_per_key_order() {
     let per_key = 80;
 
     // The backlog: one event per transaction, keys interleaved.
-    let outbox = Outbox::new(&config).unwrap();
+    let outbox = Outbox::new(&config);
     let mut client = pool.get().await.unwrap();
     for seq in 0..per_key {
         for key in 0..keys {
@@ -724,7 +726,7 @@ async fn three_relays_keep_per_key_order() {
         .unwrap();
     let mut relays = Vec::new();
     for _ in 0..3 {
-        let source = PgOutboxSource::new(pool.clone(), "test", config.clone()).unwrap();
+        let source = PgOutboxSource::new(pool.clone(), "test", config.clone());
         let bus = KafkaBus::new(kafka(&brokers())).unwrap();
         let relay = Relay::new(
             source,
@@ -802,13 +804,12 @@ async fn relay_crash_after_ack_leaves_no_duplicate_in_clickhouse() {
         .collect();
     let client = pool.get().await.unwrap();
     Outbox::new(&config)
-        .unwrap()
         .enqueue(&client, &keyless)
         .await
         .unwrap();
     committed.extend(keyless.iter().map(|e| e.id));
 
-    let source = PgOutboxSource::new(pool.clone(), "test", config.clone()).unwrap();
+    let source = PgOutboxSource::new(pool.clone(), "test", config.clone());
     let bus = KafkaBus::new(kafka(&brokers())).unwrap();
     // The crash: published and acknowledged, never committed.
     let claimed = source.claim(1000).await.unwrap().unwrap();
@@ -1034,9 +1035,7 @@ async fn committed_event_wakes_the_idle_relay() {
     outbox_kafka::ensure_topics(&kafka(&brokers()), &[topic.as_str()])
         .await
         .unwrap();
-    let source = PgOutboxSource::new(pool.clone(), "test", config.clone())
-        .unwrap()
-        .listen_for_events(pg());
+    let source = PgOutboxSource::new(pool.clone(), "test", config.clone()).listen_for_events(pg());
     let bus = KafkaBus::new(kafka(&brokers())).unwrap();
     let relay = Relay::new(
         source,

@@ -40,7 +40,9 @@ async fn every_service_restarts_while_events_flow() {
         table: name.clone(),
         dead_letter_table: format!("{name}_dead"),
         ..OutboxConfig::default()
-    };
+    }
+    .validate()
+    .unwrap();
     let pool = pg().create_pool().unwrap();
     {
         let client = pool.get().await.unwrap();
@@ -104,7 +106,7 @@ async fn every_service_restarts_while_events_flow() {
     let writer_ledger = ledger.clone();
     let topic = name.clone();
     let writer = tokio::spawn(async move {
-        let outbox = Outbox::new(&writer_config).unwrap();
+        let outbox = Outbox::new(&writer_config);
         let mut attempts_failed = 0u32;
         for i in 0..1500u32 {
             let event = Event::new(topic.clone(), format!("{{\"i\":{i}}}"))

@@ -6,7 +6,7 @@ use std::time::Duration;
 use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
-use crate::{OutboxConfig, PgError};
+use crate::{PgError, ValidOutboxConfig};
 
 /// Pending events of an outbox table.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -88,7 +88,7 @@ pub enum Selection {
 ///
 /// let pool = PgConfig::default().create_pool()?;
 /// let client = pool.get().await?;
-/// let admin = OutboxAdmin::new(&OutboxConfig::default())?;
+/// let admin = OutboxAdmin::new(&OutboxConfig::default().validate()?);
 /// let backlog = admin.backlog(&client).await?;
 /// println!("{} pending", backlog.pending);
 /// for dead in admin.dead_letters(&client, 20).await? {
@@ -114,12 +114,11 @@ pub struct OutboxAdmin {
 const DEAD_COLUMNS: &str = "id, event_id, topic, key, payload, headers, attempts, reason, origin, created_at, dead_lettered_at";
 
 impl OutboxAdmin {
-    /// Queries over the tables of `config` (names validated here).
-    pub fn new(config: &OutboxConfig) -> Result<Self, PgError> {
-        config.validate()?;
-        let table = config.table()?;
-        let dead = config.dead_letter_table()?;
-        Ok(Self {
+    /// Queries over the tables of `config`.
+    pub fn new(config: &ValidOutboxConfig) -> Self {
+        let table = config.table();
+        let dead = config.dead_letter_table();
+        Self {
             backlog_sql: format!(
                 "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM {table}"
             ),
@@ -151,8 +150,8 @@ impl OutboxAdmin {
             ),
             purge_sql: format!("DELETE FROM {dead} WHERE $2 OR id = ANY($1)"),
             table: table.clone(),
-            channel: crate::notify::channel_for(&table),
-        })
+            channel: crate::notify::channel_for(table),
+        }
     }
 
     /// [`OutboxAdmin::backlog`], also set as the gauges

@@ -6,7 +6,7 @@ use deadpool_postgres::GenericClient;
 use outbox_core::Event;
 use uuid::Uuid;
 
-use crate::{OutboxConfig, PgError};
+use crate::{PgError, ValidOutboxConfig};
 
 /// A handle on one outbox table, for services that enqueue events.
 ///
@@ -20,7 +20,7 @@ use crate::{OutboxConfig, PgError};
 /// use outbox_pg::{Outbox, OutboxConfig, PgConfig};
 ///
 /// let pool = PgConfig::default().create_pool()?;
-/// let outbox = Outbox::new(&OutboxConfig::default())?;
+/// let outbox = Outbox::new(&OutboxConfig::default().validate()?);
 ///
 /// let mut client = pool.get().await?;
 /// let tx = client.transaction().await?;
@@ -49,17 +49,16 @@ pub(crate) fn headers_json(event: &Event) -> serde_json::Value {
 }
 
 impl Outbox {
-    /// A handle on the outbox table named in `config` (validated here).
-    pub fn new(config: &OutboxConfig) -> Result<Self, PgError> {
-        config.validate()?;
-        let table = config.table()?;
-        Ok(Self {
-            channel: crate::notify::channel_for(&table),
+    /// A handle on the outbox table named in `config`.
+    pub fn new(config: &ValidOutboxConfig) -> Self {
+        let table = config.table();
+        Self {
+            channel: crate::notify::channel_for(table),
             insert_sql: format!(
                 "INSERT INTO {table} (event_id, topic, key, payload, headers, created_at) \
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::bytea[], $5::jsonb[], $6::timestamptz[])"
             ),
-        })
+        }
     }
 
     /// Writes one event whose payload is `value` as JSON, with `key` and

@@ -17,7 +17,7 @@ impl Outbox {
     /// use outbox_core::Event;
     /// use outbox_pg::{Outbox, OutboxConfig};
     ///
-    /// let outbox = Outbox::new(&OutboxConfig::default())?;
+    /// let outbox = Outbox::new(&OutboxConfig::default().validate()?);
     /// let mut tx = pool.begin().await?;
     /// sqlx::query("INSERT INTO accounts (name) VALUES ($1)")
     ///     .bind("alice")

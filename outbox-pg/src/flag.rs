@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::claim::PgClaim;
 use crate::source::AckPlan;
-use crate::{FlagTableConfig, PgError, SqlIdent, SqlName};
+use crate::{PgError, ValidFlagTableConfig};
 
 /// Namespace of the deterministic event ids given to flag-table rows.
 pub const FLAG_ROW_NAMESPACE: Uuid = Uuid::from_u128(0x6f75_7462_6f78_4000_8000_666c_6167_726f);
@@ -45,13 +45,13 @@ pub fn flag_row_event_id(table: &str, id: i64) -> Uuid {
 /// use outbox_pg::{FlagTableConfig, FlagTableSource, PgConfig};
 ///
 /// let pg = PgConfig::default();
-/// let source = FlagTableSource::new(pg.create_pool()?, pg.target(), FlagTableConfig::default())?;
+/// let source = FlagTableSource::new(pg.create_pool()?, pg.target(), FlagTableConfig::default().validate()?);
 /// # Ok(()) }
 /// ```
 pub struct FlagTableSource {
     pool: Pool,
     target: String,
-    config: FlagTableConfig,
+    config: ValidFlagTableConfig,
     table_plain: String,
     claim_sql: String,
     mark_sql: String,
@@ -59,19 +59,14 @@ pub struct FlagTableSource {
 }
 
 impl FlagTableSource {
-    /// A source over the table in `config` (validated here).
-    pub fn new(
-        pool: Pool,
-        target: impl Into<String>,
-        config: FlagTableConfig,
-    ) -> Result<Self, PgError> {
-        config.validate()?;
-        let table = SqlName::parse(&config.table)?;
-        let dead = SqlName::parse(&config.dead_letter_table)?;
-        let id = SqlIdent::parse(&config.id_column)?;
-        let flag = SqlIdent::parse(&config.flag_column)?;
-        let key_expr = match &config.key_column {
-            Some(key) => format!("t.{}::text", SqlIdent::parse(key)?),
+    /// A source over the table in `config`.
+    pub fn new(pool: Pool, target: impl Into<String>, config: ValidFlagTableConfig) -> Self {
+        let table = &config.table_sql;
+        let dead = &config.dead_letter_sql;
+        let id = &config.id_sql;
+        let flag = &config.flag_sql;
+        let key_expr = match &config.key_sql {
+            Some(key) => format!("t.{key}::text"),
             None => "NULL::text".to_string(),
         };
         // The rows are locked FOR KEY SHARE, which a business UPDATE does not
@@ -91,9 +86,8 @@ impl FlagTableSource {
              locked AS MATERIALIZED ( \
                SELECT * FROM candidates WHERE pg_try_advisory_xact_lock({namespace}, hashint8(id)))"
         );
-        let claim_sql = match &config.key_column {
+        let claim_sql = match &config.key_sql {
             Some(key) => {
-                let key = SqlIdent::parse(key)?;
                 format!(
                     "WITH {candidates}, \
                      blocked AS ( \
@@ -115,15 +109,15 @@ impl FlagTableSource {
              INSERT INTO {dead} (event_id, topic, key, payload, headers, created_at, attempts, reason, origin) \
              SELECT event_id, $5::text, convert_to(key, 'UTF8'), convert_to(payload, 'UTF8'), '{{}}'::jsonb, now(), 1, reason, $6::text FROM marked"
         );
-        Ok(Self {
+        Self {
             pool,
             target: target.into(),
             table_plain: table.plain(),
-            config,
             claim_sql,
             mark_sql,
             dead_letter_sql,
-        })
+            config,
+        }
     }
 }
 

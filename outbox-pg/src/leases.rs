@@ -148,7 +148,7 @@ impl PartitionLeaseConfig {
 /// # async fn example() -> Result<(), outbox_pg::PgError> {
 /// use outbox_pg::{PartitionLeaseConfig, PartitionLeases, PgConfig};
 ///
-/// let leases = PartitionLeases::new(PgConfig::default(), PartitionLeaseConfig::new("g", "user_events", 3));
+/// let leases = PartitionLeases::new(PgConfig::default(), PartitionLeaseConfig::new("g", "user_events", 3))?;
 /// let (ownership, leasing) = leases.start(tokio_util::sync::CancellationToken::new());
 /// tokio::spawn(leasing);
 /// // The subscription follows `ownership` (`KafkaSubscription::follow_ownership`):
@@ -164,18 +164,20 @@ pub struct PartitionLeases {
 }
 
 impl PartitionLeases {
-    /// Leases for `config`, on the server of `pg`.
-    pub fn new(pg: PgConfig, config: PartitionLeaseConfig) -> Self {
+    /// Leases for `config`, on the server of `pg`; fails when `config`
+    /// does not validate ([`PartitionLeaseConfig::validate`]).
+    pub fn new(pg: PgConfig, config: PartitionLeaseConfig) -> Result<Self, PgError> {
+        config.validate()?;
         let scope = format!("{}/{}", config.group, config.topic);
         let hash = crate::stable_hash(&format!("outbox-partitions:{scope}"));
         // application_name is at most 63 bytes; the hash keeps it unique.
         let application_name = format!("outbox-consumer {hash:08x}");
-        Self {
+        Ok(Self {
             pg,
             config,
             lock_namespace: i32::from_ne_bytes(hash.to_ne_bytes()),
             application_name,
-        }
+        })
     }
 
     /// The `application_name` of this group's lease sessions, for finding
@@ -203,14 +205,12 @@ impl PartitionLeases {
     /// Keeps ownership until `shutdown`, publishing each grant on
     /// `granter.lease` and releasing a partition once `granter.applied` no
     /// longer holds it. Connection failures are retried; while disconnected
-    /// nothing is granted. Fails at once if the configuration does not
-    /// validate.
+    /// nothing is granted.
     pub async fn run(self, granter: Granter, shutdown: CancellationToken) -> Result<(), PgError> {
         let Granter {
             lease: owned,
             mut applied,
         } = granter;
-        self.config.validate()?;
         let mut epoch = owned.borrow().epoch;
         while !shutdown.is_cancelled() {
             // Whatever happened before, nothing is granted without a

@@ -19,7 +19,7 @@ mod tls;
 
 pub use admin::{Backlog, DeadLetter, LaneOwner, LaneStatus, OutboxAdmin, Selection};
 pub use claim::PgClaim;
-pub use config::{FlagTableConfig, OutboxConfig};
+pub use config::{FlagTableConfig, OutboxConfig, ValidFlagTableConfig, ValidOutboxConfig};
 pub use connect::{check_connection, connection, PgConfig};
 pub use enqueue::Outbox;
 pub use error::{describe, is_retryable_pg, PgError};

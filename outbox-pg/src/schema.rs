@@ -2,7 +2,7 @@
 
 use deadpool_postgres::GenericClient;
 
-use crate::{OutboxConfig, PgError};
+use crate::{PgError, ValidOutboxConfig};
 
 /// The SQL that creates the outbox and dead-letter tables named in `config`.
 ///
@@ -10,23 +10,20 @@ use crate::{OutboxConfig, PgError};
 /// the repository holds the same SQL for the default names.
 ///
 /// ```
-/// let sql = outbox_pg::schema_sql(&outbox_pg::OutboxConfig::default())?;
+/// let sql = outbox_pg::schema_sql(&outbox_pg::OutboxConfig::default().validate()?);
 /// assert!(sql.contains(r#"CREATE TABLE IF NOT EXISTS "outbox""#));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub fn schema_sql(config: &OutboxConfig) -> Result<String, PgError> {
-    let table = config.table()?;
-    let dead = config.dead_letter_table()?;
-    let event_id_key = table.with_suffix("_event_id_key")?;
-    let dead_event_idx = dead.with_suffix("_event_id_idx")?;
-    let lane_idx = table.with_suffix("_lane_seq_idx")?;
-    let version_table = table.with_suffix("_schema_version")?;
-    config.validate()?;
+pub fn schema_sql(config: &ValidOutboxConfig) -> String {
+    let table = config.table();
+    let dead = config.dead_letter_table();
+    let names = &config.derived;
+    let version_table = &names.version_table;
     let lane_expr = format!(
         "((hashtextextended(encode(coalesce(key, uuid_send(event_id)), 'hex'), 0) % {lanes}) + {lanes}) % {lanes}",
         lanes = config.lanes
     );
-    Ok(format!(
+    format!(
         r#"-- Pending events. A row lives from the service's commit until the broker
 -- acknowledged it; the relay then deletes it in its claim transaction.
 CREATE TABLE IF NOT EXISTS {table} (
@@ -77,10 +74,10 @@ CREATE TABLE IF NOT EXISTS {version_table} (
 INSERT INTO {version_table} (version)
     SELECT {SCHEMA_VERSION} WHERE NOT EXISTS (SELECT 1 FROM {version_table} WHERE version >= {SCHEMA_VERSION});
 "#,
-        event_id_key_name = event_id_key.name(),
-        dead_event_idx_name = dead_event_idx.name(),
-        lane_idx_name = lane_idx.name(),
-    ))
+        event_id_key_name = names.event_id_key.name(),
+        dead_event_idx_name = names.dead_letter_event_index.name(),
+        lane_idx_name = names.lane_index.name(),
+    )
 }
 
 /// Version of the schema [`schema_sql`] creates: 1 was the outbox without
@@ -91,9 +88,9 @@ pub const SCHEMA_VERSION: i32 = 2;
 /// when they were never migrated (or predate version records).
 pub async fn schema_version<C: GenericClient + Sync>(
     client: &C,
-    config: &OutboxConfig,
+    config: &ValidOutboxConfig,
 ) -> Result<Option<i32>, PgError> {
-    let table = config.table()?.with_suffix("_schema_version")?;
+    let table = &config.derived.version_table;
     let exists = client
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.to_string()])
         .await
@@ -118,9 +115,9 @@ const MIGRATION_LOCK_KEY: i64 = 7_243_019_812;
 /// Safe to run at every start and from several processes at once.
 pub async fn migrate<C: GenericClient + Sync>(
     client: &C,
-    config: &OutboxConfig,
+    config: &ValidOutboxConfig,
 ) -> Result<(), PgError> {
-    let sql = schema_sql(config)?;
+    let sql = schema_sql(config);
     if let Some(found) = schema_version(client, config).await? {
         if found > SCHEMA_VERSION {
             return Err(PgError::Config(format!(

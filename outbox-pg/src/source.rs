@@ -12,7 +12,7 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::claim::{PgClaim, Tid};
-use crate::{OutboxConfig, PgConfig, PgError};
+use crate::{PgConfig, PgError, ValidOutboxConfig};
 
 /// Claims pending events of the outbox table in batches, lane by lane.
 ///
@@ -45,7 +45,7 @@ use crate::{OutboxConfig, PgConfig, PgError};
 /// use outbox_pg::{OutboxConfig, PgConfig, PgOutboxSource};
 ///
 /// let config = PgConfig::default();
-/// let source = PgOutboxSource::new(config.create_pool()?, config.target(), OutboxConfig::default())?;
+/// let source = PgOutboxSource::new(config.create_pool()?, config.target(), OutboxConfig::default().validate()?);
 /// if let Some(batch) = source.claim(100).await? {
 ///     println!("claimed {}", batch.events.len());
 /// }
@@ -54,7 +54,7 @@ use crate::{OutboxConfig, PgConfig, PgError};
 pub struct PgOutboxSource {
     pool: Pool,
     target: String,
-    config: OutboxConfig,
+    config: ValidOutboxConfig,
     table: crate::SqlName,
     /// Resolved from the server at the first claim (see [`resolve_lock_namespace`]).
     lock_namespace: tokio::sync::OnceCell<i32>,
@@ -72,16 +72,11 @@ pub struct PgOutboxSource {
 
 impl PgOutboxSource {
     /// A source over the tables in `config`; `target` names the server in messages.
-    pub fn new(
-        pool: Pool,
-        target: impl Into<String>,
-        config: OutboxConfig,
-    ) -> Result<Self, PgError> {
-        config.validate()?;
-        let table = config.table()?;
-        let dead = config.dead_letter_table()?;
+    pub fn new(pool: Pool, target: impl Into<String>, config: ValidOutboxConfig) -> Self {
+        let table = config.table().clone();
+        let dead = config.dead_letter_table().clone();
         let origin = table.plain().replace('\'', "");
-        Ok(Self {
+        Self {
             pool,
             target: target.into(),
             table: table.clone(),
@@ -157,7 +152,7 @@ impl PgOutboxSource {
                  WHERE t.ctid = f.ctid AND t.seq = f.seq"
             ),
             config,
-        })
+        }
     }
 
     /// The pool this source claims from.

@@ -26,8 +26,8 @@ use outbox_pg::{Outbox, PgOutboxSource};
 #[tokio::test]
 async fn processed_events_keep_table_size_and_claim_time_flat() {
     let (pool, config) = setup("retention").await;
-    let outbox = Outbox::new(&config).unwrap();
-    let source = PgOutboxSource::new(pool.clone(), "test", config.clone()).unwrap();
+    let outbox = Outbox::new(&config);
+    let source = PgOutboxSource::new(pool.clone(), "test", config.clone());
     let mut client = pool.get().await.unwrap();
     let (rounds, per_round) = (30, 10_000);
     let mut sizes = Vec::new();

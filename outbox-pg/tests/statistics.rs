@@ -30,8 +30,8 @@ const ROUNDS: usize = 3;
 #[tokio::test]
 async fn statistics_of_an_empty_outbox_do_not_slow_claims() {
     let (pool, config) = setup("stats").await;
-    let outbox = Outbox::new(&config).unwrap();
-    let source = PgOutboxSource::new(pool.clone(), "test", config.clone()).unwrap();
+    let outbox = Outbox::new(&config);
+    let source = PgOutboxSource::new(pool.clone(), "test", config.clone());
     let mut client = pool.get().await.unwrap();
     // The test sets the statistics itself; autovacuum must not change them
     // between its steps.

@@ -158,8 +158,10 @@ impl std::fmt::Debug for ClickHouseConfig {
 }
 
 impl ClickHouseConfig {
-    /// Checks names and the URL.
-    pub fn validate(&self) -> Result<(), SinkError> {
+    /// Checks names and the URL once, into the form
+    /// [`crate::ClickHouseSink::new`] and [`crate::ClickHouseDeadLetters::new`]
+    /// accept: names are placed in SQL only after this.
+    pub fn validate(&self) -> Result<ValidClickHouseConfig, SinkError> {
         for (field, value) in [
             ("database", &self.database),
             ("table", &self.table),
@@ -186,7 +188,36 @@ impl ClickHouseConfig {
                 self.url
             )));
         }
-        Ok(())
+        Ok(ValidClickHouseConfig(self.clone()))
+    }
+}
+
+/// A [`ClickHouseConfig`] whose names and URL were checked: made by
+/// [`ClickHouseConfig::validate`] (or `try_into`), read like the config it
+/// came from.
+///
+/// ```
+/// let valid = sink_clickhouse::ClickHouseConfig::default().validate()?;
+/// assert_eq!(valid.table, "user_logins");
+/// let dead = sink_clickhouse::ClickHouseDeadLetters::new(valid)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct ValidClickHouseConfig(ClickHouseConfig);
+
+impl std::ops::Deref for ValidClickHouseConfig {
+    type Target = ClickHouseConfig;
+
+    fn deref(&self) -> &ClickHouseConfig {
+        &self.0
+    }
+}
+
+impl TryFrom<ClickHouseConfig> for ValidClickHouseConfig {
+    type Error = SinkError;
+
+    fn try_from(config: ClickHouseConfig) -> Result<Self, SinkError> {
+        config.validate()
     }
 }
 

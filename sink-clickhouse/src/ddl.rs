@@ -95,7 +95,7 @@ impl<M: RowMapper> ClickHouseSink<M> {
         // The configured database may not exist yet.
         let root = client_for(&ClickHouseConfig {
             database: "default".into(),
-            ..self.config.clone()
+            ..(*self.config).clone()
         })?;
         for ddl in self.ddl() {
             root.query(&ddl)
@@ -131,7 +131,8 @@ mod ddl_tests {
             table: "events".into(),
             cluster,
             ..ClickHouseConfig::default()
-        };
+        }
+        .validate()?;
         Ok(ClickHouseSink {
             client: client_for(&config)?,
             config,

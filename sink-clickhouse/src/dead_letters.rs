@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::client::{bounded, client_for};
 use crate::sink::DeadLetterRow;
-use crate::{ClickHouseConfig, SinkError};
+use crate::{SinkError, ValidClickHouseConfig};
 
 /// Where a dead letter was read from: its topic, partition and offset
 /// (written and parsed as `topic:partition:offset`; the topic may contain
@@ -114,7 +114,7 @@ pub struct ReplayReport {
 /// # async fn example() -> Result<(), sink_clickhouse::SinkError> {
 /// use sink_clickhouse::{ClickHouseConfig, ClickHouseDeadLetters};
 ///
-/// let dead = ClickHouseDeadLetters::new(ClickHouseConfig::default())?;
+/// let dead = ClickHouseDeadLetters::new(ClickHouseConfig::default().validate()?)?;
 /// for row in dead.dead_letters(None, 20).await? {
 ///     println!("{}:{}:{} {}", row.topic, row.kafka_partition, row.kafka_offset, row.reason);
 /// }
@@ -122,12 +122,12 @@ pub struct ReplayReport {
 /// ```
 pub struct ClickHouseDeadLetters {
     client: Client,
-    config: ClickHouseConfig,
+    config: ValidClickHouseConfig,
 }
 
 impl ClickHouseDeadLetters {
     /// The dead-letter table named in `config` (fails as [`client_for`] does).
-    pub fn new(config: ClickHouseConfig) -> Result<Self, SinkError> {
+    pub fn new(config: ValidClickHouseConfig) -> Result<Self, SinkError> {
         Ok(Self {
             client: client_for(&config)?,
             config,

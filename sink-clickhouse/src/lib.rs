@@ -11,7 +11,7 @@ mod mapper;
 mod sink;
 
 pub use client::{check_connection, client_for};
-pub use config::{validate_identifier, ClickHouseConfig, ClusterConfig};
+pub use config::{validate_identifier, ClickHouseConfig, ClusterConfig, ValidClickHouseConfig};
 pub use dead_letters::{
     BadPosition, ClickHouseDeadLetters, DeadLetterPosition, DeadLetterSelection, ReplayReport,
 };

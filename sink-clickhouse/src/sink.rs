@@ -15,7 +15,7 @@ use crate::client::{
 };
 use crate::exactly_once::{advance, lookups_needed, plan, PartitionState};
 use crate::mapper::{RowMapper, RowMeta};
-use crate::{ClickHouseConfig, SinkError};
+use crate::{SinkError, ValidClickHouseConfig};
 
 /// Writes consumed records into one ClickHouse table, each record once.
 ///
@@ -61,12 +61,12 @@ use crate::{ClickHouseConfig, SinkError};
 /// use sink_clickhouse::{ClickHouseConfig, ClickHouseSink, RawEventMapper};
 ///
 /// let config = ClickHouseConfig { table: "events".into(), ..ClickHouseConfig::default() };
-/// let sink = ClickHouseSink::new(config, RawEventMapper).await?;
+/// let sink = ClickHouseSink::new(config.validate()?, RawEventMapper).await?;
 /// # Ok(()) }
 /// ```
 pub struct ClickHouseSink<M: RowMapper> {
     pub(crate) client: Client,
-    pub(crate) config: ClickHouseConfig,
+    pub(crate) config: ValidClickHouseConfig,
     pub(crate) mapper: M,
     pub(crate) partitions: HashMap<(String, i32), PartitionState>,
     pub(crate) facts: ServerFacts,
@@ -113,10 +113,9 @@ fn now_s() -> u32 {
 }
 
 impl<M: RowMapper> ClickHouseSink<M> {
-    /// Validates `config`, checks the server answers and creates the tables
-    /// if [`ClickHouseConfig::create_tables`] is set.
-    pub async fn new(config: ClickHouseConfig, mapper: M) -> Result<Self, SinkError> {
-        config.validate()?;
+    /// Checks the server answers and creates the tables if
+    /// [`ClickHouseConfig::create_tables`] is set.
+    pub async fn new(config: ValidClickHouseConfig, mapper: M) -> Result<Self, SinkError> {
         let sink = Self {
             client: client_for(&config)?,
             config,

@@ -98,7 +98,9 @@ async fn two_shards_with_replicas_write_through_distributed_exactly_once() {
     let table = unique("shards");
     let records = batch(0..4, 50);
     let mut sink = ClickHouseSink::new(
-        config(&node(1), &table, "outbox_replicated", None),
+        config(&node(1), &table, "outbox_replicated", None)
+            .validate()
+            .unwrap(),
         RawEventMapper,
     )
     .await
@@ -106,7 +108,9 @@ async fn two_shards_with_replicas_write_through_distributed_exactly_once() {
     let first = sink.write(&records).await.unwrap();
     // The consumer restarted, connected to the other shard's server.
     let mut restarted = ClickHouseSink::new(
-        config(&node(3), &table, "outbox_replicated", None),
+        config(&node(3), &table, "outbox_replicated", None)
+            .validate()
+            .unwrap(),
         RawEventMapper,
     )
     .await
@@ -166,7 +170,9 @@ async fn a_lagging_replica_is_never_read_with_the_quorum_it_finds() {
     let table = unique("lag_off");
     let records = batch(0..2, 50);
     let mut on_ch1 = ClickHouseSink::new(
-        config(&node(1), &table, "outbox_shard1", Some(0)),
+        config(&node(1), &table, "outbox_shard1", Some(0))
+            .validate()
+            .unwrap(),
         RawEventMapper,
     )
     .await
@@ -174,7 +180,9 @@ async fn a_lagging_replica_is_never_read_with_the_quorum_it_finds() {
     run(&node(2), &format!("SYSTEM STOP FETCHES `{table}_local`")).await;
     let first = on_ch1.write(&records).await.unwrap();
     let mut on_ch2 = ClickHouseSink::new(
-        config(&node(2), &table, "outbox_shard1", Some(0)),
+        config(&node(2), &table, "outbox_shard1", Some(0))
+            .validate()
+            .unwrap(),
         RawEventMapper,
     )
     .await
@@ -195,7 +203,9 @@ async fn a_lagging_replica_is_never_read_with_the_quorum_it_finds() {
     // With the quorum found from the cluster (2).
     let table = unique("lag_on");
     let mut on_ch1 = ClickHouseSink::new(
-        config(&node(1), &table, "outbox_shard1", None),
+        config(&node(1), &table, "outbox_shard1", None)
+            .validate()
+            .unwrap(),
         RawEventMapper,
     )
     .await
@@ -221,7 +231,9 @@ async fn a_lagging_replica_is_never_read_with_the_quorum_it_finds() {
     // The retry (the consumer loop's) and a redelivery to ch2.
     let retried = on_ch1.write(&records).await.unwrap();
     let mut on_ch2 = ClickHouseSink::new(
-        config(&node(2), &table, "outbox_shard1", None),
+        config(&node(2), &table, "outbox_shard1", None)
+            .validate()
+            .unwrap(),
         RawEventMapper,
     )
     .await
@@ -256,7 +268,9 @@ async fn a_stopped_replica_holds_writes_back_until_it_returns() {
     let table = unique("stopped");
     let records = batch(0..2, 30);
     let mut sink = ClickHouseSink::new(
-        config(&node(1), &table, "outbox_shard1", None),
+        config(&node(1), &table, "outbox_shard1", None)
+            .validate()
+            .unwrap(),
         RawEventMapper,
     )
     .await

@@ -5,7 +5,6 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use examples::{
     init_tracing, millis, retry_startup, shutdown_on_signals, ClickHouseArgs, GroupArgs, KafkaArgs,
@@ -139,9 +138,6 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
         .start(DEFAULT_METRICS_ADDR, health.clone(), shutdown.clone())
         .await?;
     let ch_config = cli.clickhouse.config()?;
-    ch_config
-        .validate()
-        .context("invalid clickhouse configuration")?;
     if cli.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
@@ -203,8 +199,7 @@ async fn run_with<M: RowMapper>(cli: Cli, mapper: M) -> anyhow::Result<()> {
             partitions,
         )
         .with_session_timeout(Duration::from_millis(cli.lease_timeout_ms));
-        lease_config.validate()?;
-        let (ownership, leasing) = PartitionLeases::new(pg, lease_config).start(shutdown.clone());
+        let (ownership, leasing) = PartitionLeases::new(pg, lease_config)?.start(shutdown.clone());
         lease = Some(ownership.lease.clone());
         subscription.follow_ownership(ownership);
         examples::spawn_critical("partition leases", leasing, shutdown.clone());

@@ -20,7 +20,7 @@ use examples::{
     init_tracing, retry_startup, ClickHouseArgs, GroupArgs, KafkaArgs, LogArgs, OutboxTableArgs,
     PgArgs,
 };
-use outbox_pg::{OutboxAdmin, OutboxConfig, Selection};
+use outbox_pg::{OutboxAdmin, Selection, ValidOutboxConfig};
 use sink_clickhouse::{ClickHouseDeadLetters, DeadLetterPosition, DeadLetterSelection};
 
 /// Operate an outbox: schema, status, dead letters.
@@ -128,13 +128,14 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let outbox_config = cli.tables.config();
-    outbox_config
+    let outbox_config = cli
+        .tables
+        .config()
         .validate()
         .context("invalid outbox configuration")?;
     match &cli.command {
         Command::Migrate { print: true } => {
-            print!("{}", outbox_pg::schema_sql(&outbox_config)?);
+            print!("{}", outbox_pg::schema_sql(&outbox_config));
             Ok(())
         }
         Command::Migrate { print: false } => migrate(&cli, &outbox_config).await,
@@ -167,7 +168,7 @@ async fn pg_client(cli: &Cli) -> anyhow::Result<outbox_pg::deadpool_postgres::Ob
     Ok(outbox_pg::connection(&pool, &target).await?)
 }
 
-async fn migrate(cli: &Cli, config: &OutboxConfig) -> anyhow::Result<()> {
+async fn migrate(cli: &Cli, config: &ValidOutboxConfig) -> anyhow::Result<()> {
     let client = pg_client(cli).await?;
     let before = outbox_pg::schema_version(&client, config).await?;
     eprintln!(
@@ -186,9 +187,9 @@ async fn migrate(cli: &Cli, config: &OutboxConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn status(cli: &Cli, config: &OutboxConfig) -> anyhow::Result<()> {
+async fn status(cli: &Cli, config: &ValidOutboxConfig) -> anyhow::Result<()> {
     let client = pg_client(cli).await?;
-    let admin = OutboxAdmin::new(config)?;
+    let admin = OutboxAdmin::new(config);
     let version = outbox_pg::schema_version(&client, config).await?;
     let backlog = admin.backlog(&client).await?;
     println!(
@@ -294,11 +295,11 @@ fn selection(args: &SelectionArgs) -> anyhow::Result<Selection> {
 
 async fn pg_dead_letters(
     cli: &Cli,
-    config: &OutboxConfig,
+    config: &ValidOutboxConfig,
     command: &DeadLetterCommand,
 ) -> anyhow::Result<()> {
     let client = pg_client(cli).await?;
-    let admin = OutboxAdmin::new(config)?;
+    let admin = OutboxAdmin::new(config);
     match command {
         DeadLetterCommand::List { limit, .. } => {
             let rows = admin.dead_letters(&client, i64::from(*limit)).await?;
@@ -377,11 +378,7 @@ fn clickhouse_selection(args: &SelectionArgs) -> anyhow::Result<DeadLetterSelect
 }
 
 async fn clickhouse_dead_letters(cli: &Cli, command: &DeadLetterCommand) -> anyhow::Result<()> {
-    let ch_config = cli.clickhouse.config()?;
-    ch_config
-        .validate()
-        .context("invalid clickhouse configuration")?;
-    let dead = ClickHouseDeadLetters::new(ch_config)?;
+    let dead = ClickHouseDeadLetters::new(cli.clickhouse.config()?)?;
     match command {
         DeadLetterCommand::List { limit, .. } => {
             let rows = dead.dead_letters(None, u64::from(*limit)).await?;

@@ -99,10 +99,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let outbox_config = OutboxConfig {
         claim_timeout: Duration::from_secs(cli.claim_timeout_secs),
         ..cli.tables.config()
-    };
-    outbox_config
-        .validate()
-        .context("invalid outbox configuration")?;
+    }
+    .validate()
+    .context("invalid outbox configuration")?;
     let flag_config = FlagTableConfig {
         table: cli.table.clone(),
         id_column: cli.id_column.clone(),
@@ -111,10 +110,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         topic: cli.topic.clone(),
         dead_letter_table: cli.tables.dead_letter_table.clone(),
         claim_timeout: Duration::from_secs(cli.claim_timeout_secs),
-    };
-    flag_config
-        .validate()
-        .context("invalid flag-table configuration")?;
+    }
+    .validate()
+    .context("invalid flag-table configuration")?;
     if cli.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
@@ -166,13 +164,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.source {
         SourceKind::FlagTable => {
             info!(table = %cli.table, topic = %cli.topic, "relaying flag table");
-            let source = FlagTableSource::new(pool, target, flag_config)?;
+            let source = FlagTableSource::new(pool, target, flag_config);
             run_relay(source, bus, relay_config, health, shutdown).await
         }
         SourceKind::Outbox => {
             info!(table = %cli.tables.outbox_table, "relaying outbox table");
             let interval = Duration::from_secs(cli.backlog_interval_secs.max(1));
-            let admin = outbox_pg::OutboxAdmin::new(&outbox_config)?;
+            let admin = outbox_pg::OutboxAdmin::new(&outbox_config);
             examples::spawn_background(admin.report_backlog_every(
                 pool.clone(),
                 target.clone(),
@@ -180,7 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 shutdown.clone(),
             ));
             let source =
-                PgOutboxSource::new(pool, target, outbox_config)?.listen_for_events(pg.clone());
+                PgOutboxSource::new(pool, target, outbox_config).listen_for_events(pg.clone());
             run_relay(source, bus, relay_config, health, shutdown).await
         }
     }

@@ -52,8 +52,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = OutboxConfig {
         table: cli.outbox_table.clone(),
         ..OutboxConfig::default()
-    };
-    let outbox = Outbox::new(&config)?;
+    }
+    .validate()?;
+    let outbox = Outbox::new(&config);
     let pg = cli.pg.config("service_enqueue")?;
     let target = pg.target();
     let pool = pg.create_pool()?;

@@ -1,7 +1,7 @@
 //! Helpers shared by the test binaries of outbox-pg.
 
 use outbox_core::{Delivery, Position};
-use outbox_pg::{migrate, OutboxConfig, PgConfig};
+use outbox_pg::{migrate, OutboxConfig, PgConfig, ValidOutboxConfig};
 
 /// The stack's PostgreSQL; override with `OUTBOX_PG_HOST` / `OUTBOX_PG_PORT`.
 pub fn pg_config() -> PgConfig {
@@ -18,9 +18,17 @@ pub fn outbox_config(name: &str) -> OutboxConfig {
 }
 
 /// A fresh pool and freshly created outbox tables for one test.
-pub async fn setup(name: &str) -> (deadpool_postgres::Pool, OutboxConfig) {
+pub async fn setup(name: &str) -> (deadpool_postgres::Pool, ValidOutboxConfig) {
+    setup_with(name, outbox_config(name)).await
+}
+
+/// [`setup`] with a configuration of the test's own (tables `t_<name>`).
+pub async fn setup_with(
+    name: &str,
+    config: OutboxConfig,
+) -> (deadpool_postgres::Pool, ValidOutboxConfig) {
     let pool = pg_config().create_pool().unwrap();
-    let config = outbox_config(name);
+    let config = config.validate().unwrap();
     let client = pool.get().await.unwrap();
     client
         .batch_execute(&format!(

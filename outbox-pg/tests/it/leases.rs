@@ -30,7 +30,9 @@ fn member(group: &str, pg: PgConfig) -> Member {
     config.session_timeout = SESSION_TIMEOUT;
     config.takeover_delay = SESSION_TIMEOUT;
     let stop = CancellationToken::new();
-    let (ownership, leasing) = PartitionLeases::new(pg, config).start(stop.clone());
+    let (ownership, leasing) = PartitionLeases::new(pg, config)
+        .unwrap()
+        .start(stop.clone());
     tokio::spawn(leasing);
     let (owned, applied) = (ownership.lease, ownership.applied);
     let history = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -100,6 +102,7 @@ async fn settle(members: &[&Member], expect: &[usize], limit: Duration) -> Vec<V
 /// tests run lease groups of their own at the same time).
 async fn holder_pid(group: &str, partition: i32) -> i32 {
     let app = PartitionLeases::new(pg_config(), PartitionLeaseConfig::new(group, "topic", 4))
+        .unwrap()
         .application_name()
         .to_string();
     let pool = pg_config().create_pool().unwrap();

@@ -10,7 +10,7 @@ mod leases;
 mod sqlx;
 mod tls;
 
-use common::{ack, outbox_config, pg_config, setup};
+use common::{ack, outbox_config, pg_config, setup, setup_with};
 
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ fn init_sql_holds_the_generated_schema() {
     let start = text.find(begin).expect("init.sql lacks the BEGIN marker");
     let body_start = start + text[start..].find('\n').unwrap() + 1;
     let body_end = text.find(end).expect("init.sql lacks the END marker");
-    let generated = schema_sql(&OutboxConfig::default()).unwrap();
+    let generated = schema_sql(&OutboxConfig::default().validate().unwrap());
     if std::env::var("UPDATE_INIT_SQL").is_ok() {
         let updated = format!("{}{}{}", &text[..body_start], generated, &text[body_end..]);
         std::fs::write(path, updated).unwrap();
@@ -52,17 +52,16 @@ async fn migration_is_idempotent_and_names_are_validated() {
         table: "outbox; DROP TABLE user_logins; --".into(),
         ..OutboxConfig::default()
     };
-    let err = migrate(&client, &hostile).await.unwrap_err();
+    let err = hostile.validate().unwrap_err();
     assert!(matches!(err, PgError::InvalidIdentifier { .. }), "{err}");
     assert!(err.to_string().contains("invalid identifier"), "{err}");
-    assert!(Outbox::new(&hostile).is_err());
 }
 
 /// Invariant: an event is claimable exactly when its transaction committed.
 #[tokio::test]
 async fn committed_events_are_claimed_and_rolled_back_ones_never() {
     let (pool, config) = setup("commit_rollback").await;
-    let outbox = Outbox::new(&config).unwrap();
+    let outbox = Outbox::new(&config);
     let committed: Vec<Event> = (0..3)
         .map(|i| Event::new("orders", format!("c{i}")).with_key("k"))
         .collect();
@@ -78,7 +77,7 @@ async fn committed_events_are_claimed_and_rolled_back_ones_never() {
     assert_eq!(outbox.enqueue(&tx, &rolled_back).await.unwrap(), 2);
     tx.rollback().await.unwrap();
 
-    let source = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let source = PgOutboxSource::new(pool.clone(), "test", config);
     let claimed = source.claim(100).await.unwrap().expect("events pending");
     let ids: Vec<_> = claimed.events.iter().map(|e| e.id).collect();
     println!("committed=3 rolled_back=2 claimed={}", ids.len());
@@ -98,12 +97,12 @@ async fn committed_events_are_claimed_and_rolled_back_ones_never() {
 #[tokio::test]
 async fn acknowledge_applies_each_outcome() {
     let (pool, config) = setup("outcomes").await;
-    let outbox = Outbox::new(&config).unwrap();
+    let outbox = Outbox::new(&config);
     let events: Vec<Event> = (0..3).map(|i| Event::new("t", format!("e{i}"))).collect();
     let client = pool.get().await.unwrap();
     outbox.enqueue(&client, &events).await.unwrap();
 
-    let source = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let source = PgOutboxSource::new(pool.clone(), "test", config);
     let claimed = source.claim(10).await.unwrap().unwrap();
     let summary = source
         .acknowledge(
@@ -151,7 +150,7 @@ async fn acknowledge_applies_each_outcome() {
 #[tokio::test]
 async fn acknowledgement_missing_a_row_rolls_the_claim_back() {
     let (pool, config) = setup("rows_moved").await;
-    let outbox = Outbox::new(&config).unwrap();
+    let outbox = Outbox::new(&config);
     let events: Vec<Event> = (0..3)
         .map(|i| Event::new("t", format!("e{i}")).with_key("k"))
         .collect();
@@ -166,7 +165,7 @@ async fn acknowledgement_missing_a_row_rolls_the_claim_back() {
         .await
         .unwrap();
 
-    let source = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let source = PgOutboxSource::new(pool.clone(), "test", config);
     let claimed = source.claim(10).await.unwrap().unwrap();
     assert_eq!(claimed.events.len(), 3);
     let err = source
@@ -210,10 +209,13 @@ async fn acknowledgement_missing_a_row_rolls_the_claim_back() {
 /// SKIP LOCKED), so no key is worked by two relays at once.
 #[tokio::test]
 async fn claims_are_exclusive_by_lane_and_abandoned_claims_release() {
-    let (pool, mut config) = setup("exclusive").await;
     // Enough lanes per claim for one claim to take every free lane.
-    config.lanes_per_claim = 64;
-    let outbox = Outbox::new(&config).unwrap();
+    let config = OutboxConfig {
+        lanes_per_claim: 64,
+        ..outbox_config("exclusive")
+    };
+    let (pool, config) = setup_with("exclusive", config).await;
+    let outbox = Outbox::new(&config);
     let events: Vec<Event> = (0..40)
         .map(|i| Event::new("t", format!("e{i}")).with_key(format!("key{}", i / 4)))
         .collect();
@@ -233,7 +235,7 @@ async fn claims_are_exclusive_by_lane_and_abandoned_claims_release() {
         }
     };
 
-    let source = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let source = PgOutboxSource::new(pool.clone(), "test", config);
     let first = source.claim(15).await.unwrap().unwrap();
     let second = source
         .claim(100)
@@ -292,14 +294,14 @@ async fn claims_leave_no_lane_locked() {
     }
     .create_pool()
     .unwrap();
-    let outbox = Outbox::new(&config).unwrap();
+    let outbox = Outbox::new(&config);
     let client = setup_pool.get().await.unwrap();
     let events: Vec<Event> = (0..2000)
         .map(|i| Event::new("t", format!("e{i}")).with_key(format!("k{}", i % 40)))
         .collect();
     outbox.enqueue(&client, &events).await.unwrap();
-    let a = PgOutboxSource::new(pool.clone(), "test", config.clone()).unwrap();
-    let b = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let a = PgOutboxSource::new(pool.clone(), "test", config.clone());
+    let b = PgOutboxSource::new(pool.clone(), "test", config);
     let held = || async {
         client
             .query_one(
@@ -372,9 +374,12 @@ async fn claims_leave_no_lane_locked() {
 /// full claim narrows it again.
 #[tokio::test]
 async fn claims_widen_to_every_pending_lane_once_caught_up() {
-    let (pool, mut config) = setup("widen").await;
-    config.lanes_per_claim = 2;
-    let outbox = Outbox::new(&config).unwrap();
+    let config = OutboxConfig {
+        lanes_per_claim: 2,
+        ..outbox_config("widen")
+    };
+    let (pool, config) = setup_with("widen", config).await;
+    let outbox = Outbox::new(&config);
     let events: Vec<Event> = (0..60)
         .map(|i| Event::new("t", format!("e{i}")).with_key(format!("key{}", i % 30)))
         .collect();
@@ -400,7 +405,7 @@ async fn claims_widen_to_every_pending_lane_once_caught_up() {
         .unwrap()
         .get(0);
     assert!(pending_lanes > 2, "30 keys fell into {pending_lanes} lanes");
-    let source = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let source = PgOutboxSource::new(pool.clone(), "test", config);
     // Each claim is dropped (rolled back) so the next sees every event again.
     let release = || tokio::time::sleep(Duration::from_millis(200));
 
@@ -452,9 +457,10 @@ async fn flag_table_source_sets_the_flag_only_when_acknowledged() {
             topic: "flag_events".into(),
             dead_letter_table: config.dead_letter_table.clone(),
             ..FlagTableConfig::default()
-        },
-    )
-    .unwrap();
+        }
+        .validate()
+        .unwrap(),
+    );
     let claimed = source.claim(10).await.unwrap().unwrap();
     assert_eq!(claimed.events.len(), 3);
     let payload: serde_json::Value = serde_json::from_slice(&claimed.events[0].payload).unwrap();
@@ -550,17 +556,20 @@ async fn unreachable_server_is_a_retryable_error_naming_it() {
 /// events, and the stalled relay's late acknowledgement removes nothing.
 #[tokio::test]
 async fn stalled_claim_is_handed_over_after_the_claim_timeout() {
-    let (pool, mut config) = setup("handover").await;
-    config.claim_timeout = Duration::from_secs(2);
-    let outbox = Outbox::new(&config).unwrap();
+    let config = OutboxConfig {
+        claim_timeout: Duration::from_secs(2),
+        ..outbox_config("handover")
+    };
+    let (pool, config) = setup_with("handover", config).await;
+    let outbox = Outbox::new(&config);
     let events: Vec<Event> = (0..20)
         .map(|i| Event::new("t", format!("e{i}")).with_key(format!("key{}", i % 3)))
         .collect();
     let client = pool.get().await.unwrap();
     outbox.enqueue(&client, &events).await.unwrap();
 
-    let stalled_relay = PgOutboxSource::new(pool.clone(), "test", config.clone()).unwrap();
-    let other_relay = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let stalled_relay = PgOutboxSource::new(pool.clone(), "test", config.clone());
+    let other_relay = PgOutboxSource::new(pool.clone(), "test", config);
     let stalled = stalled_relay.claim(100).await.unwrap().unwrap();
     assert_eq!(stalled.events.len(), 20);
     assert!(
@@ -626,9 +635,10 @@ async fn flag_table(name: &str, rows: i64) -> (deadpool_postgres::Pool, FlagTabl
             topic: "flag_events".into(),
             dead_letter_table: config.dead_letter_table.clone(),
             ..FlagTableConfig::default()
-        },
-    )
-    .unwrap();
+        }
+        .validate()
+        .unwrap(),
+    );
     (pool, source)
 }
 
@@ -701,7 +711,7 @@ async fn flag_table_claims_do_not_block_business_updates() {
 #[tokio::test]
 async fn every_spelling_of_the_table_shares_the_lane_locks() {
     let (pool, config) = setup("spelling").await;
-    let outbox = Outbox::new(&config).unwrap();
+    let outbox = Outbox::new(&config);
     let client = pool.get().await.unwrap();
     let events: Vec<Event> = (0..40)
         .map(|i| Event::new("t", format!("e{i}")).with_key("one key"))
@@ -710,10 +720,12 @@ async fn every_spelling_of_the_table_shares_the_lane_locks() {
     let qualified = OutboxConfig {
         table: format!("public.{}", config.table),
         dead_letter_table: format!("public.{}", config.dead_letter_table),
-        ..config.clone()
-    };
-    let a = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
-    let b = PgOutboxSource::new(pool.clone(), "test", qualified).unwrap();
+        ..(*config).clone()
+    }
+    .validate()
+    .unwrap();
+    let a = PgOutboxSource::new(pool.clone(), "test", config);
+    let b = PgOutboxSource::new(pool.clone(), "test", qualified);
     let first = a.claim(10).await.unwrap();
     let second = b.claim(10).await.unwrap();
     println!(
@@ -739,7 +751,7 @@ async fn typed_json_events_round_trip() {
         attempts: u32,
     }
     let (pool, config) = setup("typed").await;
-    let outbox = Outbox::new(&config).unwrap();
+    let outbox = Outbox::new(&config);
     let mut client = pool.get().await.unwrap();
     let value = Login {
         user: "alice".into(),
@@ -758,7 +770,7 @@ async fn typed_json_events_round_trip() {
         .unwrap();
     tx.rollback().await.unwrap();
 
-    let source = PgOutboxSource::new(pool.clone(), "test", config).unwrap();
+    let source = PgOutboxSource::new(pool.clone(), "test", config);
     let claimed = source.claim(10).await.unwrap().unwrap();
     assert_eq!(claimed.events.len(), 1);
     let event = &claimed.events[0];

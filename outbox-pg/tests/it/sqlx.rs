@@ -41,7 +41,7 @@ async fn sqlx_transactions_enqueue_atomically() {
         .connect(&url)
         .await
         .unwrap();
-    let outbox = Outbox::new(&config).unwrap();
+    let outbox = Outbox::new(&config);
 
     let committed: Vec<Event> = (0..5)
         .map(|i| {
@@ -71,7 +71,7 @@ async fn sqlx_transactions_enqueue_atomically() {
     assert!(err.to_string().contains("23505"), "{err}");
     tx.rollback().await.unwrap();
 
-    let source = PgOutboxSource::new(pool.clone(), "sqlx", config).unwrap();
+    let source = PgOutboxSource::new(pool.clone(), "sqlx", config);
     let claimed = source.claim(100).await.unwrap().expect("events pending");
     println!("committed=5 rolled_back=3 claimed={}", claimed.events.len());
     let ids: Vec<_> = claimed.events.iter().map(|e| e.id).collect();

@@ -62,7 +62,7 @@ async fn verify_full_encrypts_and_checks_ca_and_host() {
     );
 
     let pool = config.create_pool().unwrap();
-    let outbox_config = super::outbox_config("tls_full");
+    let outbox_config = super::outbox_config("tls_full").validate().unwrap();
     {
         let client = pool.get().await.unwrap();
         client
@@ -71,9 +71,8 @@ async fn verify_full_encrypts_and_checks_ca_and_host() {
             .unwrap();
         outbox_pg::migrate(&client, &outbox_config).await.unwrap();
     }
-    let outbox = outbox_pg::Outbox::new(&outbox_config).unwrap();
+    let outbox = outbox_pg::Outbox::new(&outbox_config);
     let source = outbox_pg::PgOutboxSource::new(pool.clone(), "tls", outbox_config)
-        .unwrap()
         .listen_for_events(config.clone());
     // The listener wakes once when its own session has connected and
     // LISTENs (over verify-full like the pool); then once per commit.

@@ -28,12 +28,14 @@ async fn fresh_sink(name: &str) -> ClickHouseSink<RawEventMapper> {
             .await
             .unwrap();
     }
-    ClickHouseSink::new(config, RawEventMapper).await.unwrap()
+    ClickHouseSink::new(config.validate().unwrap(), RawEventMapper)
+        .await
+        .unwrap()
 }
 
 /// A sink with the same config but no memory of what it wrote: a restarted consumer.
 async fn restarted_sink(name: &str) -> ClickHouseSink<RawEventMapper> {
-    ClickHouseSink::new(config(name), RawEventMapper)
+    ClickHouseSink::new(config(name).validate().unwrap(), RawEventMapper)
         .await
         .unwrap()
 }
@@ -185,7 +187,7 @@ async fn wrong_password_and_bad_names_are_clear_permanent_errors() {
         password: "not-the-password".into(),
         ..config("auth")
     };
-    let err = ClickHouseSink::new(bad, RawEventMapper)
+    let err = ClickHouseSink::new(bad.validate().unwrap(), RawEventMapper)
         .await
         .err()
         .unwrap();
@@ -206,10 +208,7 @@ async fn wrong_password_and_bad_names_are_clear_permanent_errors() {
         table: "t; DROP TABLE x".into(),
         ..config("names")
     };
-    let err = ClickHouseSink::new(hostile, RawEventMapper)
-        .await
-        .err()
-        .unwrap();
+    let err = hostile.validate().err().unwrap();
     assert!(
         err.to_string().contains("invalid clickhouse table"),
         "{err}"
@@ -219,7 +218,7 @@ async fn wrong_password_and_bad_names_are_clear_permanent_errors() {
         url: "http://127.0.0.1:1".into(),
         ..config("down")
     };
-    let err = ClickHouseSink::new(down, RawEventMapper)
+    let err = ClickHouseSink::new(down.validate().unwrap(), RawEventMapper)
         .await
         .err()
         .unwrap();
@@ -295,7 +294,7 @@ async fn https_with_a_private_ca_writes_and_refuses_untrusted_servers() {
             .await
             .unwrap();
     }
-    let mut sink = ClickHouseSink::new(good.clone(), RawEventMapper)
+    let mut sink = ClickHouseSink::new(good.clone().validate().unwrap(), RawEventMapper)
         .await
         .unwrap();
     let report = sink.write(&batch(0, 0..50)).await.unwrap();
@@ -370,7 +369,7 @@ async fn cluster_tables_write_through_distributed_exactly_once() {
             .unwrap();
     }
     let batch: Vec<Record> = (0..3).flat_map(|p| batch(p, 0..40)).collect();
-    let mut sink = ClickHouseSink::new(cfg.clone(), RawEventMapper)
+    let mut sink = ClickHouseSink::new(cfg.clone().validate().unwrap(), RawEventMapper)
         .await
         .unwrap();
     // The same Distributed table named without its cluster: found, and
@@ -379,7 +378,9 @@ async fn cluster_tables_write_through_distributed_exactly_once() {
         ClickHouseConfig {
             create_tables: false,
             ..config("cluster")
-        },
+        }
+        .validate()
+        .unwrap(),
         RawEventMapper,
     )
     .await
@@ -390,7 +391,7 @@ async fn cluster_tables_write_through_distributed_exactly_once() {
     );
     let first = sink.write(&batch).await.unwrap();
     drop(sink);
-    let mut restarted = ClickHouseSink::new(cfg.clone(), RawEventMapper)
+    let mut restarted = ClickHouseSink::new(cfg.clone().validate().unwrap(), RawEventMapper)
         .await
         .unwrap();
     let again = restarted.write(&batch).await.unwrap();
