@@ -4,8 +4,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::fleet::Fleet;
 use crate::procs::Proc;
-use crate::services::crash_service;
+use crate::services::{crash_service, BrokerWatch};
 use crate::{Tally, CLAIM_TIMEOUT_SECS, LEASE_TIMEOUT_MS};
 
 /// Heals the paths whose cut ran out and starts the processes due to start
@@ -155,4 +156,40 @@ pub(crate) async fn strike(
         _ => {}
     }
     Ok(())
+}
+
+/// Attacks `fleet` for `duration`: every few seconds, tends it (heals,
+/// restarts what is due) and strikes once; a broker that panicked is
+/// restarted as a supervisor would.
+pub(crate) async fn attack_for(
+    duration: Duration,
+    rng: &mut fastrand::Rng,
+    fleet: &mut Fleet,
+    watch: &mut BrokerWatch,
+    script: &Path,
+    service_restarts: bool,
+) -> anyhow::Result<Tally> {
+    let mut tally = Tally::default();
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        tokio::time::sleep(Duration::from_millis(rng.u64(1500..5000))).await;
+        watch.restart_if_panicked(script, &mut tally).await?;
+        let Fleet {
+            relays,
+            consumers,
+            env,
+        } = fleet;
+        tend(relays, consumers, &mut tally, started, env)?;
+        strike(
+            rng,
+            relays,
+            consumers,
+            &mut tally,
+            started,
+            script,
+            service_restarts,
+        )
+        .await?;
+    }
+    Ok(tally)
 }

@@ -1,6 +1,8 @@
 //! Shared wiring of the example binaries: command-line options (each also
-//! read from an environment variable and from an optional TOML file),
-//! logging, signals, start-up checks, the `/metrics` endpoint and the demo's
+//! read from an environment variable and from an optional TOML file) of the
+//! services (`args`), of the relay (`relay_args`) and of the consumer
+//! (`consumer_args`); the runtime (logging, signals, task tracking, start-up
+//! checks, exit codes); the `/metrics` endpoint (`ops`) and the demo's
 //! ClickHouse row.
 
 /// The code of the repository's README, compiled as doc tests.
@@ -10,14 +12,18 @@ pub struct ReadmeDoctests;
 
 mod args;
 mod config_file;
+mod consumer_args;
 mod demo;
 mod ops;
+mod relay_args;
 mod runtime;
 
 pub use args::{secret, ClickHouseArgs, GroupArgs, KafkaArgs, OutboxTableArgs, PgArgs};
 pub use config_file::{parse_cli, try_parse_from};
+pub use consumer_args::{AssignmentArg, ConsumerArgs, RowFormat};
 pub use demo::{UserLoginMapper, UserLoginRow};
 pub use ops::{Ops, OpsArgs};
+pub use relay_args::{FlagTableArgs, RelayArgs, SourceKind};
 pub use runtime::{
     exit_with, finish, init_tracing, millis, render_error, retry_startup, shutdown_on_signals,
     spawn_background, spawn_critical, LogArgs, Retryable, EXIT_DRAIN_TIMED_OUT,

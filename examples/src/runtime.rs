@@ -184,18 +184,23 @@ pub fn shutdown_on_signals(drain_timeout: Duration) -> CancellationToken {
     token
 }
 
-/// Runs a start-up check until it succeeds, fails for good, or `timeout` passes.
-pub async fn retry_startup<F, Fut, E>(what: &str, timeout: Duration, mut check: F) -> Result<(), E>
+/// Runs a start-up step until it succeeds (giving its value), fails for
+/// good, or `timeout` passes.
+pub async fn retry_startup<F, Fut, T, E>(
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+) -> Result<T, E>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), E>>,
+    Fut: Future<Output = Result<T, E>>,
     E: std::error::Error + Retryable + 'static,
 {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut delay = Duration::from_millis(200);
     loop {
         match check().await {
-            Ok(()) => return Ok(()),
+            Ok(value) => return Ok(value),
             Err(err) if err.retryable() && tokio::time::Instant::now() + delay < deadline => {
                 warn!(error = %ErrorChain(&err), "{what} not ready yet; retrying");
                 tokio::time::sleep(delay).await;

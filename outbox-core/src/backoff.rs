@@ -24,6 +24,20 @@ pub struct Backoff {
     attempt: u32,
 }
 
+/// A permanent configuration error unless retries wait at all: a zero
+/// first delay would retry a failing service in a busy loop.
+pub(crate) fn check_backoff(initial: Duration, max: Duration) -> crate::Result<()> {
+    if !initial.is_zero() && max >= initial {
+        return Ok(());
+    }
+    Err(crate::Error::permanent(
+        crate::Stage::Config,
+        format!(
+            "backoff_initial ({initial:?}) must be above zero and at most backoff_max ({max:?})"
+        ),
+    ))
+}
+
 impl Default for Backoff {
     /// 100 ms initial, capped at 10 s.
     fn default() -> Self {

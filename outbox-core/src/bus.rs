@@ -180,6 +180,20 @@ pub trait Subscription: Send {
     /// partition again from its committed position. Called after a batch
     /// was abandoned uncommitted (its write fenced off by an expired lease).
     async fn rewind(&mut self) -> Result<()>;
+
+    /// From now on reads only the partitions `ownership` grants, and reports
+    /// on it the set it switched to once the batch in hand is done (see
+    /// [`crate::Ownership`]); a new grant moves [`Subscription::generation`].
+    /// Usually called through [`crate::Consume::with_ownership`], which
+    /// also fences the writes. The default refuses: a subscription that
+    /// chooses its own partitions cannot share them.
+    fn follow_ownership(&mut self, ownership: crate::Ownership) -> Result<()> {
+        drop(ownership);
+        Err(crate::Error::permanent(
+            crate::Stage::Config,
+            "this subscription cannot follow partition ownership (it chooses its partitions itself)",
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -46,6 +46,21 @@ impl Default for ConsumeConfig {
     }
 }
 
+impl ConsumeConfig {
+    /// Checks the values no consumer loop can run with (also done by
+    /// [`Consume::run`]; call it early to fail before connecting anywhere).
+    ///
+    /// ```
+    /// use outbox_core::ConsumeConfig;
+    /// assert!(ConsumeConfig::default().validate().is_ok());
+    /// assert!(ConsumeConfig { batch_size: 0, ..ConsumeConfig::default() }.validate().is_err());
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        crate::relay::at_least_one("batch_size", self.batch_size)?;
+        crate::backoff::check_backoff(self.backoff_initial, self.backoff_max)
+    }
+}
+
 /// Totals over the life of a [`Consume::run`].
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ConsumeStats {
@@ -125,6 +140,28 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
         self
     }
 
+    /// Shares partitions with other consumers: the subscription follows
+    /// `ownership` ([`Subscription::follow_ownership`]) and every write is
+    /// fenced by its lease ([`Consume::with_lease`]). Fails when the
+    /// subscription cannot follow a grant.
+    ///
+    /// ```
+    /// # #[cfg(feature = "testing")]
+    /// # fn example() -> outbox_core::Result<()> {
+    /// use outbox_core::testing::{MemoryBus, MemorySink};
+    /// use outbox_core::{Consume, ConsumeConfig};
+    ///
+    /// let (granter, ownership) = outbox_core::ownership();
+    /// let consume = Consume::new(MemoryBus::new(2).subscribe("t"), MemorySink::new(), ConsumeConfig::default())
+    ///     .with_ownership(ownership)?;
+    /// # drop((granter, consume)); Ok(()) }
+    /// ```
+    pub fn with_ownership(mut self, ownership: crate::Ownership) -> Result<Self> {
+        let lease = ownership.lease.clone();
+        self.subscription.follow_ownership(ownership)?;
+        Ok(self.with_lease(lease))
+    }
+
     /// Reports the outcome of every poll and write to `health` (for a
     /// `/readyz` endpoint).
     pub fn with_health(mut self, health: Health) -> Self {
@@ -140,6 +177,7 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
     /// Runs until `shutdown` is cancelled. A batch whose write started is
     /// finished (or abandoned uncommitted) before returning.
     pub async fn run(&mut self, shutdown: CancellationToken) -> Result<ConsumeStats> {
+        self.config.validate()?;
         let mut stats = ConsumeStats::default();
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
         let mut idle_since = tokio::time::Instant::now();

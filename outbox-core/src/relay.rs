@@ -56,6 +56,33 @@ impl Default for RelayConfig {
     }
 }
 
+impl RelayConfig {
+    /// Checks the values no relay can run with (also done by
+    /// [`Relay::run`]; call it early to fail before connecting anywhere).
+    ///
+    /// ```
+    /// use outbox_core::RelayConfig;
+    /// assert!(RelayConfig::default().validate().is_ok());
+    /// assert!(RelayConfig { batch_size: 0, ..RelayConfig::default() }.validate().is_err());
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        at_least_one("batch_size", self.batch_size)?;
+        at_least_one("max_in_flight_batches", self.max_in_flight_batches)?;
+        crate::backoff::check_backoff(self.backoff_initial, self.backoff_max)
+    }
+}
+
+/// A permanent configuration error unless `value` ≥ 1.
+pub(crate) fn at_least_one(name: &str, value: usize) -> Result<()> {
+    if value >= 1 {
+        return Ok(());
+    }
+    Err(crate::Error::permanent(
+        Stage::Config,
+        format!("{name} must be at least 1"),
+    ))
+}
+
 /// Totals over the life of a [`Relay::run`].
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RelayStats {
@@ -256,6 +283,7 @@ impl<S: Source, B: Bus> Relay<S, B> {
     /// (the other loops of [`RelayConfig::max_in_flight_batches`] then
     /// finish their batch and stop too).
     pub async fn run(&self, shutdown: CancellationToken) -> Result<RelayStats> {
+        self.config.validate()?;
         // A permanent failure of one loop stops the others, not the caller's token.
         let stop = shutdown.child_token();
         let in_flight = self.in_flight_batches();

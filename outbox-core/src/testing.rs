@@ -31,8 +31,8 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::{
-    system_time_to_ms, AckSummary, Bus, Checkpoint, Claimed, Delivery, Error, Event, Position,
-    Record, Result, Sink, Source, Stage, Subscription, WriteReport, HEADER_CREATED_AT_MS,
+    system_time_to_ms, AckSummary, Bus, Checkpoint, Claimed, Delivery, Error, Event, Ownership,
+    Position, Record, Result, Sink, Source, Stage, Subscription, WriteReport, HEADER_CREATED_AT_MS,
     HEADER_EVENT_ID,
 };
 
@@ -266,6 +266,8 @@ impl MemoryBus {
             next: BTreeMap::new(),
             committed: Arc::default(),
             commit_failures: Arc::default(),
+            ownership: None,
+            generation: 0,
         }
     }
 }
@@ -336,16 +338,22 @@ impl Bus for MemoryBus {
 
 // ------------------------------------------------------------ subscription
 
-/// Reads every partition of one topic of a [`MemoryBus`]; positions move
-/// only by [`Subscription::commit`], and [`Subscription::rewind`] goes back
-/// to them.
+/// Reads every partition of one topic of a [`MemoryBus`] (or, following an
+/// [`Ownership`], the granted ones); positions move only by
+/// [`Subscription::commit`], and [`Subscription::rewind`] goes back to them.
 pub struct MemorySubscription {
     bus: MemoryBus,
     topic: String,
     next: BTreeMap<i32, i64>,
     committed: Arc<Mutex<Checkpoint>>,
     commit_failures: Arc<Mutex<usize>>,
+    /// The ownership followed and the grant applied (partitions, epoch).
+    ownership: Option<(Ownership, Option<Grant>)>,
+    generation: u64,
 }
+
+/// A grant as applied: its partitions and epoch.
+type Grant = (Vec<i32>, u64);
 
 impl MemorySubscription {
     /// A handle on the committed positions (kept current as the loop commits).
@@ -357,16 +365,53 @@ impl MemorySubscription {
     pub fn fail_commits(&self, n: usize) {
         *lock(&self.commit_failures) += n;
     }
+
+    /// Applies a new grant between batches, as a broker subscription does:
+    /// every partition starts again from its committed position.
+    fn apply_ownership(&mut self) {
+        let Some((ownership, current)) = self.ownership.as_mut() else {
+            return;
+        };
+        let lease = ownership.lease.borrow_and_update().clone();
+        let wanted = (lease.partitions, lease.epoch);
+        if current.as_ref() == Some(&wanted) {
+            return;
+        }
+        ownership.applied.send_replace(wanted.0.clone());
+        *current = Some(wanted);
+        self.generation += 1;
+        self.restart_from_committed();
+    }
+
+    fn restart_from_committed(&mut self) {
+        let committed = lock(&self.committed);
+        self.next = committed
+            .iter()
+            .filter(|((topic, _), _)| topic == &self.topic)
+            .map(|((_, partition), offset)| (*partition, *offset))
+            .collect();
+    }
+
+    /// Whether `partition` may be read now.
+    fn reads(&self, partition: i32) -> bool {
+        match &self.ownership {
+            None => true,
+            Some((_, current)) => current
+                .as_ref()
+                .is_some_and(|(partitions, _)| partitions.contains(&partition)),
+        }
+    }
 }
 
 #[async_trait]
 impl Subscription for MemorySubscription {
     async fn poll_batch(&mut self, max_records: usize, max_wait: Duration) -> Result<Vec<Record>> {
+        self.apply_ownership();
         let batch: Vec<Record> = {
             let state = lock(&self.bus.state);
             let mut batch = Vec::new();
             for ((topic, partition), log) in &state.log {
-                if topic != &self.topic {
+                if topic != &self.topic || !self.reads(*partition) {
                     continue;
                 }
                 let from = self.next.get(partition).copied().unwrap_or(0);
@@ -395,12 +440,16 @@ impl Subscription for MemorySubscription {
     }
 
     async fn rewind(&mut self) -> Result<()> {
-        let committed = lock(&self.committed);
-        self.next = committed
-            .iter()
-            .filter(|((topic, _), _)| topic == &self.topic)
-            .map(|((_, partition), offset)| (*partition, *offset))
-            .collect();
+        self.restart_from_committed();
+        Ok(())
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn follow_ownership(&mut self, ownership: Ownership) -> Result<()> {
+        self.ownership = Some((ownership, None));
         Ok(())
     }
 }

@@ -173,6 +173,10 @@ pub struct LagProbe {
 }
 
 impl LagProbe {
+    /// The usual `interval` of [`LagProbe::report_every`] (each round asks
+    /// the broker for the committed and the latest offset of every partition).
+    pub const REPORT_INTERVAL: Duration = Duration::from_secs(15);
+
     /// A probe of `group_id` on `topic`.
     pub fn new(config: &KafkaConfig, group_id: &str, topic: &str) -> Result<Self, BusError> {
         let mut client_config = config.client_config();

@@ -222,8 +222,9 @@ pub enum Assignment {
     /// writers during a rebalance, and some brokers (tansu 0.6) do not hand a
     /// dead member's partitions to the survivors.
     Group,
-    /// Partitions are given by [`crate::KafkaSubscription::follow_ownership`]
-    /// (for example from `outbox_pg::PartitionLeases`): several consumers
+    /// Partitions are given by an `outbox_core::Ownership` that the
+    /// subscription follows (`outbox_core::Consume::with_ownership`), for
+    /// example from `outbox_pg::PartitionLeases`: several consumers
     /// share a topic, each partition with exactly one writer, and a dead
     /// consumer's partitions are taken over by the others.
     Leased,

@@ -43,6 +43,8 @@ pub struct KafkaSubscription {
     generation: u64,
     /// With broker-side groups: the assignment last seen, to notice a rebalance.
     group_assignment: Option<Vec<(String, i32)>>,
+    /// Made with [`Assignment::Leased`]: partitions come from an ownership.
+    leased: bool,
 }
 
 /// The partitions this consumer may work, and the report of those it works.
@@ -131,24 +133,8 @@ impl KafkaSubscription {
             ownership: None,
             generation: 0,
             group_assignment: matches!(config.assignment, Assignment::Group).then(Vec::new),
+            leased: matches!(config.assignment, Assignment::Leased),
         })
-    }
-
-    /// Works exactly the partitions (of the first configured topic) that
-    /// `ownership.lease` grants, re-read at every poll, and reports on
-    /// `ownership.applied` the set it works once the previous batch is done,
-    /// so the granter may hand a dropped partition to another consumer. A
-    /// new grant (other partitions, or a new epoch: ownership may have moved
-    /// away and back) re-assigns every partition from the group's committed
-    /// offsets and moves [`Subscription::generation`]. Give a clone of
-    /// `ownership.lease` to `outbox_core::Consume::with_lease` so that
-    /// writes are fenced too.
-    pub fn follow_ownership(&mut self, ownership: outbox_core::Ownership) {
-        self.ownership = Some(Ownership {
-            owned: ownership.lease,
-            applied: ownership.applied,
-            current: None,
-        });
     }
 
     /// Applies a change of ownership between batches.
@@ -373,6 +359,30 @@ impl Subscription for KafkaSubscription {
 
     fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Works exactly the partitions (of the first configured topic) that
+    /// `ownership.lease` grants, re-read at every poll, and reports on
+    /// `ownership.applied` the set it works once the previous batch is done,
+    /// so the granter may hand a dropped partition to another consumer. A
+    /// new grant (other partitions, or a new epoch: ownership may have moved
+    /// away and back) re-assigns every partition from the group's committed
+    /// offsets and moves [`Subscription::generation`]. Only a subscription
+    /// made with [`Assignment::Leased`] follows a grant (the others have
+    /// their partitions already).
+    fn follow_ownership(&mut self, ownership: outbox_core::Ownership) -> outbox_core::Result<()> {
+        if !self.leased {
+            return Err(outbox_core::Error::permanent(
+                outbox_core::Stage::Config,
+                "only a Kafka subscription made with Assignment::Leased can follow partition ownership",
+            ));
+        }
+        self.ownership = Some(Ownership {
+            owned: ownership.lease,
+            applied: ownership.applied,
+            current: None,
+        });
+        Ok(())
     }
 
     async fn rewind(&mut self) -> outbox_core::Result<()> {

@@ -114,6 +114,11 @@ pub struct OutboxAdmin {
 const DEAD_COLUMNS: &str = "id, event_id, topic, key, payload, headers, attempts, reason, origin, created_at, dead_lettered_at";
 
 impl OutboxAdmin {
+    /// The usual `interval` of [`OutboxAdmin::report_backlog_every`]: each
+    /// round counts the pending events (one scan of the outbox table), so
+    /// fresher gauges cost the database more.
+    pub const REPORT_INTERVAL: Duration = Duration::from_secs(15);
+
     /// Queries over the tables of `config`.
     pub fn new(config: &ValidOutboxConfig) -> Self {
         let table = config.table();

@@ -151,7 +151,7 @@ impl PartitionLeaseConfig {
 /// let leases = PartitionLeases::new(PgConfig::default(), PartitionLeaseConfig::new("g", "user_events", 3))?;
 /// let (ownership, leasing) = leases.start(tokio_util::sync::CancellationToken::new());
 /// tokio::spawn(leasing);
-/// // The subscription follows `ownership` (`KafkaSubscription::follow_ownership`):
+/// // The subscription follows `ownership` (`outbox_core::Consume::with_ownership`):
 /// // it reads `ownership.lease.borrow().partitions` and reports the set it
 /// // switched to on `ownership.applied`.
 /// # drop(ownership); Ok(()) }

@@ -7,24 +7,16 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use examples::{
-    init_tracing, retry_startup, shutdown_on_signals, KafkaArgs, LogArgs, OpsArgs, OutboxTableArgs,
-    PgArgs,
+    init_tracing, retry_startup, shutdown_on_signals, KafkaArgs, LogArgs, OpsArgs, PgArgs,
+    RelayArgs, SourceKind,
 };
 use outbox_core::{Health, Relay, RelayConfig, Source, Stage};
 use outbox_kafka::KafkaBus;
-use outbox_pg::{FlagTableConfig, FlagTableSource, OutboxConfig, PgOutboxSource};
+use outbox_pg::{FlagTableSource, OutboxAdmin, PgOutboxSource};
+use tokio_util::sync::CancellationToken;
 use tracing::info;
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum SourceKind {
-    /// A business table with a boolean "sent" column (the original demo).
-    FlagTable,
-    /// The outbox table written by `outbox_pg::Outbox::enqueue`.
-    Outbox,
-}
 
 /// Publish pending events from PostgreSQL to Kafka; an event is marked done
 /// only after the broker acknowledged it.
@@ -39,48 +31,8 @@ struct Cli {
     log: LogArgs,
     #[command(flatten)]
     ops: OpsArgs,
-    /// What to read.
-    #[arg(long, env = "OUTBOX_SOURCE", value_enum, default_value = "flag-table")]
-    source: SourceKind,
-    /// Flag table (with --source flag-table).
-    #[arg(long, env = "OUTBOX_FLAG_TABLE", default_value = "user_logins")]
-    table: String,
-    /// Id column of the flag table.
-    #[arg(long, env = "OUTBOX_FLAG_ID_COLUMN", default_value = "id")]
-    id_column: String,
-    /// Boolean "sent" column of the flag table.
-    #[arg(long, env = "OUTBOX_FLAG_COLUMN", default_value = "sent_to_kafka")]
-    flag_column: String,
-    /// Column whose value is the message key (flag table).
-    #[arg(long, env = "OUTBOX_FLAG_KEY_COLUMN", default_value = "username")]
-    key_column: String,
-    /// Topic the flag table's rows go to.
-    #[arg(long, env = "OUTBOX_TOPIC", default_value = "user_events")]
-    topic: String,
     #[command(flatten)]
-    tables: OutboxTableArgs,
-    /// Do not create the outbox tables at start (for a role without DDL rights).
-    #[arg(long, env = "OUTBOX_NO_MIGRATE")]
-    no_migrate: bool,
-    /// How long a claim may wait for the broker before Postgres ends it and
-    /// its lanes go to another relay (s).
-    #[arg(long, env = "OUTBOX_CLAIM_TIMEOUT_SECS", default_value_t = OutboxConfig::default().claim_timeout.as_secs())]
-    claim_timeout_secs: u64,
-    /// Most events per batch.
-    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = RelayConfig::default().batch_size)]
-    batch_size: usize,
-    /// Batches in flight at once, with a source whose claims never share a
-    /// key (the outbox: each claim owns its lanes, so keys keep their
-    /// order). A flag table has one.
-    #[arg(long, env = "OUTBOX_IN_FLIGHT_BATCHES", default_value_t = RelayConfig::default().max_in_flight_batches)]
-    in_flight_batches: usize,
-    /// Exit once nothing is pending instead of waiting for new events.
-    #[arg(long, env = "OUTBOX_DRAIN")]
-    drain: bool,
-    /// How often the outbox backlog gauges are refreshed (s; each refresh
-    /// counts the pending events, one scan of the outbox table).
-    #[arg(long, env = "OUTBOX_BACKLOG_INTERVAL_SECS", default_value_t = 15)]
-    backlog_interval_secs: u64,
+    relay: RelayArgs,
 }
 
 /// Where /metrics listens unless told otherwise.
@@ -96,30 +48,9 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let startup = Duration::from_secs(cli.log.startup_timeout_secs);
-    let outbox_config = OutboxConfig {
-        claim_timeout: Duration::from_secs(cli.claim_timeout_secs),
-        ..cli.tables.config()
-    }
-    .validate()
-    .context("invalid outbox configuration")?;
-    let flag_config = FlagTableConfig {
-        table: cli.table.clone(),
-        id_column: cli.id_column.clone(),
-        flag_column: cli.flag_column.clone(),
-        key_column: Some(cli.key_column.clone()),
-        topic: cli.topic.clone(),
-        dead_letter_table: cli.tables.dead_letter_table.clone(),
-        claim_timeout: Duration::from_secs(cli.claim_timeout_secs),
-    }
-    .validate()
-    .context("invalid flag-table configuration")?;
-    if cli.batch_size == 0 {
-        anyhow::bail!("--batch-size must be at least 1");
-    }
-    if cli.in_flight_batches == 0 {
-        anyhow::bail!("--in-flight-batches must be at least 1");
-    }
-
+    let outbox_config = cli.relay.outbox_config()?;
+    let flag_config = cli.relay.flag_config()?;
+    let relay_config = cli.relay.relay_config()?;
     let shutdown = shutdown_on_signals(Duration::from_secs(cli.log.drain_timeout_secs));
     let health = Health::new([Stage::Source, Stage::Bus]);
     cli.ops
@@ -127,58 +58,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await?;
 
     let pg = cli.pg.config("producer_pg_to_kafka")?;
-    let target = pg.target();
-    let pool = pg.create_pool()?;
+    let (target, pool) = (pg.target(), pg.create_pool()?);
     retry_startup("postgres", startup, || {
         outbox_pg::check_connection(&pool, &target)
     })
     .await?;
-    if !cli.no_migrate {
+    if !cli.relay.no_migrate {
         let client = outbox_pg::connection(&pool, &target).await?;
         outbox_pg::migrate(&client, &outbox_config).await?;
     }
     health.up(Stage::Source);
 
     let kafka = cli.kafka.config("producer_pg_to_kafka")?;
-    outbox_core::check_claim_outlives_publish(
-        Duration::from_secs(cli.claim_timeout_secs),
-        kafka.message_timeout,
-    )?;
+    outbox_core::check_claim_outlives_publish(cli.relay.claim_timeout(), kafka.message_timeout)?;
     let bus = KafkaBus::new(kafka.clone())?;
     retry_startup("kafka", startup, || bus.check_connection()).await?;
-    if matches!(cli.source, SourceKind::FlagTable) {
-        let topics = [cli.topic.as_str()];
-        retry_startup("kafka", startup, || {
-            outbox_kafka::ensure_topics(&kafka, &topics)
-        })
-        .await?;
-    }
     health.up(Stage::Bus);
 
-    let relay_config = RelayConfig {
-        batch_size: cli.batch_size,
-        stop_when_idle: cli.drain,
-        max_in_flight_batches: cli.in_flight_batches,
-        ..RelayConfig::default()
-    };
-    match cli.source {
+    match cli.relay.source {
         SourceKind::FlagTable => {
-            info!(table = %cli.table, topic = %cli.topic, "relaying flag table");
+            let topics = [flag_config.topic.as_str()];
+            retry_startup("kafka", startup, || {
+                outbox_kafka::ensure_topics(&kafka, &topics)
+            })
+            .await?;
+            info!(table = %flag_config.table, topic = %flag_config.topic, "relaying flag table");
             let source = FlagTableSource::new(pool, target, flag_config);
             run_relay(source, bus, relay_config, health, shutdown).await
         }
         SourceKind::Outbox => {
-            info!(table = %cli.tables.outbox_table, "relaying outbox table");
-            let interval = Duration::from_secs(cli.backlog_interval_secs.max(1));
-            let admin = outbox_pg::OutboxAdmin::new(&outbox_config);
-            examples::spawn_background(admin.report_backlog_every(
+            info!(table = %outbox_config.table, "relaying outbox table");
+            let backlog = OutboxAdmin::new(&outbox_config).report_backlog_every(
                 pool.clone(),
                 target.clone(),
-                interval,
+                cli.relay.backlog_interval(),
                 shutdown.clone(),
-            ));
-            let source =
-                PgOutboxSource::new(pool, target, outbox_config).listen_for_events(pg.clone());
+            );
+            examples::spawn_background(backlog);
+            let source = PgOutboxSource::new(pool, target, outbox_config).listen_for_events(pg);
             run_relay(source, bus, relay_config, health, shutdown).await
         }
     }
@@ -189,7 +106,7 @@ async fn run_relay<S: Source>(
     bus: KafkaBus,
     config: RelayConfig,
     health: Health,
-    shutdown: tokio_util::sync::CancellationToken,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let relay = Relay::new(source, bus, config).with_health(health);
     let stats = relay.run(shutdown).await?;

@@ -1,0 +1,174 @@
+//! The run's tables in PostgreSQL and ClickHouse and its topic: created
+//! before the attack, read to judge the run, dropped after it.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use outbox_pg::deadpool_postgres::Pool;
+use outbox_pg::{migrate, OutboxConfig, PgConfig, ValidOutboxConfig};
+use uuid::Uuid;
+
+use crate::verify::Landed;
+use crate::{Cli, CLAIM_TIMEOUT_SECS};
+
+/// Where a run's events are, at each stage.
+pub(crate) struct Stores {
+    /// The run's name: its outbox table, topic and ClickHouse table.
+    pub(crate) name: String,
+    pub(crate) pool: Pool,
+    pub(crate) ch: clickhouse::Client,
+    pub(crate) outbox: ValidOutboxConfig,
+    /// The ids of the events whose transaction committed.
+    pub(crate) ledger: String,
+}
+
+impl Stores {
+    /// Creates the outbox tables, the ledger and the topic of run `name`.
+    pub(crate) async fn create(cli: &Cli, name: &str) -> anyhow::Result<Self> {
+        let pg = PgConfig {
+            host: cli.pg_host.clone(),
+            port: cli.pg_port,
+            ..PgConfig::default()
+        };
+        let pool = pg.create_pool()?;
+        let outbox = OutboxConfig {
+            table: name.to_string(),
+            dead_letter_table: format!("{name}_dead"),
+            claim_timeout: Duration::from_secs(CLAIM_TIMEOUT_SECS),
+            ..OutboxConfig::default()
+        }
+        .validate()?;
+        let ledger = format!("{name}_ledger");
+        let client = pool.get().await?;
+        migrate(&client, &outbox).await?;
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {ledger} (event_id uuid PRIMARY KEY)"
+            ))
+            .await?;
+        let kafka = outbox_kafka::KafkaConfig {
+            brokers: cli.kafka_brokers.clone(),
+            topic_partitions: 4,
+            idempotence: cli.kafka_idempotence,
+            ..outbox_kafka::KafkaConfig::default()
+        };
+        outbox_kafka::ensure_topics(&kafka, &[name]).await?;
+        let ch = sink_clickhouse::client_for(&sink_clickhouse::ClickHouseConfig {
+            url: cli.clickhouse_url.clone(),
+            ..sink_clickhouse::ClickHouseConfig::default()
+        })?;
+        Ok(Self {
+            name: name.to_string(),
+            pool,
+            ch,
+            outbox,
+            ledger,
+        })
+    }
+
+    async fn ids(&self, table: &str) -> anyhow::Result<HashSet<Uuid>> {
+        Ok(self
+            .pool
+            .get()
+            .await?
+            .query(&format!("SELECT event_id FROM {table}"), &[])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect())
+    }
+
+    /// The events whose transaction committed.
+    pub(crate) async fn committed(&self) -> anyhow::Result<HashSet<Uuid>> {
+        self.ids(&self.ledger).await
+    }
+
+    /// The events still in the outbox (undelivered, not lost).
+    pub(crate) async fn still_pending(&self) -> anyhow::Result<HashSet<Uuid>> {
+        self.ids(&self.name).await
+    }
+
+    async fn pg_count(&self, table: &str) -> anyhow::Result<i64> {
+        Ok(self
+            .pool
+            .get()
+            .await?
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await?
+            .get(0))
+    }
+
+    /// Rows of a ClickHouse table; 0 while it cannot be read (not created
+    /// yet, or the server is restarting).
+    async fn ch_count(&self, table: &str) -> u64 {
+        self.ch
+            .query(&format!("SELECT count() FROM `{table}`"))
+            .fetch_one::<u64>()
+            .await
+            .unwrap_or(0)
+    }
+
+    /// Events in the outbox, and rows in ClickHouse.
+    pub(crate) async fn progress(&self) -> anyhow::Result<(i64, u64)> {
+        Ok((
+            self.pg_count(&self.name).await?,
+            self.ch_count(&self.name).await,
+        ))
+    }
+
+    /// Every row in ClickHouse, by partition and offset.
+    pub(crate) async fn landed(&self) -> anyhow::Result<Vec<Landed>> {
+        let mut rows = self
+            .ch
+            .query(&format!(
+                "SELECT event_id, payload, kafka_partition, kafka_offset FROM `{}`",
+                self.name
+            ))
+            .fetch_all::<Landed>()
+            .await?;
+        rows.sort_by_key(|r| (r.kafka_partition, r.kafka_offset));
+        Ok(rows)
+    }
+
+    /// Dead letters on both sides.
+    pub(crate) async fn dead_letters(&self) -> anyhow::Result<i64> {
+        let dead = format!("{}_dead", self.name);
+        let in_pg = self.pg_count(&dead).await?;
+        let in_ch = self.ch_count(&dead).await;
+        Ok(in_pg + i64::try_from(in_ch).unwrap_or(i64::MAX))
+    }
+
+    /// Drops what the run wrote: its PostgreSQL and ClickHouse tables. Best
+    /// effort: a failure is printed, the verdict stands.
+    ///
+    /// Its topic is left on the broker: tansu 0.6 deletes *every* topic on
+    /// any DeleteTopics request, so deleting this one would make every other
+    /// topic on the shared broker (the demo's `user_events` among them) start
+    /// over at offset 0, which their consumers rightly refuse (an offset
+    /// regression).
+    pub(crate) async fn drop_tables(&self) {
+        let name = &self.name;
+        let pg = async {
+            let client = self.pool.get().await?;
+            client
+                .batch_execute(&format!(
+                    "DROP TABLE IF EXISTS {name}, {name}_dead, {name}_schema_version, {name}_ledger"
+                ))
+                .await?;
+            anyhow::Ok(())
+        };
+        if let Err(err) = pg.await {
+            println!("chaos: could not drop the PostgreSQL tables of {name}: {err:#}");
+        }
+        for table in [name.to_string(), format!("{name}_dead")] {
+            if let Err(err) = self
+                .ch
+                .query(&format!("DROP TABLE IF EXISTS `{table}`"))
+                .execute()
+                .await
+            {
+                println!("chaos: could not drop the ClickHouse table {table}: {err}");
+            }
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! The relay's options (`producer_pg_to_kafka`): what it reads and how it
+//! batches. Every default comes from the library's config structs.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+use outbox_core::RelayConfig;
+use outbox_pg::{FlagTableConfig, OutboxConfig, ValidFlagTableConfig, ValidOutboxConfig};
+
+use crate::OutboxTableArgs;
+
+/// What the relay reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SourceKind {
+    /// A business table with a boolean "sent" column (the original demo).
+    FlagTable,
+    /// The outbox table written by `outbox_pg::Outbox::enqueue`.
+    Outbox,
+}
+
+/// A business table whose rows carry a "sent" flag (`--source flag-table`).
+#[derive(Debug, Clone, Args)]
+pub struct FlagTableArgs {
+    /// Flag table (with --source flag-table).
+    #[arg(long, env = "OUTBOX_FLAG_TABLE", default_value_t = FlagTableConfig::default().table)]
+    pub table: String,
+    /// Id column of the flag table.
+    #[arg(long, env = "OUTBOX_FLAG_ID_COLUMN", default_value_t = FlagTableConfig::default().id_column)]
+    pub id_column: String,
+    /// Boolean "sent" column of the flag table.
+    #[arg(long, env = "OUTBOX_FLAG_COLUMN", default_value_t = FlagTableConfig::default().flag_column)]
+    pub flag_column: String,
+    /// Column whose value is the message key (flag table).
+    #[arg(
+        long,
+        env = "OUTBOX_FLAG_KEY_COLUMN",
+        default_value_t = FlagTableConfig::default().key_column.unwrap_or_default()
+    )]
+    pub key_column: String,
+    /// Topic the flag table's rows go to.
+    #[arg(long, env = "OUTBOX_TOPIC", default_value_t = FlagTableConfig::default().topic)]
+    pub topic: String,
+}
+
+/// Everything the relay is told on its command line, apart from the services.
+#[derive(Debug, Clone, Args)]
+pub struct RelayArgs {
+    /// What to read.
+    #[arg(long, env = "OUTBOX_SOURCE", value_enum, default_value = "flag-table")]
+    pub source: SourceKind,
+    #[command(flatten)]
+    pub flag: FlagTableArgs,
+    #[command(flatten)]
+    pub tables: OutboxTableArgs,
+    /// Do not create the outbox tables at start (for a role without DDL rights).
+    #[arg(long, env = "OUTBOX_NO_MIGRATE")]
+    pub no_migrate: bool,
+    /// How long a claim may wait for the broker before Postgres ends it and
+    /// its lanes go to another relay (s).
+    #[arg(long, env = "OUTBOX_CLAIM_TIMEOUT_SECS", default_value_t = OutboxConfig::default().claim_timeout.as_secs())]
+    pub claim_timeout_secs: u64,
+    /// Most events per batch.
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = RelayConfig::default().batch_size)]
+    pub batch_size: usize,
+    /// Batches in flight at once, with a source whose claims never share a
+    /// key (the outbox: each claim owns its lanes, so keys keep their
+    /// order). A flag table has one.
+    #[arg(long, env = "OUTBOX_IN_FLIGHT_BATCHES", default_value_t = RelayConfig::default().max_in_flight_batches)]
+    pub in_flight_batches: usize,
+    /// Exit once nothing is pending instead of waiting for new events.
+    #[arg(long, env = "OUTBOX_DRAIN")]
+    pub drain: bool,
+    /// How often the outbox backlog gauges are refreshed (s; each refresh
+    /// counts the pending events, one scan of the outbox table).
+    #[arg(
+        long,
+        env = "OUTBOX_BACKLOG_INTERVAL_SECS",
+        default_value_t = outbox_pg::OutboxAdmin::REPORT_INTERVAL.as_secs()
+    )]
+    pub backlog_interval_secs: u64,
+}
+
+impl RelayArgs {
+    /// How long a claim may wait for the broker.
+    pub fn claim_timeout(&self) -> Duration {
+        Duration::from_secs(self.claim_timeout_secs)
+    }
+
+    /// How often the backlog gauges are refreshed (at least every second).
+    pub fn backlog_interval(&self) -> Duration {
+        Duration::from_secs(self.backlog_interval_secs.max(1))
+    }
+
+    /// The relay loop's settings, checked.
+    pub fn relay_config(&self) -> anyhow::Result<RelayConfig> {
+        let config = RelayConfig {
+            batch_size: self.batch_size,
+            stop_when_idle: self.drain,
+            max_in_flight_batches: self.in_flight_batches,
+            ..RelayConfig::default()
+        };
+        config.validate().context("invalid relay configuration")?;
+        Ok(config)
+    }
+
+    /// The outbox tables, checked.
+    pub fn outbox_config(&self) -> anyhow::Result<ValidOutboxConfig> {
+        OutboxConfig {
+            claim_timeout: self.claim_timeout(),
+            ..self.tables.config()
+        }
+        .validate()
+        .context("invalid outbox configuration")
+    }
+
+    /// The flag table (its dead letters go to the outbox's dead-letter
+    /// table), checked.
+    pub fn flag_config(&self) -> anyhow::Result<ValidFlagTableConfig> {
+        FlagTableConfig {
+            table: self.flag.table.clone(),
+            id_column: self.flag.id_column.clone(),
+            flag_column: self.flag.flag_column.clone(),
+            key_column: Some(self.flag.key_column.clone()),
+            topic: self.flag.topic.clone(),
+            dead_letter_table: self.tables.dead_letter_table.clone(),
+            claim_timeout: self.claim_timeout(),
+        }
+        .validate()
+        .context("invalid flag-table configuration")
+    }
+}
