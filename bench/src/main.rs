@@ -7,7 +7,6 @@
 
 mod hops;
 mod pipeline;
-mod procs;
 mod report;
 
 use std::path::PathBuf;

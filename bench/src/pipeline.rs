@@ -13,8 +13,8 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::hops::{drop_ch_tables, drop_pg_tables, fill_outbox, outbox_config, topic_end};
-use crate::procs::Proc;
 use crate::{key, payload, say, Env};
+use test_support::{Launch, Process};
 
 /// One drain of a backlog.
 pub struct BacklogRun {
@@ -74,6 +74,29 @@ fn watermark_reader(env: &Env) -> anyhow::Result<BaseConsumer> {
 
 /// Enqueues `n` events, then times `relays` relay processes (`--drain`)
 /// from their start until the last one exits with the outbox empty.
+/// How long a binary may take to stop cleanly after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// Starts the shipped binary `bin` as a child of the benchmark.
+fn start(
+    env: &Env,
+    label: &str,
+    bin: &str,
+    args: &[String],
+    log: &std::path::Path,
+) -> anyhow::Result<Process> {
+    Process::start(
+        label,
+        Launch {
+            program: &env.bin_dir.join(bin),
+            args,
+            env: &env.child_env(),
+            log,
+            gid: None,
+        },
+    )
+}
+
 pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result<BacklogRun> {
     let table = env.name(&format!("relay{relays}"));
     let topic = table.clone();
@@ -83,11 +106,11 @@ pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result
     let started = Instant::now();
     let mut procs = Vec::new();
     for i in 0..relays {
-        procs.push(Proc::start(
+        procs.push(start(
+            env,
             &format!("relay{i}"),
-            &env.bin_dir.join("producer_pg_to_kafka"),
+            "producer_pg_to_kafka",
             &relay_args(env, &table, true),
-            &env.child_env(),
             &env.log_dir.join(format!("{table}_{i}.log")),
         )?);
     }
@@ -95,7 +118,7 @@ pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result
     let mut timeline = Vec::new();
     let mut last = (0.0, 0i64);
     let limit = Duration::from_secs(120 + (n / 2000) as u64);
-    while procs.iter_mut().any(Proc::running) {
+    while procs.iter_mut().any(Process::running) {
         if started.elapsed() > limit {
             bail!("relay ×{relays} did not drain {n} events within {limit:?}");
         }
@@ -115,7 +138,7 @@ pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result
         if !status.success() {
             bail!(
                 "{} exited with {status}; see {}",
-                proc.label,
+                proc.label(),
                 env.log_dir.display()
             );
         }
@@ -163,11 +186,11 @@ pub async fn sink_backlog(env: &Env, topic: &str, n: usize) -> anyhow::Result<Ba
     ));
     let ch = sink_clickhouse::client_for(&env.ch)?;
     let started = Instant::now();
-    let mut proc = Proc::start(
+    let mut proc = start(
+        env,
         "consumer",
-        &env.bin_dir.join("consumer_to_clickhouse"),
+        "consumer_to_clickhouse",
         &consumer_args(topic, &table),
-        &env.child_env(),
         &env.log_dir.join(format!("{table}.log")),
     )?;
     let mut timeline = Vec::new();
@@ -195,7 +218,7 @@ pub async fn sink_backlog(env: &Env, topic: &str, n: usize) -> anyhow::Result<Ba
             break started.elapsed();
         }
     };
-    proc.stop().await?;
+    proc.stop(STOP_GRACE).await?;
     let (rows, distinct) = ch
         .query(&format!(
             "SELECT count(), uniqExact(event_id) FROM `{table}`"
@@ -444,18 +467,18 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
     migrate(&env.pool.get().await?, &config).await?;
     outbox_kafka::ensure_topics(&env.kafka, &[topic.as_str()]).await?;
     let ch = sink_clickhouse::client_for(&env.ch)?;
-    let mut relay = Proc::start(
+    let mut relay = start(
+        env,
         "relay",
-        &env.bin_dir.join("producer_pg_to_kafka"),
+        "producer_pg_to_kafka",
         &relay_args(env, &table, false),
-        &env.child_env(),
         &env.log_dir.join(format!("{table}_relay.log")),
     )?;
-    let mut consumer = Proc::start(
+    let mut consumer = start(
+        env,
         "consumer",
-        &env.bin_dir.join("consumer_to_clickhouse"),
+        "consumer_to_clickhouse",
         &consumer_args(&topic, &table),
-        &env.child_env(),
         &env.log_dir.join(format!("{table}_consumer.log")),
     )?;
     let outbox = Outbox::new(&config);
@@ -580,8 +603,8 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    relay.stop().await?;
-    consumer.stop().await?;
+    relay.stop(STOP_GRACE).await?;
+    consumer.stop(STOP_GRACE).await?;
     tap_stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let in_kafka_at = tap
         .join()

@@ -1,13 +1,12 @@
 //! The pipeline's processes and their paths to the services, which the
 //! harness cuts.
 
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use test_support::{Launch, Process};
 
 /// Group ids the relays and consumers run with (the packet filter tells
 /// their connections apart by them).
@@ -29,7 +28,7 @@ pub(crate) struct Proc {
     pub(crate) program: PathBuf,
     pub(crate) args: Vec<String>,
     pub(crate) log: PathBuf,
-    pub(crate) child: Option<Child>,
+    pub(crate) child: Option<Process>,
     pub(crate) stopped: bool,
     pub(crate) restart_at: Option<Instant>,
     /// Its own paths to the services, each of which can be cut.
@@ -121,24 +120,19 @@ impl ServicePath {
 
 impl Proc {
     pub(crate) fn start(&mut self, env: &[(String, String)]) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let own: Vec<(String, String)> = self.paths.iter().flat_map(ServicePath::env).collect();
-        let child = Command::new(&self.program)
-            .gid(self.gid)
-            .args(&self.args)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .envs(own.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("RUST_LOG", "info")
-            // Five binaries on one host: any free port for /metrics.
-            .env("OUTBOX_METRICS_ADDR", "127.0.0.1:0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", self.program.display()))?;
+        let mut env = env.to_vec();
+        env.extend(self.paths.iter().flat_map(ServicePath::env));
+        env.push(("RUST_LOG".into(), "info".into()));
+        let child = Process::start(
+            &self.label,
+            Launch {
+                program: &self.program,
+                args: &self.args,
+                env: &env,
+                log: &self.log,
+                gid: Some(self.gid),
+            },
+        )?;
         self.child = Some(child);
         self.stopped = false;
         self.restart_at = None;
@@ -147,16 +141,13 @@ impl Proc {
 
     pub(crate) fn signal(&self, signal: &str) {
         if let Some(child) = &self.child {
-            let _ = Command::new("kill")
-                .args([signal, &child.id().to_string()])
-                .status();
+            child.signal(signal);
         }
     }
 
     pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill();
         }
         self.stopped = false;
     }
@@ -167,12 +158,10 @@ impl Proc {
 
     /// Whether the process ended on its own (a supervisor restarts it).
     pub(crate) fn exited(&mut self) -> bool {
-        match self.child.as_mut().map(Child::try_wait) {
-            Some(Ok(Some(_))) => {
-                self.child = None;
-                true
-            }
-            _ => false,
+        if self.child.as_mut().is_some_and(|child| !child.running()) {
+            self.child = None;
+            return true;
         }
+        false
     }
 }

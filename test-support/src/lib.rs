@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+mod process;
+pub use process::{Launch, Process};
+
 use outbox_kafka::KafkaConfig;
 use outbox_pg::PgConfig;
 use sink_clickhouse::ClickHouseConfig;
