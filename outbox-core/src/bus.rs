@@ -38,6 +38,11 @@ impl Delivery {
 }
 
 /// Publishes events and reports, per event, what the broker said.
+///
+/// **Cancellation.** The [`Relay`](crate::Relay) never drops a `publish`
+/// it started: a shutdown waits for the broker's answers. A process that
+/// dies mid-publish leaves its claim unacknowledged, so the events are
+/// published again (duplicates the sink recognises, never a loss).
 #[async_trait]
 pub trait Bus: Send + Sync {
     /// Publishes `events` in order and waits for the broker's answer on each.
@@ -154,10 +159,77 @@ impl Record {
     }
 }
 
-/// Positions to commit: for each (topic, partition), the offset of the next message to read.
-pub type Checkpoint = BTreeMap<(String, i32), i64>;
+/// Positions to commit: for each (topic, partition), the offset of the
+/// next record to read (everything before it was durably handled).
+///
+/// ```
+/// use outbox_core::Checkpoint;
+///
+/// let mut checkpoint = Checkpoint::new();
+/// checkpoint.advance("orders", 0, 10);
+/// checkpoint.advance("orders", 0, 7); // never moves back
+/// assert_eq!(checkpoint.next_offset("orders", 0), Some(10));
+/// assert_eq!(checkpoint.iter().collect::<Vec<_>>(), [("orders", 0, 10)]);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkpoint(BTreeMap<(String, i32), i64>);
+
+impl Checkpoint {
+    /// No position.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Everything of `topic`'s `partition` before `next` was handled; a
+    /// lower `next` than the one already set changes nothing.
+    pub fn advance(&mut self, topic: &str, partition: i32, next: i64) {
+        let entry = self.0.entry((topic.to_string(), partition)).or_insert(next);
+        *entry = (*entry).max(next);
+    }
+
+    /// Where `topic`'s `partition` continues, if set.
+    pub fn next_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.0.get(&(topic.to_string(), partition)).copied()
+    }
+
+    /// `(topic, partition, next offset)`, by topic then partition.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, i32, i64)> + '_ {
+        self.0
+            .iter()
+            .map(|((topic, partition), next)| (topic.as_str(), *partition, *next))
+    }
+
+    /// Whether no position is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Takes every position of `later` (a later commit replaces an earlier
+    /// one, as a broker's committed offsets do).
+    pub fn replace_with(&mut self, later: &Checkpoint) {
+        self.0
+            .extend(later.0.iter().map(|(key, next)| (key.clone(), *next)));
+    }
+}
+
+impl<T: Into<String>> FromIterator<(T, i32, i64)> for Checkpoint {
+    /// Positions `(topic, partition, next offset)`, each advanced in turn.
+    fn from_iter<I: IntoIterator<Item = (T, i32, i64)>>(positions: I) -> Self {
+        let mut checkpoint = Checkpoint::new();
+        for (topic, partition, next) in positions {
+            checkpoint.advance(&topic.into(), partition, next);
+        }
+        checkpoint
+    }
+}
 
 /// A consumer of the bus whose positions move only when told.
+///
+/// **Cancellation.** [`Consume`](crate::Consume) drops the future of
+/// [`Subscription::poll_batch`] at shutdown (inside `select!`) and then
+/// ends without committing: a dropped poll may lose the records it had
+/// taken from its buffers, but never commits or skips a position, so they
+/// are read again by the next run. `commit` and `rewind` run to completion.
 #[async_trait]
 pub trait Subscription: Send {
     /// Waits up to `max_wait` for messages and returns at most `max_records` of

@@ -393,11 +393,11 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 pub fn checkpoint_after(records: &[Record]) -> Checkpoint {
     let mut checkpoint = Checkpoint::new();
     for record in records {
-        let next = record.position.offset + 1;
-        let entry = checkpoint
-            .entry((record.topic.clone(), record.position.partition))
-            .or_insert(next);
-        *entry = (*entry).max(next);
+        checkpoint.advance(
+            &record.topic,
+            record.position.partition,
+            record.position.offset + 1,
+        );
     }
     checkpoint
 }

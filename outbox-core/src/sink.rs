@@ -30,6 +30,13 @@ impl WriteReport {
 /// durably written, known to be written already, or dead-lettered. `Err`
 /// means nothing can be assumed about the batch; the consumer retries the
 /// same records, and the sink must not write any of them twice.
+///
+/// **Cancellation.** With a lease ([`crate::Consume::with_lease`]), the
+/// consumer drops a `write` mid-request when its grant expires or moves
+/// (inside `select!`), then calls [`Sink::forget_positions`] and reads the
+/// records again. So `write` need not be cancel-safe in the usual sense,
+/// but a dropped write counts as an `Err`: some of its rows may have
+/// landed, and the next write of the same records must recognise them.
 #[async_trait]
 pub trait Sink: Send {
     /// Writes `records` durably.

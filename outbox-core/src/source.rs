@@ -37,6 +37,13 @@ pub struct AckSummary {
 /// marked done in [`Source::acknowledge`] only if its [`Delivery`] says the
 /// broker acknowledged it (or rejected it for good, in which case it is
 /// dead-lettered, never dropped). Anything else stays pending.
+///
+/// **Cancellation.** The [`Relay`](crate::Relay) drops only the future of
+/// [`Source::wait_for_events`] (at shutdown, inside `select!`): it must be
+/// cancel-safe, holding nothing a later call needs. `claim` and
+/// `acknowledge` run to completion once started (a shutdown finishes the
+/// batch in hand); a relay that dies mid-way drops a [`Claimed`], which
+/// must leave its events pending.
 #[async_trait]
 pub trait Source: Send + Sync {
     /// The source's handle on a claimed batch (for Postgres: the open transaction).

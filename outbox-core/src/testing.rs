@@ -387,8 +387,8 @@ impl MemorySubscription {
         let committed = lock(&self.committed);
         self.next = committed
             .iter()
-            .filter(|((topic, _), _)| topic == &self.topic)
-            .map(|((_, partition), offset)| (*partition, *offset))
+            .filter(|(topic, _, _)| *topic == self.topic)
+            .map(|(_, partition, offset)| (partition, offset))
             .collect();
     }
 
@@ -435,7 +435,7 @@ impl Subscription for MemorySubscription {
         if take(&mut lock(&self.commit_failures)) {
             return Err(Error::retryable(Stage::Bus, "scripted: commit failed"));
         }
-        lock(&self.committed).extend(checkpoint.iter().map(|(k, v)| (k.clone(), *v)));
+        lock(&self.committed).replace_with(checkpoint);
         Ok(())
     }
 

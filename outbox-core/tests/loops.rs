@@ -271,8 +271,8 @@ impl Subscription for Checked {
             .collect();
         for record in self.bus.records("t") {
             let before = checkpoint
-                .get(&(record.topic.clone(), record.position.partition))
-                .is_some_and(|next| record.position.offset < *next);
+                .next_offset(&record.topic, record.position.partition)
+                .is_some_and(|next| record.position.offset < next);
             let id = record
                 .headers
                 .get(HEADER_EVENT_ID)
@@ -356,7 +356,7 @@ async fn positions_are_committed_only_after_the_sink_wrote() -> Result<()> {
     assert_eq!(sink.dead_letters().len(), 1);
     assert!(sequences_increase(&first_seen_order(&rows)));
     for (partition, end) in log_ends {
-        assert_eq!(committed.get(&("t".to_string(), partition)), Some(&end));
+        assert_eq!(committed.next_offset("t", partition), Some(end));
     }
     Ok(())
 }
@@ -462,7 +462,7 @@ async fn consumers_following_ownership_write_only_their_partitions() -> Result<(
         let partitions: HashSet<i32> = rows.iter().map(|r| r.position.partition).collect();
         let committed_partitions: Vec<i32> = committed
             .lock()
-            .map(|c| c.keys().map(|(_, p)| *p).collect())
+            .map(|c| c.iter().map(|(_, p, _)| p).collect())
             .unwrap_or_default();
         println!(
             "granted={granted:?} rows={} partitions={partitions:?} committed={committed_partitions:?}",

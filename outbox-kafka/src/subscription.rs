@@ -348,8 +348,8 @@ impl Subscription for KafkaSubscription {
             return Ok(());
         }
         let mut list = TopicPartitionList::new();
-        for ((topic, partition), next) in checkpoint {
-            list.add_partition_offset(topic, *partition, Offset::Offset(*next))
+        for (topic, partition, next) in checkpoint.iter() {
+            list.add_partition_offset(topic, partition, Offset::Offset(next))
                 .map_err(|e| self.consumer_error("commit", e))?;
         }
         self.consumer

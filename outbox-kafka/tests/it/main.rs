@@ -194,7 +194,7 @@ async fn positions_move_only_when_committed() {
     let again = read(&mut second, 50).await;
     assert_eq!(again.len(), 50, "uncommitted records must be read again");
     let mut checkpoint = Checkpoint::new();
-    checkpoint.insert((topic.clone(), 0), 30);
+    checkpoint.advance(&topic, 0, 30);
     second.commit(&checkpoint).await.unwrap();
     // Async commit: give it a moment to reach the broker before leaving.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -266,4 +266,89 @@ async fn refusals_shared_by_a_batch_are_confirmed_one_event_at_a_time() {
         .unwrap();
     println!("each alone: {:?}", kinds(&again));
     assert_eq!(kinds(&again), vec!["rejected", "rejected"]);
+}
+
+/// The value of `outbox_consumer_lag{topic, partition}` in `rendered`.
+fn lag_gauge(rendered: &str, topic: &str, partition: i32) -> Option<f64> {
+    let labels = format!("topic=\"{topic}\",partition=\"{partition}\"");
+    rendered
+        .lines()
+        .filter(|line| line.starts_with("outbox_consumer_lag{"))
+        .find(|line| line.contains(&labels))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+/// Invariant (the lag an operator alerts on is true and fresh): the gauge
+/// `outbox_consumer_lag` that `LagProbe::report_every` keeps shows, per
+/// partition, the records the group has not committed, and follows a
+/// later commit without anything else being called.
+#[tokio::test]
+async fn the_lag_gauge_counts_what_the_group_has_not_committed() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).unwrap();
+
+    let topic = unique("lag");
+    let group = unique("group");
+    let config = KafkaConfig {
+        topic_partitions: 2,
+        ..kafka()
+    };
+    let bus = KafkaBus::new(config.clone()).unwrap();
+    let events: Vec<Event> = (0..40)
+        .map(|i| Event::new(topic.clone(), format!("{i}")).with_key(format!("k{i}")))
+        .collect();
+    let deliveries = bus.publish(&events).await.unwrap();
+    let mut per_partition: HashMap<i32, i64> = HashMap::new();
+    for delivery in &deliveries {
+        let Delivery::Acknowledged(position) = delivery else {
+            panic!("not acknowledged: {delivery:?}");
+        };
+        *per_partition.entry(position.partition).or_default() += 1;
+    }
+
+    // The group commits everything of partition 0, nothing of partition 1.
+    let mut sub = KafkaSubscription::new(&config, consumer_config(&group, &topic)).unwrap();
+    assert_eq!(read(&mut sub, 40).await.len(), 40);
+    let zero = per_partition.get(&0).copied().unwrap_or(0);
+    let one = per_partition.get(&1).copied().unwrap_or(0);
+    sub.commit(&Checkpoint::from_iter([(topic.as_str(), 0, zero)]))
+        .await
+        .unwrap();
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let probe = outbox_kafka::LagProbe::new(&config, &group, &topic).unwrap();
+    let reporting = tokio::spawn(probe.report_every(Duration::from_millis(200), stop.clone()));
+    let until = |want: (f64, f64)| {
+        let handle = handle.clone();
+        let topic = topic.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let rendered = handle.render();
+                let seen = (
+                    lag_gauge(&rendered, &topic, 0),
+                    lag_gauge(&rendered, &topic, 1),
+                );
+                if seen == (Some(want.0), Some(want.1)) || tokio::time::Instant::now() > deadline {
+                    return seen;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let before = until((0.0, one as f64)).await;
+    sub.commit(&Checkpoint::from_iter([(topic.as_str(), 1, one)]))
+        .await
+        .unwrap();
+    let after = until((0.0, 0.0)).await;
+    stop.cancel();
+    reporting.await.unwrap();
+    println!(
+        "records p0={zero} p1={one} gauge_after_committing_p0={before:?} gauge_after_committing_p1={after:?}"
+    );
+    assert!(zero > 0 && one > 0, "both partitions got records");
+    assert_eq!(before, (Some(0.0), Some(one as f64)));
+    assert_eq!(after, (Some(0.0), Some(0.0)));
 }
