@@ -47,7 +47,7 @@ pub struct PgArgs {
     #[arg(
         long,
         env = "OUTBOX_PG_SSLMODE",
-        default_value = "prefer",
+        default_value_t = PgConfig::default().ssl_mode,
         value_parser = clap::builder::PossibleValuesParser::new(
             ["disable", "prefer", "require", "verify-ca", "verify-full"]
         ).map(|mode| mode.parse::<outbox_pg::SslMode>().unwrap_or_default())
@@ -411,8 +411,8 @@ impl OutboxTableArgs {
 /// The topic a consumer group reads.
 #[derive(Debug, Clone, Args)]
 pub struct GroupArgs {
-    /// Topic to read.
-    #[arg(long, env = "OUTBOX_TOPIC", default_value = "user_events")]
+    /// Topic to read (by default the one the demo's flag table goes to).
+    #[arg(long, env = "OUTBOX_TOPIC", default_value_t = outbox_pg::FlagTableConfig::default().topic)]
     pub topic: String,
     /// Consumer group.
     #[arg(

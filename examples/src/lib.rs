@@ -2,14 +2,15 @@
 //! read from an environment variable and from an optional TOML file) of the
 //! services (`args`), of the relay (`relay_args`) and of the consumer
 //! (`consumer_args`); the runtime (logging, signals, task tracking, start-up
-//! checks, exit codes); the `/metrics` endpoint (`ops`) and the demo's
-//! ClickHouse row.
+//! checks, exit codes); the `/metrics` endpoint (`ops`), the operator's
+//! command (`admin`) and the demo's ClickHouse row.
 
 /// The code of the repository's README, compiled as doc tests.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
+pub mod admin;
 mod args;
 mod config_file;
 mod consumer_args;
@@ -18,6 +19,7 @@ mod ops;
 mod relay_args;
 mod runtime;
 
+pub use admin::AdminCli;
 pub use args::{secret, ClickHouseArgs, GroupArgs, KafkaArgs, OutboxTableArgs, PgArgs};
 pub use config_file::{parse_cli, try_parse_from};
 pub use consumer_args::{AssignmentArg, ConsumerArgs, RowFormat};
