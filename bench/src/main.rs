@@ -301,6 +301,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
         report.figure(&format!("{prefix}_events"), run.latencies_ms.len() as f64);
         report.figure(&format!("{prefix}_cpu_busy_pct"), run.cpu_busy_pct);
+        for (process, seconds) in &run.cpu_s_per_1k {
+            report.figure(&format!("{prefix}_cpu_s_per_1k_{process}"), *seconds);
+        }
         report.latencies(format!("{rate} events/s"), run.latencies_ms);
     }
 
@@ -315,19 +318,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Records as `key` this process's CPU since `since` per 1,000 of
+/// `events`; gives the CPU now, for the next phase.
+fn cpu_figure(report: &mut report::Report, key: &str, since: f64, events: usize) -> f64 {
+    let now = test_support::cpu::own_seconds();
+    report.figure(key, pipeline::per_1k(now - since, events));
+    now
+}
+
 /// The raw limits, the original design and ours draining backlogs.
 async fn throughput_phases(
     env: &Env,
     sizes: &Sizes,
     report: &mut report::Report,
 ) -> anyhow::Result<()> {
-    // The hops alone.
+    // The hops alone, run inside this process: its CPU is theirs.
+    let cpu = test_support::cpu::own_seconds();
     let produced = hops::raw_produce(env, sizes.raw).await?;
     report.figure("raw_produce_eps", produced.rate());
+    let cpu = cpu_figure(report, "raw_produce_cpu_s_per_1k", cpu, sizes.raw);
     report.figure(
         "raw_insert_rps",
         hops::raw_insert(env, sizes.raw).await?.rate(),
     );
+    cpu_figure(report, "raw_insert_cpu_s_per_1k", cpu, sizes.raw);
     report.figure(
         "raw_claim_eps",
         hops::raw_claim(env, sizes.raw).await?.rate(),
@@ -356,19 +370,24 @@ async fn throughput_phases(
     // The raw consumer reads the very topic the sink then reads: tansu's
     // fetch costs grow with how far a partition's end is from the read
     // position, so a limit taken on a smaller topic would not compare.
+    let cpu = test_support::cpu::own_seconds();
     report.figure(
         "raw_consume_eps",
         hops::raw_consume(env, &one.topic, sizes.backlog)
             .await?
             .rate(),
     );
+    cpu_figure(report, "raw_consume_cpu_s_per_1k", cpu, sizes.backlog);
+    report.figure("relay_cpu_s_per_1k", one.cpu_s_per_1k);
     let sink = pipeline::sink_backlog(env, &one.topic, sizes.backlog).await?;
     report.figure("sink_rps", sink.rate);
+    report.figure("consumer_cpu_s_per_1k", sink.cpu_s_per_1k);
     report.figure("consumer_rss_mb", sink.peak_rss_mb);
     report.timeline("consumer (rows/s into ClickHouse)", sink.timeline.clone());
     pipeline::drop_relay_run(env, &one).await;
     let three = pipeline::relay_backlog(env, 3, sizes.backlog).await?;
     report.figure("relay3_eps", three.rate);
+    report.figure("relay3_cpu_s_per_1k", three.cpu_s_per_1k);
     report.figure(
         "relay3_rss_mb",
         three.peak_rss_mb, // the largest of the three

@@ -22,8 +22,16 @@ pub struct BacklogRun {
     pub topic: String,
     pub rate: f64,
     pub peak_rss_mb: f64,
+    /// Seconds of CPU the binaries spent per 1,000 events (all of them
+    /// together, start-up included).
+    pub cpu_s_per_1k: f64,
     /// (seconds since start, events per second over the last sample).
     pub timeline: Vec<(f64, f64)>,
+}
+
+/// Seconds of CPU per 1,000 of `events`.
+pub fn per_1k(cpu_seconds: f64, events: usize) -> f64 {
+    cpu_seconds * 1000.0 / events.max(1) as f64
 }
 
 fn relay_args(env: &Env, table: &str, drain: bool) -> Vec<String> {
@@ -133,6 +141,7 @@ pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result
     }
     let elapsed = started.elapsed();
     let mut peak: f64 = 0.0;
+    let mut cpu = 0.0;
     for proc in &mut procs {
         let status = proc.wait(Duration::from_secs(5)).await?;
         if !status.success() {
@@ -143,6 +152,7 @@ pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result
             );
         }
         peak = peak.max(proc.peak_rss_mb());
+        cpu += proc.cpu_seconds();
     }
     let left: i64 = env
         .pool
@@ -157,8 +167,10 @@ pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result
         bail!("relay ×{relays} left {left} events pending and published {in_topic} of {n}");
     }
     let rate = n as f64 / elapsed.as_secs_f64();
+    let cpu_s_per_1k = per_1k(cpu, n);
     say(format!(
-        "relay ×{relays}: {n} events in {:.2} s = {rate:.0} events/s, peak RSS {peak:.1} MiB",
+        "relay ×{relays}: {n} events in {:.2} s = {rate:.0} events/s, peak RSS {peak:.1} MiB, \
+         CPU {cpu_s_per_1k:.3} s per 1,000 events",
         elapsed.as_secs_f64()
     ));
     Ok(BacklogRun {
@@ -166,6 +178,7 @@ pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result
         topic,
         rate,
         peak_rss_mb: peak,
+        cpu_s_per_1k,
         timeline,
     })
 }
@@ -230,8 +243,10 @@ pub async fn sink_backlog(env: &Env, topic: &str, n: usize) -> anyhow::Result<Ba
     }
     let rate = n as f64 / elapsed.as_secs_f64();
     let peak = proc.peak_rss_mb();
+    let cpu_s_per_1k = per_1k(proc.cpu_seconds(), n);
     say(format!(
-        "consumer: {n} rows in {:.2} s = {rate:.0} rows/s, peak RSS {peak:.1} MiB",
+        "consumer: {n} rows in {:.2} s = {rate:.0} rows/s, peak RSS {peak:.1} MiB, \
+         CPU {cpu_s_per_1k:.3} s per 1,000 rows",
         elapsed.as_secs_f64()
     ));
     drop_ch_tables(env, &table).await;
@@ -240,6 +255,7 @@ pub async fn sink_backlog(env: &Env, topic: &str, n: usize) -> anyhow::Result<Ba
         topic: topic.to_string(),
         rate,
         peak_rss_mb: peak,
+        cpu_s_per_1k,
         timeline,
     })
 }
@@ -306,6 +322,54 @@ pub struct LatencyRun {
     /// Share of the machine's CPU time that was busy while events were
     /// written, in percent (NaN without `/proc/stat`).
     pub cpu_busy_pct: f64,
+    /// Seconds of CPU per 1,000 events of each process while events were
+    /// written (the processes of [`cpu_snapshot`]).
+    pub cpu_s_per_1k: Vec<(&'static str, f64)>,
+}
+
+/// The pids of the local stack's services, from their pid files (none when
+/// the services run elsewhere: their CPU is then NaN).
+fn service_pids() -> [(&'static str, Option<u32>); 3] {
+    let stack = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.stack");
+    let first_line = |path: &str| {
+        std::fs::read_to_string(stack.join(path))
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse().ok())
+    };
+    [
+        ("postgres", first_line("postgres/data/postmaster.pid")),
+        ("broker", first_line("kafka/tansu.pid")),
+        ("clickhouse", first_line("clickhouse/clickhouse.pid")),
+    ]
+}
+
+/// Seconds of CPU spent so far by each process a latency run reports:
+/// ours, the services (each with every worker process: PostgreSQL's
+/// backends, the bench's writer's included), and the benchmark itself
+/// (writer, Kafka tap, ClickHouse polls).
+fn cpu_snapshot(relay: &Process, consumer: &Process) -> Vec<(&'static str, f64)> {
+    let mut snapshot = vec![
+        ("relay", relay.cpu_seconds()),
+        ("consumer", consumer.cpu_seconds()),
+    ];
+    for (name, pid) in service_pids() {
+        snapshot.push((name, pid.map_or(f64::NAN, test_support::cpu::tree_seconds)));
+    }
+    snapshot.push(("bench", test_support::cpu::own_seconds()));
+    snapshot
+}
+
+/// Per 1,000 of `events`, what each process spent between two snapshots.
+fn cpu_between(
+    start: &[(&'static str, f64)],
+    end: &[(&'static str, f64)],
+    events: usize,
+) -> Vec<(&'static str, f64)> {
+    start
+        .iter()
+        .zip(end)
+        .map(|((name, before), (_, after))| (*name, per_1k(after - before, events)))
+        .collect()
 }
 
 /// The machine's CPU time so far (busy, total), in clock ticks, from the
@@ -514,6 +578,8 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
     ));
     let cpu_start = cpu_times();
     let mut cpu_end = None;
+    let procs_start = cpu_snapshot(&relay, &consumer);
+    let mut procs_end = Vec::new();
     let tap_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tap = tap_topic(&env.kafka.brokers, &topic, tap_stop.clone())?;
 
@@ -580,6 +646,7 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
             if handle.is_finished() {
                 if let Some(handle) = writer.take() {
                     cpu_end = cpu_times();
+                    procs_end = cpu_snapshot(&relay, &consumer);
                     expected = Some(handle.await??);
                     drain_deadline = Some(Instant::now() + Duration::from_secs(60));
                 }
@@ -616,6 +683,7 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
         latencies_ms: since_commit(&seen_at),
         to_kafka_ms: since_commit(&in_kafka_at),
         cpu_busy_pct: busy_pct(cpu_start, cpu_end),
+        cpu_s_per_1k: cpu_between(&procs_start, &procs_end, committed.len()),
     };
     say(format!(
         "latency at {rate} events/s: {} events, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} rows seen); \
@@ -628,6 +696,15 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
         run.to_kafka_percentile(0.5),
         run.to_kafka_percentile(0.99),
         run.cpu_busy_pct,
+    ));
+    let cpu: Vec<String> = run
+        .cpu_s_per_1k
+        .iter()
+        .map(|(name, s)| format!("{name} {s:.3}"))
+        .collect();
+    say(format!(
+        "latency at {rate} events/s: CPU s per 1,000 events: {}",
+        cpu.join(", ")
     ));
     drop_pg_tables(env, &[&table, &format!("{table}_dead")]).await;
     drop_ch_tables(env, &table).await;

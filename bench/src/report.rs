@@ -66,14 +66,45 @@ impl Report {
                 "claim_vacuumed_vs_empty",
                 self.get("claim_ms_after_vacuum") / self.get("claim_ms_empty"),
             ),
+            (
+                "relay3_vs_relay",
+                self.get("relay3_eps") / self.get("relay_eps"),
+            ),
+            (
+                "relay_cpu_vs_raw",
+                self.get("relay_cpu_s_per_1k") / self.get("raw_produce_cpu_s_per_1k"),
+            ),
+            (
+                "consumer_cpu_vs_raw",
+                self.get("consumer_cpu_s_per_1k")
+                    / (self.get("raw_consume_cpu_s_per_1k") + self.get("raw_insert_cpu_s_per_1k")),
+            ),
         ];
+        // Latency against the floors of the same rate in the same run: the
+        // broker hop alone, plus (to ClickHouse) a lone small insert.
+        let insert = self.get("raw_insert_small_p99_ms");
+        let mut latency_ratios = Vec::new();
+        for prefix in ["e2e", "e2e_5k"] {
+            let hop = self.get(&format!("raw_{prefix}_kafka_p99_ms"));
+            latency_ratios.push((
+                format!("{prefix}_kafka_p99_vs_raw"),
+                self.get(&format!("{prefix}_kafka_p99_ms")) / hop,
+            ));
+            latency_ratios.push((
+                format!("{prefix}_p99_vs_floor"),
+                self.get(&format!("{prefix}_p99_ms")) / (hop + insert),
+            ));
+        }
+        for (key, value) in latency_ratios {
+            self.figure(&key, value);
+        }
         for (key, value) in ratios {
             self.figure(key, value);
         }
     }
 
     pub fn print_table(&self) {
-        let rows: [(&str, &str, &str); 35] = [
+        let rows: &[(&str, &str, &str)] = &[
             ("raw_produce_eps", "raw: rdkafka producer → broker", "msg/s"),
             ("raw_consume_eps", "raw: rdkafka consumer ← broker", "msg/s"),
             (
@@ -170,9 +201,106 @@ impl Report {
                 "ratio: claim after backlog + vacuum / new",
                 "(≤ 1.5)",
             ),
+            ("relay3_vs_relay", "ratio: 3 relays / 1 relay", "(≥ 1.0)"),
+            (
+                "e2e_kafka_p99_vs_raw",
+                "ratio: to Kafka p99 / raw hop p99 @ 1k/s",
+                "(≤ 1.5)",
+            ),
+            (
+                "e2e_5k_kafka_p99_vs_raw",
+                "ratio: to Kafka p99 / raw hop p99 @ 5k/s",
+                "(≤ 1.5)",
+            ),
+            (
+                "e2e_p99_vs_floor",
+                "ratio: e2e p99 / (hop + insert) @ 1k/s",
+                "(≤ 1.5)",
+            ),
+            (
+                "e2e_5k_p99_vs_floor",
+                "ratio: e2e p99 / (hop + insert) @ 5k/s",
+                "(≤ 1.5)",
+            ),
             ("e2e_cpu_busy_pct", "CPU busy during the run @ 1k/s", "%"),
             ("e2e_5k_cpu_busy_pct", "CPU busy during the run @ 5k/s", "%"),
             ("e2e_events", "events timed @ 1k/s", ""),
+            (
+                "raw_produce_cpu_s_per_1k",
+                "CPU: raw producer, backlog",
+                "s/1k ev",
+            ),
+            (
+                "raw_consume_cpu_s_per_1k",
+                "CPU: raw consumer, backlog",
+                "s/1k ev",
+            ),
+            (
+                "raw_insert_cpu_s_per_1k",
+                "CPU: raw insert client, backlog",
+                "s/1k ev",
+            ),
+            ("relay_cpu_s_per_1k", "CPU: relay, backlog", "s/1k ev"),
+            ("relay3_cpu_s_per_1k", "CPU: 3 relays, backlog", "s/1k ev"),
+            ("consumer_cpu_s_per_1k", "CPU: consumer, backlog", "s/1k ev"),
+            (
+                "relay_cpu_vs_raw",
+                "ratio: relay CPU / raw producer's",
+                "(≤ 1.5)",
+            ),
+            (
+                "consumer_cpu_vs_raw",
+                "ratio: consumer CPU / raw consume + insert",
+                "(≤ 1.5)",
+            ),
+            ("e2e_cpu_s_per_1k_relay", "CPU @ 1k/s: relay", "s/1k ev"),
+            (
+                "e2e_cpu_s_per_1k_consumer",
+                "CPU @ 1k/s: consumer",
+                "s/1k ev",
+            ),
+            (
+                "e2e_cpu_s_per_1k_postgres",
+                "CPU @ 1k/s: PostgreSQL",
+                "s/1k ev",
+            ),
+            ("e2e_cpu_s_per_1k_broker", "CPU @ 1k/s: broker", "s/1k ev"),
+            (
+                "e2e_cpu_s_per_1k_clickhouse",
+                "CPU @ 1k/s: ClickHouse",
+                "s/1k ev",
+            ),
+            (
+                "e2e_cpu_s_per_1k_bench",
+                "CPU @ 1k/s: the bench itself",
+                "s/1k ev",
+            ),
+            ("e2e_5k_cpu_s_per_1k_relay", "CPU @ 5k/s: relay", "s/1k ev"),
+            (
+                "e2e_5k_cpu_s_per_1k_consumer",
+                "CPU @ 5k/s: consumer",
+                "s/1k ev",
+            ),
+            (
+                "e2e_5k_cpu_s_per_1k_postgres",
+                "CPU @ 5k/s: PostgreSQL",
+                "s/1k ev",
+            ),
+            (
+                "e2e_5k_cpu_s_per_1k_broker",
+                "CPU @ 5k/s: broker",
+                "s/1k ev",
+            ),
+            (
+                "e2e_5k_cpu_s_per_1k_clickhouse",
+                "CPU @ 5k/s: ClickHouse",
+                "s/1k ev",
+            ),
+            (
+                "e2e_5k_cpu_s_per_1k_bench",
+                "CPU @ 5k/s: the bench itself",
+                "s/1k ev",
+            ),
         ];
         println!();
         println!(
@@ -385,8 +513,9 @@ impl Report {
 
 const E2E_P99_TARGET_MS: f64 = 50.0;
 
-/// The targets of issue #5, in the order the verdict lists them.
-const TARGETS: [Target; 8] = [
+/// The targets (issue #5, then #15: ratios to the limits of the same run),
+/// in the order the verdict lists them.
+const TARGETS: [Target; 15] = [
     Target {
         key: "relay_vs_naive",
         label: "relay / original design",
@@ -395,12 +524,47 @@ const TARGETS: [Target; 8] = [
     Target {
         key: "relay_vs_limit",
         label: "relay / min(raw produce, raw claim)",
-        bound: Bound::AtLeast(0.8),
+        bound: Bound::AtLeast(0.9),
     },
     Target {
         key: "sink_vs_limit",
         label: "consumer / min(raw consume, raw insert)",
-        bound: Bound::AtLeast(0.8),
+        bound: Bound::AtLeast(0.9),
+    },
+    Target {
+        key: "relay3_vs_relay",
+        label: "3 relays / 1 relay",
+        bound: Bound::AtLeast(1.0),
+    },
+    Target {
+        key: "e2e_kafka_p99_vs_raw",
+        label: "to Kafka p99 / raw hop p99 @ 1k/s",
+        bound: Bound::AtMost(1.5),
+    },
+    Target {
+        key: "e2e_5k_kafka_p99_vs_raw",
+        label: "to Kafka p99 / raw hop p99 @ 5k/s",
+        bound: Bound::AtMost(1.5),
+    },
+    Target {
+        key: "e2e_p99_vs_floor",
+        label: "e2e p99 / (hop + insert) p99 @ 1k/s",
+        bound: Bound::AtMost(1.5),
+    },
+    Target {
+        key: "e2e_5k_p99_vs_floor",
+        label: "e2e p99 / (hop + insert) p99 @ 5k/s",
+        bound: Bound::AtMost(1.5),
+    },
+    Target {
+        key: "relay_cpu_vs_raw",
+        label: "relay CPU / raw producer CPU",
+        bound: Bound::AtMost(1.5),
+    },
+    Target {
+        key: "consumer_cpu_vs_raw",
+        label: "consumer CPU / raw consume + insert",
+        bound: Bound::AtMost(1.5),
     },
     Target {
         key: "e2e_p99_ms",
@@ -671,6 +835,35 @@ mod tests {
             .into_iter()
             .find(|v| v.key == key)
             .ok_or_else(|| format!("no target {key}"))
+    }
+
+    /// The latency ratios take the floor of their own rate, the CPU ratio
+    /// the raw hops the consumer stands for.
+    #[test]
+    fn ratios_are_taken_against_the_limits_of_the_same_rate() {
+        let mut report = Report::new("test".into(), json!({}));
+        for (name, value) in [
+            ("e2e_kafka_p99_ms", 60.0),
+            ("raw_e2e_kafka_p99_ms", 30.0),
+            ("e2e_5k_kafka_p99_ms", 90.0),
+            ("raw_e2e_5k_kafka_p99_ms", 45.0),
+            ("e2e_5k_p99_ms", 100.0),
+            ("raw_insert_small_p99_ms", 5.0),
+            ("consumer_cpu_s_per_1k", 0.3),
+            ("raw_consume_cpu_s_per_1k", 0.1),
+            ("raw_insert_cpu_s_per_1k", 0.1),
+        ] {
+            report.figure(name, value);
+        }
+        report.derive_ratios();
+        assert_eq!(report.get("e2e_kafka_p99_vs_raw"), 2.0);
+        assert_eq!(report.get("e2e_5k_kafka_p99_vs_raw"), 2.0);
+        assert_eq!(report.get("e2e_5k_p99_vs_floor"), 2.0);
+        assert!((report.get("consumer_cpu_vs_raw") - 1.5).abs() < 1e-9);
+        assert!(
+            report.get("e2e_p99_vs_floor").is_nan(),
+            "no e2e p99 at 1k/s"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+pub mod cpu;
 mod process;
 pub use process::{Launch, Process};
 

@@ -34,6 +34,7 @@ pub struct Process {
     label: String,
     child: Child,
     peak_kb: Arc<AtomicU64>,
+    cpu_ticks: Arc<AtomicU64>,
 }
 
 impl Process {
@@ -61,13 +62,15 @@ impl Process {
             .spawn()
             .with_context(|| format!("starting {}", launch.program.display()))?;
         let peak_kb = Arc::new(AtomicU64::new(0));
+        let cpu_ticks = Arc::new(AtomicU64::new(0));
         if let Some(pid) = child.id() {
-            tokio::spawn(sample_peak(pid, peak_kb.clone()));
+            tokio::spawn(sample(pid, peak_kb.clone(), cpu_ticks.clone()));
         }
         Ok(Self {
             label: label.to_string(),
             child,
             peak_kb,
+            cpu_ticks,
         })
     }
 
@@ -79,6 +82,12 @@ impl Process {
     /// Peak resident memory so far, MiB.
     pub fn peak_rss_mb(&self) -> f64 {
         self.peak_kb.load(Ordering::Relaxed) as f64 / 1024.0
+    }
+
+    /// Seconds of CPU it spent so far (as last sampled, so at most 50 ms
+    /// stale; still known after it ended).
+    pub fn cpu_seconds(&self) -> f64 {
+        self.cpu_ticks.load(Ordering::Relaxed) as f64 / crate::cpu::ticks_per_second()
     }
 
     /// Whether it is still running (false once it ended, however).
@@ -123,15 +132,19 @@ impl Process {
 
 /// Keeps `peak_kb` at the process's VmHWM, the kernel's own high-water mark
 /// of the resident set, so sampling it now and then still catches short
-/// peaks. Pids wrap around quickly on a busy machine: stops as soon as the
-/// pid belongs to another process (another start time).
-async fn sample_peak(pid: u32, peak_kb: Arc<AtomicU64>) {
+/// peaks, and `cpu_ticks` at the CPU it spent. Pids wrap around quickly on
+/// a busy machine: stops as soon as the pid belongs to another process
+/// (another start time).
+async fn sample(pid: u32, peak_kb: Arc<AtomicU64>, cpu_ticks: Arc<AtomicU64>) {
     let path = format!("/proc/{pid}/status");
-    let started = start_time(pid);
+    let Some(started) = crate::cpu::stat(pid).map(|s| s.start_time) else {
+        return;
+    };
     while let Ok(status) = std::fs::read_to_string(&path) {
-        if started.is_none() || start_time(pid) != started {
+        let Some(now) = crate::cpu::stat(pid).filter(|s| s.start_time == started) else {
             break;
-        }
+        };
+        cpu_ticks.fetch_max(now.own, Ordering::Relaxed);
         if let Some(kb) = status
             .lines()
             .find(|l| l.starts_with("VmHWM:"))
@@ -142,15 +155,6 @@ async fn sample_peak(pid: u32, peak_kb: Arc<AtomicU64>) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks
-/// since boot; with the pid, it names one process.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces: count from after its ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -178,8 +182,10 @@ mod tests {
         assert!(sleeper.running());
         tokio::time::sleep(Duration::from_millis(200)).await;
         let peak = sleeper.peak_rss_mb();
+        let cpu = sleeper.cpu_seconds();
         let status = sleeper.stop(Duration::from_secs(5)).await?;
-        println!("peak_rss_mb={peak:.2} status={status:?}");
+        println!("peak_rss_mb={peak:.2} cpu_s={cpu:.3} status={status:?}");
+        assert!(cpu.is_finite() && cpu >= 0.0);
         assert!(peak > 0.0, "VmHWM sampled");
         assert!(!status.success(), "ended by the signal");
         assert!(!sleeper.running());
