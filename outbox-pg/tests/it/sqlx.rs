@@ -21,7 +21,9 @@ async fn sqlx_transactions_enqueue_atomically() {
         table: "t_sqlx".into(),
         dead_letter_table: "t_sqlx_dead".into(),
         ..OutboxConfig::default()
-    };
+    }
+    .validate()
+    .unwrap();
     let pool = pg.create_pool().unwrap();
     {
         let client = pool.get().await.unwrap();
