@@ -5,6 +5,7 @@
 //! shipped relay and consumer binaries. Figures are reported as ratios to
 //! the raw limits measured in the same run, because these machines are noisy.
 
+mod budget;
 mod hops;
 mod pipeline;
 mod report;
@@ -303,6 +304,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         report.figure(&format!("{prefix}_cpu_busy_pct"), run.cpu_busy_pct);
         for (process, seconds) in &run.cpu_s_per_1k {
             report.figure(&format!("{prefix}_cpu_s_per_1k_{process}"), *seconds);
+        }
+        for (who, budget) in [
+            ("relay", &run.relay_budget),
+            ("consumer", &run.consumer_budget),
+        ] {
+            report.figure(&format!("{prefix}_{who}_batch"), budget.mean_batch);
+            for (stage, ms) in &budget.stages {
+                report.figure(&format!("{prefix}_{who}_{stage}"), *ms);
+            }
         }
         report.latencies(format!("{rate} events/s"), run.latencies_ms);
     }

@@ -16,6 +16,8 @@ use crate::hops::{drop_ch_tables, drop_pg_tables, fill_outbox, outbox_config, to
 use crate::{key, payload, say, Env};
 use test_support::{Launch, Process};
 
+use crate::budget::{budget_of, Budget};
+
 /// One drain of a backlog.
 pub struct BacklogRun {
     pub table: String,
@@ -325,6 +327,11 @@ pub struct LatencyRun {
     /// Seconds of CPU per 1,000 events of each process while events were
     /// written (the processes of [`cpu_snapshot`]).
     pub cpu_s_per_1k: Vec<(&'static str, f64)>,
+    /// Where the average event waited in the relay (from its batch logs;
+    /// the warm-up event included).
+    pub relay_budget: Budget,
+    /// And in the consumer.
+    pub consumer_budget: Budget,
 }
 
 /// The pids of the local stack's services, from their pid files (none when
@@ -531,19 +538,29 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
     migrate(&env.pool.get().await?, &config).await?;
     outbox_kafka::ensure_topics(&env.kafka, &[topic.as_str()]).await?;
     let ch = sink_clickhouse::client_for(&env.ch)?;
-    let mut relay = start(
-        env,
-        "relay",
-        "producer_pg_to_kafka",
-        &relay_args(env, &table, false),
-        &env.log_dir.join(format!("{table}_relay.log")),
-    )?;
-    let mut consumer = start(
-        env,
+    // Each batch logged (as JSON) for the time budget of an event.
+    let mut traced = env.child_env();
+    traced.push(("RUST_LOG".into(), "info,outbox_core=debug".into()));
+    traced.push(("OUTBOX_LOG_JSON".into(), "true".into()));
+    let relay_log = env.log_dir.join(format!("{table}_relay.log"));
+    let consumer_log = env.log_dir.join(format!("{table}_consumer.log"));
+    let (relay_bin, consumer_bin) = (
+        env.bin_dir.join("producer_pg_to_kafka"),
+        env.bin_dir.join("consumer_to_clickhouse"),
+    );
+    let launch = |program, args, log| Launch {
+        program,
+        args,
+        env: &traced,
+        log,
+        gid: None,
+    };
+    let relay_args = relay_args(env, &table, false);
+    let mut relay = Process::start("relay", launch(&relay_bin, &relay_args, &relay_log))?;
+    let consumer_args = consumer_args(&topic, &table);
+    let mut consumer = Process::start(
         "consumer",
-        "consumer_to_clickhouse",
-        &consumer_args(&topic, &table),
-        &env.log_dir.join(format!("{table}_consumer.log")),
+        launch(&consumer_bin, &consumer_args, &consumer_log),
     )?;
     let outbox = Outbox::new(&config);
 
@@ -684,6 +701,16 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
         to_kafka_ms: since_commit(&in_kafka_at),
         cpu_busy_pct: busy_pct(cpu_start, cpu_end),
         cpu_s_per_1k: cpu_between(&procs_start, &procs_end, committed.len()),
+        relay_budget: budget_of(
+            &relay_log,
+            "relay batch acknowledged",
+            &["claim_ms", "publish_ms", "ack_ms"],
+        ),
+        consumer_budget: budget_of(
+            &consumer_log,
+            "sink batch acknowledged",
+            &["poll_ms", "write_ms"],
+        ),
     };
     say(format!(
         "latency at {rate} events/s: {} events, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} rows seen); \
@@ -706,6 +733,22 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
         "latency at {rate} events/s: CPU s per 1,000 events: {}",
         cpu.join(", ")
     ));
+    for (who, budget) in [
+        ("relay", &run.relay_budget),
+        ("consumer", &run.consumer_budget),
+    ] {
+        let stages: Vec<String> = budget
+            .stages
+            .iter()
+            .map(|(stage, ms)| format!("{stage} {ms:.1}"))
+            .collect();
+        say(format!(
+            "latency at {rate} events/s: {who}: {} batches of {:.1} events; the average event: {}",
+            budget.batches,
+            budget.mean_batch,
+            stages.join(", ")
+        ));
+    }
     drop_pg_tables(env, &[&table, &format!("{table}_dead")]).await;
     drop_ch_tables(env, &table).await;
     Ok(run)

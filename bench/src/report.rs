@@ -301,6 +301,64 @@ impl Report {
                 "CPU @ 5k/s: the bench itself",
                 "s/1k ev",
             ),
+            (
+                "e2e_relay_batch",
+                "relay @ 1k/s: events per batch",
+                "events",
+            ),
+            ("e2e_relay_claim_ms", "relay @ 1k/s: an event's claim", "ms"),
+            (
+                "e2e_relay_publish_ms",
+                "relay @ 1k/s: an event's publish",
+                "ms",
+            ),
+            ("e2e_relay_ack_ms", "relay @ 1k/s: an event's ack", "ms"),
+            (
+                "e2e_consumer_batch",
+                "consumer @ 1k/s: records per batch",
+                "records",
+            ),
+            (
+                "e2e_consumer_poll_ms",
+                "consumer @ 1k/s: a record's poll",
+                "ms",
+            ),
+            (
+                "e2e_consumer_write_ms",
+                "consumer @ 1k/s: a record's insert",
+                "ms",
+            ),
+            (
+                "e2e_5k_relay_batch",
+                "relay @ 5k/s: events per batch",
+                "events",
+            ),
+            (
+                "e2e_5k_relay_claim_ms",
+                "relay @ 5k/s: an event's claim",
+                "ms",
+            ),
+            (
+                "e2e_5k_relay_publish_ms",
+                "relay @ 5k/s: an event's publish",
+                "ms",
+            ),
+            ("e2e_5k_relay_ack_ms", "relay @ 5k/s: an event's ack", "ms"),
+            (
+                "e2e_5k_consumer_batch",
+                "consumer @ 5k/s: records per batch",
+                "records",
+            ),
+            (
+                "e2e_5k_consumer_poll_ms",
+                "consumer @ 5k/s: a record's poll",
+                "ms",
+            ),
+            (
+                "e2e_5k_consumer_write_ms",
+                "consumer @ 5k/s: a record's insert",
+                "ms",
+            ),
         ];
         println!();
         println!(
