@@ -268,7 +268,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     for (rate, prefix) in [(1000u32, "e2e"), (5000u32, "e2e_5k")] {
         // The broker hop alone at the same rate, right before, on the same
         // broker: what the end-to-end figures cannot go below.
+        let cpu = test_support::cpu::own_seconds();
         let raw = hops::raw_latency(&env, rate, sizes.latency).await?;
+        // The producer and the tap that reads it back, both in this process
+        // (warm-up and topic creation included).
+        cpu_figure(
+            &mut report,
+            &format!("raw_{prefix}_cpu_s_per_1k"),
+            cpu,
+            raw.len(),
+        );
         report.figure(
             &format!("raw_{prefix}_kafka_p50_ms"),
             pipeline::quantile(&raw, 0.5),

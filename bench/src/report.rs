@@ -253,6 +253,11 @@ impl Report {
                 "ratio: consumer CPU / raw consume + insert",
                 "(≤ 1.5)",
             ),
+            (
+                "raw_e2e_cpu_s_per_1k",
+                "CPU @ 1k/s: raw producer + tap",
+                "s/1k ev",
+            ),
             ("e2e_cpu_s_per_1k_relay", "CPU @ 1k/s: relay", "s/1k ev"),
             (
                 "e2e_cpu_s_per_1k_consumer",
@@ -273,6 +278,11 @@ impl Report {
             (
                 "e2e_cpu_s_per_1k_bench",
                 "CPU @ 1k/s: the bench itself",
+                "s/1k ev",
+            ),
+            (
+                "raw_e2e_5k_cpu_s_per_1k",
+                "CPU @ 5k/s: raw producer + tap",
                 "s/1k ev",
             ),
             ("e2e_5k_cpu_s_per_1k_relay", "CPU @ 5k/s: relay", "s/1k ev"),
@@ -691,8 +701,11 @@ fn shown(value: f64) -> String {
         "-".to_string()
     } else if value.abs() >= 100.0 {
         format!("{value:.0}")
-    } else {
+    } else if value.abs() >= 1.0 {
         format!("{value:.2}")
+    } else {
+        // CPU seconds per 1,000 events are small.
+        format!("{value:.3}")
     }
 }
 
