@@ -6,9 +6,11 @@
 //! the raw limits measured in the same run, because these machines are noisy.
 
 mod budget;
+mod cpu;
 mod hops;
 mod pipeline;
 mod report;
+mod svg;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -341,7 +343,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// `events`; gives the CPU now, for the next phase.
 fn cpu_figure(report: &mut report::Report, key: &str, since: f64, events: usize) -> f64 {
     let now = test_support::cpu::own_seconds();
-    report.figure(key, pipeline::per_1k(now - since, events));
+    report.figure(key, cpu::per_1k(now - since, events));
     now
 }
 

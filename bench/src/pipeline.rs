@@ -17,6 +17,7 @@ use crate::{key, payload, say, Env};
 use test_support::{Launch, Process};
 
 use crate::budget::{budget_of, Budget};
+use crate::cpu::{cpu_between, cpu_snapshot, per_1k};
 
 /// One drain of a backlog.
 pub struct BacklogRun {
@@ -29,11 +30,6 @@ pub struct BacklogRun {
     pub cpu_s_per_1k: f64,
     /// (seconds since start, events per second over the last sample).
     pub timeline: Vec<(f64, f64)>,
-}
-
-/// Seconds of CPU per 1,000 of `events`.
-pub fn per_1k(cpu_seconds: f64, events: usize) -> f64 {
-    cpu_seconds * 1000.0 / events.max(1) as f64
 }
 
 fn relay_args(env: &Env, table: &str, drain: bool) -> Vec<String> {
@@ -325,58 +321,13 @@ pub struct LatencyRun {
     /// written, in percent (NaN without `/proc/stat`).
     pub cpu_busy_pct: f64,
     /// Seconds of CPU per 1,000 events of each process while events were
-    /// written (the processes of [`cpu_snapshot`]).
+    /// written (the processes of `cpu::cpu_snapshot`).
     pub cpu_s_per_1k: Vec<(&'static str, f64)>,
     /// Where the average event waited in the relay (from its batch logs;
     /// the warm-up event included).
     pub relay_budget: Budget,
     /// And in the consumer.
     pub consumer_budget: Budget,
-}
-
-/// The pids of the local stack's services, from their pid files (none when
-/// the services run elsewhere: their CPU is then NaN).
-fn service_pids() -> [(&'static str, Option<u32>); 3] {
-    let stack = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.stack");
-    let first_line = |path: &str| {
-        std::fs::read_to_string(stack.join(path))
-            .ok()
-            .and_then(|text| text.lines().next()?.trim().parse().ok())
-    };
-    [
-        ("postgres", first_line("postgres/data/postmaster.pid")),
-        ("broker", first_line("kafka/tansu.pid")),
-        ("clickhouse", first_line("clickhouse/clickhouse.pid")),
-    ]
-}
-
-/// Seconds of CPU spent so far by each process a latency run reports:
-/// ours, the services (each with every worker process: PostgreSQL's
-/// backends, the bench's writer's included), and the benchmark itself
-/// (writer, Kafka tap, ClickHouse polls).
-fn cpu_snapshot(relay: &Process, consumer: &Process) -> Vec<(&'static str, f64)> {
-    let mut snapshot = vec![
-        ("relay", relay.cpu_seconds()),
-        ("consumer", consumer.cpu_seconds()),
-    ];
-    for (name, pid) in service_pids() {
-        snapshot.push((name, pid.map_or(f64::NAN, test_support::cpu::tree_seconds)));
-    }
-    snapshot.push(("bench", test_support::cpu::own_seconds()));
-    snapshot
-}
-
-/// Per 1,000 of `events`, what each process spent between two snapshots.
-fn cpu_between(
-    start: &[(&'static str, f64)],
-    end: &[(&'static str, f64)],
-    events: usize,
-) -> Vec<(&'static str, f64)> {
-    start
-        .iter()
-        .zip(end)
-        .map(|((name, before), (_, after))| (*name, per_1k(after - before, events)))
-        .collect()
 }
 
 /// The machine's CPU time so far (busy, total), in clock ticks, from the

@@ -1,6 +1,5 @@
 //! The results: a table on stdout, `report.json` and `report.svg`.
 
-use std::fmt::Write as _;
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
@@ -253,122 +252,6 @@ impl Report {
                 "ratio: consumer CPU / raw consume + insert",
                 "(≤ 1.5)",
             ),
-            (
-                "raw_e2e_cpu_s_per_1k",
-                "CPU @ 1k/s: raw producer + tap",
-                "s/1k ev",
-            ),
-            ("e2e_cpu_s_per_1k_relay", "CPU @ 1k/s: relay", "s/1k ev"),
-            (
-                "e2e_cpu_s_per_1k_consumer",
-                "CPU @ 1k/s: consumer",
-                "s/1k ev",
-            ),
-            (
-                "e2e_cpu_s_per_1k_postgres",
-                "CPU @ 1k/s: PostgreSQL",
-                "s/1k ev",
-            ),
-            ("e2e_cpu_s_per_1k_broker", "CPU @ 1k/s: broker", "s/1k ev"),
-            (
-                "e2e_cpu_s_per_1k_clickhouse",
-                "CPU @ 1k/s: ClickHouse",
-                "s/1k ev",
-            ),
-            (
-                "e2e_cpu_s_per_1k_bench",
-                "CPU @ 1k/s: the bench itself",
-                "s/1k ev",
-            ),
-            (
-                "raw_e2e_5k_cpu_s_per_1k",
-                "CPU @ 5k/s: raw producer + tap",
-                "s/1k ev",
-            ),
-            ("e2e_5k_cpu_s_per_1k_relay", "CPU @ 5k/s: relay", "s/1k ev"),
-            (
-                "e2e_5k_cpu_s_per_1k_consumer",
-                "CPU @ 5k/s: consumer",
-                "s/1k ev",
-            ),
-            (
-                "e2e_5k_cpu_s_per_1k_postgres",
-                "CPU @ 5k/s: PostgreSQL",
-                "s/1k ev",
-            ),
-            (
-                "e2e_5k_cpu_s_per_1k_broker",
-                "CPU @ 5k/s: broker",
-                "s/1k ev",
-            ),
-            (
-                "e2e_5k_cpu_s_per_1k_clickhouse",
-                "CPU @ 5k/s: ClickHouse",
-                "s/1k ev",
-            ),
-            (
-                "e2e_5k_cpu_s_per_1k_bench",
-                "CPU @ 5k/s: the bench itself",
-                "s/1k ev",
-            ),
-            (
-                "e2e_relay_batch",
-                "relay @ 1k/s: events per batch",
-                "events",
-            ),
-            ("e2e_relay_claim_ms", "relay @ 1k/s: an event's claim", "ms"),
-            (
-                "e2e_relay_publish_ms",
-                "relay @ 1k/s: an event's publish",
-                "ms",
-            ),
-            ("e2e_relay_ack_ms", "relay @ 1k/s: an event's ack", "ms"),
-            (
-                "e2e_consumer_batch",
-                "consumer @ 1k/s: records per batch",
-                "records",
-            ),
-            (
-                "e2e_consumer_poll_ms",
-                "consumer @ 1k/s: a record's poll",
-                "ms",
-            ),
-            (
-                "e2e_consumer_write_ms",
-                "consumer @ 1k/s: a record's insert",
-                "ms",
-            ),
-            (
-                "e2e_5k_relay_batch",
-                "relay @ 5k/s: events per batch",
-                "events",
-            ),
-            (
-                "e2e_5k_relay_claim_ms",
-                "relay @ 5k/s: an event's claim",
-                "ms",
-            ),
-            (
-                "e2e_5k_relay_publish_ms",
-                "relay @ 5k/s: an event's publish",
-                "ms",
-            ),
-            ("e2e_5k_relay_ack_ms", "relay @ 5k/s: an event's ack", "ms"),
-            (
-                "e2e_5k_consumer_batch",
-                "consumer @ 5k/s: records per batch",
-                "records",
-            ),
-            (
-                "e2e_5k_consumer_poll_ms",
-                "consumer @ 5k/s: a record's poll",
-                "ms",
-            ),
-            (
-                "e2e_5k_consumer_write_ms",
-                "consumer @ 5k/s: a record's insert",
-                "ms",
-            ),
         ];
         println!();
         println!(
@@ -380,6 +263,9 @@ impl Report {
         println!("{}", "-".repeat(76));
         for (key, label, unit) in rows {
             println!("{label:<42} {:>14}  {unit}", shown(self.get(key)));
+        }
+        for (key, label, unit) in per_rate_rows() {
+            println!("{label:<42} {:>14}  {unit}", shown(self.get(&key)));
         }
         println!();
     }
@@ -493,90 +379,54 @@ impl Report {
     }
 
     pub fn write_svg(&self, path: &Path) -> anyhow::Result<()> {
-        std::fs::write(path, self.svg())?;
+        let summary = self.machine["summary"].as_str().unwrap_or("?");
+        let svg = crate::svg::render(&self.size, summary, &self.latencies, &self.timelines);
+        std::fs::write(path, svg)?;
         Ok(())
     }
+}
 
-    fn svg(&self) -> String {
-        const W: f64 = 1100.0;
-        const H: f64 = 460.0;
-        let colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
-        let mut out = String::new();
-        let _ = write!(
-            out,
-            r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>"##
-        );
-        let _ = write!(
-            out,
-            r#"<text x="20" y="22" font-size="14">outbox benchmark ({} size): {}</text>"#,
-            self.size,
-            escape(self.machine["summary"].as_str().unwrap_or("?"))
-        );
-
-        // Left: latency distribution (CDF), up to the largest p99.9.
-        let x_max = self
-            .latencies
-            .iter()
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(_, v)| v[((v.len() - 1) as f64 * 0.999) as usize])
-            .fold(1.0f64, f64::max)
-            * 1.1;
-        let left = Panel {
-            x: 70.0,
-            y: 50.0,
-            w: 430.0,
-            h: 340.0,
-            x_max,
-            y_max: 1.0,
-        };
-        left.axes(
-            &mut out,
-            "commit → row in ClickHouse (ms)",
-            "share of events (CDF)",
-        );
-        for (i, (label, sorted)) in self.latencies.iter().enumerate() {
-            if sorted.is_empty() {
-                continue;
-            }
-            let step = (sorted.len() / 400).max(1);
-            let points: Vec<(f64, f64)> = sorted
-                .iter()
-                .enumerate()
-                .step_by(step)
-                .map(|(k, v)| (v.min(x_max), (k + 1) as f64 / sorted.len() as f64))
-                .collect();
-            left.line(&mut out, &points, colors[i % colors.len()]);
-            left.legend(&mut out, i, label, colors[i % colors.len()]);
+/// The rows each steady rate has: the CPU of every process and the time
+/// budget of an event (keys as `main` records them).
+fn per_rate_rows() -> Vec<(String, String, &'static str)> {
+    let mut rows = Vec::new();
+    for (prefix, rate) in [("e2e", "1k"), ("e2e_5k", "5k")] {
+        rows.push((
+            format!("raw_{prefix}_cpu_s_per_1k"),
+            format!("CPU @ {rate}/s: raw producer + tap"),
+            "s/1k ev",
+        ));
+        for (process, label) in [
+            ("relay", "relay"),
+            ("consumer", "consumer"),
+            ("postgres", "PostgreSQL"),
+            ("broker", "broker"),
+            ("clickhouse", "ClickHouse"),
+            ("bench", "the bench itself"),
+        ] {
+            rows.push((
+                format!("{prefix}_cpu_s_per_1k_{process}"),
+                format!("CPU @ {rate}/s: {label}"),
+                "s/1k ev",
+            ));
         }
-
-        // Right: throughput over time of the backlog runs.
-        let t_max = self
-            .timelines
-            .iter()
-            .flat_map(|(_, p)| p.iter().map(|(t, _)| *t))
-            .fold(1.0f64, f64::max);
-        let r_max = self
-            .timelines
-            .iter()
-            .flat_map(|(_, p)| p.iter().map(|(_, r)| *r))
-            .fold(1.0f64, f64::max)
-            * 1.1;
-        let right = Panel {
-            x: 620.0,
-            y: 50.0,
-            w: 440.0,
-            h: 340.0,
-            x_max: t_max,
-            y_max: r_max,
-        };
-        right.axes(&mut out, "seconds since start", "events per second");
-        for (i, (label, points)) in self.timelines.iter().enumerate() {
-            right.line(&mut out, points, colors[i % colors.len()]);
-            right.legend(&mut out, i, label, colors[i % colors.len()]);
+        for (who, key, what, unit) in [
+            ("relay", "batch", "events per batch", "events"),
+            ("relay", "claim_ms", "an event's claim", "ms"),
+            ("relay", "publish_ms", "an event's publish", "ms"),
+            ("relay", "ack_ms", "an event's ack", "ms"),
+            ("consumer", "batch", "records per batch", "records"),
+            ("consumer", "poll_ms", "a record's poll", "ms"),
+            ("consumer", "write_ms", "a record's insert", "ms"),
+        ] {
+            rows.push((
+                format!("{prefix}_{who}_{key}"),
+                format!("{who} @ {rate}/s: {what}"),
+                unit,
+            ));
         }
-        out.push_str("</svg>\n");
-        out
     }
+    rows
 }
 
 const E2E_P99_TARGET_MS: f64 = 50.0;
@@ -709,111 +559,6 @@ fn shown(value: f64) -> String {
     }
 }
 
-struct Panel {
-    x: f64,
-    y: f64,
-    w: f64,
-    h: f64,
-    x_max: f64,
-    y_max: f64,
-}
-
-impl Panel {
-    fn px(&self, x: f64) -> f64 {
-        self.x + self.w * (x / self.x_max).clamp(0.0, 1.0)
-    }
-
-    fn py(&self, y: f64) -> f64 {
-        self.y + self.h * (1.0 - (y / self.y_max).clamp(0.0, 1.0))
-    }
-
-    fn axes(&self, out: &mut String, x_label: &str, y_label: &str) {
-        let (x0, y0, x1, y1) = (self.x, self.y + self.h, self.x + self.w, self.y);
-        let _ = write!(
-            out,
-            r#"<path d="M{x0},{y1} L{x0},{y0} L{x1},{y0}" stroke="black" fill="none"/>"#
-        );
-        for k in 0..=5 {
-            let fx = self.x_max * f64::from(k) / 5.0;
-            let fy = self.y_max * f64::from(k) / 5.0;
-            let (tx, ty) = (self.px(fx), self.py(fy));
-            let _ = write!(
-                out,
-                r##"<line x1="{tx}" y1="{y0}" x2="{tx}" y2="{y1}" stroke="#eee"/><text x="{tx}" y="{}" text-anchor="middle">{}</text>"##,
-                y0 + 16.0,
-                tick(fx)
-            );
-            let _ = write!(
-                out,
-                r##"<line x1="{x0}" y1="{ty}" x2="{x1}" y2="{ty}" stroke="#eee"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
-                x0 - 6.0,
-                ty + 4.0,
-                tick(fy)
-            );
-        }
-        let _ = write!(
-            out,
-            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
-            self.x + self.w / 2.0,
-            y0 + 36.0,
-            escape(x_label)
-        );
-        let _ = write!(
-            out,
-            r#"<text x="{}" y="{}" text-anchor="middle" transform="rotate(-90 {} {})">{}</text>"#,
-            self.x - 52.0,
-            self.y + self.h / 2.0,
-            self.x - 52.0,
-            self.y + self.h / 2.0,
-            escape(y_label)
-        );
-    }
-
-    fn line(&self, out: &mut String, points: &[(f64, f64)], color: &str) {
-        if points.is_empty() {
-            return;
-        }
-        let path: Vec<String> = points
-            .iter()
-            .map(|(x, y)| format!("{:.1},{:.1}", self.px(*x), self.py(*y)))
-            .collect();
-        let _ = write!(
-            out,
-            r#"<polyline points="{}" stroke="{color}" stroke-width="1.5" fill="none"/>"#,
-            path.join(" ")
-        );
-    }
-
-    fn legend(&self, out: &mut String, index: usize, label: &str, color: &str) {
-        let y = self.y + 14.0 + 16.0 * index as f64;
-        let x = self.x + self.w - 230.0;
-        let _ = write!(
-            out,
-            r#"<rect x="{x}" y="{}" width="12" height="4" fill="{color}"/><text x="{}" y="{}">{}</text>"#,
-            y - 4.0,
-            x + 18.0,
-            y + 1.0,
-            escape(label)
-        );
-    }
-}
-
-fn tick(value: f64) -> String {
-    if value >= 10_000.0 {
-        format!("{:.0}k", value / 1000.0)
-    } else if value >= 10.0 {
-        format!("{value:.0}")
-    } else {
-        format!("{value:.1}")
-    }
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
 /// Cores, memory, CPU and the versions of every service and library.
 pub async fn describe_machine(env: &Env) -> Value {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -935,6 +680,23 @@ mod tests {
             report.get("e2e_p99_vs_floor").is_nan(),
             "no e2e p99 at 1k/s"
         );
+    }
+
+    /// The per-rate rows name the keys `main` records.
+    #[test]
+    fn per_rate_rows_cover_both_rates_and_every_process() {
+        let keys: Vec<String> = per_rate_rows().into_iter().map(|(k, _, _)| k).collect();
+        for key in [
+            "raw_e2e_cpu_s_per_1k",
+            "e2e_cpu_s_per_1k_bench",
+            "e2e_5k_cpu_s_per_1k_broker",
+            "e2e_relay_batch",
+            "e2e_5k_relay_publish_ms",
+            "e2e_5k_consumer_write_ms",
+        ] {
+            assert!(keys.iter().any(|k| k == key), "{key} missing");
+        }
+        assert_eq!(keys.len(), 2 * (1 + 6 + 7));
     }
 
     #[test]

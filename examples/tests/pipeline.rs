@@ -1126,6 +1126,9 @@ async fn a_demo_topic_that_starts_over_stops_the_consumer_instead_of_losing_rows
             .create()
             .unwrap();
     let options = rdkafka::admin::AdminOptions::new();
+    // Safe only because `brokers` is this test's private tansu (own port,
+    // own data directory): tansu 0.6 deletes every topic on any
+    // DeleteTopics, which is the very "topic starts over" this test needs.
     admin.delete_topics(&[&topic], &options).await.unwrap();
     let client = pg().create_pool().unwrap().get().await.unwrap();
     client

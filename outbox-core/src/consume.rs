@@ -56,7 +56,7 @@ impl ConsumeConfig {
     /// assert!(ConsumeConfig { batch_size: 0, ..ConsumeConfig::default() }.validate().is_err());
     /// ```
     pub fn validate(&self) -> Result<()> {
-        crate::relay::at_least_one("batch_size", self.batch_size)?;
+        crate::error::at_least_one("batch_size", self.batch_size)?;
         crate::backoff::check_backoff(self.backoff_initial, self.backoff_max)
     }
 }

@@ -145,6 +145,18 @@ impl fmt::Debug for ErrorChain<'_> {
     }
 }
 
+/// A permanent configuration error unless `value` ≥ 1 (the loops' config
+/// checks).
+pub(crate) fn at_least_one(name: &str, value: usize) -> Result<()> {
+    if value >= 1 {
+        return Ok(());
+    }
+    Err(Error::permanent(
+        Stage::Config,
+        format!("{name} must be at least 1"),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

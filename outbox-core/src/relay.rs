@@ -66,21 +66,10 @@ impl RelayConfig {
     /// assert!(RelayConfig { batch_size: 0, ..RelayConfig::default() }.validate().is_err());
     /// ```
     pub fn validate(&self) -> Result<()> {
-        at_least_one("batch_size", self.batch_size)?;
-        at_least_one("max_in_flight_batches", self.max_in_flight_batches)?;
+        crate::error::at_least_one("batch_size", self.batch_size)?;
+        crate::error::at_least_one("max_in_flight_batches", self.max_in_flight_batches)?;
         crate::backoff::check_backoff(self.backoff_initial, self.backoff_max)
     }
-}
-
-/// A permanent configuration error unless `value` ≥ 1.
-pub(crate) fn at_least_one(name: &str, value: usize) -> Result<()> {
-    if value >= 1 {
-        return Ok(());
-    }
-    Err(crate::Error::permanent(
-        Stage::Config,
-        format!("{name} must be at least 1"),
-    ))
 }
 
 /// Totals over the life of a [`Relay::run`].
