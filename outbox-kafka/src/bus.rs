@@ -1,7 +1,7 @@
 //! The Kafka [`Bus`]: an idempotent producer that publishes whole batches.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, RwLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::context::{unreachable, Reporting};
 use crate::error::is_permanent_delivery_code;
+use crate::pool::Pool;
 use crate::{ensure_topics, BusError, KafkaConfig};
 
 /// Publishes batches of events with an idempotent producer
@@ -25,9 +26,12 @@ use crate::{ensure_topics, BusError, KafkaConfig};
 /// in `outbox-created-at-ms`; the key selects the partition (murmur2, as the
 /// Java client), and an event without a key goes to a partition chosen by
 /// its id, so a copy published again always lands beside the first one. Topics are created on first use when
-/// [`KafkaConfig::create_topics`] is set. After a fatal producer error (for
-/// example a broker that lost the producer's id) the producer is recreated
-/// and the batch reported as retryable.
+/// [`KafkaConfig::create_topics`] is set. Publishes in flight at the same
+/// time each use a producer of their own (up to [`KafkaConfig::producers`]),
+/// so one batch never waits behind another's produce request. After a fatal
+/// producer error (for example a broker that lost the producer's id) that
+/// producer is replaced and the events it did not deliver are reported as
+/// retryable.
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -42,7 +46,7 @@ use crate::{ensure_topics, BusError, KafkaConfig};
 pub struct KafkaBus {
     config: KafkaConfig,
     context: Reporting,
-    producer: RwLock<FutureProducer<Reporting>>,
+    producers: Pool<FutureProducer<Reporting>>,
     known_topics: Mutex<HashSet<String>>,
     partition_counts: Mutex<HashMap<String, i32>>,
     /// Events refused together with others: their refusal may be the whole
@@ -51,14 +55,17 @@ pub struct KafkaBus {
 }
 
 impl KafkaBus {
-    /// A bus with a new producer. No connection is made until the first publish.
+    /// A bus with [`KafkaConfig::producers`] new producers; they connect in
+    /// the background.
     pub fn new(config: KafkaConfig) -> Result<Self, BusError> {
         let context = Reporting::default();
-        let producer = create_producer(&config, &context)?;
+        let producers = (0..config.producers.max(1))
+            .map(|_| create_producer(&config, &context))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
+            producers: Pool::new(producers),
             config,
             context,
-            producer: RwLock::new(producer),
             known_topics: Mutex::new(HashSet::new()),
             partition_counts: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashSet::new()),
@@ -67,7 +74,9 @@ impl KafkaBus {
 
     /// Asks the brokers for their metadata: the start-up check of the binaries.
     pub async fn check_connection(&self) -> Result<(), BusError> {
-        let producer = self.producer();
+        let taken = self.take_producer().await?;
+        let producer = taken.producer.clone();
+        self.producers.give_back(taken);
         let brokers = self.config.brokers.clone();
         let context = self.context.clone();
         tokio::task::spawn_blocking(move || {
@@ -84,27 +93,38 @@ impl KafkaBus {
         })?
     }
 
-    /// Waits until every message handed to the producer was delivered or failed.
+    /// Waits until every message handed to a producer was delivered or
+    /// failed (publishes in flight finish first).
     pub async fn flush(&self, timeout: Duration) -> Result<(), BusError> {
-        let producer = self.producer();
+        let producers = self.producers.with_all(<[_]>::to_vec).await;
         let brokers = self.config.brokers.clone();
-        tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)))
-            .await
-            .map_err(|e| BusError::Unreachable {
-                brokers: brokers.clone(),
-                detail: e.to_string(),
-            })?
-            .map_err(|e| BusError::Unreachable {
-                brokers,
-                detail: e.to_string(),
-            })
+        tokio::task::spawn_blocking(move || {
+            producers
+                .iter()
+                .try_for_each(|producer| producer.flush(Timeout::After(timeout)))
+        })
+        .await
+        .map_err(|e| BusError::Unreachable {
+            brokers: brokers.clone(),
+            detail: e.to_string(),
+        })?
+        .map_err(|e| BusError::Unreachable {
+            brokers,
+            detail: e.to_string(),
+        })
     }
 
-    fn producer(&self) -> FutureProducer<Reporting> {
-        match self.producer.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+    /// A producer for one publish: an idle one, or a new one in place of
+    /// one dropped after a fatal error.
+    async fn take_producer(
+        &self,
+    ) -> Result<crate::pool::Taken<'_, FutureProducer<Reporting>>, BusError> {
+        self.producers
+            .take(|| {
+                info!("creating a kafka producer in place of the one that failed");
+                create_producer(&self.config, &self.context)
+            })
+            .await
     }
 
     async fn ensure_known_topics(&self, events: &[Event]) -> Result<(), BusError> {
@@ -154,20 +174,6 @@ impl KafkaBus {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(topic.to_string(), count);
         Ok(count)
-    }
-
-    /// Replaces the producer after a fatal error; in-flight messages of the old one are lost to it
-    /// but still pending in the source.
-    fn recreate_producer(&self, reason: &str) -> Result<(), BusError> {
-        warn!(reason, "recreating the kafka producer after a fatal error");
-        let fresh = create_producer(&self.config, &self.context)?;
-        let mut guard = self
-            .producer
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *guard = fresh;
-        info!("kafka producer recreated");
-        Ok(())
     }
 }
 
@@ -323,7 +329,28 @@ fn answer(
 impl Bus for KafkaBus {
     async fn publish(&self, events: &[Event]) -> outbox_core::Result<Vec<Delivery>> {
         self.ensure_known_topics(events).await?;
-        let producer = self.producer();
+        let taken = self.take_producer().await?;
+        let published = self.publish_with(&taken.producer, events).await;
+        match taken.producer.client().fatal_error() {
+            // Messages acknowledged before the fatal error stay acknowledged;
+            // the rest are retried with a new producer, which the next
+            // publish makes since this one is not given back.
+            Some((code, reason)) => {
+                warn!(%code, reason, "kafka producer reported a fatal error: replacing it");
+                drop(taken);
+            }
+            None => self.producers.give_back(taken),
+        }
+        published
+    }
+}
+
+impl KafkaBus {
+    async fn publish_with(
+        &self,
+        producer: &FutureProducer<Reporting>,
+        events: &[Event],
+    ) -> outbox_core::Result<Vec<Delivery>> {
         let alone: Vec<bool> = {
             let suspects = self
                 .suspects
@@ -337,7 +364,7 @@ impl Bus for KafkaBus {
         let mut lost_topic = vec![false; events.len()];
         // Suspects first, each in a request of its own: sent, then awaited.
         for (index, event) in events.iter().enumerate().filter(|(i, _)| alone[*i]) {
-            (deliveries[index], lost_topic[index]) = match self.send(&producer, event).await? {
+            (deliveries[index], lost_topic[index]) = match self.send(producer, event).await? {
                 Ok(future) => answer(future.await),
                 Err(err) => (classify(&err), false),
             };
@@ -345,7 +372,7 @@ impl Bus for KafkaBus {
         let mut futures = Vec::new();
         let mut slots = Vec::new();
         for (index, event) in events.iter().enumerate().filter(|(i, _)| !alone[*i]) {
-            match self.send(&producer, event).await? {
+            match self.send(producer, event).await? {
                 Ok(future) => {
                     slots.push(index);
                     futures.push(future);
@@ -392,13 +419,6 @@ impl Bus for KafkaBus {
                 known.remove(topic);
                 counts.remove(topic);
             }
-        }
-        if let Some((code, reason)) = producer.client().fatal_error() {
-            drop(producer);
-            self.recreate_producer(&reason)?;
-            // Messages acknowledged before the fatal error stay acknowledged;
-            // the rest are retried with the new producer.
-            warn!(%code, reason, "kafka producer reported a fatal error");
         }
         Ok(deliveries)
     }

@@ -39,6 +39,14 @@ pub struct KafkaConfig {
     /// How the producer compresses record batches (`compression.type`).
     /// Default: [`Compression::None`], as in librdkafka and the Java client.
     pub compression: Compression,
+    /// Producers of a [`crate::KafkaBus`], one per publish in flight:
+    /// librdkafka's idempotent producer keeps one produce request per
+    /// partition in flight, so two batches published at once (the relay's
+    /// `max_in_flight_batches`) would otherwise travel one after the other.
+    /// More publishes at once than producers wait for a free one. Made with
+    /// the bus, so that none connects while a batch waits; 0 counts as 1.
+    /// Default: 2.
+    pub producers: usize,
     /// Create a topic the first time an event is published to it. Default: true.
     pub create_topics: bool,
     /// Partitions of topics this crate creates. Default: 3.
@@ -59,6 +67,7 @@ impl Default for KafkaConfig {
             linger: Duration::from_millis(5),
             idempotence: true,
             compression: Compression::None,
+            producers: 2,
             create_topics: true,
             topic_partitions: 3,
             topic_replication: 1,
@@ -76,6 +85,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("linger", &self.linger)
             .field("idempotence", &self.idempotence)
             .field("compression", &self.compression)
+            .field("producers", &self.producers)
             .field("create_topics", &self.create_topics)
             .field("topic_partitions", &self.topic_partitions)
             .field("extra_keys", &self.extra.keys().collect::<Vec<_>>())

@@ -6,6 +6,7 @@ mod bus;
 mod config;
 mod context;
 mod error;
+mod pool;
 mod subscription;
 
 pub use admin::{ensure_topics, topic_partitions, LagProbe, PartitionLag};

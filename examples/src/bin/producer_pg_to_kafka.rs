@@ -69,7 +69,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     health.up(Stage::Source);
 
-    let kafka = cli.kafka.config("producer_pg_to_kafka")?;
+    let kafka = outbox_kafka::KafkaConfig {
+        // A producer per batch in flight, so that none waits for another's request.
+        producers: relay_config.max_in_flight_batches,
+        ..cli.kafka.config("producer_pg_to_kafka")?
+    };
     outbox_core::check_claim_outlives_publish(cli.relay.claim_timeout(), kafka.message_timeout)?;
     let bus = KafkaBus::new(kafka.clone())?;
     retry_startup("kafka", startup, || bus.check_connection()).await?;
