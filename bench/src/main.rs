@@ -10,6 +10,7 @@ mod cpu;
 mod hops;
 mod pipeline;
 mod report;
+mod steady;
 mod svg;
 
 use std::path::PathBuf;
@@ -379,6 +380,7 @@ async fn throughput_phases(
     report.figure("claim_ms_empty", claim_empty);
     let one = pipeline::relay_backlog(env, 1, sizes.backlog).await?;
     report.figure("relay_eps", one.rate);
+    report.figure("relay_startup_s", one.startup_s);
     report.figure("relay_rss_mb", one.peak_rss_mb);
     report.timeline("relay ×1 (events/s into Kafka)", one.timeline.clone());
     let claim_after = pipeline::claim_cost(env, Some(&one.table), sizes.claim_probes).await?;
@@ -402,12 +404,14 @@ async fn throughput_phases(
     report.figure("relay_cpu_s_per_1k", one.cpu_s_per_1k);
     let sink = pipeline::sink_backlog(env, &one.topic, sizes.backlog).await?;
     report.figure("sink_rps", sink.rate);
+    report.figure("sink_startup_s", sink.startup_s);
     report.figure("consumer_cpu_s_per_1k", sink.cpu_s_per_1k);
     report.figure("consumer_rss_mb", sink.peak_rss_mb);
     report.timeline("consumer (rows/s into ClickHouse)", sink.timeline.clone());
     pipeline::drop_relay_run(env, &one).await;
     let three = pipeline::relay_backlog(env, 3, sizes.backlog).await?;
     report.figure("relay3_eps", three.rate);
+    report.figure("relay3_startup_s", three.startup_s);
     report.figure("relay3_cpu_s_per_1k", three.cpu_s_per_1k);
     report.figure(
         "relay3_rss_mb",

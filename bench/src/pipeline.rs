@@ -18,18 +18,50 @@ use test_support::{Launch, Process};
 
 use crate::budget::{budget_of, Budget};
 use crate::cpu::{cpu_between, cpu_snapshot, per_1k};
+use crate::steady::Progress;
 
 /// One drain of a backlog.
 pub struct BacklogRun {
     pub table: String,
     pub topic: String,
+    /// Events per second once the first arrived (see [`Progress`]); over
+    /// the whole run if it all arrived between two samples.
     pub rate: f64,
+    /// Seconds from the binaries' start to the first event arriving.
+    pub startup_s: f64,
     pub peak_rss_mb: f64,
     /// Seconds of CPU the binaries spent per 1,000 events (all of them
     /// together, start-up included).
     pub cpu_s_per_1k: f64,
     /// (seconds since start, events per second over the last sample).
     pub timeline: Vec<(f64, f64)>,
+}
+
+/// How often a drain's progress is sampled: often enough that the steady
+/// rate of a 2 s drain is measured to a few per cent.
+const PROGRESS_EVERY: Duration = Duration::from_millis(50);
+
+impl BacklogRun {
+    fn new(
+        table: String,
+        topic: String,
+        n: usize,
+        elapsed: Duration,
+        progress: &Progress,
+        peak_rss_mb: f64,
+        cpu_s_per_1k: f64,
+    ) -> Self {
+        let whole = n as f64 / elapsed.as_secs_f64();
+        Self {
+            table,
+            topic,
+            rate: progress.steady_rate(n as u64).unwrap_or(whole),
+            startup_s: progress.first_seen().unwrap_or(elapsed.as_secs_f64()),
+            peak_rss_mb,
+            cpu_s_per_1k,
+            timeline: progress.timeline(0.5),
+        }
+    }
 }
 
 fn relay_args(env: &Env, table: &str, drain: bool) -> Vec<String> {
@@ -121,20 +153,18 @@ pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result
         )?);
     }
     let reader = watermark_reader(env)?;
-    let mut timeline = Vec::new();
-    let mut last = (0.0, 0i64);
+    let mut progress = Progress::default();
     let limit = Duration::from_secs(120 + (n / 2000) as u64);
     while procs.iter_mut().any(Process::running) {
         if started.elapsed() > limit {
             bail!("relay ×{relays} did not drain {n} events within {limit:?}");
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(PROGRESS_EVERY).await;
         let now = started.elapsed().as_secs_f64();
         if let Ok(end) =
             tokio::task::block_in_place(|| topic_end(&reader, &topic, env.kafka.topic_partitions))
         {
-            timeline.push((now, (end - last.1) as f64 / (now - last.0)));
-            last = (now, end);
+            progress.record(now, u64::try_from(end).unwrap_or(0));
         }
     }
     let elapsed = started.elapsed();
@@ -164,21 +194,17 @@ pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result
     if left != 0 || in_topic < n as i64 {
         bail!("relay ×{relays} left {left} events pending and published {in_topic} of {n}");
     }
-    let rate = n as f64 / elapsed.as_secs_f64();
     let cpu_s_per_1k = per_1k(cpu, n);
+    let run = BacklogRun::new(table, topic, n, elapsed, &progress, peak, cpu_s_per_1k);
     say(format!(
-        "relay ×{relays}: {n} events in {:.2} s = {rate:.0} events/s, peak RSS {peak:.1} MiB, \
-         CPU {cpu_s_per_1k:.3} s per 1,000 events",
-        elapsed.as_secs_f64()
+        "relay ×{relays}: {n} events in {:.2} s, the first after {:.2} s; steady {:.0} events/s \
+         ({:.0} over the whole run), peak RSS {peak:.1} MiB, CPU {cpu_s_per_1k:.3} s per 1,000 events",
+        elapsed.as_secs_f64(),
+        run.startup_s,
+        run.rate,
+        n as f64 / elapsed.as_secs_f64(),
     ));
-    Ok(BacklogRun {
-        table,
-        topic,
-        rate,
-        peak_rss_mb: peak,
-        cpu_s_per_1k,
-        timeline,
-    })
+    Ok(run)
 }
 
 /// Drops the tables of a relay run. Its topic stays on the broker: tansu
@@ -204,27 +230,23 @@ pub async fn sink_backlog(env: &Env, topic: &str, n: usize) -> anyhow::Result<Ba
         &consumer_args(topic, &table),
         &env.log_dir.join(format!("{table}.log")),
     )?;
-    let mut timeline = Vec::new();
-    let mut last = (0.0, 0u64);
+    let mut progress = Progress::default();
+    let mut rows = 0;
     let limit = Duration::from_secs(120 + (n / 1000) as u64);
     let elapsed = loop {
         if started.elapsed() > limit {
-            bail!("the consumer wrote {} of {n} rows within {limit:?}", last.1);
+            bail!("the consumer wrote {rows} of {n} rows within {limit:?}");
         }
         if !proc.running() {
             bail!("the consumer exited early; see {}", env.log_dir.display());
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let rows = ch
+        tokio::time::sleep(PROGRESS_EVERY).await;
+        rows = ch
             .query(&format!("SELECT count() FROM `{table}`"))
             .fetch_one::<u64>()
             .await
             .unwrap_or(0);
-        let now = started.elapsed().as_secs_f64();
-        if now - last.0 >= 0.5 || rows >= n as u64 {
-            timeline.push((now, (rows - last.1) as f64 / (now - last.0)));
-            last = (now, rows);
-        }
+        progress.record(started.elapsed().as_secs_f64(), rows);
         if rows >= n as u64 {
             break started.elapsed();
         }
@@ -239,23 +261,27 @@ pub async fn sink_backlog(env: &Env, topic: &str, n: usize) -> anyhow::Result<Ba
     if rows != n as u64 || distinct != n as u64 {
         bail!("the consumer wrote {rows} rows, {distinct} distinct, for {n} messages");
     }
-    let rate = n as f64 / elapsed.as_secs_f64();
     let peak = proc.peak_rss_mb();
     let cpu_s_per_1k = per_1k(proc.cpu_seconds(), n);
-    say(format!(
-        "consumer: {n} rows in {:.2} s = {rate:.0} rows/s, peak RSS {peak:.1} MiB, \
-         CPU {cpu_s_per_1k:.3} s per 1,000 rows",
-        elapsed.as_secs_f64()
-    ));
     drop_ch_tables(env, &table).await;
-    Ok(BacklogRun {
+    let run = BacklogRun::new(
         table,
-        topic: topic.to_string(),
-        rate,
-        peak_rss_mb: peak,
+        topic.to_string(),
+        n,
+        elapsed,
+        &progress,
+        peak,
         cpu_s_per_1k,
-        timeline,
-    })
+    );
+    say(format!(
+        "consumer: {n} rows in {:.2} s, the first after {:.2} s; steady {:.0} rows/s \
+         ({:.0} over the whole run), peak RSS {peak:.1} MiB, CPU {cpu_s_per_1k:.3} s per 1,000 rows",
+        elapsed.as_secs_f64(),
+        run.startup_s,
+        run.rate,
+        n as f64 / elapsed.as_secs_f64(),
+    ));
+    Ok(run)
 }
 
 /// Mean time of one claim + acknowledgement of 1000 events through

@@ -120,6 +120,16 @@ impl Report {
             ("relay_eps", "ours: 1 relay, backlog", "events/s"),
             ("relay3_eps", "ours: 3 relays, backlog", "events/s"),
             ("sink_rps", "ours: consumer, backlog", "rows/s"),
+            (
+                "relay_startup_s",
+                "  start-up: relay start → first event in Kafka",
+                "s",
+            ),
+            (
+                "sink_startup_s",
+                "  start-up: consumer start → first row in ClickHouse",
+                "s",
+            ),
             ("e2e_p50_ms", "ours: e2e p50 @ 1k/s", "ms"),
             ("e2e_p99_ms", "ours: e2e p99 @ 1k/s", "ms"),
             ("e2e_max_ms", "ours: e2e max @ 1k/s", "ms"),

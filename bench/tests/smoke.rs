@@ -6,7 +6,7 @@ use std::process::Command;
 
 /// Every number the report must hold (issue #5's keys, plus the claim-cost
 /// and 5k-events/s latency figures).
-const KEYS: [&str; 29] = [
+const KEYS: [&str; 32] = [
     "raw_produce_eps",
     "raw_consume_eps",
     "raw_insert_rps",
@@ -15,6 +15,9 @@ const KEYS: [&str; 29] = [
     "relay_eps",
     "relay3_eps",
     "sink_rps",
+    "relay_startup_s",
+    "relay3_startup_s",
+    "sink_startup_s",
     "e2e_p50_ms",
     "e2e_p99_ms",
     "e2e_max_ms",
