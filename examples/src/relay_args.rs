@@ -68,6 +68,11 @@ pub struct RelayArgs {
     /// order). A flag table has one.
     #[arg(long, env = "OUTBOX_IN_FLIGHT_BATCHES", default_value_t = RelayConfig::default().max_in_flight_batches)]
     pub in_flight_batches: usize,
+    /// How long a claim that was not full stays open, taking the events
+    /// that arrive in its lanes and publishing each at once (ms; 0: one
+    /// publish per claim). Outbox source only.
+    #[arg(long, env = "OUTBOX_CLAIM_WINDOW_MS", default_value_t = RelayConfig::default().claim_window.as_millis() as u64)]
+    pub claim_window_ms: u64,
     /// Exit once nothing is pending instead of waiting for new events.
     #[arg(long, env = "OUTBOX_DRAIN")]
     pub drain: bool,
@@ -98,6 +103,7 @@ impl RelayArgs {
             batch_size: self.batch_size,
             stop_when_idle: self.drain,
             max_in_flight_batches: self.in_flight_batches,
+            claim_window: Duration::from_millis(self.claim_window_ms),
             ..RelayConfig::default()
         };
         config.validate().context("invalid relay configuration")?;

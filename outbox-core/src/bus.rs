@@ -56,6 +56,73 @@ pub trait Bus: Send + Sync {
     /// `Err` means the bus itself is unusable (for example a fatal producer
     /// error); no event of the batch may be considered acknowledged then.
     async fn publish(&self, events: &[Event]) -> Result<Vec<Delivery>>;
+
+    /// Publishes a batch that grows while it is in flight: `first`, then
+    /// each part received from `more`, as one ordered stream (on every
+    /// partition, a later part's events follow the earlier parts'), and
+    /// returns the answers for all of them, in that order, once `more` is
+    /// closed and every event was answered. The same promise as
+    /// [`Bus::publish`] holds over the whole stream: an event not taken
+    /// leaves no later event of its key taken.
+    ///
+    /// The default publishes the parts one after the other: once a part
+    /// is answered, every part received meanwhile goes out together as the
+    /// next one, so an event waits at most for the publish in flight and
+    /// its own, as a producer with one request in flight per partition
+    /// makes it wait. The events of a key that failed in an earlier part
+    /// are not published (they are answered [`Delivery::Retryable`]). The
+    /// Kafka bus keeps this default on purpose: librdkafka's idempotent
+    /// producer sends one request per partition at a time, and messages
+    /// handed to it while one is in flight keep its broker thread polling in
+    /// a loop until the answer (measured in `docs/performance.md`).
+    async fn publish_growing(
+        &self,
+        first: &[Event],
+        mut more: tokio::sync::mpsc::Receiver<Vec<Event>>,
+    ) -> Result<Vec<Delivery>> {
+        let mut deliveries = self.publish(first).await?;
+        let mut failed = crate::key_order::retryable_keys(first, &deliveries);
+        while let Some(mut part) = more.recv().await {
+            while let Ok(next) = more.try_recv() {
+                part.extend(next);
+            }
+            let now: Vec<usize> = (0..part.len())
+                .filter(|&i| !crate::key_order::key_in(&failed, &part[i]))
+                .collect();
+            let to_publish: Vec<Event> = now.iter().map(|&i| part[i].clone()).collect();
+            let started = std::time::Instant::now();
+            let mut answers = self.publish(&to_publish).await?.into_iter();
+            let age = |e: &Event| {
+                std::time::SystemTime::now()
+                    .duration_since(e.created_at)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0)
+            };
+            tracing::trace!(
+                part_len = to_publish.len(),
+                publish_ms = started.elapsed().as_millis() as u64,
+                oldest_age_at_answer_ms = to_publish.first().map(age).unwrap_or(0),
+                newest_age_at_answer_ms = to_publish.last().map(age).unwrap_or(0),
+                "part of a growing batch answered"
+            );
+            let mut part_deliveries: Vec<Delivery> = (0..part.len())
+                .map(|_| {
+                    Delivery::Retryable(
+                        "held back unpublished: an earlier event of the same key was not taken"
+                            .into(),
+                    )
+                })
+                .collect();
+            for index in now {
+                part_deliveries[index] = answers
+                    .next()
+                    .unwrap_or_else(|| Delivery::Retryable("the bus gave no answer".into()));
+            }
+            failed.extend(crate::key_order::retryable_keys(&part, &part_deliveries));
+            deliveries.extend(part_deliveries);
+        }
+        Ok(deliveries)
+    }
 }
 
 /// One message read from the bus, with its position.
@@ -246,6 +313,16 @@ pub trait Subscription: Send {
     /// move, never changes.
     fn generation(&self) -> u64 {
         0
+    }
+
+    /// Whether the consumer loop may poll the next batch while the sink is
+    /// still writing the previous one ([`crate::Consume`] then overlaps the
+    /// two). Only safe where a poll never moves a partition to another
+    /// reader: a subscription whose poll serves a rebalance or applies a new
+    /// grant would let the next owner start on a partition whose batch is
+    /// still being written here. The default is `false`.
+    fn polls_may_overlap_writes(&self) -> bool {
+        false
     }
 
     /// Forgets what was read and not committed: the next poll starts each

@@ -85,6 +85,10 @@ pub struct ConsumeStats {
 /// so a consumer killed at any point reads again what it had not committed.
 /// A sink that recognises already written records (as `sink-clickhouse` does
 /// through the positions stored with each row) turns that into exactly-once.
+/// Batches are written one after the other, in the order they were polled;
+/// where the subscription allows it
+/// ([`Subscription::polls_may_overlap_writes`]), the next batch is polled
+/// while the sink writes the previous one.
 ///
 /// ```no_run
 /// # async fn example<B: outbox_core::Subscription, K: outbox_core::Sink>(bus: B, sink: K) -> outbox_core::Result<()> {
@@ -181,18 +185,30 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
         let mut stats = ConsumeStats::default();
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
         let mut idle_since = tokio::time::Instant::now();
+        // Where a poll cannot move partitions, the next batch is polled while
+        // the sink writes this one: under a backlog the sink then never waits
+        // for the conversion of fetched messages, at low load the next
+        // batch's linger runs during the insert. With a lease the next poll
+        // could apply a new grant (and report it applied) while a dropped
+        // partition's batch is still being written, so it waits.
+        let overlap = self.lease.is_none() && self.subscription.polls_may_overlap_writes();
+        let mut ahead: Option<Polled> = None;
         loop {
-            let poll_started = tokio::time::Instant::now();
-            // The grant the records are read under: the subscription applies
-            // it (or a newer one) at the start of the poll. A write is fenced
-            // off when the epoch moved since, however briefly.
-            let epoch = self.lease.as_ref().map(|lease| lease.borrow().epoch);
-            let polled = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                polled = self.subscription.poll_batch(self.config.batch_size.max(1), self.config.max_wait) => polled,
+            let polled = match ahead.take() {
+                Some(polled) => polled,
+                None => match poll(
+                    &mut self.subscription,
+                    &self.config,
+                    self.lease.as_ref(),
+                    &shutdown,
+                )
+                .await
+                {
+                    Some(polled) => polled,
+                    None => break,
+                },
             };
-            let records = match polled {
+            let records = match polled.records {
                 Ok(records) => {
                     self.health.up(Stage::Bus);
                     records
@@ -221,17 +237,41 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
                 continue;
             }
             idle_since = tokio::time::Instant::now();
-            let poll_ms = idle_since.duration_since(poll_started).as_millis() as u64;
-            let generation = self.subscription.generation();
-            if generation != self.generation {
+            let poll_ms = polled.took.as_millis() as u64;
+            if polled.generation != self.generation {
                 // Another consumer may have written these partitions since.
                 self.sink.forget_positions();
-                self.generation = generation;
+                self.generation = polled.generation;
             }
-            let report = match self
-                .write_with_retry(&records, epoch, &mut backoff, &mut stats, &shutdown)
-                .await?
-            {
+            let write = async {
+                let started = Instant::now();
+                let outcome = write_with_retry(
+                    &mut self.sink,
+                    self.lease.as_mut(),
+                    &self.config,
+                    &self.health,
+                    Batch {
+                        records: &records,
+                        epoch: polled.epoch,
+                    },
+                    &mut backoff,
+                    &mut stats,
+                    &shutdown,
+                )
+                .await;
+                (outcome, started.elapsed())
+            };
+            let (outcome, write_time) = if overlap {
+                let ((outcome, write_time), next) = tokio::join!(
+                    write,
+                    poll(&mut self.subscription, &self.config, None, &shutdown)
+                );
+                ahead = next;
+                (outcome, write_time)
+            } else {
+                write.await
+            };
+            let report = match outcome? {
                 Outcome::Written(report) => report,
                 Outcome::Shutdown => break,
                 Outcome::Fenced => {
@@ -250,7 +290,6 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
             stats.written += report.written as u64;
             stats.duplicates += report.duplicates as u64;
             stats.dead_lettered += report.dead_lettered.len() as u64;
-            let write_time = idle_since.elapsed();
             metrics::counter!("outbox_consumer_records_total").increment(records.len() as u64);
             metrics::counter!("outbox_sink_rows_written_total").increment(report.written as u64);
             metrics::counter!("outbox_sink_duplicates_total").increment(report.duplicates as u64);
@@ -286,59 +325,104 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
         );
         Ok(stats)
     }
+}
 
-    async fn write_with_retry(
-        &mut self,
-        records: &[Record],
-        epoch: Option<u64>,
-        backoff: &mut Backoff,
-        stats: &mut ConsumeStats,
-        shutdown: &CancellationToken,
-    ) -> Result<Outcome> {
-        let mut failing_since: Option<Instant> = None;
-        loop {
-            let written = match self.lease.as_mut() {
-                None => self.sink.write(records).await,
-                Some(lease) => match fenced_write(&mut self.sink, lease, epoch, records).await {
-                    Some(written) => written,
-                    None => return Ok(Outcome::Fenced),
-                },
-            };
-            match written {
-                Ok(report) => {
-                    self.health.up(Stage::Sink);
-                    backoff.reset();
-                    return Ok(Outcome::Written(report));
+/// One poll's outcome, with what the loop needs to know of when it was made.
+struct Polled {
+    records: Result<Vec<Record>>,
+    took: Duration,
+    /// The grant the records were read under: the subscription applies it
+    /// (or a newer one) at the start of the poll, and a write is fenced off
+    /// when the epoch moved since, however briefly.
+    epoch: Option<u64>,
+    /// The subscription's generation once the records were read.
+    generation: u64,
+}
+
+/// Polls one batch; `None` once `shutdown` fired.
+async fn poll<B: Subscription>(
+    subscription: &mut B,
+    config: &ConsumeConfig,
+    lease: Option<&watch::Receiver<Lease>>,
+    shutdown: &CancellationToken,
+) -> Option<Polled> {
+    let started = Instant::now();
+    let epoch = lease.map(|lease| lease.borrow().epoch);
+    let records = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => return None,
+        polled = subscription.poll_batch(config.batch_size.max(1), config.max_wait) => polled,
+    };
+    Some(Polled {
+        records,
+        took: started.elapsed(),
+        epoch,
+        generation: subscription.generation(),
+    })
+}
+
+/// Records to write and the grant they were read under.
+struct Batch<'a> {
+    records: &'a [Record],
+    epoch: Option<u64>,
+}
+
+/// Writes one batch, retrying retryable failures (with a lease, until
+/// [`ConsumeConfig::stall_limit`]).
+#[allow(clippy::too_many_arguments)]
+async fn write_with_retry<K: Sink>(
+    sink: &mut K,
+    mut lease: Option<&mut watch::Receiver<Lease>>,
+    config: &ConsumeConfig,
+    health: &Health,
+    batch: Batch<'_>,
+    backoff: &mut Backoff,
+    stats: &mut ConsumeStats,
+    shutdown: &CancellationToken,
+) -> Result<Outcome> {
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        let written = match lease.as_deref_mut() {
+            None => sink.write(batch.records).await,
+            Some(lease) => match fenced_write(sink, lease, batch.epoch, batch.records).await {
+                Some(written) => written,
+                None => return Ok(Outcome::Fenced),
+            },
+        };
+        match written {
+            Ok(report) => {
+                health.up(Stage::Sink);
+                backoff.reset();
+                return Ok(Outcome::Written(report));
+            }
+            Err(err) if err.is_retryable() => {
+                health.down(err.stage(), ErrorChain(&err));
+                count_error("consume", err.stage(), true);
+                stats.retries += 1;
+                if shutdown.is_cancelled() {
+                    return Ok(Outcome::Shutdown);
                 }
-                Err(err) if err.is_retryable() => {
-                    self.health.down(err.stage(), ErrorChain(&err));
-                    count_error("consume", err.stage(), true);
-                    stats.retries += 1;
-                    if shutdown.is_cancelled() {
-                        return Ok(Outcome::Shutdown);
-                    }
-                    let since = *failing_since.get_or_insert_with(Instant::now);
-                    if self.lease.is_some() && since.elapsed() >= self.config.stall_limit {
-                        return Err(Error::retryable(
-                            Stage::Sink,
-                            format!(
-                                "the sink kept failing for {:?} while this consumer held leased partitions \
-                                 (last error: {}); stopping so that its leases end and a consumer that \
-                                 can write takes them over",
-                                self.config.stall_limit,
-                                ErrorChain(&err)
-                            ),
-                        ));
-                    }
-                    let delay = backoff.next_delay();
-                    warn!(error = %ErrorChain(&err), attempt = backoff.attempts(), delay_ms = delay.as_millis() as u64, "sink write failed; retrying the same batch");
-                    sleep_or_cancel(delay, shutdown).await;
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if lease.is_some() && since.elapsed() >= config.stall_limit {
+                    return Err(Error::retryable(
+                        Stage::Sink,
+                        format!(
+                            "the sink kept failing for {:?} while this consumer held leased partitions \
+                             (last error: {}); stopping so that its leases end and a consumer that \
+                             can write takes them over",
+                            config.stall_limit,
+                            ErrorChain(&err)
+                        ),
+                    ));
                 }
-                Err(err) => {
-                    self.health.down(err.stage(), ErrorChain(&err));
-                    count_error("consume", err.stage(), false);
-                    return Err(err);
-                }
+                let delay = backoff.next_delay();
+                warn!(error = %ErrorChain(&err), attempt = backoff.attempts(), delay_ms = delay.as_millis() as u64, "sink write failed; retrying the same batch");
+                sleep_or_cancel(delay, shutdown).await;
+            }
+            Err(err) => {
+                health.down(err.stage(), ErrorChain(&err));
+                count_error("consume", err.stage(), false);
+                return Err(err);
             }
         }
     }
@@ -436,6 +520,7 @@ mod tests {
         batches: VecDeque<(u64, Vec<Record>)>,
         generation: u64,
         log: Shared,
+        overlap: bool,
     }
 
     #[async_trait]
@@ -443,6 +528,7 @@ mod tests {
         async fn poll_batch(&mut self, _max: usize, _wait: Duration) -> Result<Vec<Record>> {
             match self.batches.pop_front() {
                 Some((generation, records)) => {
+                    note(&self.log, format!("poll {}", records.len()));
                     self.generation = generation;
                     Ok(records)
                 }
@@ -460,6 +546,10 @@ mod tests {
 
         fn generation(&self) -> u64 {
             self.generation
+        }
+
+        fn polls_may_overlap_writes(&self) -> bool {
+            self.overlap
         }
 
         async fn rewind(&mut self) -> Result<()> {
@@ -524,6 +614,7 @@ mod tests {
             batches: batches.into(),
             generation: 0,
             log: log.clone(),
+            overlap: false,
         };
         let sink = Slow {
             write_time,
@@ -550,31 +641,87 @@ mod tests {
     }
 
     /// A partition that came back (new generation) may have been written by
-    /// another owner meanwhile: the sink forgets before the next write.
-    #[tokio::test]
+    /// another owner meanwhile: the sink forgets before the next write, also
+    /// when that batch was polled while the previous one was written.
+    #[tokio::test(start_paused = true)]
     async fn a_new_generation_makes_the_sink_forget_before_writing() -> Result<()> {
-        let (mut consume, log) = consume(
-            vec![
-                (1, records(0, 0..3)),
-                (1, records(0, 3..5)),
-                (2, records(0, 3..5)),
-            ],
-            Duration::ZERO,
-            false,
-        );
-        let stats = consume.run(CancellationToken::new()).await?;
+        for overlap in [false, true] {
+            let (mut consume, log) = consume(
+                vec![
+                    (1, records(0, 0..3)),
+                    (1, records(0, 3..5)),
+                    (2, records(0, 3..5)),
+                ],
+                Duration::from_millis(10),
+                false,
+            );
+            consume.subscription.overlap = overlap;
+            let stats = consume.run(CancellationToken::new()).await?;
+            let seen = events(&log);
+            let forgets: Vec<usize> = seen
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| *e == "forget")
+                .map(|(i, _)| i)
+                .collect();
+            println!("overlap {overlap}: {seen:?}");
+            assert_eq!(stats.written, 7);
+            // Once for generation 1 (first batch), once for generation 2.
+            assert_eq!(forgets.len(), 2, "{seen:?}");
+            assert_eq!(seen[forgets[1] + 1], "write start 2");
+            // After the batch before it was written and committed.
+            let second_commit = seen
+                .iter()
+                .position(|e| e == "commit Checkpoint({(\"t\", 0): 5})");
+            assert!(second_commit < Some(forgets[1]), "{seen:?}");
+        }
+        Ok(())
+    }
+
+    /// Where polls move no partition, the next batch is polled while the
+    /// sink writes (and the batches are still written and committed one
+    /// after the other, in order); with a lease the poll waits for the
+    /// write, since it could apply a new grant meanwhile.
+    #[tokio::test(start_paused = true)]
+    async fn the_next_poll_overlaps_a_write_only_without_a_lease() -> Result<()> {
+        let batches = || vec![(1, records(0, 0..3)), (1, records(0, 3..5))];
+        let (mut unleased, log) = consume(batches(), Duration::from_millis(100), false);
+        unleased.subscription.overlap = true;
+        let stats = unleased.run(CancellationToken::new()).await?;
         let seen = events(&log);
-        let forgets: Vec<usize> = seen
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| *e == "forget")
-            .map(|(i, _)| i)
-            .collect();
-        println!("{seen:?}");
-        assert_eq!(stats.written, 7);
-        // Once for generation 1 (first batch), once for generation 2.
-        assert_eq!(forgets.len(), 2, "{seen:?}");
-        assert_eq!(seen[forgets[1] + 1], "write start 2");
+        println!("unleased: {seen:?}");
+        assert_eq!(stats.written, 5);
+        assert_eq!(
+            seen[..8],
+            [
+                "poll 3",
+                "forget",
+                "write start 3",
+                "poll 2",
+                "write end",
+                "commit Checkpoint({(\"t\", 0): 3})",
+                "write start 2",
+                "write end",
+            ]
+        );
+
+        let (_tx, rx) = watch::channel(lease(&[0], 1, Duration::from_secs(60)));
+        let (mut leased, log) = consume(batches(), Duration::from_millis(100), false);
+        leased.subscription.overlap = true;
+        let stats = leased.with_lease(rx).run(CancellationToken::new()).await?;
+        let seen = events(&log);
+        println!("leased: {seen:?}");
+        assert_eq!(stats.written, 5);
+        assert_eq!(
+            seen[..5],
+            [
+                "poll 3",
+                "forget",
+                "write start 3",
+                "write end",
+                "commit Checkpoint({(\"t\", 0): 3})"
+            ]
+        );
         Ok(())
     }
 

@@ -16,6 +16,24 @@ pub(crate) type FailingKeys = HashSet<(String, Bytes)>;
 /// whole again): a bound on memory, not on correctness.
 const MAX_FAILING_KEYS: usize = 100_000;
 
+/// Keys (topic, key) of `events` whose answer was [`Delivery::Retryable`].
+pub(crate) fn retryable_keys(events: &[Event], deliveries: &[Delivery]) -> FailingKeys {
+    events
+        .iter()
+        .zip(deliveries)
+        .filter(|(_, delivery)| matches!(delivery, Delivery::Retryable(_)))
+        .filter_map(|(event, _)| event.key.clone().map(|key| (event.topic.clone(), key)))
+        .collect()
+}
+
+/// Whether `event`'s key is one of `keys` (an event without a key never is).
+pub(crate) fn key_in(keys: &FailingKeys, event: &Event) -> bool {
+    event
+        .key
+        .as_ref()
+        .is_some_and(|key| keys.contains(&(event.topic.clone(), key.clone())))
+}
+
 /// Keys of `events` whose answers put an acknowledgement after a retryable
 /// failure: the broker took a later event of the key while an earlier one
 /// failed. Unless that failure was only a lost acknowledgement (the event

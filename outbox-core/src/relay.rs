@@ -12,7 +12,7 @@ use crate::key_order::{
     hold_back_after_failures, keys_with_order_gaps, probe_failing_keys, update_failing_keys,
     FailingKeys,
 };
-use crate::source::{AckSummary, Source};
+use crate::source::{AckSummary, Claimed, Source};
 use crate::{Backoff, ErrorChain, Event, Health, Result, Stage};
 
 /// Settings of a [`Relay`].
@@ -41,6 +41,24 @@ pub struct RelayConfig {
     /// other source gets one batch in flight, since two could publish a key
     /// out of order. Default: 2.
     pub max_in_flight_batches: usize,
+    /// How long a claim that was not full stays open to take the events
+    /// that arrive meanwhile, with a source that can extend its claims
+    /// ([`Source::extends_claims`], as `outbox_pg::PgOutboxSource` with
+    /// notifications). Arrivals are claimed into the open claim and
+    /// published as the next part of its ordered stream
+    /// ([`Bus::publish_growing`]) as soon as the part in flight is answered,
+    /// instead of after the claim's last answer, its commit and the next
+    /// claim; the claim is acknowledged (and committed) once, after the
+    /// window. At a steady rate this makes a relay's claim transactions
+    /// about ten times fewer for the same latency (`docs/performance.md`).
+    /// Longer: fewer commits, but the claim's lanes stay locked, and its
+    /// transaction open, that long, and more events are published again
+    /// after a crash. Zero: one claim, one publish. Default: 200 ms.
+    pub claim_window: Duration,
+    /// Shortest time between two extensions of one claim: the producer
+    /// lingers about as long before it sends anyway, and each extension is
+    /// a query. Default: 5 ms.
+    pub extend_interval: Duration,
 }
 
 impl Default for RelayConfig {
@@ -52,6 +70,8 @@ impl Default for RelayConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             max_in_flight_batches: 2,
+            claim_window: Duration::from_millis(200),
+            extend_interval: Duration::from_millis(5),
         }
     }
 }
@@ -163,31 +183,44 @@ impl<S: Source, B: Bus> Relay<S, B> {
         let claimed = self.source.claim(self.config.batch_size.max(1)).await;
         let claimed = self.observe(claimed)?;
         self.health.up(Stage::Source);
-        let Some(claimed) = claimed else {
+        let Some(mut claimed) = claimed else {
             return Ok(None);
         };
-        let batch_len = claimed.events.len();
-        let first_event = claimed.events.first().map(|e| e.id);
-        let last_event = claimed.events.last().map(|e| e.id);
+        let claimed_len = claimed.events.len();
         let claimed_at = std::time::Instant::now();
         // Of a key whose earliest event failed last time, only that event is
         // published (a probe); its later events wait unpublished instead of
         // being published, held back and published again every round.
-        let publish_now = {
+        let mut publish_now = {
             let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
             probe_failing_keys(&claimed.events, &failing)
         };
-        let to_publish: Vec<Event> = claimed
-            .events
-            .iter()
-            .zip(&publish_now)
-            .filter(|(_, now)| **now)
-            .map(|(event, _)| event.clone())
-            .collect();
+        let grows = self.source.extends_claims()
+            && !self.config.claim_window.is_zero()
+            && claimed_len < self.config.batch_size
+            && publish_now.iter().all(|now| *now);
         // On error, dropping the claim abandons it: every event stays pending.
-        let published = if to_publish.len() == claimed.events.len() {
+        let published = if grows {
+            let (parts, more) = tokio::sync::mpsc::channel(64);
+            let first = claimed.events.clone();
+            let (published, extended) = tokio::join!(
+                self.bus.publish_growing(&first, more),
+                self.extend(&mut claimed, parts, started),
+            );
+            let published = self.observe(published)?;
+            self.observe(extended)?;
+            publish_now = vec![true; claimed.events.len()];
+            published
+        } else if publish_now.iter().all(|now| *now) {
             self.observe(self.bus.publish(&claimed.events).await)?
         } else {
+            let to_publish: Vec<Event> = claimed
+                .events
+                .iter()
+                .zip(&publish_now)
+                .filter(|(_, now)| **now)
+                .map(|(event, _)| event.clone())
+                .collect();
             let mut answers = self
                 .observe(self.bus.publish(&to_publish).await)?
                 .into_iter();
@@ -203,6 +236,9 @@ impl<S: Source, B: Bus> Relay<S, B> {
                 })
                 .collect()
         };
+        let batch_len = claimed.events.len();
+        let first_event = claimed.events.first().map(|e| e.id);
+        let last_event = claimed.events.last().map(|e| e.id);
         self.health.up(Stage::Bus);
         {
             let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
@@ -242,6 +278,7 @@ impl<S: Source, B: Bus> Relay<S, B> {
         }
         debug!(
             batch_len,
+            extended = batch_len - claimed_len,
             first_event = ?first_event,
             last_event = ?last_event,
             claim_ms = claim_time.as_millis() as u64,
@@ -253,6 +290,60 @@ impl<S: Source, B: Bus> Relay<S, B> {
             "relay batch acknowledged"
         );
         Ok(Some(summary))
+    }
+
+    /// Keeps `claimed` open until [`RelayConfig::claim_window`] after
+    /// `opened`, or until it holds a full batch: whenever new events may be
+    /// pending (but at most every [`RelayConfig::extend_interval`]), claims
+    /// them into it and hands them to the growing publish. Dropping `parts`
+    /// (returning) closes the publish.
+    async fn extend(
+        &self,
+        claimed: &mut Claimed<S::Claim>,
+        parts: tokio::sync::mpsc::Sender<Vec<Event>>,
+        opened: std::time::Instant,
+    ) -> Result<()> {
+        let opened = tokio::time::Instant::from_std(opened);
+        let deadline = opened + self.config.claim_window;
+        let mut next_extension = opened;
+        loop {
+            let room = self.config.batch_size.saturating_sub(claimed.events.len());
+            let now = tokio::time::Instant::now();
+            if room == 0 || now >= deadline {
+                return Ok(());
+            }
+            // An error here ends the window like its end would: the claim
+            // goes on with what it has.
+            let _ = self.source.wait_for_events(deadline - now).await;
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep_until(next_extension.min(deadline)).await;
+            next_extension = tokio::time::Instant::now() + self.config.extend_interval;
+            let before = claimed.events.len();
+            let added = self.source.extend_claim(claimed, room).await?;
+            if added == 0 {
+                continue;
+            }
+            let part = claimed.events[before..].to_vec();
+            let age = |e: &Event| {
+                std::time::SystemTime::now()
+                    .duration_since(e.created_at)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0)
+            };
+            tracing::trace!(
+                part_len = part.len(),
+                oldest_age_ms = part.first().map(age).unwrap_or(0),
+                newest_age_ms = part.last().map(age).unwrap_or(0),
+                "claim extended"
+            );
+            if parts.send(part).await.is_err() {
+                // The publish ended early (the bus failed): it answers with
+                // an error, and the claim is abandoned.
+                return Ok(());
+            }
+        }
     }
 
     /// Records the outcome of one request in [`Health`]: the stage of an

@@ -68,6 +68,37 @@ pub trait Source: Send + Sync {
         Ok(())
     }
 
+    /// Claims up to `max_events` more pending events into `claimed`, which
+    /// is still in flight: they are appended to `claimed.events`, and the one
+    /// [`Source::acknowledge`] of the claim then finishes them all. Returns
+    /// how many were added (0 when none are pending, or when the source
+    /// cannot extend a claim: the default).
+    ///
+    /// The contract that keeps each key's order while the claim's earlier
+    /// events are still on their way to the broker: for every key, the
+    /// events added come after every event of that key the claim already
+    /// holds, and no other claim holds an earlier pending event of that key.
+    /// The relay publishes them after the claim's earlier events, on the
+    /// same ordered stream ([`Bus::publish_growing`](crate::Bus::publish_growing)).
+    /// Called only where [`Source::extends_claims`] says so.
+    async fn extend_claim(
+        &self,
+        claimed: &mut Claimed<Self::Claim>,
+        max_events: usize,
+    ) -> Result<usize> {
+        let _ = (claimed, max_events);
+        Ok(0)
+    }
+
+    /// Whether [`Source::extend_claim`] can add events to a claim in flight.
+    /// The relay then keeps a claim that was not full open for up to
+    /// [`RelayConfig::claim_window`](crate::RelayConfig::claim_window),
+    /// publishing what arrives in its lanes while it is open. The default
+    /// is `false`.
+    fn extends_claims(&self) -> bool {
+        false
+    }
+
     /// Whether claims held at the same time never hold events of one key
     /// (the source splits keys into lanes and a claim owns whole lanes).
     /// Only then does the [`Relay`](crate::Relay) keep more than one batch

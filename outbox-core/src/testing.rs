@@ -59,6 +59,7 @@ struct OutboxState {
     dead_lettered: Vec<(Uuid, String)>,
     claim_failures: usize,
     ack_failures: usize,
+    extends: bool,
 }
 
 /// An outbox in memory: claims hand out pending events that no other claim
@@ -69,6 +70,8 @@ struct OutboxState {
 #[derive(Clone, Default)]
 pub struct MemoryOutbox {
     state: Arc<Mutex<OutboxState>>,
+    /// Wakes [`Source::wait_for_events`] on every push, as `NOTIFY` does.
+    pushed: Arc<tokio::sync::Notify>,
 }
 
 /// The claim of a [`MemoryOutbox`]: releases its events when dropped.
@@ -95,6 +98,18 @@ impl MemoryOutbox {
     /// Enqueues events (as committed transactions would).
     pub fn push(&self, events: impl IntoIterator<Item = Event>) {
         lock(&self.state).pending.extend(events);
+        self.pushed.notify_waiters();
+        self.pushed.notify_one();
+    }
+
+    /// An outbox whose open claims take events pushed later
+    /// ([`Source::extend_claim`]); it has a single queue, so claims must
+    /// not overlap (the relay keeps one in flight, since claims are not
+    /// disjoint by key).
+    pub fn extending() -> Self {
+        let outbox = Self::default();
+        lock(&outbox.state).extends = true;
+        outbox
     }
 
     /// The next `n` claims fail (retryably: the database is unreachable).
@@ -156,6 +171,44 @@ impl Source for MemoryOutbox {
             state: self.state.clone(),
         };
         Ok(Some(Claimed { events, claim }))
+    }
+
+    async fn extend_claim(
+        &self,
+        claimed: &mut Claimed<MemoryClaim>,
+        max_events: usize,
+    ) -> Result<usize> {
+        let mut state = lock(&self.state);
+        if !state.extends {
+            return Ok(0);
+        }
+        if take(&mut state.claim_failures) {
+            return Err(Error::retryable(Stage::Source, "scripted: claim failed"));
+        }
+        let events: Vec<Event> = state
+            .pending
+            .iter()
+            .filter(|event| !state.claimed.contains(&event.id))
+            .take(max_events)
+            .cloned()
+            .collect();
+        state.claimed.extend(events.iter().map(|event| event.id));
+        claimed
+            .claim
+            .ids
+            .extend(events.iter().map(|event| event.id));
+        let added = events.len();
+        claimed.events.extend(events);
+        Ok(added)
+    }
+
+    fn extends_claims(&self) -> bool {
+        lock(&self.state).extends
+    }
+
+    async fn wait_for_events(&self, timeout: Duration) -> Result<()> {
+        let _ = tokio::time::timeout(timeout, self.pushed.notified()).await;
+        Ok(())
     }
 
     async fn acknowledge(
@@ -429,6 +482,11 @@ impl Subscription for MemorySubscription {
                 .insert(record.position.partition, record.position.offset + 1);
         }
         Ok(batch)
+    }
+
+    /// Unless it follows an ownership (whose grants it applies when polled).
+    fn polls_may_overlap_writes(&self) -> bool {
+        self.ownership.is_none()
     }
 
     async fn commit(&mut self, checkpoint: &Checkpoint) -> Result<()> {

@@ -170,6 +170,101 @@ async fn the_relay_removes_only_what_the_bus_acknowledged() -> Result<()> {
     Ok(())
 }
 
+/// A bus that counts its publishes (each part of a growing publish is one
+/// here: the default `publish_growing` publishes part by part).
+struct Counting {
+    inner: Recording,
+    publishes: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl Bus for Counting {
+    async fn publish(&self, events: &[Event]) -> Result<Vec<Delivery>> {
+        self.publishes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.publish(events).await
+    }
+}
+
+/// Invariant (a claim that grows while in flight removes only what the
+/// broker acknowledged and keeps each key's order): events pushed while a
+/// claim is open join it and are published at once, after its earlier
+/// events; a retryable refusal in one part holds the key's later events
+/// back (in that part and the parts after it) until a later claim
+/// publishes them in order; a failed extension abandons the claim whole.
+#[tokio::test(start_paused = true)]
+async fn a_claim_that_grows_in_flight_keeps_order_and_removes_only_acknowledged() -> Result<()> {
+    let outbox = MemoryOutbox::extending();
+    let all = events(4, 15);
+    outbox.push(all[..8].iter().cloned());
+    let bus = MemoryBus::new(2);
+    // An event of the third part, and a claim failure on the way (the
+    // first claim succeeds; the next extension or claim fails).
+    bus.refuse(all[20].id, 2, false);
+    let counting = Counting {
+        inner: Recording::new(bus.clone()),
+        publishes: Default::default(),
+    };
+    let config = RelayConfig {
+        batch_size: 100,
+        claim_window: Duration::from_millis(100),
+        extend_interval: Duration::from_millis(5),
+        ..fast_relay()
+    };
+    let pusher = {
+        let outbox = outbox.clone();
+        let rest = all[8..].to_vec();
+        tokio::spawn(async move {
+            for (n, chunk) in rest.chunks(4).enumerate() {
+                tokio::time::sleep(Duration::from_millis(7)).await;
+                if n == 6 {
+                    outbox.fail_claims(1);
+                }
+                outbox.push(chunk.iter().cloned());
+            }
+        })
+    };
+    let relay = Relay::new(outbox.clone(), counting, config);
+    let stats = relay.run(CancellationToken::new()).await?;
+    pusher
+        .await
+        .map_err(|e| outbox_core::Error::permanent(outbox_core::Stage::Source, e.to_string()))?;
+    let (_, counting) = relay.into_parts();
+    let publishes = counting
+        .publishes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let completed = outbox.completed();
+    let unacknowledged = completed
+        .iter()
+        .filter(|id| !counting.inner.acknowledged(**id))
+        .count();
+    let log = bus.records("t");
+    let order = first_seen_order(&log);
+    println!(
+        "events={} completed={} removed_without_ack={unacknowledged} pending={} claims={} \
+         publishes={publishes} records_on_bus={} stats={stats:?}",
+        all.len(),
+        completed.len(),
+        outbox.pending().len(),
+        stats.batches,
+        log.len(),
+    );
+    assert_eq!(unacknowledged, 0, "removed only what the bus acknowledged");
+    let distinct: HashSet<Uuid> = completed.iter().copied().collect();
+    assert_eq!(distinct.len(), all.len(), "every event removed, once");
+    assert!(outbox.pending().is_empty() && outbox.claimed() == 0);
+    assert!(
+        publishes as u64 > stats.batches + 2,
+        "claims grew: {publishes} publishes for {} claims",
+        stats.batches
+    );
+    assert!(
+        sequences_increase(&order),
+        "key order on the bus: {order:?}"
+    );
+    Ok(())
+}
+
 /// Invariant (a poison event is isolated; the rest flows): an event the
 /// broker rejects for good is dead-lettered with the reason, and every
 /// other event, its key's included, is published and removed.
@@ -290,6 +385,12 @@ impl Subscription for Checked {
 
     fn generation(&self) -> u64 {
         self.inner.generation()
+    }
+
+    // Polls overlap writes here, as they do on a Kafka subscription of all
+    // partitions: a commit must still never get ahead of the sink.
+    fn polls_may_overlap_writes(&self) -> bool {
+        self.inner.polls_may_overlap_writes()
     }
 
     async fn rewind(&mut self) -> Result<()> {

@@ -361,6 +361,14 @@ impl Subscription for KafkaSubscription {
         self.generation
     }
 
+    /// Only with [`Assignment::AllPartitions`]: a poll of a broker-side
+    /// group serves its rebalances, and a leased one applies new grants,
+    /// either of which could hand a partition on while its batch is still
+    /// being written.
+    fn polls_may_overlap_writes(&self) -> bool {
+        !self.leased && self.group_assignment.is_none()
+    }
+
     /// Works exactly the partitions (of the first configured topic) that
     /// `ownership.lease` grants, re-read at every poll, and reports on
     /// `ownership.applied` the set it works once the previous batch is done,

@@ -27,6 +27,9 @@ pub struct PgClaim {
     /// Lane locks (session-level advisory locks in `lock_namespace`) held
     /// until the transaction ends.
     pub(crate) lanes: Vec<i32>,
+    /// For each lane of `lanes`, the last seq claimed in it: an extension of
+    /// the claim reads the lane past it.
+    pub(crate) watermarks: std::collections::BTreeMap<i32, i64>,
     pub(crate) lock_namespace: i32,
 }
 
@@ -57,6 +60,7 @@ impl PgClaim {
             ids: Vec::new(),
             tids: Vec::new(),
             lanes: Vec::new(),
+            watermarks: std::collections::BTreeMap::new(),
             lock_namespace: 0,
         };
         let begin = format!(
@@ -98,6 +102,24 @@ impl PgClaim {
             .map_err(|e| PgError::query(operation, e))?;
         client
             .execute(&statement, params)
+            .await
+            .map_err(|e| PgError::query(operation, e))
+    }
+
+    /// Runs a further query of the claim in its transaction.
+    pub(crate) async fn query(
+        &self,
+        operation: &'static str,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, PgError> {
+        let client = self.client()?;
+        let statement = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| PgError::query(operation, e))?;
+        client
+            .query(&statement, params)
             .await
             .map_err(|e| PgError::query(operation, e))
     }

@@ -31,7 +31,10 @@ impl Listener {
         Self { wake, stop }
     }
 
-    /// Waits for a notification (or one that arrived since the last wait), at most `timeout`.
+    /// Waits for a notification (or one that arrived while nobody waited),
+    /// at most `timeout`. Every waiter wakes: an event lands in one lane, and
+    /// only the claim that holds the lane (or any idle loop, for a free lane)
+    /// can take it, so waking only one waiter could wake the wrong one.
     pub(crate) async fn wait(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.wake.notified()).await;
     }
@@ -41,6 +44,14 @@ impl Drop for Listener {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// Wakes every waiter and leaves a permit for the next one to wait, so a
+/// notification that arrives between two waits is not lost (at worst one
+/// wait returns early, and its claim finds nothing).
+fn wake_all(wake: &Notify) {
+    wake.notify_waiters();
+    wake.notify_one();
 }
 
 async fn listen_forever(pg: PgConfig, channel: String, wake: Arc<Notify>, stop: CancellationToken) {
@@ -66,12 +77,12 @@ async fn listen_forever(pg: PgConfig, channel: String, wake: Arc<Notify>, stop: 
                 } else if listened.is_some() {
                     debug!(channel, "listening for new outbox events");
                     // A notification may have been missed while reconnecting.
-                    wake.notify_one();
+                    wake_all(&wake);
                     loop {
                         tokio::select! {
                             _ = stop.cancelled() => return,
                             message = messages.next() => match message {
-                                Some(Ok(AsyncMessage::Notification(_))) => wake.notify_one(),
+                                Some(Ok(AsyncMessage::Notification(_))) => wake_all(&wake),
                                 Some(Ok(_)) => {}
                                 Some(Err(err)) => {
                                     debug!(error = %err, "outbox event listener disconnected");

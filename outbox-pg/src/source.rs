@@ -106,31 +106,51 @@ impl PgOutboxSource {
             // by (lane, seq), the same order within one lane, is an order
             // only that index gives, so no statistics can make the planner
             // prefer the primary key with a lane filter instead.
+            //
+            // The result always has a row (its columns NULL when nothing
+            // was claimed), so the release of unused lanes always runs: a
+            // lane found pending whose rows were gone by the time it was
+            // read would otherwise stay locked.
+            //
+            // An extension of an open claim passes the lanes it holds ($5)
+            // with the last seq it took in each ($6): those lanes are read
+            // past that seq (its own rows are locked by its own transaction,
+            // which SKIP LOCKED does not skip), and are neither locked again
+            // nor unlocked; other pending lanes are tried as by a new claim.
+            // Held lanes leave the candidates before any lock is tried (in
+            // `rotated`, materialized): a filter beside the lock call may be
+            // evaluated after it, and the lock, taken a second time, would
+            // outlive the claim (advisory locks count their holds).
             claim_sql: format!(
                 "WITH RECURSIVE lanes AS ( \
                    (SELECT lane FROM {table} ORDER BY lane LIMIT 1) \
                    UNION ALL \
                    SELECT (SELECT o.lane FROM {table} o WHERE o.lane > lanes.lane ORDER BY o.lane LIMIT 1) \
                    FROM lanes WHERE lanes.lane IS NOT NULL), \
+                 held AS MATERIALIZED ( \
+                   SELECT h.l, h.w FROM unnest($5::int[], $6::bigint[]) AS h(l, w)), \
                  rotated AS MATERIALIZED ( \
                    SELECT lane AS l FROM ( \
                      SELECT lane, row_number() OVER (ORDER BY lane) - 1 AS i, count(*) OVER () AS n \
-                     FROM lanes WHERE lane IS NOT NULL) p \
+                     FROM lanes WHERE lane IS NOT NULL \
+                     AND NOT EXISTS (SELECT 1 FROM held h WHERE h.l = lanes.lane)) p \
                    ORDER BY (i + $2::bigint % n) % n), \
                  locked AS MATERIALIZED ( \
                    SELECT l FROM rotated WHERE pg_try_advisory_lock($1::int, l) LIMIT $3::bigint), \
+                 targets AS MATERIALIZED ( \
+                   SELECT l, w FROM held \
+                   UNION ALL SELECT l, (-9223372036854775808)::bigint FROM locked), \
                  claimed AS MATERIALIZED ( \
-                   SELECT c.* FROM locked k CROSS JOIN LATERAL ( \
+                   SELECT c.* FROM targets k CROSS JOIN LATERAL ( \
                      SELECT t.ctid, t.seq, t.event_id, t.topic, t.key, t.payload, t.headers, t.created_at, t.lane \
-                     FROM {table} t WHERE t.lane = k.l \
+                     FROM {table} t WHERE t.lane = k.l AND t.seq > k.w \
                      ORDER BY t.lane, t.seq LIMIT $4::bigint FOR UPDATE OF t SKIP LOCKED) c \
                    LIMIT $4::bigint), \
                  unlocked AS MATERIALIZED ( \
                    SELECT pg_advisory_unlock($1::int, k.l) FROM locked k \
                    WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.lane = k.l)) \
-                 SELECT c.*, (SELECT array_agg(DISTINCT lane) FROM claimed) AS held_lanes, \
-                        (SELECT count(*) FROM unlocked) AS unlocked_lanes \
-                 FROM claimed c"
+                 SELECT c.*, u.n AS unlocked_lanes \
+                 FROM (SELECT count(*) AS n FROM unlocked) u LEFT JOIN claimed c ON true"
             ),
             // Acknowledgements find each row at the address the claim read
             // (see `ACK_SETTINGS`); the seq guards against any other row.
@@ -256,52 +276,83 @@ impl Source for PgOutboxSource {
                 resolve_lock_namespace(&client, &self.table).await
             })
             .await?;
+        let no_lanes: Vec<i32> = Vec::new();
+        let no_marks: Vec<i64> = Vec::new();
         let (mut claim, rows) = PgClaim::open(
             &self.pool,
             &self.target,
             self.config.claim_timeout,
             "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off",
             &self.claim_sql,
-            &[&namespace, &rotation, &lanes_limit, &limit],
+            &[
+                &namespace,
+                &rotation,
+                &lanes_limit,
+                &limit,
+                &no_lanes,
+                &no_marks,
+            ],
         )
         .await?;
         claim.lock_namespace = namespace;
-        let Some(first) = rows.first() else {
+        let rows = claimed_rows(rows)?;
+        if rows.is_empty() {
             // No lane had pending events, or their rows were taken by a
-            // claim that just committed; which lanes this one still locked
-            // is unknown here, and this session holds no other advisory
-            // locks, so release them all.
+            // claim that just committed. This session holds no other
+            // advisory locks: release them all, whatever the statement did.
             claim.release_all_lanes_and_rollback().await?;
             self.caught_up.store(true, Ordering::Relaxed);
             return Ok(None);
-        };
+        }
         self.caught_up
             .store(rows.len() < max_events, Ordering::Relaxed);
-        claim.lanes = first
-            .try_get::<_, Option<Vec<i32>>>("held_lanes")
-            .map_err(|e| PgError::query("claim (decode lanes)", e))?
-            .unwrap_or_default();
-        let mut decoded = rows
-            .iter()
-            .map(|row| {
-                let tid: Tid = row
-                    .try_get("ctid")
-                    .map_err(|e| PgError::query("claim (decode ctid)", e))?;
-                decode_row(row).map(|(seq, event)| (seq, tid, event))
-            })
-            .collect::<Result<Vec<_>, PgError>>()?;
-        // Rows arrive lane after lane; in enqueue order they publish the
-        // way they were written (each lane is in order either way).
-        decoded.sort_unstable_by_key(|(seq, _, _)| *seq);
-        let mut events = Vec::with_capacity(decoded.len());
-        claim.ids.reserve(decoded.len());
-        claim.tids.reserve(decoded.len());
-        for (seq, tid, event) in decoded {
-            claim.ids.push(seq);
-            claim.tids.push(tid);
-            events.push(event);
-        }
+        let events = take_rows(&mut claim, &rows)?;
         Ok(Some(Claimed { events, claim }))
+    }
+
+    /// The claim's transaction is still open: the same claim statement,
+    /// given the lanes it holds and the last seq it took in each, reads
+    /// those lanes past it and locks whichever other lanes have pending
+    /// events and are free. A lane is worked by one claim at a time (the
+    /// lock) in seq order (the watermark), so each key's new events follow
+    /// its events already in flight.
+    async fn extend_claim(
+        &self,
+        claimed: &mut Claimed<PgClaim>,
+        max_events: usize,
+    ) -> outbox_core::Result<usize> {
+        if max_events == 0 {
+            return Ok(0);
+        }
+        let limit = i64::try_from(max_events).unwrap_or(i64::MAX);
+        let rotation = (self.rotation.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff) as i64;
+        let claim = &mut claimed.claim;
+        let (lanes, marks): (Vec<i32>, Vec<i64>) = claim.watermarks.iter().unzip();
+        let rows = claim
+            .query(
+                "claim (extend)",
+                &self.claim_sql,
+                &[
+                    &claim.lock_namespace,
+                    &rotation,
+                    &i64::MAX,
+                    &limit,
+                    &lanes,
+                    &marks,
+                ],
+            )
+            .await?;
+        let events = take_rows(claim, &claimed_rows(rows)?)?;
+        let added = events.len();
+        claimed.events.extend(events);
+        Ok(added)
+    }
+
+    /// Only with [`PgOutboxSource::listen_for_events`]: without
+    /// notifications an open claim would learn of new events only at the
+    /// end of its window, and hold its lanes for nothing meanwhile.
+    fn extends_claims(&self) -> bool {
+        self.listener.is_some()
     }
 
     async fn wait_for_events(&self, timeout: std::time::Duration) -> outbox_core::Result<()> {
@@ -354,6 +405,54 @@ impl Source for PgOutboxSource {
         claim.finish(true).await?;
         Ok(plan.summary())
     }
+}
+
+/// The rows of a claim statement that hold an event (the statement
+/// answers one row of NULLs when it claimed nothing).
+fn claimed_rows(rows: Vec<tokio_postgres::Row>) -> Result<Vec<tokio_postgres::Row>, PgError> {
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in rows {
+        let seq: Option<i64> = row
+            .try_get("seq")
+            .map_err(|e| PgError::query("claim (decode seq)", e))?;
+        if seq.is_some() {
+            claimed.push(row);
+        }
+    }
+    Ok(claimed)
+}
+
+/// Decodes claimed rows into events in seq order, and records in `claim`
+/// where each is (seq, ctid), the lanes it now holds and the last seq it
+/// took in each.
+fn take_rows(claim: &mut PgClaim, rows: &[tokio_postgres::Row]) -> Result<Vec<Event>, PgError> {
+    let mut decoded = rows
+        .iter()
+        .map(|row| {
+            let tid: Tid = row
+                .try_get("ctid")
+                .map_err(|e| PgError::query("claim (decode ctid)", e))?;
+            let lane: i32 = row
+                .try_get("lane")
+                .map_err(|e| PgError::query("claim (decode lane)", e))?;
+            decode_row(row).map(|(seq, event)| (seq, tid, lane, event))
+        })
+        .collect::<Result<Vec<_>, PgError>>()?;
+    // Rows arrive lane after lane; in enqueue order they publish the way
+    // they were written (each lane is in order either way).
+    decoded.sort_unstable_by_key(|(seq, _, _, _)| *seq);
+    let mut events = Vec::with_capacity(decoded.len());
+    claim.ids.reserve(decoded.len());
+    claim.tids.reserve(decoded.len());
+    for (seq, tid, lane, event) in decoded {
+        claim.ids.push(seq);
+        claim.tids.push(tid);
+        let mark = claim.watermarks.entry(lane).or_insert(seq);
+        *mark = (*mark).max(seq);
+        events.push(event);
+    }
+    claim.lanes = claim.watermarks.keys().copied().collect();
+    Ok(events)
 }
 
 /// Statements of an acknowledgement find rows only through their `ctid`

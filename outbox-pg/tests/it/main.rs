@@ -787,3 +787,123 @@ async fn typed_json_events_round_trip() {
     source.acknowledge(claimed, &[ack(0)]).await.unwrap();
     assert!(source.claim(10).await.unwrap().is_none());
 }
+
+/// Invariant (an open claim grows only in its own lanes, past what it took,
+/// and loses nothing): while claim A is in flight, events enqueued in A's
+/// lanes are invisible to relay B and are taken by A's extension, after A's
+/// earlier events of each key; events in other lanes go to B; one
+/// acknowledgement of A removes its first and extended events alike, and
+/// no lane lock is left on any connection.
+#[tokio::test]
+async fn an_open_claim_extends_into_its_lanes_only() {
+    let (setup_pool, config) = setup("extend").await;
+    let app = "outbox-test-extend";
+    let pool = PgConfig {
+        application_name: app.into(),
+        ..pg_config()
+    }
+    .create_pool()
+    .unwrap();
+    let outbox = Outbox::new(&config);
+    let client = setup_pool.get().await.unwrap();
+    let batch = |from: usize, to: usize| -> Vec<Event> {
+        (from..to)
+            .map(|i| Event::new("t", format!("k{}:{i}", i % 12)).with_key(format!("k{}", i % 12)))
+            .collect()
+    };
+    outbox.enqueue(&client, &batch(0, 4)).await.unwrap();
+    let a = PgOutboxSource::new(pool.clone(), "test", config.clone());
+    let b = PgOutboxSource::new(pool.clone(), "test", config);
+    let mut claim_a = a.claim(1000).await.unwrap().unwrap();
+    assert_eq!(claim_a.events.len(), 4);
+    let lane_of = |ids: Vec<uuid::Uuid>| {
+        let client = &client;
+        async move {
+            client
+                .query(
+                    "SELECT event_id, lane FROM t_extend WHERE event_id = ANY($1)",
+                    &[&ids],
+                )
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|row| (row.get::<_, uuid::Uuid>(0), row.get::<_, i32>(1)))
+                .collect::<std::collections::HashMap<_, _>>()
+        }
+    };
+    let lanes_a: std::collections::HashSet<i32> =
+        lane_of(claim_a.events.iter().map(|e| e.id).collect())
+            .await
+            .into_values()
+            .collect();
+    // 20 more over 12 keys: some in A's lanes, some elsewhere.
+    let later = batch(4, 24);
+    outbox.enqueue(&client, &later).await.unwrap();
+    let later_lanes = lane_of(later.iter().map(|e| e.id).collect()).await;
+    let claim_b = b.claim(1000).await.unwrap();
+    let b_ids: std::collections::HashSet<uuid::Uuid> = claim_b
+        .as_ref()
+        .map(|c| c.events.iter().map(|e| e.id).collect())
+        .unwrap_or_default();
+    let added = a.extend_claim(&mut claim_a, 1000).await.unwrap();
+    let extended: Vec<&Event> = claim_a.events[4..].iter().collect();
+    let expected_in_a: Vec<uuid::Uuid> = later
+        .iter()
+        .filter(|e| lanes_a.contains(&later_lanes[&e.id]))
+        .map(|e| e.id)
+        .collect();
+    println!(
+        "lanes of A={lanes_a:?}; later events={} of which in A's lanes={}; extension took {added}; B took {}",
+        later.len(),
+        expected_in_a.len(),
+        b_ids.len()
+    );
+    assert!(!expected_in_a.is_empty() && expected_in_a.len() < later.len());
+    assert_eq!(
+        extended.iter().map(|e| e.id).collect::<Vec<_>>(),
+        expected_in_a,
+        "the extension holds the later events of A's lanes, in order"
+    );
+    assert_eq!(b_ids.len() + added, later.len(), "B took the rest");
+    assert!(extended.iter().all(|e| !b_ids.contains(&e.id)));
+    // Nothing more to take: a second extension adds nothing.
+    assert_eq!(a.extend_claim(&mut claim_a, 1000).await.unwrap(), 0);
+    // Each key's events in A come in order.
+    let mut last: std::collections::HashMap<String, usize> = Default::default();
+    for event in &claim_a.events {
+        let payload = String::from_utf8_lossy(&event.payload).to_string();
+        let (key, n) = payload.split_once(':').unwrap();
+        let n: usize = n.parse().unwrap();
+        if let Some(previous) = last.insert(key.to_string(), n) {
+            assert!(previous < n, "key {key}: {previous} before {n}");
+        }
+    }
+    let total_a = claim_a.events.len();
+    let summary = a
+        .acknowledge(claim_a, &(0..total_a as i64).map(ack).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(summary.completed, total_a);
+    if let Some(claim_b) = claim_b {
+        let n = claim_b.events.len();
+        b.acknowledge(claim_b, &(0..n as i64).map(ack).collect::<Vec<_>>())
+            .await
+            .unwrap();
+    }
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM t_extend", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let locks: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND s.application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    println!("left in the outbox={left} lane locks held={locks}");
+    assert_eq!((left, locks), (0, 0));
+}
