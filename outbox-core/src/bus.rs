@@ -92,17 +92,11 @@ pub trait Bus: Send + Sync {
             let to_publish: Vec<Event> = now.iter().map(|&i| part[i].clone()).collect();
             let started = std::time::Instant::now();
             let mut answers = self.publish(&to_publish).await?.into_iter();
-            let age = |e: &Event| {
-                std::time::SystemTime::now()
-                    .duration_since(e.created_at)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0)
-            };
             tracing::trace!(
                 part_len = to_publish.len(),
                 publish_ms = started.elapsed().as_millis() as u64,
-                oldest_age_at_answer_ms = to_publish.first().map(age).unwrap_or(0),
-                newest_age_at_answer_ms = to_publish.last().map(age).unwrap_or(0),
+                oldest_age_at_answer_ms = to_publish.first().map(Event::age_ms).unwrap_or(0),
+                newest_age_at_answer_ms = to_publish.last().map(Event::age_ms).unwrap_or(0),
                 "part of a growing batch answered"
             );
             let mut part_deliveries: Vec<Delivery> = (0..part.len())

@@ -106,6 +106,15 @@ impl Event {
         self
     }
 
+    /// How long ago the event was created, in whole milliseconds (0 for a
+    /// creation time in the future): the age the relay's trace lines give.
+    pub(crate) fn age_ms(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(self.created_at)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
+    }
+
     /// Creation time in milliseconds since the Unix epoch (0 for times before it).
     pub fn created_at_ms(&self) -> i64 {
         system_time_to_ms(self.created_at)

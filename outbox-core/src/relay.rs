@@ -326,16 +326,10 @@ impl<S: Source, B: Bus> Relay<S, B> {
                 continue;
             }
             let part = claimed.events[before..].to_vec();
-            let age = |e: &Event| {
-                std::time::SystemTime::now()
-                    .duration_since(e.created_at)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0)
-            };
             tracing::trace!(
                 part_len = part.len(),
-                oldest_age_ms = part.first().map(age).unwrap_or(0),
-                newest_age_ms = part.last().map(age).unwrap_or(0),
+                oldest_age_ms = part.first().map(Event::age_ms).unwrap_or(0),
+                newest_age_ms = part.last().map(Event::age_ms).unwrap_or(0),
                 "claim extended"
             );
             if parts.send(part).await.is_err() {

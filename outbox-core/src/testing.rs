@@ -62,6 +62,21 @@ struct OutboxState {
     extends: bool,
 }
 
+impl OutboxState {
+    /// The first `max` pending events no claim holds, now held.
+    fn claim_unclaimed(&mut self, max: usize) -> Vec<Event> {
+        let events: Vec<Event> = self
+            .pending
+            .iter()
+            .filter(|event| !self.claimed.contains(&event.id))
+            .take(max)
+            .cloned()
+            .collect();
+        self.claimed.extend(events.iter().map(|event| event.id));
+        events
+    }
+}
+
 /// An outbox in memory: claims hand out pending events that no other claim
 /// holds, oldest first; [`Source::acknowledge`] removes what the broker
 /// acknowledged or rejected and releases the rest. A claim dropped without
@@ -154,18 +169,11 @@ impl Source for MemoryOutbox {
         if take(&mut state.claim_failures) {
             return Err(Error::retryable(Stage::Source, "scripted: claim failed"));
         }
-        let events: Vec<Event> = state
-            .pending
-            .iter()
-            .filter(|event| !state.claimed.contains(&event.id))
-            .take(max_events)
-            .cloned()
-            .collect();
+        let events = state.claim_unclaimed(max_events);
         if events.is_empty() {
             return Ok(None);
         }
         let ids: Vec<Uuid> = events.iter().map(|event| event.id).collect();
-        state.claimed.extend(ids.iter().copied());
         let claim = MemoryClaim {
             ids,
             state: self.state.clone(),
@@ -185,14 +193,7 @@ impl Source for MemoryOutbox {
         if take(&mut state.claim_failures) {
             return Err(Error::retryable(Stage::Source, "scripted: claim failed"));
         }
-        let events: Vec<Event> = state
-            .pending
-            .iter()
-            .filter(|event| !state.claimed.contains(&event.id))
-            .take(max_events)
-            .cloned()
-            .collect();
-        state.claimed.extend(events.iter().map(|event| event.id));
+        let events = state.claim_unclaimed(max_events);
         claimed
             .claim
             .ids

@@ -95,15 +95,25 @@ impl PgClaim {
         if rows == 0 {
             return Ok(0);
         }
+        let (client, statement) = self.prepared(operation, sql).await?;
+        client
+            .execute(&statement, params)
+            .await
+            .map_err(|e| PgError::query(operation, e))
+    }
+
+    /// The claim's connection and `sql` prepared on it (once per connection).
+    async fn prepared(
+        &self,
+        operation: &'static str,
+        sql: &str,
+    ) -> Result<(&Object, tokio_postgres::Statement), PgError> {
         let client = self.client()?;
         let statement = client
             .prepare_cached(sql)
             .await
             .map_err(|e| PgError::query(operation, e))?;
-        client
-            .execute(&statement, params)
-            .await
-            .map_err(|e| PgError::query(operation, e))
+        Ok((client, statement))
     }
 
     /// Runs a further query of the claim in its transaction.
@@ -113,11 +123,7 @@ impl PgClaim {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, PgError> {
-        let client = self.client()?;
-        let statement = client
-            .prepare_cached(sql)
-            .await
-            .map_err(|e| PgError::query(operation, e))?;
+        let (client, statement) = self.prepared(operation, sql).await?;
         client
             .query(&statement, params)
             .await

@@ -288,12 +288,7 @@ async fn claims_are_exclusive_by_lane_and_abandoned_claims_release() {
 async fn claims_leave_no_lane_locked() {
     let (setup_pool, config) = setup("lane_locks").await;
     let app = "outbox-test-lane-locks";
-    let pool = PgConfig {
-        application_name: app.into(),
-        ..pg_config()
-    }
-    .create_pool()
-    .unwrap();
+    let pool = pool_named(app);
     let outbox = Outbox::new(&config);
     let client = setup_pool.get().await.unwrap();
     let events: Vec<Event> = (0..2000)
@@ -302,17 +297,7 @@ async fn claims_leave_no_lane_locked() {
     outbox.enqueue(&client, &events).await.unwrap();
     let a = PgOutboxSource::new(pool.clone(), "test", config.clone());
     let b = PgOutboxSource::new(pool.clone(), "test", config);
-    let held = || async {
-        client
-            .query_one(
-                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid \
-                 WHERE l.locktype = 'advisory' AND s.application_name = $1",
-                &[&app],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
+    let held = || advisory_locks_of(&client, app);
     let lanes_of = |claimed: &outbox_core::Claimed<outbox_pg::PgClaim>| {
         let ids: Vec<uuid::Uuid> = claimed.events.iter().map(|e| e.id).collect();
         let client = &client;
@@ -788,6 +773,30 @@ async fn typed_json_events_round_trip() {
     assert!(source.claim(10).await.unwrap().is_none());
 }
 
+/// A pool whose sessions carry `app` as their application name, so that
+/// `pg_locks` can be read for them alone.
+fn pool_named(app: &str) -> deadpool_postgres::Pool {
+    PgConfig {
+        application_name: app.into(),
+        ..pg_config()
+    }
+    .create_pool()
+    .unwrap()
+}
+
+/// Advisory locks held right now by the sessions named `app`.
+async fn advisory_locks_of(client: &deadpool_postgres::Client, app: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND s.application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Invariant (an open claim grows only in its own lanes, past what it took,
 /// and loses nothing): while claim A is in flight, events enqueued in A's
 /// lanes are invisible to relay B and are taken by A's extension, after A's
@@ -798,12 +807,7 @@ async fn typed_json_events_round_trip() {
 async fn an_open_claim_extends_into_its_lanes_only() {
     let (setup_pool, config) = setup("extend").await;
     let app = "outbox-test-extend";
-    let pool = PgConfig {
-        application_name: app.into(),
-        ..pg_config()
-    }
-    .create_pool()
-    .unwrap();
+    let pool = pool_named(app);
     let outbox = Outbox::new(&config);
     let client = setup_pool.get().await.unwrap();
     let batch = |from: usize, to: usize| -> Vec<Event> {
@@ -895,15 +899,7 @@ async fn an_open_claim_extends_into_its_lanes_only() {
         .await
         .unwrap()
         .get(0);
-    let locks: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid \
-             WHERE l.locktype = 'advisory' AND s.application_name = $1",
-            &[&app],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let locks = advisory_locks_of(&client, app).await;
     println!("left in the outbox={left} lane locks held={locks}");
     assert_eq!((left, locks), (0, 0));
 }
