@@ -179,7 +179,8 @@ pub async fn raw_latency(env: &Env, rate: u32, length: Duration) -> anyhow::Resu
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let readable_at = tap
         .join()
-        .map_err(|_| anyhow::anyhow!("the topic tap thread panicked"))?;
+        .map_err(|_| anyhow::anyhow!("the topic tap thread panicked"))?
+        .seen;
     if failed > 0 {
         bail!("raw latency: {failed} of {sent} messages were not acknowledged");
     }

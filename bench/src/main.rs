@@ -5,6 +5,7 @@
 //! shipped relay and consumer binaries. Figures are reported as ratios to
 //! the raw limits measured in the same run, because these machines are noisy.
 
+mod arrivals;
 mod budget;
 mod cpu;
 mod hops;

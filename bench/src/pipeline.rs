@@ -445,6 +445,12 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[index.min(sorted.len() - 1)]
 }
 
+/// What the tap read: when each event id first became readable, and where.
+pub struct Tapped {
+    pub seen: HashMap<Uuid, Instant>,
+    pub positions: HashMap<Uuid, (i32, i64)>,
+}
+
 /// Reads `topic` from its end on its own thread and notes when each event
 /// id becomes readable: splits the end-to-end latency into the relay's share
 /// and the consumer's.
@@ -452,7 +458,7 @@ pub fn tap_topic(
     brokers: &str,
     topic: &str,
     stop: Arc<std::sync::atomic::AtomicBool>,
-) -> anyhow::Result<std::thread::JoinHandle<HashMap<Uuid, Instant>>> {
+) -> anyhow::Result<std::thread::JoinHandle<Tapped>> {
     use outbox_kafka::rdkafka::consumer::Consumer;
     use outbox_kafka::rdkafka::message::Headers;
     use outbox_kafka::rdkafka::{Message, Offset, TopicPartitionList};
@@ -475,6 +481,7 @@ pub fn tap_topic(
     consumer.assign(&list)?;
     Ok(std::thread::spawn(move || {
         let mut seen = HashMap::new();
+        let mut positions = HashMap::new();
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
             let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) else {
                 continue;
@@ -490,10 +497,61 @@ pub fn tap_topic(
             });
             if let Some(id) = id {
                 seen.entry(id).or_insert(at);
+                positions
+                    .entry(id)
+                    .or_insert((message.partition(), message.offset()));
             }
         }
-        seen
+        Tapped { seen, positions }
     }))
+}
+
+/// When each committed event's row was first written, from the consumer's
+/// log (by the position the tap read it at), checked against the table's
+/// polls: every event the polls saw must have a logged write no later
+/// than the poll (within [`PROBE_TOLERANCE`]).
+fn written_from_log(
+    log: &std::path::Path,
+    topic: &str,
+    tapped: &Tapped,
+    committed: &HashMap<Uuid, Instant>,
+    seen_at: &HashMap<Uuid, Instant>,
+    clock: (Instant, std::time::SystemTime),
+) -> anyhow::Result<HashMap<Uuid, Instant>> {
+    let text = std::fs::read_to_string(log)
+        .with_context(|| format!("reading the consumer's log {}", log.display()))?;
+    let first = crate::arrivals::FirstWritten::from_log(&text, topic)?;
+    let mut written = HashMap::with_capacity(committed.len());
+    let (mut unlogged, mut early) = (0usize, 0usize);
+    let polled_rows = committed
+        .keys()
+        .filter_map(|id| seen_at.get(id).map(|polled| (id, polled)));
+    for (id, polled) in polled_rows {
+        let logged = tapped
+            .positions
+            .get(id)
+            .and_then(|(partition, offset)| first.at(*partition, *offset))
+            .and_then(|at| at.duration_since(clock.1).ok())
+            .map(|since| clock.0 + since);
+        match logged {
+            Some(at) => {
+                if at > *polled + PROBE_TOLERANCE {
+                    early += 1;
+                }
+                written.insert(*id, at);
+            }
+            None => unlogged += 1,
+        }
+    }
+    if unlogged > 0 || early > 0 {
+        bail!(
+            "the consumer's log does not account for the rows ClickHouse holds: {unlogged} rows \
+             without a logged write at their position, {early} rows seen in the table more than \
+             {PROBE_TOLERANCE:?} before their logged write (see {})",
+            log.display()
+        );
+    }
+    Ok(written)
 }
 
 #[derive(Debug, Deserialize, clickhouse::Row)]
@@ -504,10 +562,23 @@ struct Seen {
     kafka_offset: i64,
 }
 
+/// How often the latency phases look at ClickHouse: to know when every
+/// row arrived, and to check the arrival times the consumer's log gives
+/// (see [`crate::arrivals`]); not to time the rows.
+const TABLE_CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// A log time later than the poll that already saw its row by more than
+/// this means the log-based probe is wrong (the consumer logs a batch right
+/// after its insert returns; a poll may see the rows a little earlier).
+const PROBE_TOLERANCE: Duration = Duration::from_millis(50);
+
 /// Runs a relay and a consumer, enqueues `rate` events per second for
 /// `length`, and measures for each event the time from its enqueue
-/// transaction's commit to its row being visible in ClickHouse (polled every
-/// 5 ms, so figures include up to that much polling delay).
+/// transaction's commit to its row being written to ClickHouse: the time
+/// the consumer logged the batch that first wrote the record (after its
+/// insert returned), matched by the record's position as the topic tap read
+/// it. The table is polled every [`TABLE_CHECK_EVERY`] to check those
+/// times and to know when every row is in.
 pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<LatencyRun> {
     let table = env.name(&format!("lat{rate}"));
     let topic = table.clone();
@@ -573,6 +644,9 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
     let cpu_start = cpu_times();
     let mut cpu_end = None;
     let procs_start = cpu_snapshot(&relay, &consumer);
+    // The consumer's log gives wall-clock times; this pair turns them into
+    // instants of this process.
+    let clock = (Instant::now(), std::time::SystemTime::now());
     let mut procs_end = Vec::new();
     let tap_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tap = tap_topic(&env.kafka.brokers, &topic, tap_stop.clone())?;
@@ -662,19 +736,21 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
                 );
             }
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(TABLE_CHECK_EVERY).await;
     }
     relay.stop(STOP_GRACE).await?;
     consumer.stop(STOP_GRACE).await?;
     tap_stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let in_kafka_at = tap
+    let tapped = tap
         .join()
         .map_err(|_| anyhow::anyhow!("the topic tap thread panicked"))?;
     let committed = committed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let written_at = written_from_log(&consumer_log, &topic, &tapped, &committed, &seen_at, clock)?;
+    let in_kafka_at = tapped.seen;
     let since_commit = |arrivals: &HashMap<Uuid, Instant>| delays_ms(&committed, arrivals);
     let distinct: HashSet<&Uuid> = seen_at.keys().collect();
     let run = LatencyRun {
-        latencies_ms: since_commit(&seen_at),
+        latencies_ms: since_commit(&written_at),
         to_kafka_ms: since_commit(&in_kafka_at),
         cpu_busy_pct: busy_pct(cpu_start, cpu_end),
         cpu_s_per_1k: cpu_between(&procs_start, &procs_end, committed.len()),

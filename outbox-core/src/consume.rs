@@ -9,7 +9,7 @@ use tracing::{debug, info, warn};
 
 use crate::bus::{Checkpoint, Record, Subscription};
 use crate::relay::{count_error, sleep_or_cancel};
-use crate::sink::Sink;
+use crate::sink::{Sink, WriteReport};
 use crate::{Backoff, Error, ErrorChain, Health, Lease, Result, Stage};
 
 /// Settings of a [`Consume`] loop.
@@ -243,6 +243,9 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
                 self.sink.forget_positions();
                 self.generation = polled.generation;
             }
+            // The written batch is counted and logged as soon as the sink
+            // returns, not when an overlapping poll ends: its log line's
+            // time is when its rows were written.
             let write = async {
                 let started = Instant::now();
                 let outcome = write_with_retry(
@@ -259,20 +262,23 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
                     &shutdown,
                 )
                 .await;
-                (outcome, started.elapsed())
+                if let Ok(Outcome::Written(report)) = &outcome {
+                    report_written(&records, report, poll_ms, started.elapsed(), &mut stats);
+                }
+                outcome
             };
-            let (outcome, write_time) = if overlap {
-                let ((outcome, write_time), next) = tokio::join!(
+            let outcome = if overlap {
+                let (outcome, next) = tokio::join!(
                     write,
                     poll(&mut self.subscription, &self.config, None, &shutdown)
                 );
                 ahead = next;
-                (outcome, write_time)
+                outcome
             } else {
                 write.await
             };
-            let report = match outcome? {
-                Outcome::Written(report) => report,
+            match outcome? {
+                Outcome::Written(_) => {}
                 Outcome::Shutdown => break,
                 Outcome::Fenced => {
                     stats.fenced += 1;
@@ -285,31 +291,7 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
                     self.subscription.rewind().await?;
                     continue;
                 }
-            };
-            stats.batches += 1;
-            stats.written += report.written as u64;
-            stats.duplicates += report.duplicates as u64;
-            stats.dead_lettered += report.dead_lettered.len() as u64;
-            metrics::counter!("outbox_consumer_records_total").increment(records.len() as u64);
-            metrics::counter!("outbox_sink_rows_written_total").increment(report.written as u64);
-            metrics::counter!("outbox_sink_duplicates_total").increment(report.duplicates as u64);
-            metrics::counter!("outbox_sink_dead_lettered_total")
-                .increment(report.dead_lettered.len() as u64);
-            metrics::histogram!("outbox_consumer_batch_size").record(records.len() as f64);
-            metrics::histogram!("outbox_sink_write_seconds").record(write_time.as_secs_f64());
-            let first = &records[0].position;
-            let last = &records[records.len() - 1].position;
-            debug!(
-                batch_len = records.len(),
-                first_position = %format_args!("{}:{}", first.partition, first.offset),
-                last_position = %format_args!("{}:{}", last.partition, last.offset),
-                poll_ms,
-                write_ms = write_time.as_millis() as u64,
-                written = report.written,
-                duplicates = report.duplicates,
-                dead_lettered = report.dead_lettered.len(),
-                "sink batch acknowledged"
-            );
+            }
             // The positions are a hint only (the sink keeps the truth), so a
             // failed commit is logged, not retried: the next commit covers it.
             if let Err(err) = self.subscription.commit(&checkpoint_after(&records)).await {
@@ -325,6 +307,42 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
         );
         Ok(stats)
     }
+}
+
+/// Counts a written batch in `stats` and the metrics, and logs it.
+fn report_written(
+    records: &[Record],
+    report: &WriteReport,
+    poll_ms: u64,
+    write_time: Duration,
+    stats: &mut ConsumeStats,
+) {
+    stats.batches += 1;
+    stats.written += report.written as u64;
+    stats.duplicates += report.duplicates as u64;
+    stats.dead_lettered += report.dead_lettered.len() as u64;
+    metrics::counter!("outbox_consumer_records_total").increment(records.len() as u64);
+    metrics::counter!("outbox_sink_rows_written_total").increment(report.written as u64);
+    metrics::counter!("outbox_sink_duplicates_total").increment(report.duplicates as u64);
+    metrics::counter!("outbox_sink_dead_lettered_total")
+        .increment(report.dead_lettered.len() as u64);
+    metrics::histogram!("outbox_consumer_batch_size").record(records.len() as f64);
+    metrics::histogram!("outbox_sink_write_seconds").record(write_time.as_secs_f64());
+    let (Some(first), Some(last)) = (records.first(), records.last()) else {
+        return;
+    };
+    debug!(
+        batch_len = records.len(),
+        first_position = %format_args!("{}:{}", first.position.partition, first.position.offset),
+        last_position = %format_args!("{}:{}", last.position.partition, last.position.offset),
+        positions = %PositionRanges(records),
+        poll_ms,
+        write_ms = write_time.as_millis() as u64,
+        written = report.written,
+        duplicates = report.duplicates,
+        dead_lettered = report.dead_lettered.len(),
+        "sink batch acknowledged"
+    );
 }
 
 /// One poll's outcome, with what the loop needs to know of when it was made.
@@ -470,6 +488,35 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The positions a batch covers, for its log line: `topic:partition:first-last`
+/// for each (topic, partition), comma-separated, in (topic, partition)
+/// order. Formatted only when the line is logged. With the line's time
+/// (taken once the sink wrote the batch), it tells when each record was
+/// written, which `make bench` uses instead of polling the table.
+struct PositionRanges<'a>(&'a [Record]);
+
+impl std::fmt::Display for PositionRanges<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut ranges: std::collections::BTreeMap<(&str, i32), (i64, i64)> =
+            std::collections::BTreeMap::new();
+        for record in self.0 {
+            let offset = record.position.offset;
+            let range = ranges
+                .entry((record.topic.as_str(), record.position.partition))
+                .or_insert((offset, offset));
+            range.0 = range.0.min(offset);
+            range.1 = range.1.max(offset);
+        }
+        for (i, ((topic, partition), (first, last))) in ranges.into_iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{topic}:{partition}:{first}-{last}")?;
+        }
+        Ok(())
     }
 }
 
@@ -638,6 +685,15 @@ mod tests {
             epoch,
             valid_until: Some(Instant::now() + valid_for),
         }
+    }
+
+    #[test]
+    fn a_batch_logs_the_range_of_each_partition() {
+        let mut batch = records(1, 5..8);
+        batch.extend(records(0, 3..5));
+        batch.push(records(1, 9..10).remove(0));
+        assert_eq!(PositionRanges(&batch).to_string(), "t:0:3-4,t:1:5-9");
+        assert_eq!(PositionRanges(&[]).to_string(), "");
     }
 
     /// A partition that came back (new generation) may have been written by
