@@ -185,13 +185,18 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
         let mut stats = ConsumeStats::default();
         let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
         let mut idle_since = tokio::time::Instant::now();
-        // Where a poll cannot move partitions, the next batch is polled while
-        // the sink writes this one: under a backlog the sink then never waits
-        // for the conversion of fetched messages, at low load the next
-        // batch's linger runs during the insert. With a lease the next poll
-        // could apply a new grant (and report it applied) while a dropped
-        // partition's batch is still being written, so it waits.
-        let overlap = self.lease.is_none() && self.subscription.polls_may_overlap_writes();
+        // Under a backlog (a full batch in hand), where a poll cannot move
+        // partitions, the next batch is polled while the sink writes this
+        // one, so the sink never waits for the conversion of fetched
+        // messages. Not below a full batch: a poll returns a linger after
+        // its first record, so polled during the insert the next batch would
+        // hold only that linger's events and leave the rest for a batch
+        // after it, where polled after the insert it holds everything that
+        // arrived meanwhile (measured: twice the inserts at 1,000 events/s).
+        // With a lease the next poll could apply a new grant (and report it
+        // applied) while a dropped partition's batch is still being written,
+        // so it waits.
+        let may_overlap = self.lease.is_none() && self.subscription.polls_may_overlap_writes();
         let mut ahead: Option<Polled> = None;
         loop {
             let polled = match ahead.take() {
@@ -267,7 +272,7 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
                 }
                 outcome
             };
-            let outcome = if overlap {
+            let outcome = if may_overlap && records.len() >= self.config.batch_size {
                 let (outcome, next) = tokio::join!(
                     write,
                     poll(&mut self.subscription, &self.config, None, &shutdown)
@@ -712,6 +717,7 @@ mod tests {
                 false,
             );
             consume.subscription.overlap = overlap;
+            consume.config.batch_size = 2;
             let stats = consume.run(CancellationToken::new()).await?;
             let seen = events(&log);
             let forgets: Vec<usize> = seen
@@ -734,21 +740,30 @@ mod tests {
         Ok(())
     }
 
-    /// Where polls move no partition, the next batch is polled while the
-    /// sink writes (and the batches are still written and committed one
-    /// after the other, in order); with a lease the poll waits for the
-    /// write, since it could apply a new grant meanwhile.
+    /// Where polls move no partition, the batch after a full one is polled
+    /// while the sink writes (and the batches are still written and
+    /// committed one after the other, in order); after a batch that was
+    /// not full, the poll waits for the write, to take what arrived during
+    /// it; with a lease the poll always waits for the write, since it could
+    /// apply a new grant meanwhile.
     #[tokio::test(start_paused = true)]
     async fn the_next_poll_overlaps_a_write_only_without_a_lease() -> Result<()> {
-        let batches = || vec![(1, records(0, 0..3)), (1, records(0, 3..5))];
+        let batches = || {
+            vec![
+                (1, records(0, 0..3)),
+                (1, records(0, 3..5)),
+                (1, records(0, 5..6)),
+            ]
+        };
         let (mut unleased, log) = consume(batches(), Duration::from_millis(100), false);
         unleased.subscription.overlap = true;
+        unleased.config.batch_size = 3;
         let stats = unleased.run(CancellationToken::new()).await?;
         let seen = events(&log);
         println!("unleased: {seen:?}");
-        assert_eq!(stats.written, 5);
+        assert_eq!(stats.written, 6);
         assert_eq!(
-            seen[..8],
+            seen[..11],
             [
                 "poll 3",
                 "forget",
@@ -758,16 +773,20 @@ mod tests {
                 "commit Checkpoint({(\"t\", 0): 3})",
                 "write start 2",
                 "write end",
+                "commit Checkpoint({(\"t\", 0): 5})",
+                "poll 1",
+                "write start 1",
             ]
         );
 
         let (_tx, rx) = watch::channel(lease(&[0], 1, Duration::from_secs(60)));
         let (mut leased, log) = consume(batches(), Duration::from_millis(100), false);
         leased.subscription.overlap = true;
+        leased.config.batch_size = 3;
         let stats = leased.with_lease(rx).run(CancellationToken::new()).await?;
         let seen = events(&log);
         println!("leased: {seen:?}");
-        assert_eq!(stats.written, 5);
+        assert_eq!(stats.written, 6);
         assert_eq!(
             seen[..5],
             [
