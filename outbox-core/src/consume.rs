@@ -87,8 +87,8 @@ pub struct ConsumeStats {
 /// through the positions stored with each row) turns that into exactly-once.
 /// Batches are written one after the other, in the order they were polled;
 /// where the subscription allows it
-/// ([`Subscription::polls_may_overlap_writes`]), the next batch is polled
-/// while the sink writes the previous one.
+/// ([`Subscription::polls_may_overlap_writes`]), the batch after a full one
+/// is polled while the sink writes it.
 ///
 /// ```no_run
 /// # async fn example<B: outbox_core::Subscription, K: outbox_core::Sink>(bus: B, sink: K) -> outbox_core::Result<()> {
@@ -293,6 +293,8 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
                         "partition lease expired or moved during a write; batch abandoned uncommitted"
                     );
                     self.sink.forget_positions();
+                    // Whatever was read ahead is read again after the rewind.
+                    ahead = None;
                     self.subscription.rewind().await?;
                     continue;
                 }

@@ -312,8 +312,8 @@ impl<S: Source, B: Bus> Relay<S, B> {
             if room == 0 || now >= deadline {
                 return Ok(());
             }
-            // An error here ends the window like its end would: the claim
-            // goes on with what it has.
+            // A failed wait counts as a wake-up: the claim then looks for
+            // new events every `extend_interval` until the window ends.
             let _ = self.source.wait_for_events(deadline - now).await;
             if tokio::time::Instant::now() >= deadline {
                 return Ok(());
