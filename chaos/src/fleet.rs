@@ -146,13 +146,14 @@ impl Fleet {
                 ServicePath::kafka(&filter, RELAY_GID + i)?,
             ];
             let label = format!("relay{i}");
-            relays.push(proc(
-                label,
-                &relay_program,
-                &relay_args,
-                paths,
-                RELAY_GID + i,
-            ));
+            // Two of the three relays keep their claims open for a window
+            // (off by default): both claim paths, and their mix on shared
+            // lanes, stay under attack.
+            let mut args = relay_args.clone();
+            if i > 0 && !cli.unsafe_relay {
+                args.extend(["--claim-window-ms".to_string(), "200".to_string()]);
+            }
+            relays.push(proc(label, &relay_program, &args, paths, RELAY_GID + i));
         }
         let consumer_args = consumer_args(cli, name);
         let mut consumers = Vec::new();

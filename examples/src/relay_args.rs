@@ -69,8 +69,9 @@ pub struct RelayArgs {
     #[arg(long, env = "OUTBOX_IN_FLIGHT_BATCHES", default_value_t = RelayConfig::default().max_in_flight_batches)]
     pub in_flight_batches: usize,
     /// How long a claim that was not full stays open, taking the events
-    /// that arrive in its lanes and publishing each at once (ms; 0: one
-    /// publish per claim). Outbox source only.
+    /// that arrive in its lanes and publishing them as they come (ms; 0,
+    /// the default: one publish per claim). Fewer claim transactions for a
+    /// little latency; outbox source only.
     #[arg(long, env = "OUTBOX_CLAIM_WINDOW_MS", default_value_t = RelayConfig::default().claim_window.as_millis() as u64)]
     pub claim_window_ms: u64,
     /// Exit once nothing is pending instead of waiting for new events.

@@ -782,6 +782,99 @@ async fn three_relays_keep_per_key_order() {
     );
 }
 
+/// Invariant (per-key order and exactly one copy while claims grow in
+/// flight): three relays, two keeping their claims open for a 200 ms window
+/// (woken by NOTIFY, extending into their lanes as events arrive) and one
+/// without, work one outbox while a writer commits events of 24 keys one
+/// transaction at a time; every event reaches Kafka once, each key in its
+/// commit order, and the windows really grew claims.
+#[tokio::test]
+async fn relays_with_claim_windows_keep_per_key_order_while_events_arrive() {
+    let name = unique("window");
+    let topic = name.clone();
+    let (pool, config) = outbox_tables(&name).await;
+    let (keys, per_key) = (24, 40);
+    outbox_kafka::ensure_topics(&kafka(&brokers()), &[topic.as_str()])
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut relays = Vec::new();
+    for window_ms in [200, 200, 0] {
+        let source =
+            PgOutboxSource::new(pool.clone(), "test", config.clone()).listen_for_events(pg());
+        let bus = KafkaBus::new(kafka(&brokers())).unwrap();
+        let relay = Relay::new(
+            source,
+            bus,
+            RelayConfig {
+                claim_window: Duration::from_millis(window_ms),
+                ..RelayConfig::default()
+            },
+        );
+        let stop = shutdown.clone();
+        relays.push(tokio::spawn(async move { relay.run(stop).await }));
+    }
+    let outbox = Outbox::new(&config);
+    let mut client = pool.get().await.unwrap();
+    for seq in 0..per_key {
+        for key in 0..keys {
+            let event =
+                Event::new(topic.clone(), format!("{key}:{seq}")).with_key(format!("key{key}"));
+            let tx = client.transaction().await.unwrap();
+            outbox.enqueue(&tx, &[event]).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    within(Duration::from_secs(60), "the outbox to drain", async {
+        while pending(&pool, &name).await > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    shutdown.cancel();
+    let mut batches = Vec::new();
+    let mut published = Vec::new();
+    for relay in relays {
+        let stats = within(Duration::from_secs(30), "a relay", relay)
+            .await
+            .unwrap()
+            .unwrap();
+        batches.push(stats.batches);
+        published.push(stats.published);
+    }
+    let total = (keys * per_key) as usize;
+    let read = read_topic(&brokers(), &topic, total, Duration::from_secs(2)).await;
+    let mut by_partition = read.clone();
+    by_partition.sort_by_key(|r| (r.partition, r.offset));
+    let mut next_seq: std::collections::HashMap<String, u32> = Default::default();
+    let mut out_of_order = 0;
+    for record in &by_partition {
+        let (key, seq) = record.payload.split_once(':').unwrap();
+        let seq: u32 = seq.parse().unwrap();
+        let expected = next_seq.entry(key.to_string()).or_insert(0);
+        if seq != *expected {
+            out_of_order += 1;
+        }
+        *expected = seq + 1;
+    }
+    let (in_kafka, distinct, duplicated) = count_ids(read.iter().filter_map(|r| r.event_id));
+    println!(
+        "keys={keys} per_key={per_key} windows=[200,200,0] batches={batches:?} published={published:?} \
+         in_kafka={in_kafka} distinct={distinct} duplicated={duplicated} out_of_order={out_of_order}"
+    );
+    assert_eq!(
+        (in_kafka, distinct, duplicated, out_of_order),
+        (total, total, 0, 0)
+    );
+    let windowed_events: u64 = published[..2].iter().sum();
+    let windowed_batches: u64 = batches[..2].iter().sum();
+    assert!(
+        windowed_batches > 0 && windowed_events / windowed_batches > 5,
+        "the windows grew claims: {windowed_events} events in {windowed_batches} claims"
+    );
+}
+
 /// Invariant (no duplicate in ClickHouse when a relay dies after the
 /// broker's acknowledgement and before its commit): the batch is published
 /// again, so Kafka holds two copies, and ClickHouse still holds each event
