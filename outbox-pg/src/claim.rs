@@ -13,7 +13,7 @@ use crate::PgError;
 ///
 /// The row locks taken by `FOR UPDATE` live as long as this transaction, and
 /// the lane locks until just after it.
-/// Dropping the guard without [`PgClaim::finish`] detaches the connection
+/// Dropping the guard before the source acknowledged the claim detaches the connection
 /// from the pool and closes it, so the server rolls the transaction back and
 /// every claimed event stays pending; a connection with an open transaction
 /// is never handed to another user of the pool.

@@ -18,7 +18,7 @@ use crate::{PgConfig, PgError, ValidOutboxConfig};
 ///
 /// **Per-key order with many relays.** Every event has a lane, a hash of its
 /// key (of its id when it has none). A claim first takes advisory locks on
-/// up to [`OutboxConfig::lanes_per_claim`] lanes that have pending events,
+/// up to [`OutboxConfig::lanes_per_claim`](crate::OutboxConfig::lanes_per_claim) lanes that have pending events,
 /// or on every such lane once the relay has caught up (see there), with
 /// session-level `pg_try_advisory_lock`s, released when the claim ends, so
 /// relays skip each other's lanes instead of waiting. It then reads each
@@ -29,7 +29,7 @@ use crate::{PgConfig, PgError, ValidOutboxConfig};
 /// Plain `SKIP LOCKED` over the rows would let relay B publish event 2 of a
 /// key while relay A still holds event 1. A dead relay's locks vanish with its connection; a relay that
 /// hangs holding them is cut off by Postgres after
-/// [`OutboxConfig::claim_timeout`]. Lanes to try start at a rotating
+/// [`OutboxConfig::claim_timeout`](crate::OutboxConfig::claim_timeout). Lanes to try start at a rotating
 /// position, so none starves.
 ///
 /// The claim keeps its transaction open while the bus publishes. On

@@ -41,9 +41,9 @@ use crate::{SinkError, ValidClickHouseConfig};
 /// outbox, so they were published again): the copy carries the same event
 /// id and lands in the same partition (same key; keyless events are placed
 /// by id). The sink remembers the ids of the last
-/// [`ClickHouseConfig::dedup_window`] rows of each partition, loaded from
+/// [`ClickHouseConfig::dedup_window`](crate::ClickHouseConfig::dedup_window) rows of each partition, loaded from
 /// the table when it looks a partition up, and more as needed to cover
-/// [`ClickHouseConfig::dedup_horizon`] of publishing time at any rate; it
+/// [`ClickHouseConfig::dedup_horizon`](crate::ClickHouseConfig::dedup_horizon) of publishing time at any rate; it
 /// skips a record whose id is among them.
 ///
 /// The table is a `ReplacingMergeTree` ordered by position, as a last
@@ -114,7 +114,7 @@ fn now_s() -> u32 {
 
 impl<M: RowMapper> ClickHouseSink<M> {
     /// Checks the server answers and creates the tables if
-    /// [`ClickHouseConfig::create_tables`] is set.
+    /// [`ClickHouseConfig::create_tables`](crate::ClickHouseConfig::create_tables) is set.
     pub async fn new(config: ValidClickHouseConfig, mapper: M) -> Result<Self, SinkError> {
         let sink = Self {
             client: client_for(&config)?,
