@@ -694,6 +694,30 @@ async fn bad_configuration_fails_clearly() {
     }
 }
 
+/// First copies of `key:seq` payloads that break their key's sequence 0, 1,
+/// 2, … in Kafka order (publish order within a partition; one key has one
+/// partition). Later copies of an event are skipped, as sinks skip them.
+fn out_of_order(read: &[Read]) -> usize {
+    let mut by_partition = read.to_vec();
+    by_partition.sort_by_key(|r| (r.partition, r.offset));
+    let mut next_seq: std::collections::HashMap<String, u32> = Default::default();
+    let mut first_seen = std::collections::HashSet::new();
+    let mut out_of_order = 0;
+    for record in &by_partition {
+        if !first_seen.insert(record.event_id) {
+            continue;
+        }
+        let (key, seq) = record.payload.split_once(':').unwrap();
+        let seq: u32 = seq.parse().unwrap();
+        let expected = next_seq.entry(key.to_string()).or_insert(0);
+        if seq != *expected {
+            out_of_order += 1;
+        }
+        *expected = seq + 1;
+    }
+    out_of_order
+}
+
 /// Invariant (per-key order with concurrent relays): events of one key,
 /// enqueued in order by separate committed transactions, appear in Kafka
 /// (first occurrence of each) in that order, and each exactly once, when
@@ -749,24 +773,7 @@ async fn three_relays_keep_per_key_order() {
 
     let total = (keys * per_key) as usize;
     let read = read_topic(&brokers(), &topic, total, Duration::from_secs(2)).await;
-    let mut next_seq: std::collections::HashMap<String, u32> = Default::default();
-    let mut first_seen = std::collections::HashSet::new();
-    let mut out_of_order = 0;
-    // Kafka order within a partition is publish order; one key has one partition.
-    let mut by_partition = read.clone();
-    by_partition.sort_by_key(|r| (r.partition, r.offset));
-    for record in &by_partition {
-        if !first_seen.insert(record.event_id) {
-            continue;
-        }
-        let (key, seq) = record.payload.split_once(':').unwrap();
-        let seq: u32 = seq.parse().unwrap();
-        let expected = next_seq.entry(key.to_string()).or_insert(0);
-        if seq != *expected {
-            out_of_order += 1;
-        }
-        *expected = seq + 1;
-    }
+    let out_of_order = out_of_order(&read);
     let (in_kafka, distinct, duplicated) = count_ids(read.iter().filter_map(|r| r.event_id));
     println!(
         "keys={keys} per_key={per_key} relays_published={published:?} in_kafka={in_kafka} distinct={distinct} duplicated={duplicated} out_of_order={out_of_order} pending={}",
@@ -845,19 +852,7 @@ async fn relays_with_claim_windows_keep_per_key_order_while_events_arrive() {
     }
     let total = (keys * per_key) as usize;
     let read = read_topic(&brokers(), &topic, total, Duration::from_secs(2)).await;
-    let mut by_partition = read.clone();
-    by_partition.sort_by_key(|r| (r.partition, r.offset));
-    let mut next_seq: std::collections::HashMap<String, u32> = Default::default();
-    let mut out_of_order = 0;
-    for record in &by_partition {
-        let (key, seq) = record.payload.split_once(':').unwrap();
-        let seq: u32 = seq.parse().unwrap();
-        let expected = next_seq.entry(key.to_string()).or_insert(0);
-        if seq != *expected {
-            out_of_order += 1;
-        }
-        *expected = seq + 1;
-    }
+    let out_of_order = out_of_order(&read);
     let (in_kafka, distinct, duplicated) = count_ids(read.iter().filter_map(|r| r.event_id));
     println!(
         "keys={keys} per_key={per_key} windows=[200,200,0] batches={batches:?} published={published:?} \

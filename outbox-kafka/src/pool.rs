@@ -89,40 +89,44 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    fn counter(made: &AtomicUsize) -> impl FnOnce() -> Result<usize, ()> + '_ {
+    fn counter(made: &AtomicUsize) -> impl FnOnce() -> Result<usize, std::io::Error> + '_ {
         move || Ok(made.fetch_add(1, Ordering::SeqCst) + 1)
     }
 
     #[tokio::test]
-    async fn a_lone_publish_makes_no_producer() {
+    async fn a_lone_publish_makes_no_producer() -> Result<(), Box<dyn std::error::Error>> {
         let pool = Pool::new(vec![0usize, 1]);
         let made = AtomicUsize::new(0);
         for _ in 0..3 {
-            let taken = pool.take(counter(&made)).await.unwrap();
+            let taken = pool.take(counter(&made)).await?;
             pool.give_back(taken);
         }
         assert_eq!(made.load(Ordering::SeqCst), 0);
+        Ok(())
     }
 
     #[tokio::test]
-    async fn concurrent_publishes_get_producers_of_their_own() {
+    async fn concurrent_publishes_get_producers_of_their_own(
+    ) -> Result<(), Box<dyn std::error::Error>> {
         let pool = Pool::new(vec![0usize, 1]);
         let made = AtomicUsize::new(0);
-        let a = pool.take(counter(&made)).await.unwrap();
-        let b = pool.take(counter(&made)).await.unwrap();
+        let a = pool.take(counter(&made)).await?;
+        let b = pool.take(counter(&made)).await?;
         assert_ne!(a.producer, b.producer);
         pool.give_back(a);
         pool.give_back(b);
         let mut idle = pool.with_all(|idle| idle.to_vec()).await;
         idle.sort();
         assert_eq!(idle, vec![0, 1], "both kept for the next publishes");
+        Ok(())
     }
 
     #[tokio::test]
-    async fn the_limit_makes_a_publish_wait_for_a_producer() {
+    async fn the_limit_makes_a_publish_wait_for_a_producer(
+    ) -> Result<(), Box<dyn std::error::Error>> {
         let pool = Pool::new(vec![0usize]);
         let made = AtomicUsize::new(0);
-        let a = pool.take(counter(&made)).await.unwrap();
+        let a = pool.take(counter(&made)).await?;
         let waiting = tokio::time::timeout(
             std::time::Duration::from_millis(50),
             pool.take(counter(&made)),
@@ -130,28 +134,30 @@ mod tests {
         .await;
         assert!(waiting.is_err(), "a second producer beyond the limit");
         pool.give_back(a);
-        let b = pool.take(counter(&made)).await.unwrap();
+        let b = pool.take(counter(&made)).await?;
         assert_eq!(b.producer, 0);
         assert_eq!(made.load(Ordering::SeqCst), 0);
+        Ok(())
     }
 
     #[tokio::test]
-    async fn a_producer_not_given_back_is_replaced() {
+    async fn a_producer_not_given_back_is_replaced() -> Result<(), Box<dyn std::error::Error>> {
         let pool = Pool::new(vec![0usize]);
         let made = AtomicUsize::new(0);
-        let broken = pool.take(counter(&made)).await.unwrap();
+        let broken = pool.take(counter(&made)).await?;
         drop(broken);
-        let next = pool.take(counter(&made)).await.unwrap();
+        let next = pool.take(counter(&made)).await?;
         assert_eq!(next.producer, 1, "a fresh one");
         pool.give_back(next);
         assert_eq!(pool.with_all(|idle| idle.to_vec()).await, vec![1]);
+        Ok(())
     }
 
     #[tokio::test]
-    async fn with_all_waits_for_the_taken_ones() {
+    async fn with_all_waits_for_the_taken_ones() -> Result<(), Box<dyn std::error::Error>> {
         let pool = std::sync::Arc::new(Pool::new(vec![0usize, 1]));
         let made = AtomicUsize::new(0);
-        let a = pool.take(counter(&made)).await.unwrap();
+        let a = pool.take(counter(&made)).await?;
         let all = {
             let pool = pool.clone();
             tokio::spawn(async move { pool.with_all(|idle| idle.len()).await })
@@ -159,10 +165,7 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(!all.is_finished());
         pool.give_back(a);
-        assert_eq!(
-            all.await.unwrap(),
-            2,
-            "every producer, the given-back one too"
-        );
+        assert_eq!(all.await?, 2, "every producer, the given-back one too");
+        Ok(())
     }
 }
