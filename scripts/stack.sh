@@ -144,6 +144,15 @@ ALTER ROLE admin CREATEROLE;
 -- Autovacuum looks at each database every 10 s instead of every minute, so
 -- the retention test sees the outbox's own settings at work (docs/performance.md).
 ALTER SYSTEM SET autovacuum_naptime = '10s';
+-- The WAL source (outbox-pg's `wal` module) reads logical replication:
+-- wal_level takes effect at the next start (pg_up restarts once for it).
+-- A stalled reader's slot is taken over after wal_sender_timeout, so it is
+-- short here; see docs/wal.md.
+ALTER SYSTEM SET wal_level = 'logical';
+ALTER SYSTEM SET max_replication_slots = 32;
+ALTER SYSTEM SET max_wal_senders = 32;
+ALTER SYSTEM SET wal_sender_timeout = '10s';
+ALTER ROLE admin REPLICATION;
 SELECT pg_reload_conf();
 SELECT 'CREATE DATABASE test_db OWNER admin'
 WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'test_db') \gexec
@@ -159,6 +168,7 @@ pg_up() {
     if [ "$(as_pg "$bin/psql" -h "$PG_RUN" -p "$PG_PORT" -U postgres -d postgres -tAc 'SHOW ssl' 2>/dev/null)" = "on" ]; then
       log "postgres already running (pid $(pg_pid), port $PG_PORT)"
       pg_provision
+      pg_logical
       return 0
     fi
     log "postgres runs without TLS (started by an older stack script): restarting it"
@@ -216,7 +226,21 @@ EOF
     { tail -n 20 "$PG_LOG" >&2 || true; die "postgres did not start"; }
   wait_for "postgres on 127.0.0.1:$PG_PORT" 60 "$PG_LOG" pg_ready
   pg_provision
+  pg_logical
   log "postgres ready (db test_db, user admin)"
+}
+
+# wal_level is read at start only: a server provisioned before the WAL source
+# existed is restarted once, with its data.
+pg_logical() {
+  local bin level
+  bin="$(pg_bin)"
+  level="$(as_pg "$bin/psql" -h "$PG_RUN" -p "$PG_PORT" -U postgres -d postgres -tAc 'SHOW wal_level')"
+  [ "$level" = "logical" ] && return 0
+  log "postgres runs with wal_level=$level: restarting it for logical replication"
+  as_pg "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 restart >/dev/null ||
+    { tail -n 20 "$PG_LOG" >&2 || true; die "postgres did not restart"; }
+  wait_for "postgres on 127.0.0.1:$PG_PORT" 60 "$PG_LOG" pg_ready
 }
 
 pg_down() {
