@@ -35,7 +35,9 @@ use crate::{PgError, ValidOutboxConfig};
 pub struct Outbox {
     pub(crate) insert_sql: String,
     pub(crate) channel: String,
+    pub(crate) message_prefix: String,
 }
+
 
 /// An event's headers as the JSON object stored in the `headers` column.
 pub(crate) fn headers_json(event: &Event) -> serde_json::Value {
@@ -53,12 +55,71 @@ impl Outbox {
     pub fn new(config: &ValidOutboxConfig) -> Self {
         let table = config.table();
         Self {
+            message_prefix: crate::DEFAULT_MESSAGE_PREFIX.to_string(),
             channel: crate::notify::channel_for(table),
             insert_sql: format!(
                 "INSERT INTO {table} (event_id, topic, key, payload, headers, created_at) \
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::bytea[], $5::jsonb[], $6::timestamptz[])"
             ),
         }
+    }
+
+    /// Writes [`Outbox::emit`]'s messages under `prefix` instead of
+    /// [`DEFAULT_MESSAGE_PREFIX`](crate::DEFAULT_MESSAGE_PREFIX); the WAL
+    /// source must read the same prefix.
+    pub fn with_message_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.message_prefix = prefix.into();
+        self
+    }
+
+    /// Writes `events` into the write-ahead log of the caller's transaction
+    /// (`pg_logical_emit_message`, transactional), for the WAL source to
+    /// publish: the table-free outbox. Like [`Outbox::enqueue`] the events
+    /// exist exactly when the transaction commits, but nothing is stored,
+    /// so there is nothing to delete or vacuum. Each event keeps its id and
+    /// the order given. Returns the number of events written.
+    ///
+    /// ```no_run
+    /// # async fn example(pool: outbox_pg::deadpool_postgres::Pool) -> Result<(), Box<dyn std::error::Error>> {
+    /// use outbox_core::Event;
+    ///
+    /// let outbox = outbox_pg::Outbox::new(&outbox_pg::OutboxConfig::default().validate()?);
+    /// let mut client = pool.get().await?;
+    /// let tx = client.transaction().await?;
+    /// tx.execute("INSERT INTO accounts (name) VALUES ($1)", &[&"alice"]).await?;
+    /// outbox.emit(&tx, &[Event::new("accounts", r#"{"name":"alice"}"#).with_key("alice")]).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn emit<C>(&self, client: &C, events: &[Event]) -> Result<u64, PgError>
+    where
+        C: GenericClient + Sync,
+    {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let frames = events
+            .iter()
+            .map(crate::message::encode_message)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| PgError::Serialize {
+                topic: events.first().map(|e| e.topic.clone()).unwrap_or_default(),
+                reason: e.to_string(),
+            })?;
+        // A function scan returns the array in order and the aggregate
+        // consumes it in that order: the messages enter the WAL as given.
+        let statement = client
+            .prepare_cached(
+                "SELECT count(pg_logical_emit_message(true, $1, frame)) FROM unnest($2::bytea[]) AS frame",
+            )
+            .await
+            .map_err(|e| PgError::query("emit (prepare)", e))?;
+        let row = client
+            .query_one(&statement, &[&self.message_prefix, &frames])
+            .await
+            .map_err(|e| PgError::query("emit", e))?;
+        let written: i64 = row.get(0);
+        Ok(u64::try_from(written).unwrap_or(0))
     }
 
     /// Writes one event whose payload is `value` as JSON, with `key` and

@@ -87,6 +87,16 @@ pub enum PgError {
         /// The limit.
         after: std::time::Duration,
     },
+    /// The replication connection of the WAL source failed, or the server,
+    /// slot or publication is not what it needs (the detail says which, and
+    /// what to do).
+    #[error("postgres replication: {detail}")]
+    Replication {
+        /// What went wrong, with the fix where one is known.
+        detail: String,
+        /// Whether waiting can help.
+        retryable: bool,
+    },
     /// An event read from the outbox cannot be decoded.
     #[error("outbox row {seq} is malformed: {reason}")]
     MalformedRow {
@@ -113,7 +123,9 @@ impl PgError {
             | PgError::Config(_)
             | PgError::Serialize { .. }
             | PgError::MalformedRow { .. } => false,
-            PgError::Connect { retryable, .. } | PgError::Driver { retryable, .. } => *retryable,
+            PgError::Connect { retryable, .. }
+            | PgError::Driver { retryable, .. }
+            | PgError::Replication { retryable, .. } => *retryable,
             PgError::RowsMoved { .. } | PgError::TimedOut { .. } => true,
             PgError::Query { cause, .. } => is_retryable_pg(cause),
         }

@@ -12,10 +12,13 @@ mod error;
 mod flag;
 mod ident;
 mod leases;
+mod message;
 mod notify;
 mod schema;
 mod source;
 mod tls;
+#[cfg(feature = "wal")]
+pub mod wal;
 
 pub use admin::{Backlog, DeadLetter, LaneOwner, LaneStatus, OutboxAdmin, Selection};
 pub use claim::PgClaim;
@@ -25,6 +28,7 @@ pub use enqueue::Outbox;
 pub use error::{describe, is_retryable_pg, PgError};
 pub use flag::{flag_row_event_id, FlagTableSource, FLAG_ROW_NAMESPACE};
 pub use ident::{SqlIdent, SqlName};
+pub use message::{decode_message, encode_message, MessageError, DEFAULT_MESSAGE_PREFIX};
 pub use leases::{PartitionLeaseConfig, PartitionLeases};
 pub use schema::{migrate, schema_sql, schema_version, SCHEMA_VERSION};
 pub use source::PgOutboxSource;

@@ -151,3 +151,25 @@ pub(crate) fn is_tls_refusal(err: &tokio_postgres::Error) -> bool {
     let text = crate::error::describe(err);
     text.contains("certificate verify failed") || text.contains("server does not support TLS")
 }
+
+/// The replication connection's TLS settings for the same `sslmode` and
+/// `sslrootcert` as the pool's: the WAL source trusts what the rest trusts.
+#[cfg(feature = "wal")]
+pub(crate) fn replication_tls(
+    mode: SslMode,
+    root_cert: Option<std::path::PathBuf>,
+) -> pgwire_replication::TlsConfig {
+    use pgwire_replication::SslMode as Mode;
+    let mode = match mode {
+        SslMode::Disable => Mode::Disable,
+        SslMode::Prefer => Mode::Prefer,
+        SslMode::Require => Mode::Require,
+        SslMode::VerifyCa => Mode::VerifyCa,
+        SslMode::VerifyFull => Mode::VerifyFull,
+    };
+    pgwire_replication::TlsConfig {
+        mode,
+        ca_pem_path: root_cert,
+        ..pgwire_replication::TlsConfig::disabled()
+    }
+}

@@ -1,0 +1,166 @@
+//! Capture from the write-ahead log: a [`Source`] that streams logical
+//! replication (`pgoutput`) from a replication slot.
+//!
+//! Two kinds of events come out of one stream, in commit order:
+//! - the changes of the captured tables (inserts, updates, deletes), each
+//!   one event in the change envelope of `docs/wal.md`;
+//! - the events services wrote with [`Outbox::emit`](crate::Outbox::emit)
+//!   (logical decoding messages under the configured prefix): the
+//!   table-free outbox.
+//!
+//! The slot's confirmed position moves only past transactions whose every
+//! event the broker acknowledged (or that were dead-lettered), so a relay
+//! that dies reads them again; their ids are deterministic, so the sink
+//! recognises the ones it already wrote.
+
+mod change;
+mod pgoutput;
+mod setup;
+mod source;
+mod value;
+
+pub use change::{change_event_id, lsn_text, HEADER_WAL_LSN, WAL_CHANGE_NAMESPACE};
+pub use source::{WalClaim, WalSource};
+
+use std::time::Duration;
+
+use crate::PgError;
+
+/// One table whose changes are captured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureTable {
+    /// `schema.table`, or `table` in `public`.
+    pub table: String,
+    /// Topic of its changes. Default: [`WalConfig::topic_template`].
+    pub topic: Option<String>,
+    /// Columns whose values make the event's key. Default: the table's
+    /// replica identity (its primary key).
+    pub key_columns: Vec<String>,
+}
+
+impl CaptureTable {
+    /// A table captured with the default topic and key.
+    pub fn new(table: impl Into<String>) -> Self {
+        Self {
+            table: table.into(),
+            topic: None,
+            key_columns: Vec::new(),
+        }
+    }
+
+    /// Its changes go to `topic`.
+    pub fn with_topic(mut self, topic: impl Into<String>) -> Self {
+        self.topic = Some(topic.into());
+        self
+    }
+
+    /// Its events are keyed by these columns.
+    pub fn with_key_columns(mut self, columns: &[&str]) -> Self {
+        self.key_columns = columns.iter().map(|c| c.to_string()).collect();
+        self
+    }
+
+    /// `schema.table`, with `public` filled in.
+    pub(crate) fn qualified(&self) -> String {
+        if self.table.contains('.') {
+            self.table.clone()
+        } else {
+            format!("public.{}", self.table)
+        }
+    }
+}
+
+/// Settings of a [`WalSource`].
+///
+/// ```
+/// use outbox_pg::wal::{CaptureTable, WalConfig};
+///
+/// let config = WalConfig {
+///     tables: vec![CaptureTable::new("user_logins").with_topic("user_events").with_key_columns(&["username"])],
+///     ..WalConfig::default()
+/// };
+/// assert_eq!(config.slot, "outbox_wal");
+/// assert!(config.validate().is_ok());
+/// ```
+#[derive(Debug, Clone)]
+pub struct WalConfig {
+    /// Replication slot (created, with the `pgoutput` plugin, when missing
+    /// and [`WalConfig::create`] allows). Default: `outbox_wal`.
+    pub slot: String,
+    /// Publication naming the captured tables. Default: `outbox_wal`.
+    pub publication: String,
+    /// Tables whose changes are captured. Empty: only the events of
+    /// [`Outbox::emit`](crate::Outbox::emit). Default: empty.
+    pub tables: Vec<CaptureTable>,
+    /// Topic of a captured table without its own, with `{schema}` and
+    /// `{table}` replaced. Default: `{schema}.{table}`.
+    pub topic_template: String,
+    /// Prefix of the logical messages that carry events. Default:
+    /// [`DEFAULT_MESSAGE_PREFIX`](crate::DEFAULT_MESSAGE_PREFIX).
+    pub message_prefix: String,
+    /// Create the slot, the publication and the progress table when
+    /// missing (and add missing tables to the publication). Without it a
+    /// missing one is a permanent error naming what to create. Default: true.
+    pub create: bool,
+    /// Most events decoded ahead of the relay: bounds memory while the
+    /// broker is slow. Default: 20,000.
+    pub read_ahead: usize,
+    /// Longest time between two standby status updates (the server's view
+    /// of what is confirmed); also how often an idle stream confirms the
+    /// server's position, so an idle capture pins no WAL. Default: 1 s.
+    pub status_interval: Duration,
+    /// How long a relay that finds the slot held by another waits before
+    /// trying again: with the server's `wal_sender_timeout`, this bounds a
+    /// takeover. Default: 1 s.
+    pub standby_retry: Duration,
+    /// Table keeping, per slot, the last position this pipeline confirmed:
+    /// how a slot dropped, lost or created again is told from a slot that
+    /// is simply ahead. Default: `outbox_wal_progress`.
+    pub progress_table: String,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        Self {
+            slot: "outbox_wal".into(),
+            publication: "outbox_wal".into(),
+            tables: Vec::new(),
+            topic_template: "{schema}.{table}".into(),
+            message_prefix: crate::DEFAULT_MESSAGE_PREFIX.into(),
+            create: true,
+            read_ahead: 20_000,
+            status_interval: Duration::from_secs(1),
+            standby_retry: Duration::from_secs(1),
+            progress_table: "outbox_wal_progress".into(),
+        }
+    }
+}
+
+impl WalConfig {
+    /// Checks names and limits before anything connects.
+    pub fn validate(&self) -> Result<(), PgError> {
+        for (what, name) in [("slot", &self.slot), ("publication", &self.publication)] {
+            let ok = !name.is_empty()
+                && name.len() <= 63
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !ok {
+                return Err(PgError::Config(format!(
+                    "the {what} name {name:?} must be 1 to 63 of a-z, 0-9 and _"
+                )));
+            }
+        }
+        crate::SqlName::parse(&self.progress_table)?;
+        for table in &self.tables {
+            crate::SqlName::parse(&table.table)?;
+        }
+        if self.read_ahead == 0 {
+            return Err(PgError::Config("read_ahead must be at least 1".into()));
+        }
+        if self.message_prefix.is_empty() {
+            return Err(PgError::Config("message_prefix must not be empty".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,677 @@
+//! The WAL source: a reader task streams the slot and decodes ahead into a
+//! bounded queue; claims take from the queue; acknowledgements move the
+//! position the reader confirms to the server.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use deadpool_postgres::Pool;
+use outbox_core::{AckSummary, Claimed, Delivery, Event, Result, Source};
+use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use super::change::{lsn_text, Decoded, Decoder, Routing};
+use super::WalConfig;
+use crate::{PgConfig, PgError, SqlName};
+
+/// Session settings that make the server's text output of values the one
+/// `value::to_json` reads.
+const SESSION_OPTIONS: &str = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=iso_8601 \
+                               -c bytea_output=hex -c extra_float_digits=3";
+
+enum Item {
+    Event(Event),
+    /// Every event queued before it belongs to transactions that end at or
+    /// before this position.
+    Commit(u64),
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Item>,
+    /// Events queued, or claimed and not yet acknowledged, in this generation.
+    outstanding: usize,
+    /// Bumped by a rewind: claims of older generations confirm nothing.
+    generation: u64,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    arrived: Notify,
+    space: Notify,
+    /// The position every event before which is acknowledged: what the
+    /// reader confirms to the server.
+    confirm: watch::Sender<u64>,
+    /// Tells the reader to start over from the confirmed position.
+    rewind: watch::Sender<u64>,
+    /// A permanent failure of the reader, returned by every claim.
+    fatal: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn advance(&self, lsn: u64) {
+        self.confirm.send_if_modified(|current| {
+            let raise = lsn > *current;
+            if raise {
+                *current = lsn;
+            }
+            raise
+        });
+    }
+
+    /// Drops everything queued and makes the reader read again from the
+    /// confirmed position: what an event that was not acknowledged needs,
+    /// since a stream cannot leave one event pending and go on.
+    fn start_over(&self, queue: &mut Queue) {
+        queue.items.clear();
+        queue.outstanding = 0;
+        queue.generation += 1;
+        let generation = queue.generation;
+        self.rewind.send_replace(generation);
+        self.space.notify_waiters();
+    }
+}
+
+/// The source's handle on a claimed batch: where each of its transactions
+/// ends. Dropped without an acknowledgement (the relay died mid-batch or
+/// failed), it makes the stream start over from the confirmed position.
+pub struct WalClaim {
+    shared: Arc<Shared>,
+    generation: u64,
+    /// (events of the batch before it, commit end position).
+    commits: Vec<(usize, u64)>,
+    finished: bool,
+}
+
+impl std::fmt::Debug for WalClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalClaim")
+            .field("generation", &self.generation)
+            .field("commits", &self.commits.len())
+            .finish()
+    }
+}
+
+impl Drop for WalClaim {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut queue = self.shared.lock();
+            if queue.generation == self.generation {
+                self.shared.start_over(&mut queue);
+            }
+        }
+    }
+}
+
+/// A [`Source`] reading the write-ahead log through a logical replication
+/// slot; see the [module](crate::wal) and `docs/wal.md`.
+///
+/// Only one session can stream a slot: every relay may run one, and those
+/// that find the slot held wait and take over when it is released (at once
+/// when its relay died, after the server's `wal_sender_timeout` when it
+/// stalled).
+pub struct WalSource {
+    shared: Arc<Shared>,
+    pool: Pool,
+    dead_letter: SqlName,
+    stop: CancellationToken,
+}
+
+impl Drop for WalSource {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl WalSource {
+    /// Starts reading: checks the server, creates what is missing (if
+    /// allowed) and streams in a background task. `dead_letter_table` is the
+    /// outbox's dead-letter table (`outbox_dead_letter` by default), where
+    /// events the broker rejects for good and messages that are not events
+    /// are kept with their reason.
+    pub fn start(pg: &PgConfig, pool: Pool, config: WalConfig, dead_letter_table: &str) -> Result<Self, PgError> {
+        config.validate()?;
+        let dead_letter = SqlName::parse(dead_letter_table)?;
+        let (confirm, _) = watch::channel(0);
+        let (rewind, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            arrived: Notify::new(),
+            space: Notify::new(),
+            confirm,
+            rewind,
+            fatal: Mutex::new(None),
+        });
+        let stop = CancellationToken::new();
+        let reader = Reader {
+            shared: shared.clone(),
+            pg: pg.clone(),
+            pool: pool.clone(),
+            config,
+            dead_letter: dead_letter.clone(),
+            stop: stop.clone(),
+        };
+        tokio::spawn(reader.run());
+        Ok(Self {
+            shared,
+            pool,
+            dead_letter,
+            stop,
+        })
+    }
+
+    /// The position confirmed to the server so far (0 before the first).
+    pub fn confirmed(&self) -> u64 {
+        *self.shared.confirm.borrow()
+    }
+
+    fn fatal(&self) -> Option<PgError> {
+        let fatal = self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner());
+        fatal.as_ref().map(|text| PgError::Replication {
+            detail: text.clone(),
+            retryable: false,
+        })
+    }
+
+    async fn dead_letter(&self, events: &[(&Event, &str)]) -> Result<(), PgError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| PgError::Connect {
+                target: "the dead-letter table".into(),
+                detail: e.to_string(),
+                retryable: true,
+            })?;
+        insert_dead_letters(&client, &self.dead_letter, events).await
+    }
+}
+
+async fn insert_dead_letters(
+    client: &deadpool_postgres::Client,
+    table: &SqlName,
+    events: &[(&Event, &str)],
+) -> Result<(), PgError> {
+    let sql = format!(
+        "INSERT INTO {table} (event_id, topic, key, payload, headers, created_at, attempts, reason, origin) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::bytea[], $5::jsonb[], $6::timestamptz[], \
+                              $7::int[], $8::text[], $9::text[])"
+    );
+    let ids: Vec<Uuid> = events.iter().map(|(e, _)| e.id).collect();
+    let topics: Vec<&str> = events.iter().map(|(e, _)| e.topic.as_str()).collect();
+    let keys: Vec<Option<&[u8]>> = events.iter().map(|(e, _)| e.key.as_deref()).collect();
+    let payloads: Vec<&[u8]> = events.iter().map(|(e, _)| &e.payload[..]).collect();
+    let headers: Vec<serde_json::Value> = events.iter().map(|(e, _)| crate::enqueue::headers_json(e)).collect();
+    let created: Vec<std::time::SystemTime> = events.iter().map(|(e, _)| e.created_at).collect();
+    let attempts: Vec<i32> = vec![1; events.len()];
+    let reasons: Vec<&str> = events.iter().map(|(_, r)| *r).collect();
+    let origins: Vec<&str> = vec!["wal"; events.len()];
+    client
+        .execute(
+            &sql,
+            &[&ids, &topics, &keys, &payloads, &headers, &created, &attempts, &reasons, &origins],
+        )
+        .await
+        .map_err(|e| PgError::query("dead-letter (wal)", e))?;
+    Ok(())
+}
+
+#[async_trait]
+impl Source for WalSource {
+    type Claim = WalClaim;
+
+    async fn claim(&self, max_events: usize) -> Result<Option<Claimed<WalClaim>>> {
+        if let Some(err) = self.fatal() {
+            return Err(err.into());
+        }
+        let mut queue = self.shared.lock();
+        let mut events = Vec::new();
+        let mut commits = Vec::new();
+        while let Some(item) = queue.items.front() {
+            match item {
+                Item::Event(_) if events.len() >= max_events => break,
+                Item::Event(_) => {
+                    if let Some(Item::Event(event)) = queue.items.pop_front() {
+                        events.push(event);
+                    }
+                }
+                Item::Commit(lsn) => {
+                    commits.push((events.len(), *lsn));
+                    queue.items.pop_front();
+                }
+            }
+        }
+        drop(queue);
+        self.shared.space.notify_waiters();
+        let generation = self.shared.lock().generation;
+        if events.is_empty() {
+            // Only transaction ends: everything before them is acknowledged.
+            if let Some((_, lsn)) = commits.last() {
+                self.shared.advance(*lsn);
+            }
+            return Ok(None);
+        }
+        Ok(Some(Claimed {
+            events,
+            claim: WalClaim {
+                shared: self.shared.clone(),
+                generation,
+                commits,
+                finished: false,
+            },
+        }))
+    }
+
+    async fn acknowledge(&self, mut claimed: Claimed<WalClaim>, deliveries: &[Delivery]) -> Result<AckSummary> {
+        let rejected: Vec<(&Event, &str)> = claimed
+            .events
+            .iter()
+            .zip(deliveries)
+            .filter_map(|(event, delivery)| match delivery {
+                Delivery::Rejected(reason) => Some((event, reason.as_str())),
+                _ => None,
+            })
+            .collect();
+        // Kept before the position moves past them; on failure the claim is
+        // dropped, and the stream reads them again.
+        self.dead_letter(&rejected).await?;
+        let settled = claimed
+            .events
+            .iter()
+            .zip(deliveries)
+            .position(|(_, d)| matches!(d, Delivery::Retryable(_)))
+            .unwrap_or(claimed.events.len());
+        let summary = AckSummary {
+            completed: deliveries[..settled].iter().filter(|d| d.is_acknowledged()).count(),
+            dead_lettered: rejected.len(),
+            released: claimed.events.len() - settled,
+        };
+        let claim = &mut claimed.claim;
+        claim.finished = true;
+        let mut queue = self.shared.lock();
+        if queue.generation != claim.generation {
+            return Ok(AckSummary {
+                completed: 0,
+                dead_lettered: summary.dead_lettered,
+                released: claimed.events.len(),
+            });
+        }
+        if let Some((_, lsn)) = claim.commits.iter().rev().find(|(before, _)| *before <= settled) {
+            self.shared.advance(*lsn);
+        }
+        if settled < claimed.events.len() {
+            self.shared.start_over(&mut queue);
+        } else {
+            queue.outstanding = queue.outstanding.saturating_sub(claimed.events.len());
+        }
+        Ok(summary)
+    }
+
+    async fn wait_for_events(&self, timeout: Duration) -> Result<()> {
+        let arrived = self.shared.arrived.notified();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
+        let ready = {
+            let queue = self.shared.lock();
+            queue.items.iter().any(|i| matches!(i, Item::Event(_)))
+        };
+        if !ready && self.fatal().is_none() {
+            let _ = tokio::time::timeout(timeout, arrived).await;
+        }
+        Ok(())
+    }
+}
+
+/// Why a session ended.
+enum Ended {
+    /// An acknowledgement asked to read again from the confirmed position.
+    Rewind,
+    /// The relay is stopping.
+    Stopped,
+}
+
+struct Reader {
+    shared: Arc<Shared>,
+    pg: PgConfig,
+    pool: Pool,
+    config: WalConfig,
+    dead_letter: SqlName,
+    stop: CancellationToken,
+}
+
+impl Reader {
+    async fn run(self) {
+        let mut backoff = outbox_core::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut waiting_since: Option<Instant> = None;
+        loop {
+            let result = self.session(&mut waiting_since).await;
+            match result {
+                Ok(Ended::Stopped) => return,
+                Ok(Ended::Rewind) => {
+                    debug!(slot = %self.config.slot, "WAL stream starts over from the confirmed position");
+                    backoff.reset();
+                }
+                Err(SessionError::Held(holder)) => {
+                    if waiting_since.is_none() {
+                        info!(slot = %self.config.slot, holder = %holder,
+                              "the replication slot is streamed by another relay: this one waits to take over");
+                        waiting_since = Some(Instant::now());
+                    }
+                    if self.pause(self.config.standby_retry).await {
+                        return;
+                    }
+                }
+                Err(SessionError::Failed(err)) if err.is_retryable() => {
+                    let delay = backoff.next_delay();
+                    warn!(slot = %self.config.slot, error = %err, retry_in_ms = delay.as_millis() as u64,
+                          "WAL stream interrupted; reading again from the confirmed position");
+                    if self.pause(delay).await {
+                        return;
+                    }
+                }
+                Err(SessionError::Failed(err)) => {
+                    tracing::error!(slot = %self.config.slot, error = %err, "WAL source stopped");
+                    *self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(err.to_string());
+                    self.shared.arrived.notify_waiters();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sleeps `delay`; true when the relay is stopping.
+    async fn pause(&self, delay: Duration) -> bool {
+        tokio::select! {
+            _ = self.stop.cancelled() => true,
+            _ = tokio::time::sleep(delay) => false,
+        }
+    }
+
+    async fn session(&self, waiting_since: &mut Option<Instant>) -> Result<Ended, SessionError> {
+        let start = self.prepare().await?;
+        // Everything from the last session is gone: read from `start` on.
+        let generation = {
+            let mut queue = self.shared.lock();
+            queue.items.clear();
+            queue.outstanding = 0;
+            queue.generation
+        };
+        self.shared.advance(start);
+        let mut client = ReplicationClient::connect_gated(self.replication_config(start))
+            .await
+            .map_err(classify)?;
+        let system = client.identify_system().await.map_err(classify)?;
+        client.start().await.map_err(classify)?;
+        client.wait_started().await.map_err(classify)?;
+        if let Some(since) = waiting_since.take() {
+            info!(slot = %self.config.slot, waited_ms = since.elapsed().as_millis() as u64,
+                  "took over the replication slot");
+        }
+        info!(slot = %self.config.slot, from = %lsn_text(start), "streaming the write-ahead log");
+        let mut decoder = Decoder::new(system.system_id.clone(), self.routing());
+        let mut rewind = self.shared.rewind.subscribe();
+        let mut confirm = self.shared.confirm.subscribe();
+        let mut sent = start;
+        let mut events_in_transaction = 0usize;
+        let mut tick = tokio::time::interval(self.config.status_interval);
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => {
+                    self.send_confirmed(&client, &mut sent).await?;
+                    let _ = client.shutdown().await;
+                    return Ok(Ended::Stopped);
+                }
+                _ = rewind.changed() => return Ok(Ended::Rewind),
+                _ = tick.tick() => self.send_confirmed(&client, &mut sent).await?,
+                _ = confirm.changed() => {}
+                received = client.recv() => {
+                    let Some(event) = received.map_err(classify)? else {
+                        return Err(SessionError::Failed(PgError::Replication {
+                            detail: "the server ended the replication stream".into(),
+                            retryable: true,
+                        }));
+                    };
+                    match event {
+                        ReplicationEvent::Begin { final_lsn, commit_time_micros, xid } => {
+                            decoder.begin(final_lsn.as_u64(), commit_time_micros, xid);
+                            events_in_transaction = 0;
+                        }
+                        ReplicationEvent::XLogData { data, .. } => {
+                            let decoded = decoder.row(&data).map_err(|e| SessionError::Failed(PgError::Replication {
+                                detail: format!("cannot decode the replication stream: {e}"),
+                                retryable: false,
+                            }))?;
+                            if self.take(decoded, generation).await? {
+                                events_in_transaction += 1;
+                            }
+                        }
+                        ReplicationEvent::Message { prefix, content, lsn, transactional } => {
+                            let decoded = decoder.message(&prefix, &content, lsn.as_u64());
+                            if self.take(decoded, generation).await? {
+                                events_in_transaction += 1;
+                                if !transactional {
+                                    self.push(Item::Commit(lsn.as_u64()), generation);
+                                }
+                            }
+                        }
+                        ReplicationEvent::Commit { end_lsn, .. } => {
+                            decoder.commit();
+                            if events_in_transaction > 0 {
+                                self.push(Item::Commit(end_lsn.as_u64()), generation);
+                            } else {
+                                self.confirm_if_idle(end_lsn.as_u64());
+                            }
+                        }
+                        ReplicationEvent::KeepAlive { wal_end, .. } => {
+                            if !decoder.in_transaction() {
+                                self.confirm_if_idle(wal_end.as_u64());
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Confirms `lsn` when no event is queued or in flight: an idle capture
+    /// (or one whose tables are quiet) then pins no WAL.
+    fn confirm_if_idle(&self, lsn: u64) {
+        let queue = self.shared.lock();
+        if queue.outstanding == 0 && queue.items.is_empty() {
+            self.shared.advance(lsn);
+        }
+    }
+
+    /// Records and sends the confirmed position when it moved: the record
+    /// first, so it is never behind the slot (how a slot created again is
+    /// recognised).
+    async fn send_confirmed(&self, client: &ReplicationClient, sent: &mut u64) -> Result<(), SessionError> {
+        let target = *self.shared.confirm.borrow();
+        if target <= *sent {
+            return Ok(());
+        }
+        let db = self.pool.get().await.map_err(|e| {
+            SessionError::Failed(PgError::Connect {
+                target: self.pg.target(),
+                detail: e.to_string(),
+                retryable: true,
+            })
+        })?;
+        let table = SqlName::parse(&self.config.progress_table).map_err(SessionError::Failed)?;
+        db.execute(
+            &format!("UPDATE {table} SET confirmed_lsn = $2::text::pg_lsn, updated_at = now() WHERE slot = $1"),
+            &[&self.config.slot, &lsn_text(target)],
+        )
+        .await
+        .map_err(|e| SessionError::Failed(PgError::query("record the WAL position", e)))?;
+        client.update_applied_lsn(Lsn::from_u64(target));
+        *sent = target;
+        Ok(())
+    }
+
+    /// Queues what the decoder made; true when it was an event.
+    async fn take(&self, decoded: Decoded, generation: u64) -> Result<bool, SessionError> {
+        match decoded {
+            Decoded::Nothing => Ok(false),
+            Decoded::Truncated(tables) => {
+                warn!(tables = ?tables, "tables were truncated: a truncate is not captured as events (docs/wal.md)");
+                Ok(false)
+            }
+            Decoded::Poison { id, content, reason } => {
+                let event = Event::new("", content).with_id(id);
+                warn!(event_id = %id, reason = %reason, "a logical message under the outbox prefix is not an event: dead-lettered");
+                let db = self.pool.get().await.map_err(|e| {
+                    SessionError::Failed(PgError::Connect {
+                        target: self.pg.target(),
+                        detail: e.to_string(),
+                        retryable: true,
+                    })
+                })?;
+                insert_dead_letters(&db, &self.dead_letter, &[(&event, reason.as_str())])
+                    .await
+                    .map_err(SessionError::Failed)?;
+                Ok(false)
+            }
+            Decoded::Event(event) => {
+                // Bounded read-ahead: wait for the relay to take some.
+                loop {
+                    let space = self.shared.space.notified();
+                    tokio::pin!(space);
+                    space.as_mut().enable();
+                    {
+                        let queue = self.shared.lock();
+                        if queue.generation != generation {
+                            return Ok(false);
+                        }
+                        if queue.items.len() < self.config.read_ahead {
+                            break;
+                        }
+                    }
+                    tokio::select! {
+                        _ = space => {}
+                        _ = self.stop.cancelled() => return Ok(false),
+                    }
+                }
+                self.push(Item::Event(event), generation);
+                Ok(true)
+            }
+        }
+    }
+
+    fn push(&self, item: Item, generation: u64) {
+        let mut queue = self.shared.lock();
+        if queue.generation != generation {
+            return;
+        }
+        if matches!(item, Item::Event(_)) {
+            queue.outstanding += 1;
+        }
+        queue.items.push_back(item);
+        drop(queue);
+        self.shared.arrived.notify_waiters();
+    }
+
+    fn routing(&self) -> Routing {
+        Routing {
+            topic_template: self.config.topic_template.clone(),
+            tables: self
+                .config
+                .tables
+                .iter()
+                .map(|t| (t.qualified(), t.clone()))
+                .collect::<HashMap<_, _>>(),
+            message_prefix: self.config.message_prefix.clone(),
+        }
+    }
+
+    fn replication_config(&self, start: u64) -> ReplicationConfig {
+        let mut config = ReplicationConfig::new(
+            self.pg.host.clone(),
+            self.pg.user.clone(),
+            self.pg.password.clone(),
+            self.pg.dbname.clone(),
+            self.config.slot.clone(),
+            self.config.publication.clone(),
+        )
+        .with_port(self.pg.port)
+        .with_tls(crate::tls::replication_tls(self.pg.ssl_mode, self.pg.ssl_root_cert.clone()))
+        .with_start_lsn(Lsn::from_u64(start))
+        .with_status_interval(self.config.status_interval)
+        .with_wakeup_interval(self.config.status_interval)
+        .with_buffer_size(1024)
+        .with_options(SESSION_OPTIONS)
+        .with_application_name(format!("{}-wal", self.pg.application_name));
+        config.ack_lsn = Some(Lsn::from_u64(start));
+        config
+    }
+
+    /// Checks the server and the slot, creating what is missing when
+    /// allowed; returns the position to stream from.
+    async fn prepare(&self) -> Result<u64, SessionError> {
+        let db = self.pool.get().await.map_err(|e| {
+            SessionError::Failed(PgError::Connect {
+                target: self.pg.target(),
+                detail: e.to_string(),
+                retryable: true,
+            })
+        })?;
+        super::setup::prepare(&db, &self.config).await.map_err(SessionError::Failed)
+    }
+}
+
+enum SessionError {
+    /// The slot is streamed by another session.
+    Held(String),
+    Failed(PgError),
+}
+
+impl From<PgError> for SessionError {
+    fn from(err: PgError) -> Self {
+        SessionError::Failed(err)
+    }
+}
+
+/// Classifies an error of the replication connection.
+fn classify(err: PgWireError) -> SessionError {
+    let text = err.to_string();
+    let sqlstate = text
+        .split("SQLSTATE ")
+        .nth(1)
+        .map(|rest| rest.chars().take(5).collect::<String>());
+    match sqlstate.as_deref() {
+        // object_in_use: another session streams the slot.
+        Some("55006") => return SessionError::Held(text),
+        Some(code) => {
+            let retryable = matches!(&code[..2], "08" | "40" | "53" | "57" | "58");
+            let hint = match code {
+                "42704" => "; the slot or publication does not exist: let the relay create it (WalConfig::create) or create it as docs/wal.md shows",
+                "42501" | "28000" => "; the user needs the REPLICATION attribute (ALTER ROLE ... REPLICATION) and a pg_hba.conf line that admits it",
+                "28P01" => "; check the postgres user and password",
+                "55000" => "; the server needs wal_level = logical (a restart)",
+                _ => "",
+            };
+            return SessionError::Failed(PgError::Replication {
+                detail: format!("{text}{hint}"),
+                retryable,
+            });
+        }
+        None => {}
+    }
+    SessionError::Failed(PgError::Replication {
+        retryable: err.is_transient() || matches!(err, PgWireError::Protocol(_)),
+        detail: text,
+    })
+}
