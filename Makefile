@@ -13,7 +13,7 @@ export CARGO_TERM_COLOR ?= never
 
 # Every optional feature is built and tested (one feature set: no crate is
 # compiled twice).
-FEATURES := --features outbox-pg/sqlx
+FEATURES := --features outbox-pg/sqlx,outbox-pg/wal
 
 DURATION ?= 150s
 SEED ?=

@@ -38,7 +38,6 @@ pub struct Outbox {
     pub(crate) message_prefix: String,
 }
 
-
 /// An event's headers as the JSON object stored in the `headers` column.
 pub(crate) fn headers_json(event: &Event) -> serde_json::Value {
     serde_json::Value::Object(

@@ -83,7 +83,10 @@ fn put_text(out: &mut Vec<u8>, at: &'static str, text: &[u8]) -> Result<(), Mess
 
 /// The event a message's content carries (the inverse of [`encode_message`]).
 pub fn decode_message(content: &Bytes) -> Result<Event, MessageError> {
-    let mut reader = Reader { data: content, at: 0 };
+    let mut reader = Reader {
+        data: content,
+        at: 0,
+    };
     let version = reader.take("version", 1)?[0];
     if version != VERSION {
         return Err(bad(
@@ -91,7 +94,8 @@ pub fn decode_message(content: &Bytes) -> Result<Event, MessageError> {
             format!("version {version} is not known to this relay (it reads {VERSION}): upgrade the relay"),
         ));
     }
-    let id = Uuid::from_slice(reader.take("event id", 16)?).map_err(|e| bad("event id", e.to_string()))?;
+    let id = Uuid::from_slice(reader.take("event id", 16)?)
+        .map_err(|e| bad("event id", e.to_string()))?;
     let created_ms = i64::from_be_bytes(reader.array("created at")?);
     let topic = reader.text("topic")?;
     let key_len = i32::from_be_bytes(reader.array("key")?);
@@ -129,7 +133,15 @@ impl Reader<'_> {
             .at
             .checked_add(len)
             .filter(|end| *end <= self.data.len())
-            .ok_or_else(|| bad(at, format!("truncated: {len} bytes announced, {} left", self.data.len() - self.at)))?;
+            .ok_or_else(|| {
+                bad(
+                    at,
+                    format!(
+                        "truncated: {len} bytes announced, {} left",
+                        self.data.len() - self.at
+                    ),
+                )
+            })?;
         let slice = &self.data[self.at..end];
         self.at = end;
         Ok(slice)
@@ -172,7 +184,10 @@ mod tests {
         let back = decode_message(&Bytes::from(encode_message(&event)?))?;
         assert_eq!(back, event);
         let keyless = Event::new("t", Bytes::new()).with_created_at(ms_to_system_time(5));
-        assert_eq!(decode_message(&Bytes::from(encode_message(&keyless)?))?, keyless);
+        assert_eq!(
+            decode_message(&Bytes::from(encode_message(&keyless)?))?,
+            keyless
+        );
         Ok(())
     }
 
@@ -199,7 +214,9 @@ mod tests {
     fn an_unknown_version_says_to_upgrade() -> Result<(), MessageError> {
         let mut frame = encode_message(&sample())?;
         frame[0] = 9;
-        let err = decode_message(&Bytes::from(frame)).err().map(|e| e.to_string());
+        let err = decode_message(&Bytes::from(frame))
+            .err()
+            .map(|e| e.to_string());
         assert!(err.is_some_and(|e| e.contains("upgrade the relay")));
         Ok(())
     }

@@ -186,7 +186,10 @@ impl Decoder {
                 old_is_full,
             } => ("d", relation, Some(old), old_is_full, None),
         };
-        let tx = self.transaction.as_mut().ok_or(ChangeError::OutsideTransaction)?;
+        let tx = self
+            .transaction
+            .as_mut()
+            .ok_or(ChangeError::OutsideTransaction)?;
         let ordinal = tx.ordinal;
         tx.ordinal += 1;
         let (commit_lsn, commit_time_ms, xid) = (tx.commit_lsn, tx.commit_time_ms, tx.xid);
@@ -196,22 +199,27 @@ impl Decoder {
             .ok_or(ChangeError::UnknownRelation(relation))?;
         let name = format!("{}.{}", rel.schema, rel.table);
         let route = self.routing.tables.get(&name);
-        let topic = route
-            .and_then(|r| r.topic.clone())
-            .unwrap_or_else(|| {
-                self.routing
-                    .topic_template
-                    .replace("{schema}", &rel.schema)
-                    .replace("{table}", &rel.table)
-            });
+        let topic = route.and_then(|r| r.topic.clone()).unwrap_or_else(|| {
+            self.routing
+                .topic_template
+                .replace("{schema}", &rel.schema)
+                .replace("{table}", &rel.table)
+        });
         let mut unchanged = Vec::new();
-        let after_json = after.as_deref().map(|row| row_json(rel, row, true, &mut unchanged));
+        let after_json = after
+            .as_deref()
+            .map(|row| row_json(rel, row, true, &mut unchanged));
         let before_json = before
             .as_deref()
             .map(|row| row_json(rel, row, before_full, &mut Vec::new()));
         let key_columns: Vec<&str> = match route.map(|r| &r.key_columns) {
             Some(columns) if !columns.is_empty() => columns.iter().map(String::as_str).collect(),
-            _ => rel.columns.iter().filter(|c| c.key).map(|c| c.name.as_str()).collect(),
+            _ => rel
+                .columns
+                .iter()
+                .filter(|c| c.key)
+                .map(|c| c.name.as_str())
+                .collect(),
         };
         // The key of a delete is in the old row; of the rest, in the new.
         let key_row = after.as_deref().or(before.as_deref());
@@ -335,11 +343,20 @@ mod tests {
     fn an_insert_becomes_a_keyed_event_with_a_deterministic_id() -> Result<(), ChangeError> {
         let mut d = decoder();
         d.begin(0x1_0000_0010, 1_000_000, 42);
-        let insert = Frame::new(b'I').i32(16384).u8(b'N').i16(2).text("7").text("alice").bytes();
+        let insert = Frame::new(b'I')
+            .i32(16384)
+            .u8(b'N')
+            .i16(2)
+            .text("7")
+            .text("alice")
+            .bytes();
         let (event, body) = payload(d.row(&insert)?);
         assert_eq!(event.topic, "user_events");
         assert_eq!(event.key.as_deref(), Some(&b"7"[..]));
-        assert_eq!(event.id, change_event_id("7300000000000000001", 0x1_0000_0010, 0));
+        assert_eq!(
+            event.id,
+            change_event_id("7300000000000000001", 0x1_0000_0010, 0)
+        );
         assert_eq!(body["op"], "c");
         assert_eq!(body["after"], json!({"id": 7, "name": "alice"}));
         assert_eq!(body["before"], Value::Null);
@@ -347,7 +364,10 @@ mod tests {
         assert_eq!(body["source"]["ts_ms"], json!(946_684_801_000i64));
         // The second change of the transaction has the next ordinal.
         let (second, _) = payload(d.row(&insert)?);
-        assert_eq!(second.id, change_event_id("7300000000000000001", 0x1_0000_0010, 1));
+        assert_eq!(
+            second.id,
+            change_event_id("7300000000000000001", 0x1_0000_0010, 1)
+        );
         Ok(())
     }
 
@@ -355,17 +375,35 @@ mod tests {
     fn a_delete_is_keyed_by_its_old_row_and_toast_is_not_null() -> Result<(), ChangeError> {
         let mut d = decoder();
         d.begin(16, 0, 1);
-        let delete = Frame::new(b'D').i32(16384).u8(b'K').i16(2).text("9").u8(b'n').bytes();
+        let delete = Frame::new(b'D')
+            .i32(16384)
+            .u8(b'K')
+            .i16(2)
+            .text("9")
+            .u8(b'n')
+            .bytes();
         let (event, body) = payload(d.row(&delete)?);
         assert_eq!(event.key.as_deref(), Some(&b"9"[..]));
         assert_eq!(body["op"], "d");
         assert_eq!(body["before"], json!({"id": 9}));
         assert_eq!(body["after"], Value::Null);
-        let update = Frame::new(b'U').i32(16384).u8(b'N').i16(2).text("9").u8(b'u').bytes();
+        let update = Frame::new(b'U')
+            .i32(16384)
+            .u8(b'N')
+            .i16(2)
+            .text("9")
+            .u8(b'u')
+            .bytes();
         let (_, body) = payload(d.row(&update)?);
         assert_eq!(body["after"], json!({"id": 9}));
         assert_eq!(body["unchanged_toast"], json!(["name"]));
-        let null_name = Frame::new(b'U').i32(16384).u8(b'N').i16(2).text("9").u8(b'n').bytes();
+        let null_name = Frame::new(b'U')
+            .i32(16384)
+            .u8(b'N')
+            .i16(2)
+            .text("9")
+            .u8(b'n')
+            .bytes();
         let (_, body) = payload(d.row(&null_name)?);
         assert_eq!(body["after"], json!({"id": 9, "name": null}));
         assert!(body.get("unchanged_toast").is_none());
@@ -375,7 +413,12 @@ mod tests {
     #[test]
     fn unknown_tables_and_changes_outside_transactions_are_errors() {
         let mut d = decoder();
-        let insert = Frame::new(b'I').i32(16384).u8(b'N').i16(1).text("1").bytes();
+        let insert = Frame::new(b'I')
+            .i32(16384)
+            .u8(b'N')
+            .i16(1)
+            .text("1")
+            .bytes();
         assert_eq!(d.row(&insert).err(), Some(ChangeError::OutsideTransaction));
         d.begin(16, 0, 1);
         let other = Frame::new(b'I').i32(99).u8(b'N').i16(1).text("1").bytes();
@@ -383,14 +426,22 @@ mod tests {
     }
 
     #[test]
-    fn messages_under_the_prefix_are_events_and_bad_ones_poison() -> Result<(), crate::MessageError> {
+    fn messages_under_the_prefix_are_events_and_bad_ones_poison() -> Result<(), crate::MessageError>
+    {
         let mut d = decoder();
         d.begin(32, 0, 1);
-        let event = Event::new("orders", "x").with_key("k").with_created_at(ms_to_system_time(7));
+        let event = Event::new("orders", "x")
+            .with_key("k")
+            .with_created_at(ms_to_system_time(7));
         let content = Bytes::from(crate::message::encode_message(&event)?);
         assert!(matches!(d.message("outbox", &content, 40), Decoded::Event(e) if e == event));
-        assert!(matches!(d.message("someone-else", &content, 41), Decoded::Nothing));
-        let Decoded::Poison { id, reason, .. } = d.message("outbox", &Bytes::from_static(b"\x01"), 42) else {
+        assert!(matches!(
+            d.message("someone-else", &content, 41),
+            Decoded::Nothing
+        ));
+        let Decoded::Poison { id, reason, .. } =
+            d.message("outbox", &Bytes::from_static(b"\x01"), 42)
+        else {
             panic!("a bad frame was not poison");
         };
         assert_eq!(id, change_event_id("7300000000000000001", 32, 2));

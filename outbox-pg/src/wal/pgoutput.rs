@@ -149,7 +149,8 @@ impl Cursor<'_> {
             .iter()
             .position(|b| *b == 0)
             .ok_or_else(|| self.fail("unterminated string"))?;
-        let text = String::from_utf8(rest[..len].to_vec()).map_err(|_| self.fail("string not UTF-8"))?;
+        let text =
+            String::from_utf8(rest[..len].to_vec()).map_err(|_| self.fail("string not UTF-8"))?;
         self.at += len + 1;
         Ok(text)
     }
@@ -164,7 +165,8 @@ impl Cursor<'_> {
                 b'u' => Datum::UnchangedToast,
                 b't' => {
                     let len = self.i32()?;
-                    let len = usize::try_from(len).map_err(|_| self.fail(format!("value of length {len}")))?;
+                    let len = usize::try_from(len)
+                        .map_err(|_| self.fail(format!("value of length {len}")))?;
                     let start = self.at;
                     self.take(len)?;
                     Datum::Text(self.data.slice(start..self.at))
@@ -334,7 +336,10 @@ pub(crate) mod tests {
         let RowMessage::Relation(relation) = decode(&users_relation())? else {
             panic!("not a relation");
         };
-        assert_eq!((relation.schema.as_str(), relation.table.as_str()), ("public", "users"));
+        assert_eq!(
+            (relation.schema.as_str(), relation.table.as_str()),
+            ("public", "users")
+        );
         assert_eq!(relation.columns.len(), 2);
         assert!(relation.columns[0].key && !relation.columns[1].key);
         assert_eq!(relation.columns[1].type_oid, 25);
@@ -343,7 +348,13 @@ pub(crate) mod tests {
 
     #[test]
     fn updates_with_and_without_an_old_row() -> Result<(), DecodeError> {
-        let plain = Frame::new(b'U').i32(7).u8(b'N').i16(2).text("1").u8(b'u').bytes();
+        let plain = Frame::new(b'U')
+            .i32(7)
+            .u8(b'N')
+            .i16(2)
+            .text("1")
+            .u8(b'u')
+            .bytes();
         assert_eq!(
             decode(&plain)?,
             RowMessage::Update {
@@ -362,7 +373,10 @@ pub(crate) mod tests {
             .i16(1)
             .text("x")
             .bytes();
-        let RowMessage::Update { old, old_is_full, .. } = decode(&full)? else {
+        let RowMessage::Update {
+            old, old_is_full, ..
+        } = decode(&full)?
+        else {
             panic!("not an update");
         };
         assert_eq!((old, old_is_full), (Some(vec![Datum::Null]), true));
@@ -371,7 +385,12 @@ pub(crate) mod tests {
 
     #[test]
     fn inserts_deletes_and_truncates() -> Result<(), DecodeError> {
-        let insert = Frame::new(b'I').i32(7).u8(b'N').i16(1).text("héllo").bytes();
+        let insert = Frame::new(b'I')
+            .i32(7)
+            .u8(b'N')
+            .i16(1)
+            .text("héllo")
+            .bytes();
         assert_eq!(
             decode(&insert)?,
             RowMessage::Insert {
@@ -380,9 +399,21 @@ pub(crate) mod tests {
             }
         );
         let delete = Frame::new(b'D').i32(7).u8(b'K').i16(1).text("1").bytes();
-        assert!(matches!(decode(&delete)?, RowMessage::Delete { relation: 7, old_is_full: false, .. }));
+        assert!(matches!(
+            decode(&delete)?,
+            RowMessage::Delete {
+                relation: 7,
+                old_is_full: false,
+                ..
+            }
+        ));
         let truncate = Frame::new(b'T').i32(2).u8(0).i32(7).i32(8).bytes();
-        assert_eq!(decode(&truncate)?, RowMessage::Truncate { relations: vec![7, 8] });
+        assert_eq!(
+            decode(&truncate)?,
+            RowMessage::Truncate {
+                relations: vec![7, 8]
+            }
+        );
         assert_eq!(decode(&Frame::new(b'Y').bytes())?, RowMessage::Other(b'Y'));
         Ok(())
     }
@@ -391,11 +422,19 @@ pub(crate) mod tests {
     fn every_truncated_message_is_an_error() {
         for message in [
             users_relation(),
-            Frame::new(b'I').i32(7).u8(b'N').i16(1).text("hello").bytes(),
+            Frame::new(b'I')
+                .i32(7)
+                .u8(b'N')
+                .i16(1)
+                .text("hello")
+                .bytes(),
             Frame::new(b'D').i32(7).u8(b'O').i16(1).text("1").bytes(),
         ] {
             for cut in 1..message.len() {
-                assert!(decode(&message.slice(..cut)).is_err(), "cut at {cut} decoded");
+                assert!(
+                    decode(&message.slice(..cut)).is_err(),
+                    "cut at {cut} decoded"
+                );
             }
         }
         assert!(decode(&Bytes::new()).is_err());

@@ -28,7 +28,10 @@ fn parse_lsn(text: &str) -> Result<u64, PgError> {
 
 /// Checks the server and the slot; returns the position to stream from
 /// (the slot's confirmed position).
-pub(crate) async fn prepare<C: GenericClient + Sync>(db: &C, config: &WalConfig) -> Result<u64, PgError> {
+pub(crate) async fn prepare<C: GenericClient + Sync>(
+    db: &C,
+    config: &WalConfig,
+) -> Result<u64, PgError> {
     let level: String = db
         .query_one("SHOW wal_level", &[])
         .await
@@ -62,7 +65,10 @@ pub(crate) async fn prepare<C: GenericClient + Sync>(db: &C, config: &WalConfig)
         .await
         .map_err(query("read the replication slot"))?;
     let recorded: Option<String> = db
-        .query_opt(&format!("SELECT confirmed_lsn::text FROM {progress} WHERE slot = $1"), &[&config.slot])
+        .query_opt(
+            &format!("SELECT confirmed_lsn::text FROM {progress} WHERE slot = $1"),
+            &[&config.slot],
+        )
         .await
         .map_err(query("read the WAL progress"))?
         .map(|row| row.get(0));
@@ -116,7 +122,12 @@ pub(crate) async fn prepare<C: GenericClient + Sync>(db: &C, config: &WalConfig)
             config.slot
         )));
     }
-    let confirmed = confirmed.ok_or_else(|| permanent(format!("the replication slot {} has no position", config.slot)))?;
+    let confirmed = confirmed.ok_or_else(|| {
+        permanent(format!(
+            "the replication slot {} has no position",
+            config.slot
+        ))
+    })?;
     let at = parse_lsn(&confirmed)?;
     match recorded {
         None => record(db, &progress, &config.slot, &confirmed).await?,
@@ -137,7 +148,12 @@ pub(crate) async fn prepare<C: GenericClient + Sync>(db: &C, config: &WalConfig)
     Ok(at)
 }
 
-async fn record<C: GenericClient + Sync>(db: &C, progress: &SqlName, slot: &str, lsn: &str) -> Result<(), PgError> {
+async fn record<C: GenericClient + Sync>(
+    db: &C,
+    progress: &SqlName,
+    slot: &str,
+    lsn: &str,
+) -> Result<(), PgError> {
     db.execute(
         &format!(
             "INSERT INTO {progress} (slot, confirmed_lsn) VALUES ($1, $2::text::pg_lsn) ON CONFLICT (slot) DO NOTHING"
@@ -152,7 +168,10 @@ async fn record<C: GenericClient + Sync>(db: &C, progress: &SqlName, slot: &str,
 /// The publication exists and names every captured table.
 async fn publication<C: GenericClient + Sync>(db: &C, config: &WalConfig) -> Result<(), PgError> {
     let exists = db
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&config.publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&config.publication],
+        )
         .await
         .map_err(query("read the publication"))?
         .is_some();
@@ -182,24 +201,46 @@ async fn publication<C: GenericClient + Sync>(db: &C, config: &WalConfig) -> Res
         return Err(permanent(format!(
             "the publication {} {}: {}",
             config.publication,
-            if exists { "lacks tables" } else { "does not exist" },
             if exists {
-                format!("ALTER PUBLICATION {} ADD TABLE {}", config.publication, missing.join(", "))
+                "lacks tables"
+            } else {
+                "does not exist"
+            },
+            if exists {
+                format!(
+                    "ALTER PUBLICATION {} ADD TABLE {}",
+                    config.publication,
+                    missing.join(", ")
+                )
             } else if missing.is_empty() {
                 format!("CREATE PUBLICATION {}", config.publication)
             } else {
-                format!("CREATE PUBLICATION {} FOR TABLE {}", config.publication, missing.join(", "))
+                format!(
+                    "CREATE PUBLICATION {} FOR TABLE {}",
+                    config.publication,
+                    missing.join(", ")
+                )
             }
         )));
     }
     let sql = if exists {
-        format!("ALTER PUBLICATION {} ADD TABLE {}", config.publication, missing.join(", "))
+        format!(
+            "ALTER PUBLICATION {} ADD TABLE {}",
+            config.publication,
+            missing.join(", ")
+        )
     } else if missing.is_empty() {
         format!("CREATE PUBLICATION {}", config.publication)
     } else {
-        format!("CREATE PUBLICATION {} FOR TABLE {}", config.publication, missing.join(", "))
+        format!(
+            "CREATE PUBLICATION {} FOR TABLE {}",
+            config.publication,
+            missing.join(", ")
+        )
     };
-    db.batch_execute(&sql).await.map_err(query("create the publication"))?;
+    db.batch_execute(&sql)
+        .await
+        .map_err(query("create the publication"))?;
     tracing::info!(publication = %config.publication, tables = ?missing, "publication ready");
     Ok(())
 }

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
 use outbox_core::{AckSummary, Claimed, Delivery, Event, Result, Source};
-use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use pgwire_replication::{
+    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
+};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -138,7 +140,12 @@ impl WalSource {
     /// outbox's dead-letter table (`outbox_dead_letter` by default), where
     /// events the broker rejects for good and messages that are not events
     /// are kept with their reason.
-    pub fn start(pg: &PgConfig, pool: Pool, config: WalConfig, dead_letter_table: &str) -> Result<Self, PgError> {
+    pub fn start(
+        pg: &PgConfig,
+        pool: Pool,
+        config: WalConfig,
+        dead_letter_table: &str,
+    ) -> Result<Self, PgError> {
         config.validate()?;
         let dead_letter = SqlName::parse(dead_letter_table)?;
         let (confirm, _) = watch::channel(0);
@@ -186,15 +193,11 @@ impl WalSource {
         if events.is_empty() {
             return Ok(());
         }
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| PgError::Connect {
-                target: "the dead-letter table".into(),
-                detail: e.to_string(),
-                retryable: true,
-            })?;
+        let client = self.pool.get().await.map_err(|e| PgError::Connect {
+            target: "the dead-letter table".into(),
+            detail: e.to_string(),
+            retryable: true,
+        })?;
         insert_dead_letters(&client, &self.dead_letter, events).await
     }
 }
@@ -213,7 +216,10 @@ async fn insert_dead_letters(
     let topics: Vec<&str> = events.iter().map(|(e, _)| e.topic.as_str()).collect();
     let keys: Vec<Option<&[u8]>> = events.iter().map(|(e, _)| e.key.as_deref()).collect();
     let payloads: Vec<&[u8]> = events.iter().map(|(e, _)| &e.payload[..]).collect();
-    let headers: Vec<serde_json::Value> = events.iter().map(|(e, _)| crate::enqueue::headers_json(e)).collect();
+    let headers: Vec<serde_json::Value> = events
+        .iter()
+        .map(|(e, _)| crate::enqueue::headers_json(e))
+        .collect();
     let created: Vec<std::time::SystemTime> = events.iter().map(|(e, _)| e.created_at).collect();
     let attempts: Vec<i32> = vec![1; events.len()];
     let reasons: Vec<&str> = events.iter().map(|(_, r)| *r).collect();
@@ -221,7 +227,9 @@ async fn insert_dead_letters(
     client
         .execute(
             &sql,
-            &[&ids, &topics, &keys, &payloads, &headers, &created, &attempts, &reasons, &origins],
+            &[
+                &ids, &topics, &keys, &payloads, &headers, &created, &attempts, &reasons, &origins,
+            ],
         )
         .await
         .map_err(|e| PgError::query("dead-letter (wal)", e))?;
@@ -274,7 +282,11 @@ impl Source for WalSource {
         }))
     }
 
-    async fn acknowledge(&self, mut claimed: Claimed<WalClaim>, deliveries: &[Delivery]) -> Result<AckSummary> {
+    async fn acknowledge(
+        &self,
+        mut claimed: Claimed<WalClaim>,
+        deliveries: &[Delivery],
+    ) -> Result<AckSummary> {
         let rejected: Vec<(&Event, &str)> = claimed
             .events
             .iter()
@@ -294,7 +306,10 @@ impl Source for WalSource {
             .position(|(_, d)| matches!(d, Delivery::Retryable(_)))
             .unwrap_or(claimed.events.len());
         let summary = AckSummary {
-            completed: deliveries[..settled].iter().filter(|d| d.is_acknowledged()).count(),
+            completed: deliveries[..settled]
+                .iter()
+                .filter(|d| d.is_acknowledged())
+                .count(),
             dead_lettered: rejected.len(),
             released: claimed.events.len() - settled,
         };
@@ -308,7 +323,12 @@ impl Source for WalSource {
                 released: claimed.events.len(),
             });
         }
-        if let Some((_, lsn)) = claim.commits.iter().rev().find(|(before, _)| *before <= settled) {
+        if let Some((_, lsn)) = claim
+            .commits
+            .iter()
+            .rev()
+            .find(|(before, _)| *before <= settled)
+        {
             self.shared.advance(*lsn);
         }
         if settled < claimed.events.len() {
@@ -353,7 +373,8 @@ struct Reader {
 
 impl Reader {
     async fn run(self) {
-        let mut backoff = outbox_core::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut backoff =
+            outbox_core::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut waiting_since: Option<Instant> = None;
         loop {
             let result = self.session(&mut waiting_since).await;
@@ -383,7 +404,11 @@ impl Reader {
                 }
                 Err(SessionError::Failed(err)) => {
                     tracing::error!(slot = %self.config.slot, error = %err, "WAL source stopped");
-                    *self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(err.to_string());
+                    let detail = match err {
+                        PgError::Replication { detail, .. } => detail,
+                        other => other.to_string(),
+                    };
+                    *self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(detail);
                     self.shared.arrived.notify_waiters();
                     return;
                 }
@@ -429,7 +454,14 @@ impl Reader {
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => {
+                    // The client sends a raised position at most once per
+                    // status interval, and not at all once stopped: give the
+                    // last one its interval, so a clean stop re-reads nothing.
+                    let before = sent;
                     self.send_confirmed(&client, &mut sent).await?;
+                    if sent > before {
+                        tokio::time::sleep(self.config.status_interval + Duration::from_millis(50)).await;
+                    }
                     let _ = client.shutdown().await;
                     return Ok(Ended::Stopped);
                 }
@@ -471,13 +503,11 @@ impl Reader {
                             if events_in_transaction > 0 {
                                 self.push(Item::Commit(end_lsn.as_u64()), generation);
                             } else {
-                                self.confirm_if_idle(end_lsn.as_u64());
+                                self.confirm_if_idle(end_lsn.as_u64(), generation);
                             }
                         }
-                        ReplicationEvent::KeepAlive { wal_end, .. } => {
-                            if !decoder.in_transaction() {
-                                self.confirm_if_idle(wal_end.as_u64());
-                            }
+                        ReplicationEvent::KeepAlive { wal_end, .. } if !decoder.in_transaction() => {
+                            self.confirm_if_idle(wal_end.as_u64(), generation);
                         }
                         _ => {}
                     }
@@ -487,10 +517,12 @@ impl Reader {
     }
 
     /// Confirms `lsn` when no event is queued or in flight: an idle capture
-    /// (or one whose tables are quiet) then pins no WAL.
-    fn confirm_if_idle(&self, lsn: u64) {
+    /// (or one whose tables are quiet) then pins no WAL. Not after a rewind
+    /// this session has not seen yet: the emptied queue says nothing about
+    /// the events it dropped, which this session's position is past.
+    fn confirm_if_idle(&self, lsn: u64, generation: u64) {
         let queue = self.shared.lock();
-        if queue.outstanding == 0 && queue.items.is_empty() {
+        if queue.generation == generation && queue.outstanding == 0 && queue.items.is_empty() {
             self.shared.advance(lsn);
         }
     }
@@ -498,7 +530,11 @@ impl Reader {
     /// Records and sends the confirmed position when it moved: the record
     /// first, so it is never behind the slot (how a slot created again is
     /// recognised).
-    async fn send_confirmed(&self, client: &ReplicationClient, sent: &mut u64) -> Result<(), SessionError> {
+    async fn send_confirmed(
+        &self,
+        client: &ReplicationClient,
+        sent: &mut u64,
+    ) -> Result<(), SessionError> {
         let target = *self.shared.confirm.borrow();
         if target <= *sent {
             return Ok(());
@@ -530,7 +566,11 @@ impl Reader {
                 warn!(tables = ?tables, "tables were truncated: a truncate is not captured as events (docs/wal.md)");
                 Ok(false)
             }
-            Decoded::Poison { id, content, reason } => {
+            Decoded::Poison {
+                id,
+                content,
+                reason,
+            } => {
                 let event = Event::new("", content).with_id(id);
                 warn!(event_id = %id, reason = %reason, "a logical message under the outbox prefix is not an event: dead-lettered");
                 let db = self.pool.get().await.map_err(|e| {
@@ -607,7 +647,10 @@ impl Reader {
             self.config.publication.clone(),
         )
         .with_port(self.pg.port)
-        .with_tls(crate::tls::replication_tls(self.pg.ssl_mode, self.pg.ssl_root_cert.clone()))
+        .with_tls(crate::tls::replication_tls(
+            self.pg.ssl_mode,
+            self.pg.ssl_root_cert.clone(),
+        ))
         .with_start_lsn(Lsn::from_u64(start))
         .with_status_interval(self.config.status_interval)
         .with_wakeup_interval(self.config.status_interval)
@@ -628,7 +671,9 @@ impl Reader {
                 retryable: true,
             })
         })?;
-        super::setup::prepare(&db, &self.config).await.map_err(SessionError::Failed)
+        super::setup::prepare(&db, &self.config)
+            .await
+            .map_err(SessionError::Failed)
     }
 }
 

@@ -71,7 +71,9 @@ pub fn to_json(type_oid: u32, text: &str) -> Value {
             .map(Value::Number)
             // NaN and ±Infinity have no JSON number.
             .unwrap_or_else(|| Value::String(text.to_string())),
-        JSON | JSONB => serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string())),
+        JSON | JSONB => {
+            serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+        }
         BYTEA => match text.strip_prefix("\\x").and_then(hex_decode) {
             Some(raw) => Value::String(base64::engine::general_purpose::STANDARD.encode(raw)),
             None => Value::String(text.to_string()),
@@ -180,7 +182,11 @@ fn parse_level(chars: &[char], at: &mut usize) -> Option<Vec<Element>> {
                     *at += 1;
                 }
                 let raw: String = chars[start..*at].iter().collect();
-                elements.push(if raw == "NULL" { Element::Null } else { Element::Text(raw) });
+                elements.push(if raw == "NULL" {
+                    Element::Null
+                } else {
+                    Element::Text(raw)
+                });
             }
         }
         match chars.get(*at)? {
@@ -214,9 +220,15 @@ mod tests {
 
     #[test]
     fn numbers_stay_exact() {
-        assert_eq!(to_json(INT8, "9223372036854775807"), json!(9_223_372_036_854_775_807i64));
+        assert_eq!(
+            to_json(INT8, "9223372036854775807"),
+            json!(9_223_372_036_854_775_807i64)
+        );
         assert_eq!(to_json(INT2, "-5"), json!(-5));
-        assert_eq!(to_json(1700, "12345678901234567890.000000001"), json!("12345678901234567890.000000001"));
+        assert_eq!(
+            to_json(1700, "12345678901234567890.000000001"),
+            json!("12345678901234567890.000000001")
+        );
         assert_eq!(to_json(FLOAT8, "0.1"), json!(0.1));
         assert_eq!(to_json(FLOAT4, "NaN"), json!("NaN"));
         assert_eq!(to_json(FLOAT8, "-Infinity"), json!("-Infinity"));
@@ -225,15 +237,24 @@ mod tests {
     #[test]
     fn bytes_json_and_booleans() {
         assert_eq!(to_json(BYTEA, "\\x00ff10"), json!("AP8Q"));
-        assert_eq!(to_json(JSONB, r#"{"a": [1, null]}"#), json!({"a": [1, null]}));
+        assert_eq!(
+            to_json(JSONB, r#"{"a": [1, null]}"#),
+            json!({"a": [1, null]})
+        );
         assert_eq!(to_json(BOOL, "t"), json!(true));
         assert_eq!(to_json(BOOL, "f"), json!(false));
     }
 
     #[test]
     fn timestamps_become_iso_8601() {
-        assert_eq!(to_json(TIMESTAMPTZ, "2024-01-02 03:04:05.123456+00"), json!("2024-01-02T03:04:05.123456Z"));
-        assert_eq!(to_json(TIMESTAMP, "2024-01-02 03:04:05"), json!("2024-01-02T03:04:05"));
+        assert_eq!(
+            to_json(TIMESTAMPTZ, "2024-01-02 03:04:05.123456+00"),
+            json!("2024-01-02T03:04:05.123456Z")
+        );
+        assert_eq!(
+            to_json(TIMESTAMP, "2024-01-02 03:04:05"),
+            json!("2024-01-02T03:04:05")
+        );
         assert_eq!(to_json(TIMESTAMPTZ, "infinity"), json!("infinity"));
         assert_eq!(to_json(1082, "2024-01-02"), json!("2024-01-02"));
     }
@@ -241,7 +262,10 @@ mod tests {
     #[test]
     fn arrays_of_known_types_become_json_arrays() {
         assert_eq!(to_json(1007, "{1,NULL,3}"), json!([1, null, 3]));
-        assert_eq!(to_json(1009, r#"{"a b","c\"d",NULL,"NULL"}"#), json!(["a b", "c\"d", null, "NULL"]));
+        assert_eq!(
+            to_json(1009, r#"{"a b","c\"d",NULL,"NULL"}"#),
+            json!(["a b", "c\"d", null, "NULL"])
+        );
         assert_eq!(to_json(1007, "{{1,2},{3,4}}"), json!([[1, 2], [3, 4]]));
         assert_eq!(to_json(1007, "[0:1]={7,8}"), json!([7, 8]));
         assert_eq!(to_json(1231, "{1.50,2}"), json!(["1.50", "2"]));
@@ -252,7 +276,10 @@ mod tests {
     #[test]
     fn other_types_keep_their_text() {
         assert_eq!(to_json(25, "héllo"), json!("héllo"));
-        assert_eq!(to_json(2950, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), json!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"));
+        assert_eq!(
+            to_json(2950, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            json!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+        );
         assert_eq!(to_json(1186, "P1DT2H"), json!("P1DT2H"));
     }
 }

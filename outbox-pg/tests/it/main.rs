@@ -9,6 +9,8 @@ mod leases;
 #[cfg(feature = "sqlx")]
 mod sqlx;
 mod tls;
+#[cfg(feature = "wal")]
+mod wal;
 
 use common::{ack, outbox_config, pg_config, setup, setup_with};
 

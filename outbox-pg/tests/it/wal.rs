@@ -1,0 +1,505 @@
+//! The WAL source against the real PostgreSQL (with `wal_level = logical`,
+//! as `scripts/stack.sh` runs it). Each test has its own table, slot,
+//! publication and progress row, dropped at the start and the end.
+
+use std::time::Duration;
+
+use outbox_core::{Delivery, Event, Source};
+use outbox_pg::wal::{change_event_id, CaptureTable, WalConfig, WalSource};
+use outbox_pg::{Outbox, OutboxConfig, PgError};
+use serde_json::Value;
+
+use super::common::{ack, pg_config, setup};
+
+struct Capture {
+    pool: deadpool_postgres::Pool,
+    config: WalConfig,
+    table: String,
+    dead: String,
+}
+
+impl Capture {
+    /// Table `w_<name>` (id int primary key, owner text, amount numeric,
+    /// note text), captured by slot and publication `w_<name>`.
+    async fn new(name: &str) -> Capture {
+        let (pool, _) = setup(&format!("w_{name}")).await;
+        let table = format!("w_{name}_rows");
+        let config = WalConfig {
+            slot: format!("w_{name}"),
+            publication: format!("w_{name}"),
+            tables: vec![CaptureTable::new(table.clone()).with_topic(format!("topic_{name}"))],
+            progress_table: format!("w_{name}_progress"),
+            status_interval: Duration::from_millis(100),
+            standby_retry: Duration::from_millis(100),
+            ..WalConfig::default()
+        };
+        let capture = Capture {
+            pool,
+            config,
+            table,
+            dead: format!("t_w_{name}_dead"),
+        };
+        capture.drop_all().await;
+        capture
+            .sql(&format!(
+                "CREATE TABLE {t} (id int PRIMARY KEY, owner text NOT NULL, amount numeric, note text);
+                 -- Long notes are stored out of line uncompressed: an update that leaves one alone does not send it.
+                 ALTER TABLE {t} ALTER COLUMN note SET STORAGE EXTERNAL;",
+                t = capture.table
+            ))
+            .await;
+        capture
+    }
+
+    async fn sql(&self, sql: &str) {
+        let client = self.pool.get().await.unwrap();
+        client.batch_execute(sql).await.unwrap();
+    }
+
+    async fn drop_all(&self) {
+        let client = self.pool.get().await.unwrap();
+        // The slot goes first: a session may still hold it for a moment.
+        for _ in 0..50 {
+            let dropped = client
+                .batch_execute(&format!(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{}'",
+                    self.config.slot
+                ))
+                .await;
+            if dropped.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        client
+            .batch_execute(&format!(
+                "DROP PUBLICATION IF EXISTS {pubname}; DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {progress};",
+                pubname = self.config.publication,
+                table = self.table,
+                progress = self.config.progress_table,
+            ))
+            .await
+            .unwrap();
+    }
+
+    fn source(&self) -> WalSource {
+        WalSource::start(
+            &pg_config(),
+            self.pool.clone(),
+            self.config.clone(),
+            &self.dead,
+        )
+        .unwrap()
+    }
+
+    /// Claims until `count` events are in hand (or 20 s passed).
+    async fn claim(
+        &self,
+        source: &WalSource,
+        count: usize,
+    ) -> (
+        Vec<Event>,
+        Vec<outbox_core::Claimed<outbox_pg::wal::WalClaim>>,
+    ) {
+        let mut events = Vec::new();
+        let mut claims = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while events.len() < count && tokio::time::Instant::now() < deadline {
+            match source.claim(count - events.len()).await.unwrap() {
+                Some(claimed) => {
+                    events.extend(claimed.events.iter().cloned());
+                    claims.push(claimed);
+                }
+                None => source
+                    .wait_for_events(Duration::from_millis(200))
+                    .await
+                    .unwrap(),
+            }
+        }
+        (events, claims)
+    }
+
+    async fn slot_confirmed(&self) -> String {
+        let client = self.pool.get().await.unwrap();
+        client
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.config.slot],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+fn body(event: &Event) -> Value {
+    serde_json::from_slice(&event.payload).unwrap()
+}
+
+async fn acknowledge_all(
+    source: &WalSource,
+    claims: Vec<outbox_core::Claimed<outbox_pg::wal::WalClaim>>,
+) {
+    for claimed in claims {
+        let deliveries: Vec<Delivery> = (0..claimed.events.len()).map(|i| ack(i as i64)).collect();
+        source.acknowledge(claimed, &deliveries).await.unwrap();
+    }
+}
+
+/// Invariant: every committed insert, update and delete of a captured table
+/// comes out once, in commit order, as the documented envelope; a rolled
+/// back one never does; and a change read again (after a relay that
+/// acknowledged nothing) carries the same id.
+#[tokio::test]
+async fn table_changes_come_out_in_commit_order_with_ids_that_survive_a_reread() {
+    let capture = Capture::new("changes").await;
+    let source = capture.source();
+    // Nothing before the slot exists is captured: wait for it.
+    wait_for_slot(&capture).await;
+    let t = &capture.table;
+    // One call each: in one simple query, a BEGIN would take the statements before it into its transaction.
+    for sql in [
+        format!("INSERT INTO {t} VALUES (1, 'alice', 12345678901234567890.123456789, repeat('x', 5000))"),
+        format!("BEGIN; INSERT INTO {t} VALUES (2, 'bob', NULL, NULL); ROLLBACK"),
+        format!("BEGIN; UPDATE {t} SET owner = 'alice2' WHERE id = 1; INSERT INTO {t} VALUES (3, 'carol', 1, 'n'); COMMIT"),
+        format!("DELETE FROM {t} WHERE id = 3"),
+    ] {
+        capture.sql(&sql).await;
+    }
+    let (events, claims) = capture.claim(&source, 4).await;
+    let ops: Vec<(String, Value)> = events
+        .iter()
+        .map(|e| {
+            (
+                body(e)["op"].as_str().unwrap_or("?").to_string(),
+                body(e)["after"]["id"].clone(),
+            )
+        })
+        .collect();
+    println!("changes: {ops:?}");
+    assert_eq!(
+        events.len(),
+        4,
+        "4 committed changes, none rolled back: {ops:?}"
+    );
+    let first = body(&events[0]);
+    assert_eq!(first["op"], "c");
+    assert_eq!(
+        first["after"]["amount"], "12345678901234567890.123456789",
+        "numeric stays exact"
+    );
+    assert_eq!(first["after"]["note"].as_str().map(str::len), Some(5000));
+    assert_eq!(first["source"]["table"], capture.table.as_str());
+    assert_eq!(events[0].topic, "topic_changes");
+    assert_eq!(events[0].key.as_deref(), Some(&b"1"[..]));
+    let update = body(&events[1]);
+    assert_eq!(update["op"], "u");
+    assert_eq!(update["after"]["owner"], "alice2");
+    // The untouched 5,000-byte note is TOASTed: not sent, and not null.
+    assert!(update["after"].get("note").is_none(), "{update}");
+    assert_eq!(update["unchanged_toast"], serde_json::json!(["note"]));
+    assert_eq!(body(&events[2])["op"], "c");
+    assert_eq!(
+        body(&events[1])["source"]["lsn"],
+        body(&events[2])["source"]["lsn"],
+        "one transaction"
+    );
+    let delete = body(&events[3]);
+    assert_eq!(
+        (delete["op"].as_str(), delete["before"]["id"].as_i64()),
+        (Some("d"), Some(3))
+    );
+    assert_eq!(events[3].key.as_deref(), Some(&b"3"[..]));
+    // A relay that acknowledged nothing and went away: the next reads the
+    // same changes with the same ids.
+    drop(claims);
+    drop(source);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let source = capture.source();
+    let (again, claims) = capture.claim(&source, 4).await;
+    let ids = |e: &[Event]| e.iter().map(|e| e.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(&again),
+        ids(&events),
+        "a change read again keeps its id"
+    );
+    acknowledge_all(&source, claims).await;
+    // Acknowledged: the slot moves past them, and a new reader sees only new changes.
+    let before = capture.slot_confirmed().await;
+    let target = outbox_pg::wal::lsn_text(source.confirmed());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while capture.slot_confirmed().await != target && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "slot confirmed {before} -> {}",
+        capture.slot_confirmed().await
+    );
+    assert_eq!(
+        capture.slot_confirmed().await,
+        target,
+        "the server has what the source confirmed"
+    );
+    drop(source);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    capture
+        .sql(&format!("INSERT INTO {t} VALUES (4, 'dave', 4, 'd')"))
+        .await;
+    let source = capture.source();
+    let (after, claims) = capture.claim(&source, 1).await;
+    assert_eq!(after.len(), 1);
+    assert_eq!(
+        body(&after[0])["after"]["id"],
+        4,
+        "only the change after the acknowledged ones"
+    );
+    acknowledge_all(&source, claims).await;
+    drop(source);
+    capture.drop_all().await;
+}
+
+/// Invariant: events of one key come out in commit order, even when the
+/// transaction that wrote first commits last (the outbox table's `seq`
+/// orders by insert instead).
+#[tokio::test]
+async fn crossing_writers_of_one_key_come_out_in_commit_order() {
+    let capture = Capture::new("crossing").await;
+    let source = capture.source();
+    let (_, _) = capture.claim(&source, 0).await;
+    wait_for_slot(&capture).await;
+    let t = capture.table.clone();
+    let pg = pg_config();
+    let pool = pg.create_pool().unwrap();
+    let mut first = pool.get().await.unwrap();
+    let mut second = pool.get().await.unwrap();
+    let outbox = Outbox::new(&OutboxConfig::default().validate().unwrap());
+    let tx1 = first.transaction().await.unwrap();
+    let tx2 = second.transaction().await.unwrap();
+    // The first to write…
+    tx1.execute(
+        &format!("INSERT INTO {t} VALUES (10, 'k', 1, 'first writer')"),
+        &[],
+    )
+    .await
+    .unwrap();
+    outbox
+        .emit(
+            &tx1,
+            &[Event::new("orders", "written first, committed last").with_key("k")],
+        )
+        .await
+        .unwrap();
+    tx2.execute(
+        &format!("INSERT INTO {t} VALUES (11, 'k', 2, 'second writer')"),
+        &[],
+    )
+    .await
+    .unwrap();
+    outbox
+        .emit(
+            &tx2,
+            &[Event::new("orders", "written second, committed first").with_key("k")],
+        )
+        .await
+        .unwrap();
+    // …commits last.
+    tx2.commit().await.unwrap();
+    tx1.commit().await.unwrap();
+    let (events, claims) = capture.claim(&source, 4).await;
+    let order: Vec<String> = events
+        .iter()
+        .map(|e| match e.topic.as_str() {
+            "orders" => String::from_utf8_lossy(&e.payload).into_owned(),
+            _ => body(e)["after"]["note"].as_str().unwrap_or("?").to_string(),
+        })
+        .collect();
+    println!("order out of the WAL: {order:?}");
+    assert_eq!(
+        order,
+        [
+            "second writer",
+            "written second, committed first",
+            "first writer",
+            "written first, committed last"
+        ],
+        "commit order"
+    );
+    acknowledge_all(&source, claims).await;
+    drop(source);
+    capture.drop_all().await;
+}
+
+async fn wait_for_slot(capture: &Capture) {
+    let client = capture.pool.get().await.unwrap();
+    for _ in 0..200 {
+        let active: Option<bool> = client
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&capture.config.slot],
+            )
+            .await
+            .unwrap()
+            .map(|row| row.get(0));
+        if active == Some(true) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the slot {} never became active", capture.config.slot);
+}
+
+/// Invariant: `Outbox::emit` events exist exactly when their transaction
+/// commits, keep their own ids, headers and keys, and a message under the
+/// prefix that is not an event is dead-lettered with its reason while the
+/// events after it keep flowing.
+#[tokio::test]
+async fn emitted_events_are_atomic_with_their_transaction_and_poison_is_isolated() {
+    let capture = Capture::new("emit").await;
+    let source = capture.source();
+    wait_for_slot(&capture).await;
+    let outbox = Outbox::new(&OutboxConfig::default().validate().unwrap());
+    let mut client = capture.pool.get().await.unwrap();
+    let kept = Event::new("orders", "kept")
+        .with_key("k1")
+        .with_header("trace", "abc");
+    let lost = Event::new("orders", "rolled back").with_key("k1");
+    let tx = client.transaction().await.unwrap();
+    outbox.emit(&tx, std::slice::from_ref(&lost)).await.unwrap();
+    tx.rollback().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    outbox.emit(&tx, std::slice::from_ref(&kept)).await.unwrap();
+    tx.execute(
+        "SELECT pg_logical_emit_message(true, 'outbox', '\\x0102'::bytea)",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.execute(
+        "SELECT pg_logical_emit_message(true, 'another-app', 'ignored')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let after = Event::new("orders", "after the poison").with_key("k2");
+    outbox
+        .emit(&tx, std::slice::from_ref(&after))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let (events, claims) = capture.claim(&source, 2).await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(
+        (events[0].id, &events[0].payload[..]),
+        (kept.id, &b"kept"[..])
+    );
+    assert_eq!(
+        events[0].headers.get("trace").map(String::as_str),
+        Some("abc")
+    );
+    assert_eq!(events[0].key, kept.key);
+    assert_eq!(events[1].id, after.id);
+    acknowledge_all(&source, claims).await;
+    let dead: Vec<(String, String)> = client
+        .query(&format!("SELECT reason, origin FROM {}", capture.dead), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    println!("dead letters: {dead:?}");
+    assert_eq!(dead.len(), 1, "the one bad message");
+    assert!(
+        dead[0].0.contains("version 1 is not known") || dead[0].0.contains("truncated"),
+        "{dead:?}"
+    );
+    assert_eq!(dead[0].1, "wal");
+    drop(source);
+    capture.drop_all().await;
+}
+
+/// Invariant: one session streams a slot; a second relay waits and takes
+/// over when the first goes away, with nothing lost (what the first did not
+/// acknowledge, the second publishes).
+#[tokio::test]
+async fn a_waiting_relay_takes_over_the_slot_when_the_first_goes_away() {
+    let capture = Capture::new("takeover").await;
+    let first = capture.source();
+    wait_for_slot(&capture).await;
+    let second = capture.source();
+    let t = &capture.table;
+    capture
+        .sql(&format!(
+            "INSERT INTO {t} VALUES (1, 'a', 1, 'x'), (2, 'b', 2, 'y')"
+        ))
+        .await;
+    let (seen_by_first, claims) = capture.claim(&first, 2).await;
+    assert_eq!(seen_by_first.len(), 2);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        second.claim(10).await.unwrap().is_none(),
+        "the waiting relay reads nothing while the slot is held"
+    );
+    // The first dies with its batch unacknowledged.
+    drop(claims);
+    drop(first);
+    let started = std::time::Instant::now();
+    let (seen_by_second, claims) = capture.claim(&second, 2).await;
+    println!("takeover after {} ms", started.elapsed().as_millis());
+    assert_eq!(
+        seen_by_second.iter().map(|e| e.id).collect::<Vec<_>>(),
+        seen_by_first.iter().map(|e| e.id).collect::<Vec<_>>()
+    );
+    acknowledge_all(&second, claims).await;
+    drop(second);
+    capture.drop_all().await;
+}
+
+/// Invariant: a slot dropped behind the pipeline's back is a loud,
+/// permanent error naming the last confirmed position, never a silent
+/// new start.
+#[tokio::test]
+async fn a_dropped_slot_is_a_permanent_error_that_says_what_may_be_missing() {
+    let capture = Capture::new("dropped").await;
+    let source = capture.source();
+    wait_for_slot(&capture).await;
+    drop(source);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = capture.pool.get().await.unwrap();
+    client
+        .batch_execute(&format!(
+            "SELECT pg_drop_replication_slot('{}')",
+            capture.config.slot
+        ))
+        .await
+        .unwrap();
+    let source = capture.source();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        match source.claim(10).await {
+            Err(err) => break err,
+            Ok(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Ok(_) => panic!("no error for a dropped slot"),
+        }
+    };
+    let text = outbox_core::ErrorChain(&err).to_string();
+    println!("{text}");
+    assert!(!err.is_retryable());
+    assert!(
+        text.contains("was dropped") && text.contains("DELETE FROM"),
+        "{text}"
+    );
+    drop(source);
+    capture.drop_all().await;
+}
+
+#[test]
+fn change_ids_depend_on_the_place_in_the_wal_only() {
+    let a = change_event_id("1", 0x10, 0);
+    assert_eq!(a, change_event_id("1", 0x10, 0));
+    assert_ne!(a, change_event_id("1", 0x10, 1));
+    assert_ne!(a, change_event_id("1", 0x11, 0));
+    assert_ne!(a, change_event_id("2", 0x10, 0));
+    let _ = PgError::Config(String::new());
+}
