@@ -36,7 +36,18 @@ struct UserLoginPayload {
     event_time: String,
 }
 
-/// Maps `user_events` records to [`UserLoginRow`]s.
+/// A `user_logins` change captured from the WAL (`--source wal`): the
+/// envelope of `docs/wal.md`, of which the new row is read.
+#[derive(Debug, Deserialize)]
+struct UserLoginChange {
+    op: String,
+    after: Option<UserLoginPayload>,
+}
+
+/// Maps `user_events` records to [`UserLoginRow`]s: the flag table's rows,
+/// and the same rows captured from the WAL (inserts and updates: the
+/// ClickHouse table is a log of row versions; a delete has no row to log
+/// and is dead-lettered with that reason).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct UserLoginMapper;
 
@@ -49,8 +60,20 @@ impl RowMapper for UserLoginMapper {
 
     fn map(&self, record: &Record, meta: RowMeta) -> Result<UserLoginRow, String> {
         let payload = record.payload.as_deref().ok_or("message has no payload")?;
-        let parsed: UserLoginPayload = serde_json::from_slice(payload)
-            .map_err(|e| format!("payload is not a user_logins row: {e}"))?;
+        let parsed: UserLoginPayload =
+            if record.headers.contains_key(outbox_pg::wal::HEADER_WAL_LSN) {
+                let change: UserLoginChange = serde_json::from_slice(payload)
+                    .map_err(|e| format!("payload is not a user_logins change: {e}"))?;
+                change.after.ok_or_else(|| {
+                    format!(
+                        "a change with op {:?} carries no new row to append",
+                        change.op
+                    )
+                })?
+            } else {
+                serde_json::from_slice(payload)
+                    .map_err(|e| format!("payload is not a user_logins row: {e}"))?
+            };
         let time = time::OffsetDateTime::parse(
             &parsed.event_time,
             &time::format_description::well_known::Rfc3339,

@@ -17,6 +17,30 @@ pub enum SourceKind {
     FlagTable,
     /// The outbox table written by `outbox_pg::Outbox::enqueue`.
     Outbox,
+    /// The write-ahead log, through a logical replication slot: the changes
+    /// of the captured tables (by default the flag table's, to its topic,
+    /// keyed by its key column) and the events of `outbox_pg::Outbox::emit`.
+    Wal,
+}
+
+/// The WAL source (`--source wal`).
+#[derive(Debug, Clone, Args)]
+pub struct WalArgs {
+    /// Replication slot (created when missing).
+    #[arg(long = "wal-slot", env = "OUTBOX_WAL_SLOT", default_value_t = outbox_pg::wal::WalConfig::default().slot)]
+    pub slot: String,
+    /// Publication naming the captured tables (created when missing).
+    #[arg(long = "wal-publication", env = "OUTBOX_WAL_PUBLICATION", default_value_t = outbox_pg::wal::WalConfig::default().publication)]
+    pub publication: String,
+    /// A table to capture, as `schema.table` or `table`, optionally
+    /// `=topic` (repeatable; comma-separated in the environment). Default:
+    /// the flag table, to --topic, keyed by --key-column.
+    #[arg(long = "wal-table", env = "OUTBOX_WAL_TABLES", value_delimiter = ',')]
+    pub tables: Vec<String>,
+    /// Topic of a captured table named without one; `{schema}` and
+    /// `{table}` are replaced.
+    #[arg(long = "wal-topic-template", env = "OUTBOX_WAL_TOPIC_TEMPLATE", default_value_t = outbox_pg::wal::WalConfig::default().topic_template)]
+    pub topic_template: String,
 }
 
 /// A business table whose rows carry a "sent" flag (`--source flag-table`).
@@ -53,6 +77,8 @@ pub struct RelayArgs {
     pub flag: FlagTableArgs,
     #[command(flatten)]
     pub tables: OutboxTableArgs,
+    #[command(flatten)]
+    pub wal: WalArgs,
     /// Do not create the outbox tables at start (for a role without DDL rights).
     #[arg(long, env = "OUTBOX_NO_MIGRATE")]
     pub no_migrate: bool,
@@ -119,6 +145,39 @@ impl RelayArgs {
         }
         .validate()
         .context("invalid outbox configuration")
+    }
+
+    /// The WAL source's settings, checked.
+    pub fn wal_config(&self) -> anyhow::Result<outbox_pg::wal::WalConfig> {
+        use outbox_pg::wal::{CaptureTable, WalConfig};
+        let tables = if self.wal.tables.is_empty() {
+            vec![CaptureTable::new(self.flag.table.clone())
+                .with_topic(self.flag.topic.clone())
+                .with_key_columns(&[self.flag.key_column.as_str()])]
+        } else {
+            self.wal
+                .tables
+                .iter()
+                .map(|spec| match spec.split_once('=') {
+                    Some((table, topic)) => {
+                        CaptureTable::new(table.trim()).with_topic(topic.trim())
+                    }
+                    None => CaptureTable::new(spec.trim()),
+                })
+                .collect()
+        };
+        let config = WalConfig {
+            slot: self.wal.slot.clone(),
+            publication: self.wal.publication.clone(),
+            tables,
+            topic_template: self.wal.topic_template.clone(),
+            create: !self.no_migrate,
+            ..WalConfig::default()
+        };
+        config
+            .validate()
+            .context("invalid WAL source configuration")?;
+        Ok(config)
     }
 
     /// The flag table (its dead letters go to the outbox's dead-letter

@@ -2,7 +2,9 @@
 //!
 //! Default: the original demo, rows of `user_logins` with
 //! `sent_to_kafka = false` → topic `user_events`. With `--source outbox`, the
-//! events services enqueued in the outbox table.
+//! events services enqueued in the outbox table. With `--source wal`, the
+//! write-ahead log: the changes of the captured tables (by default the
+//! same `user_logins` → `user_events`) and the events of `Outbox::emit`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -100,6 +102,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             examples::spawn_background(backlog);
             let source = PgOutboxSource::new(pool, target, outbox_config).listen_for_events(pg);
+            run_relay(source, bus, relay_config, health, shutdown).await
+        }
+        SourceKind::Wal => {
+            let wal = cli.relay.wal_config()?;
+            let topics: Vec<String> = wal.tables.iter().filter_map(|t| t.topic.clone()).collect();
+            let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+            retry_startup("kafka", startup, || {
+                outbox_kafka::ensure_topics(&kafka, &topics)
+            })
+            .await?;
+            info!(slot = %wal.slot, publication = %wal.publication, tables = wal.tables.len(), "relaying the write-ahead log");
+            let source = outbox_pg::wal::WalSource::start(
+                &pg,
+                pool,
+                wal,
+                &outbox_config.dead_letter_table().plain(),
+            )?;
             run_relay(source, bus, relay_config, health, shutdown).await
         }
     }

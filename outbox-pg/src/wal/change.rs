@@ -17,7 +17,9 @@ use super::CaptureTable;
 pub const WAL_CHANGE_NAMESPACE: Uuid = Uuid::from_u128(0x6f75_7462_6f78_2d77_616c_2d63_6861_6e67);
 
 /// Header carrying the commit LSN of a captured change (`0/16B3748` form).
-pub const HEADER_WAL_LSN: &str = "outbox-wal-lsn";
+/// Not under the reserved `outbox-` prefix, which the Kafka bus keeps for
+/// its own headers and does not publish from an event.
+pub const HEADER_WAL_LSN: &str = "wal-lsn";
 
 /// PostgreSQL's epoch (2000-01-01) in Unix milliseconds.
 const PG_EPOCH_MS: i64 = 946_684_800_000;
