@@ -181,12 +181,12 @@ impl WalSource {
         *self.shared.confirm.borrow()
     }
 
-    fn fatal(&self) -> Option<PgError> {
+    /// The reader's permanent failure, as the error every claim returns.
+    fn fatal(&self) -> Option<outbox_core::Error> {
         let fatal = self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner());
-        fatal.as_ref().map(|text| PgError::Replication {
-            detail: text.clone(),
-            retryable: false,
-        })
+        fatal
+            .as_ref()
+            .map(|text| outbox_core::Error::permanent(outbox_core::Stage::Source, text.clone()))
     }
 
     async fn dead_letter(&self, events: &[(&Event, &str)]) -> Result<(), PgError> {
@@ -242,7 +242,7 @@ impl Source for WalSource {
 
     async fn claim(&self, max_events: usize) -> Result<Option<Claimed<WalClaim>>> {
         if let Some(err) = self.fatal() {
-            return Err(err.into());
+            return Err(err);
         }
         let mut queue = self.shared.lock();
         let mut events = Vec::new();
@@ -404,11 +404,8 @@ impl Reader {
                 }
                 Err(SessionError::Failed(err)) => {
                     tracing::error!(slot = %self.config.slot, error = %err, "WAL source stopped");
-                    let detail = match err {
-                        PgError::Replication { detail, .. } => detail,
-                        other => other.to_string(),
-                    };
-                    *self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(detail);
+                    *self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(err.to_string());
                     self.shared.arrived.notify_waiters();
                     return;
                 }
