@@ -10,6 +10,17 @@ use std::time::Duration;
 
 use common::*;
 
+/// A relay process killed when dropped, so a failing test leaves none
+/// streaming its slot.
+struct Relay(Child);
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A captured table `<name>` (id primary key, n counter), its slot and
 /// publication `<name>`, and the relay binary streaming it to topic `<name>`.
 struct WalPipeline {
@@ -37,7 +48,7 @@ impl WalPipeline {
         }
     }
 
-    fn relay(&self) -> Child {
+    fn relay(&self) -> Relay {
         let table = format!("public.{}={}", self.name, self.name);
         command("producer_pg_to_kafka")
             .args(["--source", "wal", "--wal-table", &table])
@@ -45,6 +56,7 @@ impl WalPipeline {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
+            .map(Relay)
             .unwrap()
     }
 
@@ -99,8 +111,10 @@ async fn write(
         )
         .await
         .unwrap();
-        for _ in 0..3 {
-            let id = fastrand::i32(1..=20);
+        // Rows locked in id order, so two writers never deadlock.
+        let mut ids: Vec<i32> = (0..3).map(|_| fastrand::i32(1..=20)).collect();
+        ids.sort_unstable();
+        for id in ids {
             tx.execute(
                 &format!("UPDATE {table} SET n = n + 1 WHERE id = $1"),
                 &[&id],
@@ -142,8 +156,8 @@ async fn wal_relay_killed_at_random_points_loses_and_doubles_nothing() {
     let mut kills = 0;
     while !writers.iter().all(|w| w.is_finished()) {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(200..900))).await;
-        relay.kill().unwrap(); // SIGKILL
-        relay.wait().unwrap();
+        relay.0.kill().unwrap(); // SIGKILL
+        relay.0.wait().unwrap();
         kills += 1;
         relay = pipeline.relay();
     }
@@ -152,7 +166,7 @@ async fn wal_relay_killed_at_random_points_loses_and_doubles_nothing() {
         committed += writer.await.unwrap();
     }
     let read = read_topic(&brokers(), &name, committed, Duration::from_secs(3)).await;
-    let status = terminate(&mut relay, Duration::from_secs(20));
+    let status = terminate(&mut relay.0, Duration::from_secs(20));
     let (in_kafka, distinct_in_kafka, _) = count_ids(read.iter().filter_map(|r| r.event_id));
 
     // Per key, the first copy of each change in partition order: an

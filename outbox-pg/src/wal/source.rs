@@ -26,6 +26,11 @@ use crate::{PgConfig, PgError, SqlName};
 const SESSION_OPTIONS: &str = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=iso_8601 \
                                -c bytea_output=hex -c extra_float_digits=3";
 
+/// The least an idle stream's confirmed position moves at a time (bytes of
+/// WAL): far below a WAL segment (16 MiB), so an idle capture still pins
+/// none, and far above the record of one position.
+const IDLE_CONFIRM_STEP: u64 = 64 * 1024;
+
 enum Item {
     Event(Event),
     /// Every event queued before it belongs to transactions that end at or
@@ -517,7 +522,21 @@ impl Reader {
     /// (or one whose tables are quiet) then pins no WAL. Not after a rewind
     /// this session has not seen yet: the emptied queue says nothing about
     /// the events it dropped, which this session's position is past.
+    ///
+    /// Only a step of at least [`IDLE_CONFIRM_STEP`]: recording a position
+    /// writes WAL itself, which the next keepalive reports, so confirming
+    /// every idle keepalive would write forever on a server with nothing
+    /// to capture.
     fn confirm_if_idle(&self, lsn: u64, generation: u64) {
+        if lsn
+            < self
+                .shared
+                .confirm
+                .borrow()
+                .saturating_add(IDLE_CONFIRM_STEP)
+        {
+            return;
+        }
         let queue = self.shared.lock();
         if queue.generation == generation && queue.outstanding == 0 && queue.items.is_empty() {
             self.shared.advance(lsn);
