@@ -41,6 +41,11 @@ pub struct WalArgs {
     /// `{table}` are replaced.
     #[arg(long = "wal-topic-template", env = "OUTBOX_WAL_TOPIC_TEMPLATE", default_value_t = outbox_pg::wal::WalConfig::default().topic_template)]
     pub topic_template: String,
+    /// Prefix of the logical messages that carry `Outbox::emit` events.
+    /// Every slot of a database sees every message: pipelines that share a
+    /// database but not their events need prefixes of their own.
+    #[arg(long = "wal-message-prefix", env = "OUTBOX_WAL_MESSAGE_PREFIX", default_value_t = outbox_pg::wal::WalConfig::default().message_prefix)]
+    pub message_prefix: String,
 }
 
 /// A business table whose rows carry a "sent" flag (`--source flag-table`).
@@ -171,6 +176,7 @@ impl RelayArgs {
             publication: self.wal.publication.clone(),
             tables,
             topic_template: self.wal.topic_template.clone(),
+            message_prefix: self.wal.message_prefix.clone(),
             create: !self.no_migrate,
             ..WalConfig::default()
         };

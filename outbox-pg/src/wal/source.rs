@@ -26,6 +26,9 @@ use crate::{PgConfig, PgError, SqlName};
 const SESSION_OPTIONS: &str = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=iso_8601 \
                                -c bytea_output=hex -c extra_float_digits=3";
 
+/// How many status intervals between two readings of the slot's gauges.
+const SLOT_REPORT_TICKS: u64 = 5;
+
 /// The least an idle stream's confirmed position moves at a time (bytes of
 /// WAL): far below a WAL segment (16 MiB), so an idle capture still pins
 /// none, and far above the record of one position.
@@ -453,6 +456,7 @@ impl Reader {
         let mut sent = start;
         let mut events_in_transaction = 0usize;
         let mut tick = tokio::time::interval(self.config.status_interval);
+        let mut ticks = 0u64;
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => {
@@ -468,7 +472,13 @@ impl Reader {
                     return Ok(Ended::Stopped);
                 }
                 _ = rewind.changed() => return Ok(Ended::Rewind),
-                _ = tick.tick() => self.send_confirmed(&client, &mut sent).await?,
+                _ = tick.tick() => {
+                    self.send_confirmed(&client, &mut sent).await?;
+                    ticks += 1;
+                    if ticks % SLOT_REPORT_TICKS == 1 {
+                        self.report_slot().await;
+                    }
+                }
                 _ = confirm.changed() => {}
                 received = client.recv() => {
                     let Some(event) = received.map_err(classify)? else {
@@ -572,6 +582,35 @@ impl Reader {
         client.update_applied_lsn(Lsn::from_u64(target));
         *sent = target;
         Ok(())
+    }
+
+    /// Sets the slot's gauges: WAL the server keeps for it, and WAL written
+    /// since its confirmed position. A failed reading is skipped: the
+    /// stream does not depend on it.
+    async fn report_slot(&self) {
+        let Ok(db) = self.pool.get().await else {
+            return;
+        };
+        let row = db
+            .query_opt(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::float8, \
+                        pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8 \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.config.slot],
+            )
+            .await;
+        if let Ok(Some(row)) = row {
+            let retained: Option<f64> = row.get(0);
+            let behind: Option<f64> = row.get(1);
+            let slot = self.config.slot.clone();
+            metrics::gauge!("outbox_wal_retained_bytes", "slot" => slot.clone())
+                .set(retained.unwrap_or(0.0));
+            metrics::gauge!("outbox_wal_unconfirmed_bytes", "slot" => slot)
+                .set(behind.unwrap_or(0.0));
+        }
+        let queued = self.shared.lock().items.len();
+        metrics::gauge!("outbox_wal_queued_events", "slot" => self.config.slot.clone())
+            .set(queued as f64);
     }
 
     /// Queues what the decoder made; true when it was an event.

@@ -22,6 +22,11 @@ impl Capture {
     /// Table `w_<name>` (id int primary key, owner text, amount numeric,
     /// note text), captured by slot and publication `w_<name>`.
     async fn new(name: &str) -> Capture {
+        // RUST_LOG=outbox_pg=debug shows the reader's sessions.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let (pool, _) = setup(&format!("w_{name}")).await;
         let table = format!("w_{name}_rows");
         let config = WalConfig {
@@ -29,6 +34,9 @@ impl Capture {
             publication: format!("w_{name}"),
             tables: vec![CaptureTable::new(table.clone()).with_topic(format!("topic_{name}"))],
             progress_table: format!("w_{name}_progress"),
+            // Logical messages reach every slot of the database: each
+            // test's events under a prefix of its own.
+            message_prefix: format!("outbox_{name}"),
             status_interval: Duration::from_millis(100),
             standby_retry: Duration::from_millis(100),
             ..WalConfig::default()
@@ -227,19 +235,27 @@ async fn table_changes_come_out_in_commit_order_with_ids_that_survive_a_reread()
     // Acknowledged: the slot moves past them, and a new reader sees only new changes.
     let before = capture.slot_confirmed().await;
     let target = outbox_pg::wal::lsn_text(source.confirmed());
+    let reached = || async {
+        let client = capture.pool.get().await.unwrap();
+        client
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                &[&capture.config.slot, &target],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while capture.slot_confirmed().await != target && tokio::time::Instant::now() < deadline {
+    while !reached().await && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!(
-        "slot confirmed {before} -> {}",
+        "slot confirmed {before} -> {} (source: {target})",
         capture.slot_confirmed().await
     );
-    assert_eq!(
-        capture.slot_confirmed().await,
-        target,
-        "the server has what the source confirmed"
-    );
+    // At or past it: a busy server's keepalives move an idle slot further.
+    assert!(reached().await, "the server has what the source confirmed");
     drop(source);
     tokio::time::sleep(Duration::from_millis(300)).await;
     capture
@@ -272,7 +288,8 @@ async fn crossing_writers_of_one_key_come_out_in_commit_order() {
     let pool = pg.create_pool().unwrap();
     let mut first = pool.get().await.unwrap();
     let mut second = pool.get().await.unwrap();
-    let outbox = Outbox::new(&OutboxConfig::default().validate().unwrap());
+    let outbox = Outbox::new(&OutboxConfig::default().validate().unwrap())
+        .with_message_prefix(capture.config.message_prefix.clone());
     let tx1 = first.transaction().await.unwrap();
     let tx2 = second.transaction().await.unwrap();
     // The first to write…
@@ -357,7 +374,8 @@ async fn emitted_events_are_atomic_with_their_transaction_and_poison_is_isolated
     let capture = Capture::new("emit").await;
     let source = capture.source();
     wait_for_slot(&capture).await;
-    let outbox = Outbox::new(&OutboxConfig::default().validate().unwrap());
+    let outbox = Outbox::new(&OutboxConfig::default().validate().unwrap())
+        .with_message_prefix(capture.config.message_prefix.clone());
     let mut client = capture.pool.get().await.unwrap();
     let kept = Event::new("orders", "kept")
         .with_key("k1")
@@ -369,8 +387,8 @@ async fn emitted_events_are_atomic_with_their_transaction_and_poison_is_isolated
     let tx = client.transaction().await.unwrap();
     outbox.emit(&tx, std::slice::from_ref(&kept)).await.unwrap();
     tx.execute(
-        "SELECT pg_logical_emit_message(true, 'outbox', '\\x0102'::bytea)",
-        &[],
+        "SELECT pg_logical_emit_message(true, $1, '\\x0102'::bytea)",
+        &[&capture.config.message_prefix],
     )
     .await
     .unwrap();
@@ -502,4 +520,74 @@ fn change_ids_depend_on_the_place_in_the_wal_only() {
     assert_ne!(a, change_event_id("1", 0x11, 0));
     assert_ne!(a, change_event_id("2", 0x10, 0));
     let _ = PgError::Config(String::new());
+}
+
+/// Invariant: a capture whose tables are quiet pins no WAL while the rest
+/// of the database writes without a pause (the server then sends no
+/// keepalive of its own): the slot's confirmed position keeps following
+/// the server's.
+#[tokio::test]
+async fn quiet_tables_on_a_busy_server_pin_no_wal() {
+    let capture = Capture::new("quiet").await;
+    let source = capture.source();
+    wait_for_slot(&capture).await;
+    let busy = format!("{}_busy", capture.table);
+    capture
+        .sql(&format!(
+            "DROP TABLE IF EXISTS {busy}; CREATE TABLE {busy} (x text)"
+        ))
+        .await;
+    let writer = {
+        let pool = capture.pool.clone();
+        let busy = busy.clone();
+        tokio::spawn(async move {
+            let client = pool.get().await.unwrap();
+            let started = tokio::time::Instant::now();
+            let mut written = 0u64;
+            while started.elapsed() < Duration::from_secs(8) {
+                client
+                    .batch_execute(&format!(
+                        "INSERT INTO {busy} SELECT repeat(md5(g::text), 30) FROM generate_series(1, 200) g"
+                    ))
+                    .await
+                    .unwrap();
+                written += 200;
+                // About 4 MB of WAL a second: busy, not more than the
+                // server's decoders (one per slot, on two cores) can read.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            written
+        })
+    };
+    let client = capture.pool.get().await.unwrap();
+    let mut worst_late = 0.0f64;
+    let mut samples = 0;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    while !writer.is_finished() {
+        let behind: f64 = client
+            .query_one(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8 \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&capture.config.slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        worst_late = worst_late.max(behind);
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rows = writer.await.unwrap();
+    println!("{rows} rows written elsewhere; WAL behind the slot, worst of {samples} samples after the first 3 s: {worst_late:.0} bytes");
+    assert!(
+        worst_late < 8.0 * 1024.0 * 1024.0,
+        "the quiet capture pinned {worst_late:.0} bytes of WAL while the server was busy"
+    );
+    assert!(
+        source.claim(10).await.unwrap().is_none(),
+        "nothing of the busy table is captured"
+    );
+    drop(source);
+    capture.sql(&format!("DROP TABLE {busy}")).await;
+    capture.drop_all().await;
 }
