@@ -38,7 +38,12 @@ pub fn millis(duration: Duration) -> u64 {
 /// Installs the tracing subscriber (`RUST_LOG` filters, default `info`).
 pub fn init_tracing(args: &LogArgs) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
+        // The replication client logs every ended session as an error (a
+        // standby relay's every retry); the WAL source gets those errors
+        // back and logs them once, classified.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn,pgwire_replication=off")
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -199,65 +199,141 @@ impl Decoder {
             .relations
             .get(&relation)
             .ok_or(ChangeError::UnknownRelation(relation))?;
-        let name = format!("{}.{}", rel.schema, rel.table);
-        let route = self.routing.tables.get(&name);
-        let topic = route.and_then(|r| r.topic.clone()).unwrap_or_else(|| {
-            self.routing
-                .topic_template
-                .replace("{schema}", &rel.schema)
-                .replace("{table}", &rel.table)
+        let source = serde_json::json!({
+            "schema": rel.schema,
+            "table": rel.table,
+            "lsn": lsn_text(commit_lsn),
+            "ts_ms": commit_time_ms,
+            "xid": xid,
+            "ordinal": ordinal,
         });
-        let mut unchanged = Vec::new();
-        let after_json = after
-            .as_deref()
-            .map(|row| row_json(rel, row, true, &mut unchanged));
-        let before_json = before
-            .as_deref()
-            .map(|row| row_json(rel, row, before_full, &mut Vec::new()));
-        let key_columns: Vec<&str> = match route.map(|r| &r.key_columns) {
-            Some(columns) if !columns.is_empty() => columns.iter().map(String::as_str).collect(),
-            _ => rel
-                .columns
-                .iter()
-                .filter(|c| c.key)
-                .map(|c| c.name.as_str())
-                .collect(),
+        let change = Change {
+            op,
+            before: before.as_deref(),
+            before_full,
+            after: after.as_deref(),
+            source,
         };
-        // The key of a delete is in the old row; of the rest, in the new.
-        let key_row = after.as_deref().or(before.as_deref());
-        let key = key_row.and_then(|row| key_of(rel, row, &key_columns));
-        let mut envelope = Map::new();
-        envelope.insert("op".into(), Value::String(op.into()));
-        envelope.insert("before".into(), before_json.unwrap_or(Value::Null));
-        envelope.insert("after".into(), after_json.unwrap_or(Value::Null));
-        if !unchanged.is_empty() {
-            envelope.insert(
-                "unchanged_toast".into(),
-                Value::Array(unchanged.into_iter().map(Value::String).collect()),
-            );
-        }
-        envelope.insert(
-            "source".into(),
-            serde_json::json!({
-                "schema": rel.schema,
-                "table": rel.table,
-                "lsn": lsn_text(commit_lsn),
-                "ts_ms": commit_time_ms,
-                "xid": xid,
-                "ordinal": ordinal,
-            }),
+        let id = change_event_id(&self.system_id, commit_lsn, ordinal);
+        let event = envelope_event(
+            &self.routing,
+            rel,
+            change,
+            |_| id,
+            commit_time_ms,
+            commit_lsn,
         );
-        let payload = serde_json::to_vec(&Value::Object(envelope)).unwrap_or_default();
-        let mut event = Event::new(topic, payload)
-            .with_id(change_event_id(&self.system_id, commit_lsn, ordinal))
-            .with_created_at(ms_to_system_time(commit_time_ms))
-            .with_header(HEADER_CONTENT_TYPE, CONTENT_TYPE_JSON)
-            .with_header(HEADER_WAL_LSN, lsn_text(commit_lsn));
-        if let Some(key) = key {
-            event = event.with_key(key);
-        }
         Ok(Decoded::Event(event))
     }
+
+    /// A row of the initial load (`op` `r`), read in the snapshot of the
+    /// slot's consistent point `at`. Its id is derived from the row itself,
+    /// so a load started over gives an unchanged row the same id.
+    pub fn snapshot_row(&self, rel: &Relation, row: &[Datum], at: u64, now_ms: i64) -> Event {
+        let source = serde_json::json!({
+            "schema": rel.schema,
+            "table": rel.table,
+            "lsn": lsn_text(at),
+            "ts_ms": now_ms,
+            "snapshot": true,
+        });
+        let change = Change {
+            op: "r",
+            before: None,
+            before_full: false,
+            after: Some(row),
+            source,
+        };
+        let system_id = self.system_id.clone();
+        let table = format!("{}.{}", rel.schema, rel.table);
+        envelope_event(
+            &self.routing,
+            rel,
+            change,
+            move |after: &Value| {
+                Uuid::new_v5(
+                    &WAL_CHANGE_NAMESPACE,
+                    format!("{system_id}/r/{table}/{after}").as_bytes(),
+                )
+            },
+            now_ms,
+            at,
+        )
+    }
+}
+
+/// One change, before it is an event.
+struct Change<'a> {
+    op: &'static str,
+    before: Option<&'a [Datum]>,
+    before_full: bool,
+    after: Option<&'a [Datum]>,
+    source: Value,
+}
+
+/// The event of `change` to `rel`: topic and key by `routing`, the
+/// envelope as payload, the id from `id` (given the `after` object).
+fn envelope_event(
+    routing: &Routing,
+    rel: &Relation,
+    change: Change<'_>,
+    id: impl FnOnce(&Value) -> Uuid,
+    created_ms: i64,
+    lsn: u64,
+) -> Event {
+    let name = format!("{}.{}", rel.schema, rel.table);
+    let route = routing.tables.get(&name);
+    let topic = route.and_then(|r| r.topic.clone()).unwrap_or_else(|| {
+        routing
+            .topic_template
+            .replace("{schema}", &rel.schema)
+            .replace("{table}", &rel.table)
+    });
+    let mut unchanged = Vec::new();
+    let after_json = change
+        .after
+        .map(|row| row_json(rel, row, true, &mut unchanged))
+        .unwrap_or(Value::Null);
+    let before_json = change
+        .before
+        .map(|row| row_json(rel, row, change.before_full, &mut Vec::new()))
+        .unwrap_or(Value::Null);
+    let key_columns: Vec<&str> = match route.map(|r| &r.key_columns) {
+        Some(columns) if !columns.is_empty() => columns.iter().map(String::as_str).collect(),
+        _ => rel
+            .columns
+            .iter()
+            .filter(|c| c.key)
+            .map(|c| c.name.as_str())
+            .collect(),
+    };
+    // The key of a delete is in the old row; of the rest, in the new.
+    let key = change
+        .after
+        .or(change.before)
+        .and_then(|row| key_of(rel, row, &key_columns));
+    let id = id(&after_json);
+    let mut envelope = Map::new();
+    envelope.insert("op".into(), Value::String(change.op.into()));
+    envelope.insert("before".into(), before_json);
+    envelope.insert("after".into(), after_json);
+    if !unchanged.is_empty() {
+        envelope.insert(
+            "unchanged_toast".into(),
+            Value::Array(unchanged.into_iter().map(Value::String).collect()),
+        );
+    }
+    envelope.insert("source".into(), change.source);
+    let payload = serde_json::to_vec(&Value::Object(envelope)).unwrap_or_default();
+    let mut event = Event::new(topic, payload)
+        .with_id(id)
+        .with_created_at(ms_to_system_time(created_ms))
+        .with_header(HEADER_CONTENT_TYPE, CONTENT_TYPE_JSON)
+        .with_header(HEADER_WAL_LSN, lsn_text(lsn));
+    if let Some(key) = key {
+        event = event.with_key(key);
+    }
+    event
 }
 
 /// A row as a JSON object: every column of a full row, or the key columns

@@ -14,6 +14,7 @@
 //! recognises the ones it already wrote.
 
 mod change;
+mod load;
 mod pgoutput;
 mod setup;
 mod source;
@@ -98,6 +99,15 @@ pub struct WalConfig {
     /// Prefix of the logical messages that carry events. Default:
     /// [`DEFAULT_MESSAGE_PREFIX`](crate::DEFAULT_MESSAGE_PREFIX).
     pub message_prefix: String,
+    /// Publish the rows the captured tables hold when the slot is created
+    /// (`op` `r`), read in the snapshot the slot exports, before the
+    /// changes from the slot's consistent point: nothing missed or doubled
+    /// at the switch. A load cut short (the relay died) is started over
+    /// with a new slot; rows that did not change in between keep their ids.
+    /// Default: true.
+    pub initial_load: bool,
+    /// Rows read per round of the initial load. Default: 1,000.
+    pub load_batch: usize,
     /// Create the slot, the publication and the progress table when
     /// missing (and add missing tables to the publication). Without it a
     /// missing one is a permanent error naming what to create. Default: true.
@@ -127,6 +137,8 @@ impl Default for WalConfig {
             tables: Vec::new(),
             topic_template: "{schema}.{table}".into(),
             message_prefix: crate::DEFAULT_MESSAGE_PREFIX.into(),
+            initial_load: true,
+            load_batch: 1000,
             create: true,
             read_ahead: 20_000,
             status_interval: Duration::from_secs(1),
@@ -154,6 +166,9 @@ impl WalConfig {
         crate::SqlName::parse(&self.progress_table)?;
         for table in &self.tables {
             crate::SqlName::parse(&table.table)?;
+        }
+        if self.load_batch == 0 {
+            return Err(PgError::Config("load_batch must be at least 1".into()));
         }
         if self.read_ahead == 0 {
             return Err(PgError::Config("read_ahead must be at least 1".into()));

@@ -26,12 +26,27 @@ fn parse_lsn(text: &str) -> Result<u64, PgError> {
         .map_err(|e| permanent(format!("the server gave the position {text:?}: {e}")))
 }
 
-/// Checks the server and the slot; returns the position to stream from
-/// (the slot's confirmed position).
+/// What a session does after [`prepare`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Prepared {
+    /// Stream the existing slot from its confirmed position.
+    Stream(u64),
+    /// Create the slot with an exported snapshot, load the captured tables'
+    /// rows in it, then stream from the slot's consistent point.
+    CreateAndLoad,
+}
+
+/// The advisory lock a relay holds while it loads a slot's tables, so
+/// another one does not take its half-loaded slot for abandoned.
+pub(crate) fn load_lock(slot: &str) -> i64 {
+    i64::from(crate::stable_hash(&format!("outbox-wal-load/{slot}")))
+}
+
+/// Checks the server and the slot, creating what is missing when allowed.
 pub(crate) async fn prepare<C: GenericClient + Sync>(
     db: &C,
     config: &WalConfig,
-) -> Result<u64, PgError> {
+) -> Result<Prepared, PgError> {
     let level: String = db
         .query_one("SHOW wal_level", &[])
         .await
@@ -50,7 +65,8 @@ pub(crate) async fn prepare<C: GenericClient + Sync>(
                  slot          text        PRIMARY KEY,\n\
                  confirmed_lsn pg_lsn      NOT NULL,\n\
                  created_at    timestamptz NOT NULL DEFAULT now(),\n\
-                 updated_at    timestamptz NOT NULL DEFAULT now())"
+                 updated_at    timestamptz NOT NULL DEFAULT now());\n\
+             ALTER TABLE {progress} ADD COLUMN IF NOT EXISTS loaded boolean NOT NULL DEFAULT true;"
         ))
         .await
         .map_err(query("create the WAL progress table"))?;
@@ -64,15 +80,64 @@ pub(crate) async fn prepare<C: GenericClient + Sync>(
         )
         .await
         .map_err(query("read the replication slot"))?;
-    let recorded: Option<String> = db
+    let progress_row = db
         .query_opt(
-            &format!("SELECT confirmed_lsn::text FROM {progress} WHERE slot = $1"),
+            &format!("SELECT confirmed_lsn::text, loaded FROM {progress} WHERE slot = $1"),
             &[&config.slot],
         )
         .await
-        .map_err(query("read the WAL progress"))?
-        .map(|row| row.get(0));
+        .map_err(query("read the WAL progress"))?;
+    let loaded = progress_row.as_ref().map(|row| row.get::<_, bool>(1));
+    let recorded: Option<String> = progress_row.map(|row| row.get(0));
     let recorded = recorded.as_deref().map(parse_lsn).transpose()?;
+    if loaded == Some(false) {
+        // A load that did not finish: its snapshot died with its session.
+        // Unless its relay is still at it, start it over with a new slot
+        // (rows that did not change get the same ids, and the sink skips them).
+        let free: bool = db
+            .query_one(
+                "SELECT pg_try_advisory_lock($1)",
+                &[&load_lock(&config.slot)],
+            )
+            .await
+            .map_err(query("check the initial load"))?
+            .get(0);
+        if !free {
+            return Err(PgError::Replication {
+                detail: format!(
+                    "another relay is loading the tables of slot {}",
+                    config.slot
+                ),
+                retryable: true,
+            });
+        }
+        let dropped = async {
+            if slot.is_some() {
+                db.execute("SELECT pg_drop_replication_slot($1)", &[&config.slot])
+                    .await?;
+            }
+            db.execute(
+                &format!("DELETE FROM {progress} WHERE slot = $1"),
+                &[&config.slot],
+            )
+            .await
+        }
+        .await;
+        let _ = db
+            .execute("SELECT pg_advisory_unlock($1)", &[&load_lock(&config.slot)])
+            .await;
+        // A slot still held by a relay that lost its load lock, or dropped
+        // meanwhile by another: try again later.
+        dropped.map_err(|e| PgError::Replication {
+            detail: format!(
+                "starting an unfinished initial load over: {}",
+                crate::describe(&e)
+            ),
+            retryable: true,
+        })?;
+        tracing::warn!(slot = %config.slot, "an initial load did not finish: loading again");
+        return Ok(Prepared::CreateAndLoad);
+    }
     let Some(slot) = slot else {
         if let Some(last) = recorded {
             return Err(permanent(format!(
@@ -91,6 +156,9 @@ pub(crate) async fn prepare<C: GenericClient + Sync>(
                 config.slot, config.slot
             )));
         }
+        if config.initial_load && !config.tables.is_empty() {
+            return Ok(Prepared::CreateAndLoad);
+        }
         let created: String = db
             .query_one(
                 "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -99,9 +167,9 @@ pub(crate) async fn prepare<C: GenericClient + Sync>(
             .await
             .map_err(query("create the replication slot"))?
             .get(0);
-        record(db, &progress, &config.slot, &created).await?;
+        record(db, &progress, &config.slot, &created, true).await?;
         tracing::info!(slot = %config.slot, at = %created, "created the replication slot");
-        return parse_lsn(&created);
+        return parse_lsn(&created).map(Prepared::Stream);
     };
     let confirmed: Option<String> = slot.get(0);
     let status: Option<String> = slot.get(1);
@@ -130,7 +198,7 @@ pub(crate) async fn prepare<C: GenericClient + Sync>(
     })?;
     let at = parse_lsn(&confirmed)?;
     match recorded {
-        None => record(db, &progress, &config.slot, &confirmed).await?,
+        None => record(db, &progress, &config.slot, &confirmed, true).await?,
         Some(last) if at > last => {
             return Err(permanent(format!(
                 "the replication slot {} is at {} but this pipeline confirmed only up to {}: the slot was \
@@ -145,20 +213,23 @@ pub(crate) async fn prepare<C: GenericClient + Sync>(
         }
         Some(_) => {}
     }
-    Ok(at)
+    Ok(Prepared::Stream(at))
 }
 
-async fn record<C: GenericClient + Sync>(
+/// Records a slot's first position; `loaded` false while its initial load runs.
+pub(crate) async fn record<C: GenericClient + Sync>(
     db: &C,
     progress: &SqlName,
     slot: &str,
     lsn: &str,
+    loaded: bool,
 ) -> Result<(), PgError> {
     db.execute(
         &format!(
-            "INSERT INTO {progress} (slot, confirmed_lsn) VALUES ($1, $2::text::pg_lsn) ON CONFLICT (slot) DO NOTHING"
+            "INSERT INTO {progress} (slot, confirmed_lsn, loaded) VALUES ($1, $2::text::pg_lsn, $3) \
+             ON CONFLICT (slot) DO NOTHING"
         ),
-        &[&slot, &lsn],
+        &[&slot, &lsn, &loaded],
     )
     .await
     .map_err(query("record the WAL position"))?;

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::change::{lsn_text, Decoded, Decoder, Routing};
+use super::setup::Prepared;
 use super::WalConfig;
 use crate::{PgConfig, PgError, SqlName};
 
@@ -39,6 +40,9 @@ enum Item {
     /// Every event queued before it belongs to transactions that end at or
     /// before this position.
     Commit(u64),
+    /// Every event queued before it is a row of the initial load: once they
+    /// are settled, the load is recorded as done.
+    LoadDone,
 }
 
 #[derive(Default)]
@@ -99,6 +103,8 @@ pub struct WalClaim {
     generation: u64,
     /// (events of the batch before it, commit end position).
     commits: Vec<(usize, u64)>,
+    /// Events of the batch before the end of the initial load, if it ends here.
+    load_done: Option<usize>,
     finished: bool,
 }
 
@@ -133,6 +139,8 @@ pub struct WalSource {
     shared: Arc<Shared>,
     pool: Pool,
     dead_letter: SqlName,
+    progress: SqlName,
+    slot: String,
     stop: CancellationToken,
 }
 
@@ -156,6 +164,8 @@ impl WalSource {
     ) -> Result<Self, PgError> {
         config.validate()?;
         let dead_letter = SqlName::parse(dead_letter_table)?;
+        let progress = SqlName::parse(&config.progress_table)?;
+        let slot = config.slot.clone();
         let (confirm, _) = watch::channel(0);
         let (rewind, _) = watch::channel(0);
         let shared = Arc::new(Shared {
@@ -180,6 +190,8 @@ impl WalSource {
             shared,
             pool,
             dead_letter,
+            progress,
+            slot,
             stop,
         })
     }
@@ -195,6 +207,25 @@ impl WalSource {
         fatal
             .as_ref()
             .map(|text| outbox_core::Error::permanent(outbox_core::Stage::Source, text.clone()))
+    }
+
+    /// Records that every row of the initial load is settled: a relay that
+    /// starts after this streams on instead of loading again.
+    async fn record_loaded(&self) -> Result<(), PgError> {
+        let client = self.pool.get().await.map_err(|e| PgError::Connect {
+            target: "the WAL progress table".into(),
+            detail: e.to_string(),
+            retryable: true,
+        })?;
+        client
+            .execute(
+                &format!("UPDATE {} SET loaded = true WHERE slot = $1", self.progress),
+                &[&self.slot],
+            )
+            .await
+            .map_err(|e| PgError::query("record the initial load", e))?;
+        info!(slot = %self.slot, "initial load published");
+        Ok(())
     }
 
     async fn dead_letter(&self, events: &[(&Event, &str)]) -> Result<(), PgError> {
@@ -252,28 +283,37 @@ impl Source for WalSource {
         if let Some(err) = self.fatal() {
             return Err(err);
         }
-        let mut queue = self.shared.lock();
-        let mut events = Vec::new();
-        let mut commits = Vec::new();
-        while let Some(item) = queue.items.front() {
-            match item {
-                Item::Event(_) if events.len() >= max_events => break,
-                Item::Event(_) => {
-                    if let Some(Item::Event(event)) = queue.items.pop_front() {
-                        events.push(event);
+        let (events, commits, load_done, generation) = {
+            let mut queue = self.shared.lock();
+            let mut events = Vec::new();
+            let mut commits = Vec::new();
+            let mut load_done = None;
+            while let Some(item) = queue.items.front() {
+                match item {
+                    Item::Event(_) if events.len() >= max_events => break,
+                    Item::Event(_) => {
+                        if let Some(Item::Event(event)) = queue.items.pop_front() {
+                            events.push(event);
+                        }
+                    }
+                    Item::Commit(lsn) => {
+                        commits.push((events.len(), *lsn));
+                        queue.items.pop_front();
+                    }
+                    Item::LoadDone => {
+                        load_done = Some(events.len());
+                        queue.items.pop_front();
                     }
                 }
-                Item::Commit(lsn) => {
-                    commits.push((events.len(), *lsn));
-                    queue.items.pop_front();
-                }
             }
-        }
-        drop(queue);
+            (events, commits, load_done, queue.generation)
+        };
         self.shared.space.notify_waiters();
-        let generation = self.shared.lock().generation;
         if events.is_empty() {
             // Only transaction ends: everything before them is acknowledged.
+            if load_done.is_some() {
+                self.record_loaded().await?;
+            }
             if let Some((_, lsn)) = commits.last() {
                 self.shared.advance(*lsn);
             }
@@ -285,6 +325,7 @@ impl Source for WalSource {
                 shared: self.shared.clone(),
                 generation,
                 commits,
+                load_done,
                 finished: false,
             },
         }))
@@ -321,6 +362,11 @@ impl Source for WalSource {
             dead_lettered: rejected.len(),
             released: claimed.events.len() - settled,
         };
+        let current = self.shared.lock().generation == claimed.claim.generation;
+        if current && claimed.claim.load_done.is_some_and(|at| at <= settled) {
+            // Before any position past the load is confirmed.
+            self.record_loaded().await?;
+        }
         let claim = &mut claimed.claim;
         claim.finished = true;
         let mut queue = self.shared.lock();
@@ -430,19 +476,77 @@ impl Reader {
     }
 
     async fn session(&self, waiting_since: &mut Option<Instant>) -> Result<Ended, SessionError> {
-        let start = self.prepare().await?;
-        // Everything from the last session is gone: read from `start` on.
+        let prepared = self.prepare().await?;
+        // Everything from the last session is gone: read from the slot's position on.
         let generation = {
             let mut queue = self.shared.lock();
             queue.items.clear();
             queue.outstanding = 0;
             queue.generation
         };
-        self.shared.advance(start);
-        let mut client = ReplicationClient::connect_gated(self.replication_config(start))
-            .await
-            .map_err(classify)?;
-        let system = client.identify_system().await.map_err(classify)?;
+        let (mut client, system, start) = match prepared {
+            Prepared::Stream(start) => {
+                self.shared.advance(start);
+                let mut client = ReplicationClient::connect_gated(self.replication_config(start))
+                    .await
+                    .map_err(classify)?;
+                let system = client.identify_system().await.map_err(classify)?;
+                (client, system, start)
+            }
+            Prepared::CreateAndLoad => {
+                // Streams from the slot's own position once the load is read.
+                let mut loader = super::load::Loader::lock(&self.pool, &self.config).await?;
+                let mut client = ReplicationClient::connect_gated(self.replication_config(0))
+                    .await
+                    .map_err(classify)?;
+                let system = client.identify_system().await.map_err(classify)?;
+                let rows = client
+                    .simple_query(&format!(
+                        "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+                        self.config.slot
+                    ))
+                    .await
+                    .map_err(classify)?;
+                let text = |i: usize| {
+                    rows.first()
+                        .and_then(|row| row.get(i).cloned().flatten())
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default()
+                };
+                let (point, snapshot) = (text(1), text(2));
+                let at = Lsn::parse(&point).map(Lsn::as_u64).map_err(|e| {
+                    SessionError::Failed(PgError::Replication {
+                        detail: format!("CREATE_REPLICATION_SLOT gave the position {point:?}: {e}"),
+                        retryable: false,
+                    })
+                })?;
+                let db = self.connection().await?;
+                let progress = SqlName::parse(&self.config.progress_table)?;
+                super::setup::record(&db, &progress, &self.config.slot, &point, false).await?;
+                drop(db);
+                info!(slot = %self.config.slot, at = %point, "created the replication slot; loading the captured tables");
+                self.shared.advance(at);
+                let decoder = Decoder::new(system.system_id.clone(), self.routing());
+                loader.begin(&snapshot, at).await?;
+                let mut rows = 0u64;
+                while let Some(events) = loader.next(&decoder).await? {
+                    for event in events {
+                        if !self.take(Decoded::Event(event), generation).await? {
+                            // A rewind or a stop: the load is not done, and
+                            // the next session starts it over.
+                            return Err(SessionError::Failed(PgError::Replication {
+                                detail: "the initial load was interrupted".into(),
+                                retryable: true,
+                            }));
+                        }
+                        rows += 1;
+                    }
+                }
+                info!(slot = %self.config.slot, rows, "initial load read; streaming from the slot's consistent point");
+                self.push(Item::LoadDone, generation);
+                (client, system, at)
+            }
+        };
         client.start().await.map_err(classify)?;
         client.wait_started().await.map_err(classify)?;
         if let Some(since) = waiting_since.take() {
@@ -716,9 +820,19 @@ impl Reader {
         config
     }
 
+    async fn connection(&self) -> Result<deadpool_postgres::Client, SessionError> {
+        self.pool.get().await.map_err(|e| {
+            SessionError::Failed(PgError::Connect {
+                target: self.pg.target(),
+                detail: e.to_string(),
+                retryable: true,
+            })
+        })
+    }
+
     /// Checks the server and the slot, creating what is missing when
     /// allowed; returns the position to stream from.
-    async fn prepare(&self) -> Result<u64, SessionError> {
+    async fn prepare(&self) -> Result<super::setup::Prepared, SessionError> {
         let db = self.pool.get().await.map_err(|e| {
             SessionError::Failed(PgError::Connect {
                 target: self.pg.target(),
@@ -755,7 +869,9 @@ fn classify(err: PgWireError) -> SessionError {
         // object_in_use: another session streams the slot.
         Some("55006") => return SessionError::Held(text),
         Some(code) => {
-            let retryable = matches!(&code[..2], "08" | "40" | "53" | "57" | "58");
+            // 42710: another relay created the slot first.
+            let retryable =
+                matches!(&code[..2], "08" | "40" | "53" | "57" | "58") || code == "42710";
             let hint = match code {
                 "42704" => "; the slot or publication does not exist: let the relay create it (WalConfig::create) or create it as docs/wal.md shows",
                 "42501" | "28000" => "; the user needs the REPLICATION attribute (ALTER ROLE ... REPLICATION) and a pg_hba.conf line that admits it",

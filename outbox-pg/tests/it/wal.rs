@@ -23,10 +23,12 @@ impl Capture {
     /// note text), captured by slot and publication `w_<name>`.
     async fn new(name: &str) -> Capture {
         // RUST_LOG=outbox_pg=debug shows the reader's sessions.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
+        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let (pool, _) = setup(&format!("w_{name}")).await;
         let table = format!("w_{name}_rows");
         let config = WalConfig {
@@ -164,6 +166,7 @@ async fn table_changes_come_out_in_commit_order_with_ids_that_survive_a_reread()
     let source = capture.source();
     // Nothing before the slot exists is captured: wait for it.
     wait_for_slot(&capture).await;
+    settle_load(&capture, &source).await;
     let t = &capture.table;
     // One call each: in one simple query, a BEGIN would take the statements before it into its transaction.
     for sql in [
@@ -283,6 +286,7 @@ async fn crossing_writers_of_one_key_come_out_in_commit_order() {
     let source = capture.source();
     let (_, _) = capture.claim(&source, 0).await;
     wait_for_slot(&capture).await;
+    settle_load(&capture, &source).await;
     let t = capture.table.clone();
     let pg = pg_config();
     let pool = pg.create_pool().unwrap();
@@ -346,6 +350,40 @@ async fn crossing_writers_of_one_key_come_out_in_commit_order() {
     capture.drop_all().await;
 }
 
+/// Claims and acknowledges until the initial load is recorded as done
+/// (the tables of these tests are empty when their source starts).
+async fn settle_load(capture: &Capture, source: &WalSource) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(claimed) = source.claim(100).await.unwrap() {
+            acknowledge_all(source, vec![claimed]).await;
+        }
+        let client = capture.pool.get().await.unwrap();
+        let loaded: Option<bool> = client
+            .query_opt(
+                &format!(
+                    "SELECT loaded FROM {} WHERE slot = $1",
+                    capture.config.progress_table
+                ),
+                &[&capture.config.slot],
+            )
+            .await
+            .unwrap()
+            .map(|row| row.get(0));
+        if loaded == Some(true) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the initial load was never recorded"
+        );
+        source
+            .wait_for_events(Duration::from_millis(50))
+            .await
+            .unwrap();
+    }
+}
+
 async fn wait_for_slot(capture: &Capture) {
     let client = capture.pool.get().await.unwrap();
     for _ in 0..200 {
@@ -374,6 +412,7 @@ async fn emitted_events_are_atomic_with_their_transaction_and_poison_is_isolated
     let capture = Capture::new("emit").await;
     let source = capture.source();
     wait_for_slot(&capture).await;
+    settle_load(&capture, &source).await;
     let outbox = Outbox::new(&OutboxConfig::default().validate().unwrap())
         .with_message_prefix(capture.config.message_prefix.clone());
     let mut client = capture.pool.get().await.unwrap();
@@ -443,6 +482,7 @@ async fn a_waiting_relay_takes_over_the_slot_when_the_first_goes_away() {
     let capture = Capture::new("takeover").await;
     let first = capture.source();
     wait_for_slot(&capture).await;
+    settle_load(&capture, &first).await;
     let second = capture.source();
     let t = &capture.table;
     capture
@@ -480,6 +520,7 @@ async fn a_dropped_slot_is_a_permanent_error_that_says_what_may_be_missing() {
     let capture = Capture::new("dropped").await;
     let source = capture.source();
     wait_for_slot(&capture).await;
+    settle_load(&capture, &source).await;
     drop(source);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let client = capture.pool.get().await.unwrap();
@@ -531,6 +572,7 @@ async fn quiet_tables_on_a_busy_server_pin_no_wal() {
     let capture = Capture::new("quiet").await;
     let source = capture.source();
     wait_for_slot(&capture).await;
+    settle_load(&capture, &source).await;
     let busy = format!("{}_busy", capture.table);
     capture
         .sql(&format!(
