@@ -633,3 +633,177 @@ async fn quiet_tables_on_a_busy_server_pin_no_wal() {
     capture.sql(&format!("DROP TABLE {busy}")).await;
     capture.drop_all().await;
 }
+
+/// Replays `events` (loaded rows, then changes) onto a map id → owner, the
+/// way a state table keyed by the primary key would end.
+fn replay(events: &[Event]) -> std::collections::BTreeMap<i64, String> {
+    let mut state = std::collections::BTreeMap::new();
+    for event in events {
+        let change = body(event);
+        match change["op"].as_str() {
+            Some("r" | "c" | "u") => {
+                let row = &change["after"];
+                state.insert(
+                    row["id"].as_i64().unwrap(),
+                    row["owner"].as_str().unwrap().to_string(),
+                );
+            }
+            Some("d") => {
+                state.remove(&change["before"]["id"].as_i64().unwrap());
+            }
+            other => panic!("unexpected op {other:?}"),
+        }
+    }
+    state
+}
+
+/// Invariant (initial load): the rows a table holds when the slot is
+/// created come out once each (`op` `r`), then the changes committed after
+/// the slot's consistent point, with writes running during the load:
+/// replayed in order they give exactly the table's final rows, and no row
+/// is loaded twice or missed at the switch. A load cut short (the relay
+/// went away with nothing acknowledged) starts over, and the rows that did
+/// not change keep their ids.
+#[tokio::test]
+async fn the_initial_load_meets_the_stream_without_a_gap_or_a_double() {
+    let mut capture = Capture::new("load").await;
+    capture.config.load_batch = 500;
+    let t = capture.table.clone();
+    capture
+        .sql(&format!(
+            "INSERT INTO {t} SELECT g, 'before' || g, g, NULL FROM generate_series(1, 3000) g"
+        ))
+        .await;
+    // A relay that reads part of the load and goes away.
+    let cut = capture.source();
+    let (partial, claims) = capture.claim(&cut, 700).await;
+    assert!(partial.iter().all(|e| body(e)["op"] == "r"));
+    drop(claims);
+    drop(cut);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let source = capture.source();
+    // Writes while the load runs: updates of loaded rows, new rows, deletes.
+    let writer = {
+        let pool = capture.pool.clone();
+        let t = t.clone();
+        tokio::spawn(async move {
+            let client = pool.get().await.unwrap();
+            for i in 0..150 {
+                client
+                    .batch_execute(&format!(
+                        "UPDATE {t} SET owner = 'during{i}' WHERE id = {};
+                         INSERT INTO {t} VALUES ({}, 'new{i}', 0, NULL);
+                         DELETE FROM {t} WHERE id = {};",
+                        1 + (i * 7) % 3000,
+                        10_000 + i,
+                        2000 + i,
+                    ))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let client = capture.pool.get().await.unwrap();
+    let mut table = std::collections::BTreeMap::new();
+    loop {
+        match source.claim(1000).await.unwrap() {
+            Some(claimed) => {
+                events.extend(claimed.events.iter().cloned());
+                acknowledge_all(&source, vec![claimed]).await;
+            }
+            None => source
+                .wait_for_events(Duration::from_millis(200))
+                .await
+                .unwrap(),
+        }
+        if writer.is_finished() {
+            if table.is_empty() {
+                // Every write committed: the rows the stream must end at.
+                table = client
+                    .query(&format!("SELECT id::int8, owner FROM {t}"), &[])
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|row| (row.get::<_, i64>(0), row.get::<_, String>(1)))
+                    .collect();
+            }
+            if replay(&events) == table {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stuck at {} events, replaying to {} rows of {}",
+            events.len(),
+            replay(&events).len(),
+            table.len()
+        );
+    }
+    writer.await.unwrap();
+    // Anything extra would come now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let extra = source
+        .claim(10)
+        .await
+        .unwrap()
+        .map(|c| c.events.len())
+        .unwrap_or(0);
+    let loaded: Vec<&Event> = events.iter().filter(|e| body(e)["op"] == "r").collect();
+    let first_change = events
+        .iter()
+        .position(|e| body(e)["op"] != "r")
+        .unwrap_or(events.len());
+    let distinct_loaded: std::collections::HashSet<i64> = loaded
+        .iter()
+        .map(|e| body(e)["after"]["id"].as_i64().unwrap())
+        .collect();
+    let replayed = replay(&events);
+    let same_ids = partial
+        .iter()
+        .filter(|p| loaded.iter().any(|l| l.id == p.id))
+        .count();
+    println!(
+        "loaded={} distinct_loaded={} changes={} extra={} table_rows={} replayed_rows={} \
+         cut_load_rows={} of_them_same_id_in_the_second_load={same_ids}",
+        loaded.len(),
+        distinct_loaded.len(),
+        events.len() - loaded.len(),
+        extra,
+        table.len(),
+        replayed.len(),
+        partial.len(),
+    );
+    assert_eq!(
+        first_change,
+        loaded.len(),
+        "every loaded row comes before the first change"
+    );
+    assert_eq!(loaded.len(), distinct_loaded.len(), "no row loaded twice");
+    // A row inserted after the slot's consistent point is a change, never
+    // also a loaded row (that would be a load read outside the snapshot).
+    let inserted_and_loaded = events
+        .iter()
+        .filter(|e| body(e)["op"] == "c")
+        .filter(|e| distinct_loaded.contains(&body(e)["after"]["id"].as_i64().unwrap()))
+        .count();
+    assert_eq!(
+        inserted_and_loaded, 0,
+        "rows both loaded and inserted after the switch"
+    );
+    let mut seen = std::collections::HashMap::new();
+    for e in &events {
+        *seen.entry(e.id).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), events.len(), "every event once");
+    assert_eq!(extra, 0);
+    assert_eq!(replayed, table, "load + changes = the table");
+    assert!(
+        same_ids > 0,
+        "unchanged rows keep their ids across a load started over"
+    );
+    drop(source);
+    capture.drop_all().await;
+}
