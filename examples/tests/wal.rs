@@ -129,15 +129,14 @@ async fn write(
     changes
 }
 
-/// Invariant (no loss, no duplicate effect, commit order per key, when the
-/// relay is SIGKILLed at random points, the first ones during or right
-/// after its initial load of the 20 rows the table already held, while two
-/// writers commit changes; the
-/// most kills landing between the broker's acknowledgement and the status
-/// update that confirms it): every committed change reaches Kafka, each
-/// key's changes first appear in commit order (`n` counts up by one per
-/// update of a row), and ClickHouse ends with each change once: plain
-/// `count()` = `uniqExact(event_id)` = changes committed.
+/// Invariant (no loss, no duplicate effect, commit order per key): the
+/// relay is SIGKILLed at random points while two writers commit changes
+/// (the first kills during or right after its initial load of the 20 rows
+/// the table already held; most land between the broker's acknowledgement
+/// and the status update that confirms it). Every loaded row and committed
+/// change reaches Kafka, each key's changes first appear in commit order
+/// (`n` counts up by one per update of a row), and ClickHouse ends with
+/// each once: plain `count()` = `uniqExact(event_id)` = rows + changes.
 #[tokio::test]
 async fn wal_relay_killed_at_random_points_loses_and_doubles_nothing() {
     let name = unique("wal_kill");
