@@ -46,6 +46,32 @@ fn relay_command(cli: &Cli, bin_dir: &Path, name: &str) -> (PathBuf, Vec<String>
             args.map(String::from).to_vec(),
         );
     }
+    if cli.source == crate::Source::Wal {
+        // One slot: one relay streams it, the others wait to take over.
+        let args = [
+            "--source",
+            "wal",
+            "--wal-slot",
+            name,
+            "--wal-publication",
+            name,
+            "--wal-message-prefix",
+            name,
+            "--wal-messages-only",
+            "--outbox-table",
+            name,
+            "--dead-letter-table",
+            &format!("{name}_dead"),
+            "--kafka-message-timeout-ms",
+            &(CLAIM_TIMEOUT_SECS * 1000 * 4 / 5).to_string(),
+            "--batch-size",
+            "200",
+        ];
+        return (
+            bin_dir.join("producer_pg_to_kafka"),
+            args.map(String::from).to_vec(),
+        );
+    }
     let args = [
         "--source",
         "outbox",

@@ -26,7 +26,7 @@ use fleet::Fleet;
 use report::{Summary, Tally, Verdict};
 use services::BrokerWatch;
 use stores::Stores;
-use writer::write_events;
+use writer::{write_events, Writes};
 
 /// Attack the pipeline with kills, stops and service restarts, then verify
 /// its guarantees from PostgreSQL and ClickHouse.
@@ -84,10 +84,25 @@ struct Cli {
         default_value = "http://127.0.0.1:8123"
     )]
     clickhouse_url: String,
+    /// What the relays read: the outbox table (`enqueue`), or the
+    /// write-ahead log (`emit`, the table-free outbox, two writers whose
+    /// commits of one key cross; one relay streams the slot, the others
+    /// wait to take over).
+    #[arg(long, value_enum, default_value_t = Source::Outbox)]
+    source: Source,
     /// Which runs keep their tables and topic for inspection; the others drop
     /// them, so long runs do not leave gigabytes in the local stores.
     #[arg(long, value_enum, default_value_t = Keep::OnFailure)]
     keep: Keep,
+}
+
+/// What the relays read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Source {
+    /// The outbox table.
+    Outbox,
+    /// The write-ahead log, through one replication slot.
+    Wal,
 }
 
 /// Which runs keep what they wrote.
@@ -170,17 +185,32 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
     let writing = Arc::new(AtomicBool::new(true));
     let attempted = Arc::new(AtomicU64::new(0));
     let rolled_back = Arc::new(AtomicU64::new(0));
-    let writer = tokio::spawn(write_events(
-        stores.pool.clone(),
-        stores.outbox.clone(),
-        stores.ledger.clone(),
-        name.clone(),
-        cli.events_per_second,
-        seed,
-        writing.clone(),
-        attempted.clone(),
-        rolled_back.clone(),
-    ));
+    // The WAL run has two writers, each at half the rate, taking each key's
+    // next sequence number from a row they lock: their commits of one key
+    // cross, and the sequence is the commit order.
+    let writers: Vec<_> = match cli.source {
+        Source::Outbox => vec![seed],
+        Source::Wal => vec![seed, seed.rotate_left(17)],
+    }
+    .into_iter()
+    .map(|writer_seed| {
+        tokio::spawn(write_events(
+            stores.pool.clone(),
+            Writes {
+                outbox: stores.outbox.clone(),
+                ledger: stores.ledger.clone(),
+                topic: name.clone(),
+                table_free: cli.source == Source::Wal,
+                events_per_second: cli.events_per_second
+                    / if cli.source == Source::Wal { 2 } else { 1 },
+                seed: writer_seed,
+            },
+            writing.clone(),
+            attempted.clone(),
+            rolled_back.clone(),
+        ))
+    })
+    .collect();
     let mut tally = attack::attack_for(
         duration,
         &mut rng,
@@ -193,7 +223,9 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
 
     // Stop attacking; let everything drain.
     writing.store(false, Ordering::SeqCst);
-    writer.await??;
+    for writer in writers {
+        writer.await??;
+    }
     fleet.heal()?;
     let committed = stores.committed().await?;
     let drained = drain(
@@ -208,6 +240,9 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
     .await?;
     tokio::time::sleep(Duration::from_secs(5)).await; // anything extra lands now
     fleet.stop().await;
+    if cli.source == Source::Wal {
+        stores.drop_slot().await;
+    }
 
     let rows = stores.landed().await?;
     // Still in the outbox is undelivered, not lost: only a run that drained
@@ -236,6 +271,10 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         tally: &tally,
         unsafe_relay: cli.unsafe_relay,
         idempotence: cli.kafka_idempotence,
+        source: match cli.source {
+            Source::Outbox => "outbox",
+            Source::Wal => "wal",
+        },
     }
     .print();
     // A panic in the last seconds, after the watchdog last looked.

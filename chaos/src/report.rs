@@ -64,6 +64,8 @@ pub(crate) struct Summary<'a> {
     pub(crate) tally: &'a Tally,
     pub(crate) unsafe_relay: bool,
     pub(crate) idempotence: bool,
+    /// What the relays read (`outbox` or `wal`).
+    pub(crate) source: &'static str,
 }
 
 impl Summary<'_> {
@@ -87,7 +89,7 @@ impl Summary<'_> {
             .map(|(what, n)| format!("{what}={n}"))
             .collect();
         println!(
-            "chaos: {} seed={} duration={}s committed={} rolled_back={} in_clickhouse={} lost={lost} duplicated={duplicated} phantom={phantom} out_of_order={out_of_order} undelivered={undelivered} dead_letters={} relay_kills={} relay_stops={} consumer_kills={} consumer_long_pauses={} unexpected_exits={} service_restarts=[{}] partitions=[{}] broker_panic_restarts={} relay={} idempotence={}",
+            "chaos: {} seed={} duration={}s committed={} rolled_back={} in_clickhouse={} lost={lost} duplicated={duplicated} phantom={phantom} out_of_order={out_of_order} undelivered={undelivered} dead_letters={} relay_kills={} relay_stops={} consumer_kills={} consumer_long_pauses={} unexpected_exits={} service_restarts=[{}] partitions=[{}] broker_panic_restarts={} relay={} idempotence={} source={}",
             self.verdict.label(),
             self.seed,
             self.duration.as_secs(),
@@ -105,6 +107,7 @@ impl Summary<'_> {
             tally.broker_panic_restarts,
             if self.unsafe_relay { "unsafe" } else { "shipped" },
             if self.idempotence { "on" } else { "off" },
+            self.source,
         );
         println!("chaos: attempted events={}", self.attempted);
     }

@@ -43,9 +43,26 @@ impl Stores {
         migrate(&client, &outbox).await?;
         client
             .batch_execute(&format!(
-                "CREATE TABLE {ledger} (event_id uuid PRIMARY KEY)"
+                "CREATE TABLE {ledger} (event_id uuid PRIMARY KEY);
+                 CREATE TABLE {ledger}_seq (key int PRIMARY KEY, seq bigint NOT NULL);
+                 INSERT INTO {ledger}_seq SELECT k, -1 FROM generate_series(0, {}) k;",
+                crate::KEYS - 1
             ))
             .await?;
+        if cli.source == crate::Source::Wal {
+            // Before the writers emit: a message written before its slot
+            // exists is in no slot.
+            outbox_pg::wal::create_slot(
+                &client,
+                &outbox_pg::wal::WalConfig {
+                    slot: name.to_string(),
+                    publication: name.to_string(),
+                    message_prefix: name.to_string(),
+                    ..outbox_pg::wal::WalConfig::default()
+                },
+            )
+            .await?;
+        }
         let kafka = outbox_kafka::KafkaConfig {
             brokers: cli.kafka_brokers.clone(),
             topic_partitions: 4,
@@ -138,6 +155,25 @@ impl Stores {
         Ok(in_pg + i64::try_from(in_ch).unwrap_or(i64::MAX))
     }
 
+    /// Drops the WAL run's slot (its relays are stopped) and publication,
+    /// kept or not: a slot left behind would pin the server's WAL forever.
+    pub(crate) async fn drop_slot(&self) {
+        let name = &self.name;
+        let dropped = async {
+            let client = self.pool.get().await?;
+            client
+                .batch_execute(&format!(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{name}';
+                     DROP PUBLICATION IF EXISTS {name};"
+                ))
+                .await?;
+            anyhow::Ok(())
+        };
+        if let Err(err) = dropped.await {
+            println!("chaos: could not drop the replication slot {name}: {err:#}");
+        }
+    }
+
     /// Drops what the run wrote: its PostgreSQL and ClickHouse tables. Best
     /// effort: a failure is printed, the verdict stands.
     ///
@@ -152,9 +188,10 @@ impl Stores {
             let client = self.pool.get().await?;
             client
                 .batch_execute(&format!(
-                    "DROP TABLE IF EXISTS {name}, {name}_dead, {name}_schema_version, {name}_ledger"
+                    "DROP TABLE IF EXISTS {name}, {name}_dead, {name}_schema_version, {name}_ledger, {name}_ledger_seq"
                 ))
                 .await?;
+
             anyhow::Ok(())
         };
         if let Err(err) = pg.await {

@@ -1,4 +1,4 @@
-//! The writer: events committed in transactions, with a ledger.
+//! The writers: events committed in transactions, with a ledger.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,47 +10,67 @@ use uuid::Uuid;
 
 use crate::KEYS;
 
+/// What one writer writes, and how.
+pub(crate) struct Writes {
+    pub(crate) outbox: ValidOutboxConfig,
+    pub(crate) ledger: String,
+    pub(crate) topic: String,
+    /// `Outbox::emit` into the WAL under the prefix `topic`, with each key's
+    /// sequence numbers taken from a row of `<ledger>_seq` in the
+    /// transaction (so several writers commit one key in sequence order),
+    /// instead of `Outbox::enqueue` with sequence numbers of its own.
+    pub(crate) table_free: bool,
+    pub(crate) events_per_second: u32,
+    pub(crate) seed: u64,
+}
+
 /// Commits events of random keys in transactions of 1–10 events, a tenth of
 /// them rolled back, each with a ledger row in the same transaction.
-#[allow(clippy::too_many_arguments)]
 pub(crate) async fn write_events(
     pool: outbox_pg::deadpool_postgres::Pool,
-    config: ValidOutboxConfig,
-    ledger: String,
-    topic: String,
-    events_per_second: u32,
-    seed: u64,
+    writes: Writes,
     writing: Arc<AtomicBool>,
     attempted: Arc<AtomicU64>,
     rolled_back: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
-    let outbox = Outbox::new(&config);
-    let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed);
+    let outbox = Outbox::new(&writes.outbox).with_message_prefix(writes.topic.clone());
+    let mut rng = fastrand::Rng::with_seed(writes.seed ^ 0x5eed);
     let mut next_seq = vec![0i64; KEYS];
+    let ledger = &writes.ledger;
     let insert = format!("INSERT INTO {ledger} (event_id) SELECT unnest($1::uuid[])");
+    let take_seq = format!("UPDATE {ledger}_seq SET seq = seq + 1 WHERE key = $1 RETURNING seq");
     while writing.load(Ordering::SeqCst) {
         let size = rng.usize(1..=10);
-        let events: Vec<Event> = (0..size)
-            .map(|_| {
-                let key = rng.usize(0..KEYS);
-                // The sequence grows on every attempt: a rolled-back event
-                // leaves a gap, never a repeat.
-                let seq = next_seq[key];
-                next_seq[key] += 1;
-                Event::new(
-                    topic.clone(),
-                    format!("{{\"key\":\"k{key}\",\"seq\":{seq}}}"),
-                )
-                .with_key(format!("k{key}"))
-            })
-            .collect();
-        let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+        let mut keys: Vec<usize> = (0..size).map(|_| rng.usize(0..KEYS)).collect();
         let rollback = rng.u32(0..10) == 0;
         let result: anyhow::Result<()> = async {
             let mut client = pool.get().await?;
             let tx = client.transaction().await?;
+            let mut events = Vec::with_capacity(size);
+            if writes.table_free {
+                // Keys locked in one order: two writers never deadlock.
+                keys.sort_unstable();
+                for key in &keys {
+                    let key_id = *key as i32;
+                    let seq: i64 = tx.query_one(&take_seq, &[&key_id]).await?.get(0);
+                    events.push(event(&writes.topic, *key, seq));
+                }
+            } else {
+                for key in &keys {
+                    // The sequence grows on every attempt: a rolled-back
+                    // event leaves a gap, never a repeat.
+                    let seq = next_seq[*key];
+                    next_seq[*key] += 1;
+                    events.push(event(&writes.topic, *key, seq));
+                }
+            }
+            let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
             tx.execute(&insert, &[&ids]).await?;
-            outbox.enqueue(&tx, &events).await?;
+            if writes.table_free {
+                outbox.emit(&tx, &events).await?;
+            } else {
+                outbox.enqueue(&tx, &events).await?;
+            }
             if rollback {
                 tx.rollback().await?;
             } else {
@@ -67,8 +87,17 @@ pub(crate) async fn write_events(
             // PostgreSQL restarting: the outcome is in the ledger.
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        let pace = Duration::from_secs_f64(size as f64 / f64::from(events_per_second.max(1)));
+        let pace =
+            Duration::from_secs_f64(size as f64 / f64::from(writes.events_per_second.max(1)));
         tokio::time::sleep(pace).await;
     }
     Ok(())
+}
+
+fn event(topic: &str, key: usize, seq: i64) -> Event {
+    Event::new(
+        topic.to_string(),
+        format!("{{\"key\":\"k{key}\",\"seq\":{seq}}}"),
+    )
+    .with_key(format!("k{key}"))
 }

@@ -95,6 +95,15 @@ fn short_run_with_a_random_seed_keeps_every_guarantee() {
     assert_passed(&run);
 }
 
+/// The WAL source under the same attacks: three relays on one slot (one
+/// streams, the others wait to take over), two writers whose commits of one
+/// key cross, events written with `Outbox::emit`.
+#[test]
+fn short_wal_run_with_a_random_seed_keeps_every_guarantee() {
+    let run = run_chaos(&["--source", "wal", "--duration", "75s"]);
+    assert_passed(&run);
+}
+
 /// The harness must be able to fail: with relays that delete a batch before
 /// publishing it and claim without lanes, kills lose events and concurrent
 /// relays reorder keys, and the harness has to say so.

@@ -46,6 +46,14 @@ pub struct WalArgs {
     /// database but not their events need prefixes of their own.
     #[arg(long = "wal-message-prefix", env = "OUTBOX_WAL_MESSAGE_PREFIX", default_value_t = outbox_pg::wal::WalConfig::default().message_prefix)]
     pub message_prefix: String,
+    /// Capture no table: publish only the events of `Outbox::emit` (the
+    /// table-free outbox).
+    #[arg(
+        long = "wal-messages-only",
+        env = "OUTBOX_WAL_MESSAGES_ONLY",
+        conflicts_with = "tables"
+    )]
+    pub messages_only: bool,
 }
 
 /// A business table whose rows carry a "sent" flag (`--source flag-table`).
@@ -155,7 +163,9 @@ impl RelayArgs {
     /// The WAL source's settings, checked.
     pub fn wal_config(&self) -> anyhow::Result<outbox_pg::wal::WalConfig> {
         use outbox_pg::wal::{CaptureTable, WalConfig};
-        let tables = if self.wal.tables.is_empty() {
+        let tables = if self.wal.messages_only {
+            Vec::new()
+        } else if self.wal.tables.is_empty() {
             vec![CaptureTable::new(self.flag.table.clone())
                 .with_topic(self.flag.topic.clone())
                 .with_key_columns(&[self.flag.key_column.as_str()])]

@@ -32,6 +32,14 @@ impl WalPipeline {
     async fn new(name: &str) -> Self {
         let pool = pg().create_pool().unwrap();
         let client = pool.get().await.unwrap();
+        // Slots of earlier runs that failed before their cleanup pin WAL.
+        client
+            .batch_execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_name LIKE 'e2e\\_wal\\_%' AND NOT active",
+            )
+            .await
+            .unwrap();
         client
             .batch_execute(&format!(
                 "CREATE TABLE {name} (id int PRIMARY KEY, n int NOT NULL);

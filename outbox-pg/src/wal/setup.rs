@@ -59,7 +59,15 @@ pub(crate) async fn prepare<C: GenericClient + Sync>(
         )));
     }
     let progress = SqlName::parse(&config.progress_table)?;
-    if config.create {
+    let exists = db
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&progress.to_string()],
+        )
+        .await
+        .map_err(query("look for the WAL progress table"))?
+        .get::<_, bool>(0);
+    if config.create && !exists {
         db.batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS {progress} (\n\
                  slot          text        PRIMARY KEY,\n\
@@ -314,4 +322,41 @@ async fn publication<C: GenericClient + Sync>(db: &C, config: &WalConfig) -> Res
         .map_err(query("create the publication"))?;
     tracing::info!(publication = %config.publication, tables = ?missing, "publication ready");
     Ok(())
+}
+
+/// Creates what a WAL source needs (the publication, the progress table
+/// and the slot) without streaming, and returns the slot's position: for a
+/// deployment step such as a migration, so that the slot exists before any
+/// service writes with `Outbox::emit`. A logical decoding message written
+/// before its slot exists is in no slot, and no relay can ever publish it.
+///
+/// A slot whose tables get an initial load is created by the relay instead,
+/// which exports the load's snapshot with it: with tables and
+/// [`WalConfig::initial_load`] this is a configuration error.
+pub async fn create_slot<C: GenericClient + Sync>(
+    db: &C,
+    config: &WalConfig,
+) -> Result<String, PgError> {
+    config.validate()?;
+    if config.initial_load && !config.tables.is_empty() {
+        return Err(PgError::Config(
+            "a slot whose tables get an initial load is created by the relay, with the load's snapshot: \
+             start the relay first, or set initial_load to false"
+                .into(),
+        ));
+    }
+    let config = WalConfig {
+        create: true,
+        ..config.clone()
+    };
+    match prepare(db, &config).await? {
+        Prepared::Stream(at) => Ok(lsn_text(at)),
+        Prepared::CreateAndLoad => Err(PgError::Replication {
+            detail: format!(
+                "the initial load of slot {} did not finish: start a relay to load again",
+                config.slot
+            ),
+            retryable: false,
+        }),
+    }
 }
