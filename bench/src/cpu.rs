@@ -51,3 +51,11 @@ pub fn cpu_between(
         .map(|((name, before), (_, after))| (*name, per_1k(after - before, events)))
         .collect()
 }
+
+/// Seconds of CPU the local PostgreSQL has spent so far, every backend
+/// included (NaN when it runs elsewhere).
+pub fn postgres_seconds() -> f64 {
+    service_pids()[0]
+        .1
+        .map_or(f64::NAN, test_support::cpu::tree_seconds)
+}

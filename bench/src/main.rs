@@ -13,6 +13,7 @@ mod pipeline;
 mod report;
 mod steady;
 mod svg;
+mod wal;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -301,7 +302,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pipeline::quantile(&inserts, 0.99),
             );
         }
-        let run = pipeline::latency(&env, rate, sizes.latency).await?;
+        if rate == 1000 {
+            // The WAL source at the same rate, against the same floors.
+            let run = pipeline::latency(&env, rate, sizes.latency, true).await?;
+            report.figure("wal_e2e_p50_ms", run.percentile(0.50));
+            report.figure("wal_e2e_p99_ms", run.percentile(0.99));
+            report.figure("wal_e2e_kafka_p50_ms", run.to_kafka_percentile(0.50));
+            report.figure("wal_e2e_kafka_p99_ms", run.to_kafka_percentile(0.99));
+            for (process, seconds) in &run.cpu_s_per_1k {
+                report.figure(&format!("wal_e2e_cpu_s_per_1k_{process}"), *seconds);
+            }
+        }
+        let run = pipeline::latency(&env, rate, sizes.latency, false).await?;
         report.figure(&format!("{prefix}_p50_ms"), run.percentile(0.50));
         report.figure(&format!("{prefix}_p99_ms"), run.percentile(0.99));
         report.figure(&format!("{prefix}_max_ms"), run.percentile(1.0));
@@ -384,6 +396,7 @@ async fn throughput_phases(
     report.figure("relay_startup_s", one.startup_s);
     report.figure("relay_rss_mb", one.peak_rss_mb);
     report.timeline("relay ×1 (events/s into Kafka)", one.timeline.clone());
+    report.figure("relay_pg_cpu_s_per_1k", one.pg_cpu_s_per_1k);
     let claim_after = pipeline::claim_cost(env, Some(&one.table), sizes.claim_probes).await?;
     report.figure("claim_ms_after_backlog", claim_after);
     // What autovacuum does in the background (the outbox table asks for it
@@ -410,6 +423,17 @@ async fn throughput_phases(
     report.figure("consumer_rss_mb", sink.peak_rss_mb);
     report.timeline("consumer (rows/s into ClickHouse)", sink.timeline.clone());
     pipeline::drop_relay_run(env, &one).await;
+    // The WAL source on the same backlog: events emitted into the WAL.
+    let wal = wal::wal_backlog(env, sizes.backlog).await?;
+    report.figure("wal_relay_eps", wal.run.rate);
+    report.figure("wal_relay_startup_s", wal.run.startup_s);
+    report.figure("wal_relay_cpu_s_per_1k", wal.run.cpu_s_per_1k);
+    report.figure("wal_relay_rss_mb", wal.run.peak_rss_mb);
+    report.figure("wal_relay_pg_cpu_s_per_1k", wal.pg_cpu_s_per_1k);
+    report.timeline(
+        "relay, WAL source (events/s into Kafka)",
+        wal.run.timeline.clone(),
+    );
     let three = pipeline::relay_backlog(env, 3, sizes.backlog).await?;
     report.figure("relay3_eps", three.rate);
     report.figure("relay3_startup_s", three.startup_s);

@@ -33,16 +33,19 @@ pub struct BacklogRun {
     /// Seconds of CPU the binaries spent per 1,000 events (all of them
     /// together, start-up included).
     pub cpu_s_per_1k: f64,
+    /// Seconds of PostgreSQL CPU (all backends) per 1,000 events while the
+    /// relays drained (NaN where not measured).
+    pub pg_cpu_s_per_1k: f64,
     /// (seconds since start, events per second over the last sample).
     pub timeline: Vec<(f64, f64)>,
 }
 
 /// How often a drain's progress is sampled: often enough that the steady
 /// rate of a 2 s drain is measured to a few per cent.
-const PROGRESS_EVERY: Duration = Duration::from_millis(50);
+pub(crate) const PROGRESS_EVERY: Duration = Duration::from_millis(50);
 
 impl BacklogRun {
-    fn new(
+    pub(crate) fn new(
         table: String,
         topic: String,
         n: usize,
@@ -59,6 +62,7 @@ impl BacklogRun {
             startup_s: progress.first_seen().unwrap_or(elapsed.as_secs_f64()),
             peak_rss_mb,
             cpu_s_per_1k,
+            pg_cpu_s_per_1k: f64::NAN,
             timeline: progress.timeline(0.5),
         }
     }
@@ -85,6 +89,70 @@ fn relay_args(env: &Env, table: &str, drain: bool) -> Vec<String> {
     args
 }
 
+/// The slot, publication and message prefix of a WAL run on `table`.
+pub(crate) fn wal_config(table: &str) -> outbox_pg::wal::WalConfig {
+    outbox_pg::wal::WalConfig {
+        slot: table.to_string(),
+        publication: table.to_string(),
+        message_prefix: table.to_string(),
+        ..outbox_pg::wal::WalConfig::default()
+    }
+}
+
+/// The relay binary streaming the events emitted under `table`'s prefix.
+pub(crate) fn wal_relay_args(env: &Env, table: &str) -> Vec<String> {
+    [
+        "--source",
+        "wal",
+        "--wal-slot",
+        table,
+        "--wal-publication",
+        table,
+        "--wal-message-prefix",
+        table,
+        "--wal-messages-only",
+        "--outbox-table",
+        table,
+        "--dead-letter-table",
+        &format!("{table}_dead"),
+        "--batch-size",
+        &env.relay_batch_size.to_string(),
+        "--topic-partitions",
+        &env.kafka.topic_partitions.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Drops a WAL run's slot and publication: a slot left behind pins the
+/// server's WAL.
+pub(crate) async fn drop_slot(env: &Env, table: &str) {
+    if let Ok(client) = env.pool.get().await {
+        let _ = client
+            .batch_execute(&format!(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{table}';
+                 DROP PUBLICATION IF EXISTS {table};
+                 DELETE FROM outbox_wal_progress WHERE slot = '{table}';"
+            ))
+            .await;
+    }
+}
+
+/// Writes `events` in the caller's transaction: into the outbox table, or
+/// with `wal` into the WAL (`Outbox::emit`).
+async fn write<C: outbox_pg::deadpool_postgres::GenericClient + Sync>(
+    outbox: &Outbox,
+    wal: bool,
+    client: &C,
+    events: &[Event],
+) -> Result<u64, outbox_pg::PgError> {
+    if wal {
+        outbox.emit(client, events).await
+    } else {
+        outbox.enqueue(client, events).await
+    }
+}
+
 /// The consumer binary writing `topic` into the raw table `table`.
 fn consumer_args(topic: &str, table: &str) -> Vec<String> {
     [
@@ -103,7 +171,7 @@ fn consumer_args(topic: &str, table: &str) -> Vec<String> {
     .to_vec()
 }
 
-fn watermark_reader(env: &Env) -> anyhow::Result<BaseConsumer> {
+pub(crate) fn watermark_reader(env: &Env) -> anyhow::Result<BaseConsumer> {
     Ok(ClientConfig::new()
         .set("bootstrap.servers", &env.kafka.brokers)
         .set("log_level", "3")
@@ -113,10 +181,10 @@ fn watermark_reader(env: &Env) -> anyhow::Result<BaseConsumer> {
 /// Enqueues `n` events, then times `relays` relay processes (`--drain`)
 /// from their start until the last one exits with the outbox empty.
 /// How long a binary may take to stop cleanly after SIGTERM.
-const STOP_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(30);
 
 /// Starts the shipped binary `bin` as a child of the benchmark.
-fn start(
+pub(crate) fn start(
     env: &Env,
     label: &str,
     bin: &str,
@@ -141,6 +209,7 @@ pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result
     outbox_kafka::ensure_topics(&env.kafka, &[topic.as_str()]).await?;
     fill_outbox(env, &outbox_config(&table)?, &topic, n).await?;
     say(format!("relay ×{relays}: draining {n} events from {table}"));
+    let pg_before = crate::cpu::postgres_seconds();
     let started = Instant::now();
     let mut procs = Vec::new();
     for i in 0..relays {
@@ -195,7 +264,8 @@ pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result
         bail!("relay ×{relays} left {left} events pending and published {in_topic} of {n}");
     }
     let cpu_s_per_1k = per_1k(cpu, n);
-    let run = BacklogRun::new(table, topic, n, elapsed, &progress, peak, cpu_s_per_1k);
+    let mut run = BacklogRun::new(table, topic, n, elapsed, &progress, peak, cpu_s_per_1k);
+    run.pg_cpu_s_per_1k = per_1k(crate::cpu::postgres_seconds() - pg_before, n);
     say(format!(
         "relay ×{relays}: {n} events in {:.2} s, the first after {:.2} s; steady {:.0} events/s \
          ({:.0} over the whole run), peak RSS {peak:.1} MiB, CPU {cpu_s_per_1k:.3} s per 1,000 events",
@@ -579,11 +649,22 @@ const PROBE_TOLERANCE: Duration = Duration::from_millis(50);
 /// insert returned), matched by the record's position as the topic tap read
 /// it. The table is polled every [`TABLE_CHECK_EVERY`] to check those
 /// times and to know when every row is in.
-pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<LatencyRun> {
-    let table = env.name(&format!("lat{rate}"));
+///
+/// With `wal`, the events are written with `Outbox::emit` and the relay
+/// streams them from a replication slot (the WAL source).
+pub async fn latency(
+    env: &Env,
+    rate: u32,
+    length: Duration,
+    wal: bool,
+) -> anyhow::Result<LatencyRun> {
+    let table = env.name(&format!("lat{rate}{}", if wal { "wal" } else { "" }));
     let topic = table.clone();
     let config = outbox_config(&table)?;
     migrate(&env.pool.get().await?, &config).await?;
+    if wal {
+        outbox_pg::wal::create_slot(&env.pool.get().await?, &wal_config(&table)).await?;
+    }
     outbox_kafka::ensure_topics(&env.kafka, &[topic.as_str()]).await?;
     let ch = sink_clickhouse::client_for(&env.ch)?;
     // Each batch logged (as JSON) for the time budget of an event.
@@ -603,21 +684,25 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
         log,
         gid: None,
     };
-    let relay_args = relay_args(env, &table, false);
+    let relay_args = if wal {
+        wal_relay_args(env, &table)
+    } else {
+        relay_args(env, &table, false)
+    };
     let mut relay = Process::start("relay", launch(&relay_bin, &relay_args, &relay_log))?;
     let consumer_args = consumer_args(&topic, &table);
     let mut consumer = Process::start(
         "consumer",
         launch(&consumer_bin, &consumer_args, &consumer_log),
     )?;
-    let outbox = Outbox::new(&config);
+    let outbox = Outbox::new(&config).with_message_prefix(table.clone());
 
     // Warm up: one event through, so start-up is not measured.
     let warm = Event::new(topic.clone(), payload(0)).with_key(key(0));
     {
         let mut client = env.pool.get().await?;
         let tx = client.transaction().await?;
-        outbox.enqueue(&tx, std::slice::from_ref(&warm)).await?;
+        write(&outbox, wal, &tx, std::slice::from_ref(&warm)).await?;
         tx.commit().await?;
     }
     let warm_deadline = Instant::now() + Duration::from_secs(120);
@@ -668,7 +753,7 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
                     .map(|i| Event::new(topic.clone(), payload(i)).with_key(key(i)))
                     .collect();
                 let tx = client.transaction().await?;
-                outbox.enqueue(&tx, &events).await?;
+                write(&outbox, wal, &tx, &events).await?;
                 tx.commit().await?;
                 let at = Instant::now();
                 let mut map = committed.lock().unwrap_or_else(|p| p.into_inner());
@@ -801,6 +886,9 @@ pub async fn latency(env: &Env, rate: u32, length: Duration) -> anyhow::Result<L
             budget.mean_batch,
             stages.join(", ")
         ));
+    }
+    if wal {
+        drop_slot(env, &table).await;
     }
     drop_pg_tables(env, &[&table, &format!("{table}_dead")]).await;
     drop_ch_tables(env, &table).await;

@@ -70,6 +70,14 @@ impl Report {
                 self.get("relay3_eps") / self.get("relay_eps"),
             ),
             (
+                "wal_relay_vs_raw_produce",
+                self.get("wal_relay_eps") / self.get("raw_produce_eps"),
+            ),
+            (
+                "wal_pg_cpu_vs_outbox",
+                self.get("wal_relay_pg_cpu_s_per_1k") / self.get("relay_pg_cpu_s_per_1k"),
+            ),
+            (
                 "relay_cpu_vs_raw",
                 self.get("relay_cpu_s_per_1k") / self.get("raw_produce_cpu_s_per_1k"),
             ),
@@ -94,6 +102,14 @@ impl Report {
                 self.get(&format!("{prefix}_p99_ms")) / (hop + insert),
             ));
         }
+        latency_ratios.push((
+            "wal_e2e_p99_vs_floor".to_string(),
+            self.get("wal_e2e_p99_ms") / (self.get("raw_e2e_kafka_p99_ms") + insert),
+        ));
+        latency_ratios.push((
+            "wal_e2e_kafka_p99_vs_raw".to_string(),
+            self.get("wal_e2e_kafka_p99_ms") / self.get("raw_e2e_kafka_p99_ms"),
+        ));
         for (key, value) in latency_ratios {
             self.figure(&key, value);
         }
@@ -119,6 +135,11 @@ impl Report {
             ),
             ("relay_eps", "ours: 1 relay, backlog", "events/s"),
             ("relay3_eps", "ours: 3 relays, backlog", "events/s"),
+            (
+                "wal_relay_eps",
+                "ours: 1 relay, WAL source, backlog",
+                "events/s",
+            ),
             ("sink_rps", "ours: consumer, backlog", "rows/s"),
             (
                 "relay_startup_s",
@@ -212,6 +233,26 @@ impl Report {
             ),
             ("relay3_vs_relay", "ratio: 3 relays / 1 relay", "(≥ 1.0)"),
             (
+                "wal_relay_vs_raw_produce",
+                "ratio: WAL relay / raw produce",
+                "(≥ 0.8)",
+            ),
+            (
+                "wal_pg_cpu_vs_outbox",
+                "ratio: PostgreSQL CPU, WAL / outbox source",
+                "(≤ 0.5)",
+            ),
+            (
+                "wal_e2e_p99_vs_floor",
+                "ratio: WAL e2e p99 / (hop + insert) p99 @ 1k/s",
+                "(≤ 1.5)",
+            ),
+            (
+                "wal_e2e_kafka_p99_vs_raw",
+                "ratio: WAL to Kafka p99 / raw hop p99 @ 1k/s",
+                "(≤ 1.5)",
+            ),
+            (
                 "e2e_kafka_p99_vs_raw",
                 "ratio: to Kafka p99 / raw hop p99 @ 1k/s",
                 "(≤ 1.5)",
@@ -251,6 +292,21 @@ impl Report {
             ),
             ("relay_cpu_s_per_1k", "CPU: relay, backlog", "s/1k ev"),
             ("relay3_cpu_s_per_1k", "CPU: 3 relays, backlog", "s/1k ev"),
+            (
+                "wal_relay_cpu_s_per_1k",
+                "CPU: relay, WAL source, backlog",
+                "s/1k ev",
+            ),
+            (
+                "relay_pg_cpu_s_per_1k",
+                "CPU: PostgreSQL, outbox relay draining",
+                "s/1k ev",
+            ),
+            (
+                "wal_relay_pg_cpu_s_per_1k",
+                "CPU: PostgreSQL, WAL relay draining",
+                "s/1k ev",
+            ),
             ("consumer_cpu_s_per_1k", "CPU: consumer, backlog", "s/1k ev"),
             (
                 "relay_cpu_vs_raw",
@@ -443,7 +499,7 @@ const E2E_P99_TARGET_MS: f64 = 50.0;
 
 /// The targets (issue #5, then #15: ratios to the limits of the same run),
 /// in the order the verdict lists them.
-const TARGETS: [Target; 15] = [
+const TARGETS: [Target; 18] = [
     Target {
         key: "relay_vs_naive",
         label: "relay / original design",
@@ -482,6 +538,21 @@ const TARGETS: [Target; 15] = [
     Target {
         key: "e2e_5k_p99_vs_floor",
         label: "e2e p99 / (hop + insert) p99 @ 5k/s",
+        bound: Bound::AtMost(1.5),
+    },
+    Target {
+        key: "wal_relay_vs_raw_produce",
+        label: "WAL relay / raw produce",
+        bound: Bound::AtLeast(0.8),
+    },
+    Target {
+        key: "wal_pg_cpu_vs_outbox",
+        label: "PostgreSQL CPU per event, WAL / outbox source",
+        bound: Bound::AtMost(0.5),
+    },
+    Target {
+        key: "wal_e2e_p99_vs_floor",
+        label: "WAL e2e p99 / (hop + insert) p99 @ 1k/s",
         bound: Bound::AtMost(1.5),
     },
     Target {

@@ -5,8 +5,8 @@
 use std::process::Command;
 
 /// Every number the report must hold (issue #5's keys, plus the claim-cost
-/// and 5k-events/s latency figures).
-const KEYS: [&str; 32] = [
+/// and 5k-events/s latency figures, and the WAL source's).
+const KEYS: [&str; 38] = [
     "raw_produce_eps",
     "raw_consume_eps",
     "raw_insert_rps",
@@ -39,6 +39,12 @@ const KEYS: [&str; 32] = [
     "sink_vs_limit",
     "claim_after_vs_empty",
     "claim_vacuumed_vs_empty",
+    "wal_relay_eps",
+    "wal_relay_pg_cpu_s_per_1k",
+    "relay_pg_cpu_s_per_1k",
+    "wal_e2e_p99_ms",
+    "wal_relay_vs_raw_produce",
+    "wal_e2e_p99_vs_floor",
 ];
 
 /// The broker of the local stack, as the bench binary reaches it.
@@ -142,6 +148,9 @@ fn smoke_run_writes_a_complete_report() {
         "relay3_rss_mb",
         "consumer_rss_mb",
         "claim_vacuumed_vs_empty",
+        "wal_relay_vs_raw_produce",
+        "wal_pg_cpu_vs_outbox",
+        "wal_e2e_p99_vs_floor",
     ] {
         let target = &report["targets"][key];
         assert!(target["met"].is_boolean(), "no verdict for {key} in {text}");
