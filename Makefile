@@ -13,6 +13,8 @@ export CARGO_TERM_COLOR ?= never
 
 # Every optional feature is built and tested (one feature set: no crate is
 # compiled twice).
+# make demo SOURCE=wal streams the demo table from the write-ahead log.
+SOURCE ?= flag-table
 FEATURES := --features outbox-pg/sqlx,outbox-pg/wal
 
 DURATION ?= 150s
@@ -24,7 +26,7 @@ FUZZ_SECONDS ?= 120
 .PHONY: bench chaos fuzz help demo test stack-up stack-down stack-status stack-reset build fmt clippy unit
 
 help:
-	@echo "make demo        run the demo pipeline end to end and show the ClickHouse rows"
+	@echo "make demo        run the demo pipeline end to end and show the ClickHouse rows (SOURCE=wal: from the write-ahead log)"
 	@echo "make test        stack up, cargo fmt --check, clippy, all tests (KEEP_STACK=1 keeps the stack)"
 	@echo "make chaos       attack the pipeline (DURATION=150s, SEED=…) and verify it; see chaos/README.md"
 	@echo "make bench       measure raw limits, the original design and ours (SIZE=small|full); see docs/performance.md"
@@ -49,7 +51,7 @@ build:
 	cargo build --workspace --bins
 
 demo:
-	@scripts/demo.sh
+	@SOURCE=$(SOURCE) scripts/demo.sh
 
 chaos:
 	@scripts/stack.sh up

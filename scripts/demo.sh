@@ -2,9 +2,21 @@
 # The demo, end to end: stack up, schema and demo rows in PostgreSQL, the
 # consumer and the producer running until every row is in ClickHouse, the
 # rows shown, the binaries stopped. Running it again doubles nothing.
+#
+# SOURCE=wal (make demo SOURCE=wal): the producer streams user_logins from
+# the write-ahead log instead of polling its sent_to_kafka flag: it loads the
+# rows the table holds, then captures three rows inserted while it runs.
+# Those rows go to ClickHouse user_logins_wal (the flag demo's ids differ, so
+# the two demos keep tables of their own). The slot is dropped at the end.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+SOURCE="${SOURCE:-flag-table}"
+case "$SOURCE" in
+  flag-table) CH_TABLE=user_logins ;;
+  wal) CH_TABLE=user_logins_wal ;;
+  *) echo "SOURCE must be flag-table or wal, not $SOURCE" >&2; exit 2 ;;
+esac
 step() { printf '\n==> %s\n' "$*"; }
 
 step "[1/5] starting the stack (PostgreSQL :5432, Kafka :9092, ClickHouse :8123)"
@@ -22,18 +34,33 @@ ch() { curl -fsS -u user:strongpassword http://127.0.0.1:8123/ --data-binary "$1
 echo "user_logins rows in PostgreSQL: $(pg_count 'SELECT count(*) FROM user_logins')" \
   "(not yet sent: $(pg_count 'SELECT count(*) FROM user_logins WHERE NOT sent_to_kafka'))"
 
-step "[4/5] running consumer_to_clickhouse and producer_pg_to_kafka"
+step "[4/5] running consumer_to_clickhouse and producer_pg_to_kafka (source: $SOURCE)"
 LOGS="$ROOT/.stack/demo"
 mkdir -p "$LOGS"
-"$BIN/consumer_to_clickhouse" >"$LOGS/consumer.log" 2>&1 &
+"$BIN/consumer_to_clickhouse" --clickhouse-table "$CH_TABLE" >"$LOGS/consumer.log" 2>&1 &
 CONSUMER=$!
 trap 'kill -TERM $CONSUMER 2>/dev/null || true' EXIT
-"$BIN/producer_pg_to_kafka" --drain 2>"$LOGS/producer.log"
-expected="$(pg_count 'SELECT count(*) FROM user_logins WHERE sent_to_kafka')"
+if [ "$SOURCE" = wal ]; then
+  "$BIN/producer_pg_to_kafka" --source wal --metrics-addr 127.0.0.1:0 2>"$LOGS/producer.log" &
+  PRODUCER=$!
+  trap 'kill -TERM $CONSUMER $PRODUCER 2>/dev/null || true' EXIT
+  # The slot exists (and the table's rows are loaded) once the relay streams.
+  deadline=$((SECONDS + 60))
+  until [ "$(pg_count "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'outbox_wal' AND active")" = 1 ]; do
+    if ((SECONDS > deadline)); then echo "the relay never streamed; log:"; tail -n 20 "$LOGS/producer.log"; exit 1; fi
+    sleep 0.5
+  done
+  pg_count "INSERT INTO user_logins (username, event_type) VALUES ('dave', 'login'), ('erin', 'login'), ('dave', 'logout')" >/dev/null
+  echo "inserted 3 rows while the relay streams the WAL"
+  expected="$(pg_count 'SELECT count(*) FROM user_logins')"
+else
+  "$BIN/producer_pg_to_kafka" --drain 2>"$LOGS/producer.log"
+  expected="$(pg_count 'SELECT count(*) FROM user_logins WHERE sent_to_kafka')"
+fi
 deadline=$((SECONDS + 60))
 while :; do
-  have="$(ch 'SELECT count() FROM user_logins' 2>/dev/null || echo 0)"
-  printf '\r    ClickHouse user_logins: %s / %s rows' "$have" "$expected"
+  have="$(ch "SELECT count() FROM $CH_TABLE" 2>/dev/null || echo 0)"
+  printf '\r    ClickHouse %s: %s / %s rows' "$CH_TABLE" "$have" "$expected"
   [ "$have" -ge "$expected" ] && break
   if ((SECONDS > deadline)); then
     echo; echo "timed out; consumer log:"; tail -n 20 "$LOGS/consumer.log"; exit 1
@@ -41,11 +68,20 @@ while :; do
   sleep 0.5
 done
 echo
+if [ "$SOURCE" = wal ]; then
+  kill -TERM "$PRODUCER"
+  wait "$PRODUCER" || true
+  # A slot left behind would keep every WAL segment the server writes from
+  # now on. The next run loads the table again: unchanged rows keep their
+  # event ids, and the consumer skips them.
+  pg_count "SELECT pg_drop_replication_slot('outbox_wal')" >/dev/null
+  pg_count "DELETE FROM outbox_wal_progress WHERE slot = 'outbox_wal'" >/dev/null
+fi
 kill -TERM "$CONSUMER"
 wait "$CONSUMER" || true
 trap - EXIT
 
-step "[5/5] ClickHouse user_logins"
-ch 'SELECT id, username, event_type, event_time, kafka_partition, kafka_offset FROM user_logins ORDER BY id FORMAT PrettyCompactMonoBlock'
-ch "SELECT count() AS rows, uniqExact(event_id) AS distinct_events FROM user_logins FORMAT PrettyCompactMonoBlock"
+step "[5/5] ClickHouse $CH_TABLE"
+ch "SELECT id, username, event_type, event_time, kafka_partition, kafka_offset FROM $CH_TABLE ORDER BY id FORMAT PrettyCompactMonoBlock"
+ch "SELECT count() AS rows, uniqExact(event_id) AS distinct_events FROM $CH_TABLE FORMAT PrettyCompactMonoBlock"
 echo "Logs: $LOGS. Stop the stack with: make stack-down"
