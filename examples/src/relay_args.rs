@@ -46,8 +46,18 @@ pub struct WalArgs {
     /// database but not their events need prefixes of their own.
     #[arg(long = "wal-message-prefix", env = "OUTBOX_WAL_MESSAGE_PREFIX", default_value_t = outbox_pg::wal::WalConfig::default().message_prefix)]
     pub message_prefix: String,
+    /// An outbox table to read from the WAL instead of claiming it: each
+    /// inserted row is published as the event it holds (repeatable;
+    /// comma-separated in the environment). Retire its rows in the writer's
+    /// transaction with `Outbox::enqueue_and_delete`.
+    #[arg(
+        long = "wal-outbox-table",
+        env = "OUTBOX_WAL_OUTBOX_TABLES",
+        value_delimiter = ','
+    )]
+    pub outbox_tables: Vec<String>,
     /// Capture no table: publish only the events of `Outbox::emit` (the
-    /// table-free outbox).
+    /// table-free outbox) and of `--wal-outbox-table`.
     #[arg(
         long = "wal-messages-only",
         env = "OUTBOX_WAL_MESSAGES_ONLY",
@@ -163,7 +173,9 @@ impl RelayArgs {
     /// The WAL source's settings, checked.
     pub fn wal_config(&self) -> anyhow::Result<outbox_pg::wal::WalConfig> {
         use outbox_pg::wal::{CaptureTable, WalConfig};
-        let tables = if self.wal.messages_only {
+        let tables = if self.wal.messages_only
+            || (self.wal.tables.is_empty() && !self.wal.outbox_tables.is_empty())
+        {
             Vec::new()
         } else if self.wal.tables.is_empty() {
             vec![CaptureTable::new(self.flag.table.clone())
@@ -187,6 +199,7 @@ impl RelayArgs {
             tables,
             topic_template: self.wal.topic_template.clone(),
             message_prefix: self.wal.message_prefix.clone(),
+            outbox_tables: self.wal.outbox_tables.clone(),
             create: !self.no_migrate,
             ..WalConfig::default()
         };

@@ -34,6 +34,7 @@ use crate::{PgError, ValidOutboxConfig};
 #[derive(Debug, Clone)]
 pub struct Outbox {
     pub(crate) insert_sql: String,
+    pub(crate) delete_sql: String,
     pub(crate) channel: String,
     pub(crate) message_prefix: String,
 }
@@ -55,6 +56,7 @@ impl Outbox {
         let table = config.table();
         Self {
             message_prefix: crate::DEFAULT_MESSAGE_PREFIX.to_string(),
+            delete_sql: format!("DELETE FROM {table} WHERE event_id = ANY($1)"),
             channel: crate::notify::channel_for(table),
             insert_sql: format!(
                 "INSERT INTO {table} (event_id, topic, key, payload, headers, created_at) \
@@ -121,6 +123,32 @@ impl Outbox {
         Ok(u64::try_from(written).unwrap_or(0))
     }
 
+    /// Writes `events` into the outbox table and deletes them again, both
+    /// in the caller's transaction: for an outbox table that relays read
+    /// from the WAL (`WalConfig::outbox_tables`), where the insert is the
+    /// event and the row has no further use. The table stays empty (the
+    /// pattern Debezium's outbox router recommends); a relay claiming the
+    /// table never sees these events. Returns the number written.
+    pub async fn enqueue_and_delete<C>(&self, client: &C, events: &[Event]) -> Result<u64, PgError>
+    where
+        C: GenericClient + Sync,
+    {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let written = self.insert(client, events).await?;
+        let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+        let delete = client
+            .prepare_cached(&self.delete_sql)
+            .await
+            .map_err(|e| PgError::query("enqueue and delete (prepare)", e))?;
+        client
+            .execute(&delete, &[&ids])
+            .await
+            .map_err(|e| PgError::query("enqueue and delete", e))?;
+        Ok(written)
+    }
+
     /// Writes one event whose payload is `value` as JSON, with `key` and
     /// `headers`, on `client` (inside the caller's transaction, like
     /// [`Outbox::enqueue`]). Returns the event's id.
@@ -179,6 +207,25 @@ impl Outbox {
         if events.is_empty() {
             return Ok(0);
         }
+        let written = self.insert(client, events).await?;
+        // Delivered by Postgres when (and only if) the caller commits: wakes
+        // idle relays at once instead of at their next poll.
+        let notify = client
+            .prepare_cached("SELECT pg_notify($1, '')")
+            .await
+            .map_err(|e| PgError::query("enqueue (notify)", e))?;
+        client
+            .execute(&notify, &[&self.channel])
+            .await
+            .map_err(|e| PgError::query("enqueue (notify)", e))?;
+        Ok(written)
+    }
+
+    /// The insert of [`Outbox::enqueue`], alone.
+    async fn insert<C>(&self, client: &C, events: &[Event]) -> Result<u64, PgError>
+    where
+        C: GenericClient + Sync,
+    {
         let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
         let topics: Vec<&str> = events.iter().map(|e| e.topic.as_str()).collect();
         let keys: Vec<Option<&[u8]>> = events.iter().map(|e| e.key.as_deref()).collect();
@@ -196,16 +243,6 @@ impl Outbox {
             )
             .await
             .map_err(|e| PgError::query("enqueue", e))?;
-        // Delivered by Postgres when (and only if) the caller commits: wakes
-        // idle relays at once instead of at their next poll.
-        let notify = client
-            .prepare_cached("SELECT pg_notify($1, '')")
-            .await
-            .map_err(|e| PgError::query("enqueue (notify)", e))?;
-        client
-            .execute(&notify, &[&self.channel])
-            .await
-            .map_err(|e| PgError::query("enqueue (notify)", e))?;
         Ok(written)
     }
 }

@@ -62,6 +62,8 @@ pub struct Routing {
     pub tables: HashMap<String, CaptureTable>,
     /// Prefix of the logical messages that carry events.
     pub message_prefix: String,
+    /// Outbox tables (`schema.table`) whose inserts are events as they are.
+    pub outbox_tables: Vec<String>,
 }
 
 /// What the decoder made of one replication message.
@@ -199,6 +201,22 @@ impl Decoder {
             .relations
             .get(&relation)
             .ok_or(ChangeError::UnknownRelation(relation))?;
+        let name = format!("{}.{}", rel.schema, rel.table);
+        if self.routing.outbox_tables.contains(&name) {
+            // An outbox row is its event; its update or delete (the row
+            // retired) is not one.
+            let Some(row) = after.as_deref().filter(|_| op == "c") else {
+                return Ok(Decoded::Nothing);
+            };
+            return Ok(match outbox_row_event(rel, row, commit_time_ms) {
+                Ok(event) => Decoded::Event(event),
+                Err(reason) => Decoded::Poison {
+                    id: change_event_id(&self.system_id, commit_lsn, ordinal),
+                    content: Bytes::from(row_json(rel, row, true, &mut Vec::new()).to_string()),
+                    reason: format!("a row of the outbox table {name} is not an event: {reason}"),
+                },
+            });
+        }
         let source = serde_json::json!({
             "schema": rel.schema,
             "table": rel.table,
@@ -260,6 +278,54 @@ impl Decoder {
             at,
         )
     }
+}
+
+/// The event an outbox table's row holds (the columns `Outbox::enqueue`
+/// writes: `event_id`, `topic`, `key`, `payload`, `headers`); it was
+/// created when its transaction committed.
+fn outbox_row_event(rel: &Relation, row: &[Datum], commit_time_ms: i64) -> Result<Event, String> {
+    let column = |name: &str| -> Option<&Datum> {
+        rel.columns
+            .iter()
+            .position(|c| c.name == name)
+            .and_then(|i| row.get(i))
+    };
+    let text = |name: &str| -> Result<Option<String>, String> {
+        match column(name) {
+            None => Err(format!("it has no column {name}")),
+            Some(Datum::Null) => Ok(None),
+            Some(Datum::UnchangedToast) => Err(format!("its {name} was not sent")),
+            Some(Datum::Text(raw)) => std::str::from_utf8(raw)
+                .map(|t| Some(t.to_string()))
+                .map_err(|_| format!("its {name} is not UTF-8")),
+        }
+    };
+    let bytes = |name: &str| -> Result<Option<Bytes>, String> {
+        text(name)?
+            .map(|hex| {
+                hex.strip_prefix("\\x")
+                    .and_then(super::value::hex_decode)
+                    .map(Bytes::from)
+                    .ok_or_else(|| format!("its {name} is not bytea in hex"))
+            })
+            .transpose()
+    };
+    let id = text("event_id")?.ok_or("its event_id is null")?;
+    let id = uuid::Uuid::parse_str(&id).map_err(|e| format!("its event_id {id:?}: {e}"))?;
+    let topic = text("topic")?.ok_or("its topic is null")?;
+    let payload = bytes("payload")?.unwrap_or_default();
+    let mut event = Event::new(topic, payload)
+        .with_id(id)
+        .with_created_at(ms_to_system_time(commit_time_ms));
+    if let Some(key) = bytes("key")? {
+        event = event.with_key(key);
+    }
+    if let Some(headers) = text("headers")? {
+        let headers: std::collections::BTreeMap<String, String> = serde_json::from_str(&headers)
+            .map_err(|e| format!("its headers are not a JSON object of strings: {e}"))?;
+        event.headers = headers;
+    }
+    Ok(event)
 }
 
 /// One change, before it is an event.
@@ -403,6 +469,7 @@ mod tests {
                 topic_template: "{schema}.{table}".into(),
                 tables,
                 message_prefix: "outbox".into(),
+                outbox_tables: vec![],
             },
         );
         assert!(matches!(d.row(&users_relation()), Ok(Decoded::Nothing)));

@@ -64,11 +64,16 @@ impl CaptureTable {
 
     /// `schema.table`, with `public` filled in.
     pub(crate) fn qualified(&self) -> String {
-        if self.table.contains('.') {
-            self.table.clone()
-        } else {
-            format!("public.{}", self.table)
-        }
+        qualified(&self.table)
+    }
+}
+
+/// `schema.table`, with `public` filled in.
+pub(crate) fn qualified(table: &str) -> String {
+    if table.contains('.') {
+        table.to_string()
+    } else {
+        format!("public.{table}")
     }
 }
 
@@ -94,6 +99,13 @@ pub struct WalConfig {
     /// Tables whose changes are captured. Empty: only the events of
     /// [`Outbox::emit`](crate::Outbox::emit). Default: empty.
     pub tables: Vec<CaptureTable>,
+    /// Outbox tables (as `Outbox::enqueue` writes them) read from the WAL
+    /// instead of claimed: each inserted row is published as the event it
+    /// holds (its id, topic, key, payload and headers); updates and deletes
+    /// of it are not events. Retire the rows in the writer's transaction
+    /// with `Outbox::enqueue_and_delete` (nothing stays in the table), or
+    /// delete them later by `created_at`. Default: none.
+    pub outbox_tables: Vec<String>,
     /// Topic of a captured table without its own, with `{schema}` and
     /// `{table}` replaced. Default: `{schema}.{table}`.
     pub topic_template: String,
@@ -136,6 +148,7 @@ impl Default for WalConfig {
             slot: "outbox_wal".into(),
             publication: "outbox_wal".into(),
             tables: Vec::new(),
+            outbox_tables: Vec::new(),
             topic_template: "{schema}.{table}".into(),
             message_prefix: crate::DEFAULT_MESSAGE_PREFIX.into(),
             initial_load: true,
@@ -167,6 +180,9 @@ impl WalConfig {
         crate::SqlName::parse(&self.progress_table)?;
         for table in &self.tables {
             crate::SqlName::parse(&table.table)?;
+        }
+        for table in &self.outbox_tables {
+            crate::SqlName::parse(table)?;
         }
         if self.load_batch == 0 {
             return Err(PgError::Config("load_batch must be at least 1".into()));

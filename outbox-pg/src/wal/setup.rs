@@ -268,9 +268,14 @@ async fn publication<C: GenericClient + Sync>(db: &C, config: &WalConfig) -> Res
         Vec::new()
     };
     let mut missing = Vec::new();
-    for table in &config.tables {
-        if !published.contains(&table.qualified()) {
-            missing.push(SqlName::parse(&table.qualified())?.to_string());
+    let wanted = config
+        .tables
+        .iter()
+        .map(|t| t.qualified())
+        .chain(config.outbox_tables.iter().map(|t| super::qualified(t)));
+    for table in wanted {
+        if !published.contains(&table) {
+            missing.push(SqlName::parse(&table)?.to_string());
         }
     }
     if exists && missing.is_empty() {

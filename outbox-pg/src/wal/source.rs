@@ -793,6 +793,12 @@ impl Reader {
                 .map(|t| (t.qualified(), t.clone()))
                 .collect::<HashMap<_, _>>(),
             message_prefix: self.config.message_prefix.clone(),
+            outbox_tables: self
+                .config
+                .outbox_tables
+                .iter()
+                .map(|t| super::qualified(t))
+                .collect(),
         }
     }
 

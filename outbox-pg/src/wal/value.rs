@@ -90,7 +90,7 @@ pub fn to_json(type_oid: u32, text: &str) -> Value {
     }
 }
 
-fn hex_decode(hex: &str) -> Option<Vec<u8>> {
+pub(crate) fn hex_decode(hex: &str) -> Option<Vec<u8>> {
     if hex.len() % 2 != 0 {
         return None;
     }

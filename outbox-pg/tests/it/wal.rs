@@ -807,3 +807,90 @@ async fn the_initial_load_meets_the_stream_without_a_gap_or_a_double() {
     drop(source);
     capture.drop_all().await;
 }
+
+/// Invariant (the outbox table read from the WAL): every committed insert
+/// into the outbox table is published as the event it holds (its id,
+/// topic, key, payload, headers), once, in commit order; rows retired in
+/// the writer's transaction (`enqueue_and_delete`) leave the table empty
+/// and are published all the same; a rolled-back insert never is.
+#[tokio::test]
+async fn outbox_table_inserts_stream_from_the_wal_and_retire_in_their_transaction() {
+    let mut capture = Capture::new("outboxwal").await;
+    let table = "t_w_outboxwal".to_string();
+    capture.config.tables = Vec::new();
+    capture.config.outbox_tables = vec![table.clone()];
+    let source = capture.source();
+    wait_for_slot(&capture).await;
+    settle_load(&capture, &source).await;
+    let outbox = Outbox::new(
+        &OutboxConfig {
+            table: table.clone(),
+            dead_letter_table: capture.dead.clone(),
+            ..OutboxConfig::default()
+        }
+        .validate()
+        .unwrap(),
+    );
+    let mut client = capture.pool.get().await.unwrap();
+    let retired = [
+        Event::new("orders", "first")
+            .with_key("k1")
+            .with_header("trace", "t1"),
+        Event::new("orders", "second").with_key("k2"),
+    ];
+    let kept = Event::new("payments", "kept in the table");
+    let rolled_back = Event::new("orders", "rolled back").with_key("k1");
+    let tx = client.transaction().await.unwrap();
+    outbox.enqueue_and_delete(&tx, &retired).await.unwrap();
+    tx.commit().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    outbox
+        .enqueue_and_delete(&tx, std::slice::from_ref(&rolled_back))
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    outbox
+        .enqueue(&tx, std::slice::from_ref(&kept))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let (events, claims) = capture.claim(&source, 3).await;
+    acknowledge_all(&source, claims).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let extra = source
+        .claim(10)
+        .await
+        .unwrap()
+        .map(|c| c.events.len())
+        .unwrap_or(0);
+    let left: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    println!(
+        "published {} events (+{extra} extra); {left} row(s) left in the outbox table",
+        events.len()
+    );
+    let shape = |e: &Event| {
+        (
+            e.id,
+            e.topic.clone(),
+            e.key.clone(),
+            e.payload.clone(),
+            e.headers.clone(),
+        )
+    };
+    assert_eq!(
+        events.iter().map(shape).collect::<Vec<_>>(),
+        [&retired[0], &retired[1], &kept]
+            .into_iter()
+            .map(shape)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(extra, 0);
+    assert_eq!(left, 1, "the retired rows are gone, the plain one stays");
+    drop(source);
+    capture.drop_all().await;
+}
