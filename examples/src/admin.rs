@@ -48,6 +48,13 @@ pub enum Command {
     /// Dead letters of the relay (Postgres) or of the sink (ClickHouse).
     #[command(subcommand)]
     DeadLetter(DeadLetterCommand),
+    /// Create the WAL source's slot, publication and progress record now,
+    /// before any service writes with `Outbox::emit` (a message written
+    /// before its slot exists is in no slot). Idempotent.
+    CreateWalSlot {
+        #[command(flatten)]
+        wal: crate::relay_args::WalArgs,
+    },
 }
 
 /// What `outbox dead-letter` does.
@@ -128,6 +135,7 @@ pub async fn run(cli: AdminCli) -> anyhow::Result<()> {
         }
         Command::Migrate { print: false } => migrate(&cli, &outbox_config).await,
         Command::Status => status(&cli, &outbox_config).await,
+        Command::CreateWalSlot { wal } => create_wal_slot(&cli, wal).await,
         Command::DeadLetter(command) => match side_of(command) {
             Side::Postgres => pg_dead_letters(&cli, &outbox_config, command).await,
             Side::Clickhouse => clickhouse_dead_letters(&cli, command).await,
@@ -154,6 +162,31 @@ async fn pg_client(cli: &AdminCli) -> anyhow::Result<outbox_pg::deadpool_postgre
     })
     .await?;
     Ok(outbox_pg::connection(&pool, &target).await?)
+}
+
+async fn create_wal_slot(cli: &AdminCli, wal: &crate::relay_args::WalArgs) -> anyhow::Result<()> {
+    let client = pg_client(cli).await?;
+    let config = outbox_pg::wal::WalConfig {
+        slot: wal.slot.clone(),
+        publication: wal.publication.clone(),
+        tables: wal
+            .tables
+            .iter()
+            .map(|spec| match spec.split_once('=') {
+                Some((table, topic)) => {
+                    outbox_pg::wal::CaptureTable::new(table.trim()).with_topic(topic.trim())
+                }
+                None => outbox_pg::wal::CaptureTable::new(spec.trim()),
+            })
+            .collect(),
+        outbox_tables: wal.outbox_tables.clone(),
+        topic_template: wal.topic_template.clone(),
+        message_prefix: wal.message_prefix.clone(),
+        ..outbox_pg::wal::WalConfig::default()
+    };
+    let at = outbox_pg::wal::create_slot(&client, &config).await?;
+    println!("slot {} is at {at}", config.slot);
+    Ok(())
 }
 
 async fn migrate(cli: &AdminCli, config: &ValidOutboxConfig) -> anyhow::Result<()> {
@@ -211,6 +244,34 @@ async fn status(cli: &AdminCli, config: &ValidOutboxConfig) -> anyhow::Result<()
                 lane.pending,
                 lane.oldest_age.as_secs_f64(),
                 lane.max_attempts
+            );
+        }
+    }
+    let slots = outbox_pg::wal::slot_status(
+        &client,
+        &outbox_pg::wal::WalConfig::default().progress_table,
+    )
+    .await?;
+    if !slots.is_empty() {
+        println!("  replication slots (WAL source):");
+        println!("    slot                  streamed_by  wal_status  confirmed     retained_MB  unconfirmed_MB  recorded      loaded");
+        for slot in &slots {
+            let mb = |b: Option<f64>| {
+                b.map_or_else(|| "-".to_string(), |b| format!("{:.1}", b / 1_048_576.0))
+            };
+            let text = |t: &Option<String>| t.clone().unwrap_or_else(|| "-".to_string());
+            println!(
+                "    {:<20}  {:>11}  {:>10}  {:<12}  {:>11}  {:>14}  {:<12}  {}",
+                slot.slot,
+                slot.active_pid
+                    .map_or_else(|| "-".to_string(), |p| format!("pid {p}")),
+                text(&slot.wal_status),
+                text(&slot.confirmed),
+                mb(slot.retained_bytes),
+                mb(slot.unconfirmed_bytes),
+                text(&slot.recorded),
+                slot.loaded
+                    .map_or_else(|| "-".to_string(), |l| l.to_string()),
             );
         }
     }

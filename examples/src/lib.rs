@@ -25,7 +25,7 @@ pub use config_file::{parse_cli, try_parse_from};
 pub use consumer_args::{AssignmentArg, ConsumerArgs, RowFormat};
 pub use demo::{UserLoginMapper, UserLoginRow};
 pub use ops::{Ops, OpsArgs};
-pub use relay_args::{FlagTableArgs, RelayArgs, SourceKind};
+pub use relay_args::{FlagTableArgs, RelayArgs, SourceKind, WalArgs};
 pub use runtime::{
     exit_with, finish, init_tracing, millis, render_error, retry_startup, shutdown_on_signals,
     spawn_background, spawn_critical, LogArgs, Retryable, EXIT_DRAIN_TIMED_OUT,

@@ -246,3 +246,52 @@ async fn wal_relay_killed_at_random_points_loses_and_doubles_nothing() {
     assert_eq!(out_of_order, 0, "each key's changes in commit order");
     assert_eq!((rows, distinct), (committed as u64, committed as u64));
 }
+
+/// Invariant: `outbox create-wal-slot` makes the slot before any service
+/// emits (idempotent: a second run keeps its position), and `outbox status`
+/// shows it with its positions.
+#[tokio::test]
+async fn the_outbox_command_creates_and_shows_the_wal_slot() {
+    let name = unique("wal_cmd");
+    let args = [
+        "create-wal-slot",
+        "--wal-slot",
+        &name,
+        "--wal-publication",
+        &name,
+        "--wal-messages-only",
+    ];
+    let first = command("outbox").args(args).output().unwrap();
+    let second = command("outbox").args(args).output().unwrap();
+    let status = command("outbox").arg("status").output().unwrap();
+    let pool = pg().create_pool().unwrap();
+    let client = pool.get().await.unwrap();
+    let _ = client
+        .batch_execute(&format!(
+            "SELECT pg_drop_replication_slot('{name}'); DROP PUBLICATION IF EXISTS {name};
+             DELETE FROM outbox_wal_progress WHERE slot = '{name}';"
+        ))
+        .await;
+    let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).into_owned();
+    println!("{}{}", text(&first), text(&second));
+    assert!(
+        first.status.success() && second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(
+        text(&first),
+        text(&second),
+        "the second run keeps the slot where it was"
+    );
+    let line = text(&status)
+        .lines()
+        .find(|l| l.trim_start().starts_with(&name))
+        .map(str::to_string);
+    println!("{line:?}");
+    assert!(
+        line.is_some_and(|l| l.contains("reserved")),
+        "{}",
+        text(&status)
+    );
+}

@@ -21,7 +21,7 @@ mod source;
 mod value;
 
 pub use change::{change_event_id, lsn_text, HEADER_WAL_LSN, WAL_CHANGE_NAMESPACE};
-pub use setup::create_slot;
+pub use setup::{create_slot, slot_status, SlotStatus};
 pub use source::{WalClaim, WalSource};
 
 use std::time::Duration;

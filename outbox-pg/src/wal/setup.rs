@@ -365,3 +365,75 @@ pub async fn create_slot<C: GenericClient + Sync>(
         }),
     }
 }
+
+/// A logical replication slot of the database, as `outbox status` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotStatus {
+    /// The slot's name.
+    pub slot: String,
+    /// The backend streaming it, if one does.
+    pub active_pid: Option<i32>,
+    /// `reserved`, `extended`, `unreserved` or `lost` (`max_slot_wal_keep_size`).
+    pub wal_status: Option<String>,
+    /// The position the server has as confirmed.
+    pub confirmed: Option<String>,
+    /// Bytes of WAL the server keeps for the slot.
+    pub retained_bytes: Option<f64>,
+    /// Bytes of WAL written since its confirmed position.
+    pub unconfirmed_bytes: Option<f64>,
+    /// The position the pipeline recorded (`progress_table`), if any.
+    pub recorded: Option<String>,
+    /// Whether its initial load is done, if recorded.
+    pub loaded: Option<bool>,
+}
+
+/// The pgoutput slots of the current database, with what `progress_table`
+/// records of them (when the table exists).
+pub async fn slot_status<C: GenericClient + Sync>(
+    db: &C,
+    progress_table: &str,
+) -> Result<Vec<SlotStatus>, PgError> {
+    let progress = SqlName::parse(progress_table)?;
+    let exists = db
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&progress.to_string()],
+        )
+        .await
+        .map_err(query("look for the WAL progress table"))?
+        .get::<_, bool>(0);
+    let (recorded, join) = if exists {
+        (
+            "p.confirmed_lsn::text, p.loaded",
+            format!("LEFT JOIN {progress} p ON p.slot = s.slot_name"),
+        )
+    } else {
+        ("NULL::text, NULL::boolean", String::new())
+    };
+    let rows = db
+        .query(
+            &format!(
+                "SELECT s.slot_name::text, s.active_pid, s.wal_status, s.confirmed_flush_lsn::text, \
+                        pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::float8, \
+                        pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::float8, {recorded} \
+                 FROM pg_replication_slots s {join} \
+                 WHERE s.plugin = 'pgoutput' AND s.database = current_database() ORDER BY 1"
+            ),
+            &[],
+        )
+        .await
+        .map_err(query("read the replication slots"))?;
+    Ok(rows
+        .iter()
+        .map(|row| SlotStatus {
+            slot: row.get(0),
+            active_pid: row.get(1),
+            wal_status: row.get(2),
+            confirmed: row.get(3),
+            retained_bytes: row.get(4),
+            unconfirmed_bytes: row.get(5),
+            recorded: row.get(6),
+            loaded: row.get(7),
+        })
+        .collect())
+}
