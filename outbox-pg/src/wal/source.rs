@@ -892,8 +892,13 @@ fn classify(err: PgWireError) -> SessionError {
         }
         None => {}
     }
+    let hint = match &err {
+        PgWireError::Tls(_) => "; check the TLS settings (sslmode and the CA file, as for the pool)",
+        PgWireError::Auth(_) => "; check the postgres user and password",
+        _ => "",
+    };
     SessionError::Failed(PgError::Replication {
         retryable: err.is_transient() || matches!(err, PgWireError::Protocol(_)),
-        detail: text,
+        detail: format!("{text}{hint}"),
     })
 }

@@ -894,3 +894,78 @@ async fn outbox_table_inserts_stream_from_the_wal_and_retire_in_their_transactio
     drop(source);
     capture.drop_all().await;
 }
+
+/// Invariant: the replication connection trusts what the pool trusts
+/// (`sslmode`, `sslrootcert`): under verify-full with the stack's CA it
+/// streams over TLS; with a CA that did not sign the server's certificate
+/// it stops with a permanent error that says TLS.
+#[tokio::test]
+async fn the_replication_connection_uses_the_pools_tls_settings() {
+    let capture = Capture::new("tls").await;
+    let pg = outbox_pg::PgConfig {
+        host: "localhost".into(),
+        ssl_mode: outbox_pg::SslMode::VerifyFull,
+        ssl_root_cert: Some(test_support::tls_file("ca.crt")),
+        ..pg_config()
+    };
+    let source = WalSource::start(
+        &pg,
+        capture.pool.clone(),
+        capture.config.clone(),
+        &capture.dead,
+    )
+    .unwrap();
+    wait_for_slot(&capture).await;
+    settle_load(&capture, &source).await;
+    let client = capture.pool.get().await.unwrap();
+    let ssl: bool = client
+        .query_one(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_replication_slots r ON r.active_pid = s.pid \
+             WHERE r.slot_name = $1",
+            &[&capture.config.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    capture
+        .sql(&format!(
+            "INSERT INTO {} VALUES (1, 'over tls', 1, NULL)",
+            capture.table
+        ))
+        .await;
+    let (events, claims) = capture.claim(&source, 1).await;
+    acknowledge_all(&source, claims).await;
+    println!("streamed over TLS: {ssl}; events: {}", events.len());
+    assert!(ssl, "the walsender's session is not encrypted");
+    assert_eq!(events.len(), 1);
+    drop(source);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let wrong = outbox_pg::PgConfig {
+        ssl_root_cert: Some(test_support::tls_file("other-ca.crt")),
+        ..pg
+    };
+    let source = WalSource::start(
+        &wrong,
+        capture.pool.clone(),
+        capture.config.clone(),
+        &capture.dead,
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        match source.claim(10).await {
+            Err(err) => break err,
+            Ok(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Ok(_) => panic!("a certificate from another CA was accepted"),
+        }
+    };
+    let text = outbox_core::ErrorChain(&err).to_string();
+    println!("{text}");
+    assert!(!err.is_retryable(), "{text}");
+    assert!(text.to_lowercase().contains("tls"), "{text}");
+    drop(source);
+    capture.drop_all().await;
+}
