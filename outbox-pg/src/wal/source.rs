@@ -893,7 +893,9 @@ fn classify(err: PgWireError) -> SessionError {
         None => {}
     }
     let hint = match &err {
-        PgWireError::Tls(_) => "; check the TLS settings (sslmode and the CA file, as for the pool)",
+        PgWireError::Tls(_) => {
+            "; check the TLS settings (sslmode and the CA file, as for the pool)"
+        }
         PgWireError::Auth(_) => "; check the postgres user and password",
         _ => "",
     };

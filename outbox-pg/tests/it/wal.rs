@@ -969,3 +969,73 @@ async fn the_replication_connection_uses_the_pools_tls_settings() {
     drop(source);
     capture.drop_all().await;
 }
+
+/// Waits for the source's permanent error (or fails after 10 s).
+async fn permanent_error(source: &WalSource) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match source.claim(10).await {
+            Err(err) => {
+                assert!(!err.is_retryable(), "{}", outbox_core::ErrorChain(&err));
+                return outbox_core::ErrorChain(&err).to_string();
+            }
+            Ok(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Ok(_) => panic!("no error"),
+        }
+    }
+}
+
+/// Invariant: what only an operator can fix stops the source with a
+/// permanent error that says the fix: a role without REPLICATION, and a
+/// missing publication the relay may not create.
+#[tokio::test]
+async fn misconfiguration_is_permanent_and_names_the_fix() {
+    let capture = Capture::new("misconf").await;
+    let client = capture.pool.get().await.unwrap();
+    client
+        .batch_execute(
+            "DROP ROLE IF EXISTS w_misconf_role;
+             CREATE ROLE w_misconf_role LOGIN PASSWORD 'w_misconf' NOREPLICATION;",
+        )
+        .await
+        .unwrap();
+    let no_replication = outbox_pg::PgConfig {
+        user: "w_misconf_role".into(),
+        password: "w_misconf".into(),
+        ..pg_config()
+    };
+    // The checks run on the pool (admin); the stream as the role.
+    let source = WalSource::start(
+        &no_replication,
+        capture.pool.clone(),
+        capture.config.clone(),
+        &capture.dead,
+    )
+    .unwrap();
+    let privilege = permanent_error(&source).await;
+    drop(source);
+    println!("{privilege}");
+    assert!(privilege.contains("REPLICATION"), "{privilege}");
+
+    let refrained = WalConfig {
+        create: false,
+        publication: "w_misconf_none".into(),
+        ..capture.config.clone()
+    };
+    let source =
+        WalSource::start(&pg_config(), capture.pool.clone(), refrained, &capture.dead).unwrap();
+    let publication = permanent_error(&source).await;
+    drop(source);
+    println!("{publication}");
+    assert!(
+        publication.contains("CREATE PUBLICATION w_misconf_none"),
+        "{publication}"
+    );
+    client
+        .batch_execute("DROP ROLE IF EXISTS w_misconf_role")
+        .await
+        .unwrap();
+    capture.drop_all().await;
+}
