@@ -68,6 +68,18 @@ impl WalPipeline {
             .unwrap()
     }
 
+    /// Waits until a relay streams the slot (30 s at most).
+    async fn wait_streaming(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !self.slot_active().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the relay never streamed the slot"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn slot_active(&self) -> bool {
         let client = self.pool.get().await.unwrap();
         client
@@ -98,6 +110,26 @@ impl WalPipeline {
             ))
             .await;
     }
+}
+
+/// Runs the consumer on topic `name` into the raw ClickHouse table `name`
+/// until it is idle; whether it exited cleanly, and its log.
+fn consume_into_clickhouse(name: &str) -> (bool, String) {
+    let output = command("consumer_to_clickhouse")
+        .args(["--topic", name, "--clickhouse-table", name])
+        .args(["--group-id", &unique("group"), "--format", "raw"])
+        .args([
+            "--exit-after-idle-secs",
+            "6",
+            "--session-timeout-ms",
+            "6000",
+        ])
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 /// Writes `transactions` transactions, each an insert of a new row and
@@ -150,14 +182,7 @@ async fn wal_relay_killed_at_random_points_loses_and_doubles_nothing() {
     let name = unique("wal_kill");
     let pipeline = WalPipeline::new(&name).await;
     let mut relay = pipeline.relay();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !pipeline.slot_active().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the relay never streamed the slot"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    pipeline.wait_streaming().await;
     let writers = [
         tokio::spawn(write(pipeline.pool.clone(), name.clone(), 1000, 150)),
         tokio::spawn(write(pipeline.pool.clone(), name.clone(), 5000, 150)),
@@ -200,31 +225,7 @@ async fn wal_relay_killed_at_random_points_loses_and_doubles_nothing() {
         }
     }
 
-    let (ok, out) = {
-        let output = command("consumer_to_clickhouse")
-            .args([
-                "--topic",
-                &name,
-                "--clickhouse-table",
-                &name,
-                "--group-id",
-                &unique("group"),
-            ])
-            .args([
-                "--format",
-                "raw",
-                "--exit-after-idle-secs",
-                "6",
-                "--session-timeout-ms",
-                "6000",
-            ])
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    };
+    let (ok, out) = consume_into_clickhouse(&name);
     assert!(ok, "{out}");
     let (rows, distinct) = ch_counts(&name).await;
     println!(
@@ -294,4 +295,63 @@ async fn the_outbox_command_creates_and_shows_the_wal_slot() {
         "{}",
         text(&status)
     );
+}
+
+/// Invariant (bounded takeover, and a stalled relay confirms nothing): the
+/// relay streaming the slot is SIGSTOPped for longer than the server's
+/// `wal_sender_timeout` while a writer commits; a waiting relay takes the
+/// slot over; the stopped one is woken. Every change reaches Kafka and
+/// ClickHouse once, and a relay started afterwards streams the slot (the
+/// woken relay's late position must not make the slot look re-created).
+#[tokio::test]
+async fn a_relay_woken_after_a_takeover_confirms_nothing() {
+    let name = unique("wal_stop");
+    let pipeline = WalPipeline::new(&name).await;
+    let first = pipeline.relay();
+    pipeline.wait_streaming().await;
+    let second = pipeline.relay();
+    let writer = tokio::spawn(write(pipeline.pool.clone(), name.clone(), 1000, 400));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = first.0.id().to_string();
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let stopped_at = std::time::Instant::now();
+    // The server ends the stopped relay's session after wal_sender_timeout
+    // (10 s on the stack); the waiting relay takes the slot then.
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status();
+    println!(
+        "woke the first relay after {:.1} s",
+        stopped_at.elapsed().as_secs_f64()
+    );
+    let committed = 20 + writer.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(first);
+    drop(second);
+    // A relay of a later deployment: it must stream, not stop on the slot.
+    let mut third = pipeline.relay();
+    let read = read_topic(&brokers(), &name, committed, Duration::from_secs(3)).await;
+    let (in_kafka, distinct_in_kafka, _) = count_ids(read.iter().filter_map(|r| r.event_id));
+    let third_running = third.0.try_wait().unwrap().is_none();
+    let status = terminate(&mut third.0, Duration::from_secs(20));
+    let (consumed, out) = consume_into_clickhouse(&name);
+    let (rows, distinct) = ch_counts(&name).await;
+    println!(
+        "committed={committed} in_kafka={in_kafka} distinct_in_kafka={distinct_in_kafka} \
+         clickhouse_rows={rows} distinct={distinct} later_relay_running={third_running} later_relay_exit={status:?}"
+    );
+    pipeline.cleanup().await;
+    assert!(consumed, "{out}");
+    assert!(third_running, "the later relay stopped: {status:?}");
+    assert!(
+        matches!(status, Some(s) if s.success()),
+        "the later relay: {status:?}"
+    );
+    assert_eq!(distinct_in_kafka, committed);
+    assert_eq!((rows, distinct), (committed as u64, committed as u64));
 }

@@ -678,7 +678,13 @@ impl Reader {
         })?;
         let table = SqlName::parse(&self.config.progress_table).map_err(SessionError::Failed)?;
         db.execute(
-            &format!("UPDATE {table} SET confirmed_lsn = $2::text::pg_lsn, updated_at = now() WHERE slot = $1"),
+            // Never backwards: a relay that was stopped, woke after another
+            // took the slot over and confirmed further, must not make the
+            // slot look ahead of the record (a re-created slot).
+            &format!(
+                "UPDATE {table} SET confirmed_lsn = greatest(confirmed_lsn, $2::text::pg_lsn), \
+                 updated_at = now() WHERE slot = $1"
+            ),
             &[&self.config.slot, &lsn_text(target)],
         )
         .await
