@@ -1,4 +1,4 @@
-//! Capture from the write-ahead log: a [`Source`] that streams logical
+//! Capture from the write-ahead log: a [`Source`](outbox_core::Source) that streams logical
 //! replication (`pgoutput`) from a replication slot.
 //!
 //! Two kinds of events come out of one stream, in commit order:
