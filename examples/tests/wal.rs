@@ -310,6 +310,10 @@ async fn a_relay_woken_after_a_takeover_confirms_nothing() {
     let first = pipeline.relay();
     pipeline.wait_streaming().await;
     let second = pipeline.relay();
+    // Waiting relays check the slot against its record at every try (once a
+    // second): one that finds the record behind stops, taking the slot for
+    // one created again.
+    let mut standby = pipeline.relay();
     let writer = tokio::spawn(write(pipeline.pool.clone(), name.clone(), 1000, 400));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pid = first.0.id().to_string();
@@ -331,8 +335,10 @@ async fn a_relay_woken_after_a_takeover_confirms_nothing() {
     );
     let committed = 20 + writer.await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let standby_running = standby.0.try_wait().unwrap().is_none();
     drop(first);
     drop(second);
+    drop(standby);
     // A relay of a later deployment: it must stream, not stop on the slot.
     let mut third = pipeline.relay();
     let read = read_topic(&brokers(), &name, committed, Duration::from_secs(3)).await;
@@ -343,10 +349,11 @@ async fn a_relay_woken_after_a_takeover_confirms_nothing() {
     let (rows, distinct) = ch_counts(&name).await;
     println!(
         "committed={committed} in_kafka={in_kafka} distinct_in_kafka={distinct_in_kafka} \
-         clickhouse_rows={rows} distinct={distinct} later_relay_running={third_running} later_relay_exit={status:?}"
+         clickhouse_rows={rows} distinct={distinct} standby_running={standby_running} later_relay_running={third_running} later_relay_exit={status:?}"
     );
     pipeline.cleanup().await;
     assert!(consumed, "{out}");
+    assert!(standby_running, "a waiting relay stopped");
     assert!(third_running, "the later relay stopped: {status:?}");
     assert!(
         matches!(status, Some(s) if s.success()),

@@ -1039,3 +1039,99 @@ async fn misconfiguration_is_permanent_and_names_the_fix() {
         .unwrap();
     capture.drop_all().await;
 }
+
+/// Invariant (a relay cut off and healed after the takeover confirms
+/// nothing): relay A's paths to the server go silent right after it
+/// acknowledged a batch; the server ends A's session after
+/// `wal_sender_timeout` and relay B takes the slot over, publishes the
+/// batch again and confirms further. When the path heals, A's late record
+/// of its position lands after B's: it must not move the record back, or a
+/// relay started afterwards stops, taking the slot for one created again
+/// (what the chaos harness saw: two relays stopped 4 s after such a heal).
+#[tokio::test]
+async fn a_relay_that_wakes_after_a_takeover_leaves_the_slot_usable() {
+    let capture = Capture::new("stale").await;
+    let direct = pg_config();
+    let upstream = tokio::net::lookup_host((direct.host.as_str(), direct.port))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = netfault::FaultProxy::start(upstream).await.unwrap();
+    let through_proxy = outbox_pg::PgConfig {
+        host: "127.0.0.1".into(),
+        port: proxy.addr().port(),
+        ..direct.clone()
+    };
+    // Both of A's paths to the server (the pool, which records positions,
+    // and the stream) go through the proxy.
+    let a_pool = through_proxy.create_pool().unwrap();
+    let a = WalSource::start(
+        &through_proxy,
+        a_pool,
+        capture.config.clone(),
+        &capture.dead,
+    )
+    .unwrap();
+    wait_for_slot(&capture).await;
+    settle_load(&capture, &a).await;
+    let t = &capture.table;
+    capture
+        .sql(&format!("INSERT INTO {t} VALUES (1, 'a', 1, NULL)"))
+        .await;
+    let (stale, stale_claims) = capture.claim(&a, 1).await;
+    assert_eq!(stale.len(), 1);
+    // A goes silent right after it finished its batch: the record of its
+    // position (its next status interval) is held on the way. B waits for
+    // the slot and takes it over.
+    proxy.set(netfault::Fault::Blackhole, netfault::Fault::Blackhole);
+    acknowledge_all(&a, stale_claims).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = capture.source();
+    capture
+        .sql(&format!("INSERT INTO {t} VALUES (2, 'b', 2, NULL)"))
+        .await;
+    let started = std::time::Instant::now();
+    let (taken_over, claims) = capture.claim(&b, 2).await;
+    println!("B took over after {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(
+        taken_over.len(),
+        2,
+        "B publishes A's batch and the next change"
+    );
+    acknowledge_all(&b, claims).await;
+    // B records and confirms its position; then A's path heals and A's
+    // late record lands.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.set(netfault::Fault::Pass, netfault::Fault::Pass);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(a);
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = capture.source();
+    capture
+        .sql(&format!("INSERT INTO {t} VALUES (3, 'c', 3, NULL)"))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|e: &Event| body(e)["after"]["id"] == 3) {
+        match c.claim(10).await {
+            Ok(Some(claimed)) => {
+                seen.extend(claimed.events.iter().cloned());
+                acknowledge_all(&c, vec![claimed]).await;
+            }
+            Ok(None) => c.wait_for_events(Duration::from_millis(100)).await.unwrap(),
+            Err(err) => panic!(
+                "the relay after the takeover stopped: {}",
+                outbox_core::ErrorChain(&err)
+            ),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay after the takeover streams nothing"
+        );
+    }
+    println!("a later relay streams on: {} events", seen.len());
+    drop(c);
+    capture.drop_all().await;
+}
