@@ -30,6 +30,11 @@ const SESSION_OPTIONS: &str = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle
 /// How many status intervals between two readings of the slot's gauges.
 const SLOT_REPORT_TICKS: u64 = 5;
 
+/// Longest a claim waits for a stream that has not reached the server's
+/// end yet (a relay starting, or waiting for the slot) before it says
+/// nothing is pending.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
+
 /// The least an idle stream's confirmed position moves at a time (bytes of
 /// WAL): far below a WAL segment (16 MiB), so an idle capture still pins
 /// none, and far above the record of one position.
@@ -65,6 +70,10 @@ struct Shared {
     rewind: watch::Sender<u64>,
     /// A permanent failure of the reader, returned by every claim.
     fatal: Mutex<Option<String>>,
+    /// Whether the stream reached the server's end (a keepalive outside a
+    /// transaction) since its session started: before that, an empty queue
+    /// does not mean nothing is pending.
+    caught_up: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -86,6 +95,8 @@ impl Shared {
     /// confirmed position: what an event that was not acknowledged needs,
     /// since a stream cannot leave one event pending and go on.
     fn start_over(&self, queue: &mut Queue) {
+        self.caught_up
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         queue.items.clear();
         queue.outstanding = 0;
         queue.generation += 1;
@@ -175,6 +186,7 @@ impl WalSource {
             confirm,
             rewind,
             fatal: Mutex::new(None),
+            caught_up: std::sync::atomic::AtomicBool::new(false),
         });
         let stop = CancellationToken::new();
         let reader = Reader {
@@ -282,6 +294,30 @@ impl Source for WalSource {
     async fn claim(&self, max_events: usize) -> Result<Option<Claimed<WalClaim>>> {
         if let Some(err) = self.fatal() {
             return Err(err);
+        }
+        // A relay that stops once nothing is pending (`--drain`) must not
+        // stop before its stream read what the WAL already holds.
+        let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+        while !self
+            .shared
+            .caught_up
+            .load(std::sync::atomic::Ordering::SeqCst)
+            && tokio::time::Instant::now() < deadline
+            && self.fatal().is_none()
+        {
+            let arrived = self.shared.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if self
+                .shared
+                .lock()
+                .items
+                .iter()
+                .any(|i| matches!(i, Item::Event(_)))
+            {
+                break;
+            }
+            let _ = tokio::time::timeout_at(deadline, arrived).await;
         }
         let (events, commits, load_done, generation) = {
             let mut queue = self.shared.lock();
@@ -476,6 +512,9 @@ impl Reader {
     }
 
     async fn session(&self, waiting_since: &mut Option<Instant>) -> Result<Ended, SessionError> {
+        self.shared
+            .caught_up
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         let prepared = self.prepare().await?;
         // Everything from the last session is gone: read from the slot's position on.
         let generation = {
@@ -624,6 +663,9 @@ impl Reader {
                         }
                         ReplicationEvent::KeepAlive { wal_end, .. } if !decoder.in_transaction() => {
                             self.confirm_if_idle(wal_end.as_u64(), generation);
+                            if !self.shared.caught_up.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                                self.shared.arrived.notify_waiters();
+                            }
                         }
                         _ => {}
                     }

@@ -1135,3 +1135,33 @@ async fn a_relay_that_wakes_after_a_takeover_leaves_the_slot_usable() {
     drop(c);
     capture.drop_all().await;
 }
+
+/// Invariant: a relay that stops once nothing is pending (`--drain`) does
+/// not stop before its stream read what the WAL already holds: events
+/// emitted before the relay started come out of its first claim.
+#[tokio::test]
+async fn the_first_claim_waits_for_the_stream_to_reach_the_wal_end() {
+    let mut capture = Capture::new("drain").await;
+    capture.config.tables = Vec::new();
+    let client = capture.pool.get().await.unwrap();
+    outbox_pg::wal::create_slot(&client, &capture.config)
+        .await
+        .unwrap();
+    let outbox = Outbox::new(&OutboxConfig::default().validate().unwrap())
+        .with_message_prefix(capture.config.message_prefix.clone());
+    let events: Vec<Event> = (0..5)
+        .map(|i| Event::new("orders", format!("{i}")))
+        .collect();
+    outbox.emit(&client, &events).await.unwrap();
+    let source = capture.source();
+    let first = source
+        .claim(100)
+        .await
+        .unwrap()
+        .map(|c| c.events.len())
+        .unwrap_or(0);
+    println!("the first claim of a new relay took {first} events");
+    assert_eq!(first, 5, "the first claim said nothing was pending");
+    drop(source);
+    capture.drop_all().await;
+}
