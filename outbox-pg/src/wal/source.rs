@@ -594,6 +594,9 @@ impl Reader {
         }
         info!(slot = %self.config.slot, from = %lsn_text(start), "streaming the write-ahead log");
         let mut decoder = Decoder::new(system.system_id.clone(), self.routing());
+        // The server's WAL end when the session began: the stream has read
+        // what was there once it reports a position at or past it.
+        let catch_up_to = system.xlogpos.as_u64();
         let mut rewind = self.shared.rewind.subscribe();
         let mut confirm = self.shared.confirm.subscribe();
         let mut sent = start;
@@ -663,7 +666,9 @@ impl Reader {
                         }
                         ReplicationEvent::KeepAlive { wal_end, .. } if !decoder.in_transaction() => {
                             self.confirm_if_idle(wal_end.as_u64(), generation);
-                            if !self.shared.caught_up.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                            if wal_end.as_u64() >= catch_up_to
+                                && !self.shared.caught_up.swap(true, std::sync::atomic::Ordering::SeqCst)
+                            {
                                 self.shared.arrived.notify_waiters();
                             }
                         }
