@@ -56,7 +56,7 @@ demo:
 chaos:
 	@scripts/stack.sh up
 	cargo build -q -p examples -p chaos --bins
-	cargo run -q -p chaos -- --duration $(DURATION) $(if $(SEED),--seed $(SEED),)
+	cargo run -q -p chaos -- --duration $(DURATION) $(if $(SEED),--seed $(SEED),) $(ARGS)
 
 fuzz:
 	@scripts/fuzz.sh run $(FUZZ_SECONDS)
