@@ -73,8 +73,18 @@ impl Report {
                 "wal_relay_vs_raw_produce",
                 self.get("wal_relay_eps") / self.get("raw_produce_eps"),
             ),
+            // PostgreSQL's whole cost of an event at a steady 1,000 events/s
+            // (the service's writes, the relay's reads, vacuum): the outbox
+            // table's insert, claim and delete against the WAL's message
+            // and decoding.
             (
                 "wal_pg_cpu_vs_outbox",
+                self.get("wal_e2e_cpu_s_per_1k_postgres") / self.get("e2e_cpu_s_per_1k_postgres"),
+            ),
+            // Draining a backlog only (the writes done before): the outbox
+            // relay's claims and deletes against the WAL sender's decoding.
+            (
+                "wal_pg_drain_cpu_vs_outbox",
                 self.get("wal_relay_pg_cpu_s_per_1k") / self.get("relay_pg_cpu_s_per_1k"),
             ),
             (
@@ -239,8 +249,13 @@ impl Report {
             ),
             (
                 "wal_pg_cpu_vs_outbox",
-                "ratio: PostgreSQL CPU, WAL / outbox source",
+                "ratio: PostgreSQL CPU @ 1k/s, WAL / outbox source",
                 "(≤ 0.5)",
+            ),
+            (
+                "wal_pg_drain_cpu_vs_outbox",
+                "ratio: PostgreSQL CPU draining, WAL / outbox",
+                "",
             ),
             (
                 "wal_e2e_p99_vs_floor",
@@ -547,7 +562,7 @@ const TARGETS: [Target; 18] = [
     },
     Target {
         key: "wal_pg_cpu_vs_outbox",
-        label: "PostgreSQL CPU per event, WAL / outbox source",
+        label: "PostgreSQL CPU per event @ 1k/s, WAL / outbox",
         bound: Bound::AtMost(0.5),
     },
     Target {
