@@ -39,6 +39,24 @@ pub struct Outbox {
     pub(crate) message_prefix: String,
 }
 
+/// Writes each frame of $2 as a transactional logical decoding message
+/// under the prefix $1. A function scan returns the array in order and the
+/// aggregate consumes it in that order: the messages enter the WAL as given.
+pub(crate) const EMIT_SQL: &str =
+    "SELECT count(pg_logical_emit_message(true, $1, frame)) FROM unnest($2::bytea[]) AS frame";
+
+/// The frames of [`Outbox::emit`]'s messages.
+pub(crate) fn emit_frames(events: &[Event]) -> Result<Vec<Vec<u8>>, PgError> {
+    events
+        .iter()
+        .map(crate::message::encode_message)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PgError::Serialize {
+            topic: events.first().map(|e| e.topic.clone()).unwrap_or_default(),
+            reason: e.to_string(),
+        })
+}
+
 /// An event's headers as the JSON object stored in the `headers` column.
 pub(crate) fn headers_json(event: &Event) -> serde_json::Value {
     serde_json::Value::Object(
@@ -99,20 +117,9 @@ impl Outbox {
         if events.is_empty() {
             return Ok(0);
         }
-        let frames = events
-            .iter()
-            .map(crate::message::encode_message)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| PgError::Serialize {
-                topic: events.first().map(|e| e.topic.clone()).unwrap_or_default(),
-                reason: e.to_string(),
-            })?;
-        // A function scan returns the array in order and the aggregate
-        // consumes it in that order: the messages enter the WAL as given.
+        let frames = emit_frames(events)?;
         let statement = client
-            .prepare_cached(
-                "SELECT count(pg_logical_emit_message(true, $1, frame)) FROM unnest($2::bytea[]) AS frame",
-            )
+            .prepare_cached(EMIT_SQL)
             .await
             .map_err(|e| PgError::query("emit (prepare)", e))?;
         let row = client

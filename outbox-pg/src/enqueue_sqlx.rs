@@ -1,5 +1,6 @@
-//! Enqueue for services on sqlx (cargo feature `sqlx`): the same statement
-//! as [`Outbox::enqueue`], on the caller's sqlx transaction.
+//! Enqueue and emit for services on sqlx (cargo feature `sqlx`): the same
+//! statements as [`Outbox::enqueue`] and [`Outbox::emit`], on the caller's
+//! sqlx transaction.
 
 use outbox_core::Event;
 
@@ -64,6 +65,42 @@ impl Outbox {
             .await
             .map_err(|e| sqlx_error("enqueue (notify)", e))?;
         Ok(written)
+    }
+}
+
+impl Outbox {
+    /// [`Outbox::emit`] on a sqlx connection (pass `&mut *tx` for a
+    /// `sqlx::Transaction<'_, sqlx::Postgres>`): the events go into the
+    /// transaction's write-ahead log for the WAL source, with the same
+    /// frames, prefix and order. Returns the number written.
+    ///
+    /// ```no_run
+    /// # async fn example(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+    /// use outbox_core::Event;
+    /// use outbox_pg::{Outbox, OutboxConfig};
+    ///
+    /// let outbox = Outbox::new(&OutboxConfig::default().validate()?);
+    /// let mut tx = pool.begin().await?;
+    /// outbox.emit_sqlx(&mut tx, &[Event::new("accounts", "{}").with_key("alice")]).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn emit_sqlx(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        events: &[Event],
+    ) -> Result<u64, PgError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let frames = crate::enqueue::emit_frames(events)?;
+        let written: i64 = sqlx::query_scalar(crate::enqueue::EMIT_SQL)
+            .bind(&self.message_prefix)
+            .bind(frames)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| sqlx_error("emit", e))?;
+        Ok(u64::try_from(written).unwrap_or(0))
     }
 }
 

@@ -1169,3 +1169,57 @@ async fn the_first_claim_waits_for_the_stream_to_reach_the_wal_end() {
     drop(source);
     capture.drop_all().await;
 }
+
+/// Invariant: `Outbox::emit_sqlx` is `Outbox::emit` on a sqlx transaction:
+/// what it commits is streamed with its ids, in order; what it rolls back
+/// never is.
+#[cfg(feature = "sqlx")]
+#[tokio::test]
+async fn sqlx_transactions_emit_atomically() {
+    let mut capture = Capture::new("emitsqlx").await;
+    capture.config.tables = Vec::new();
+    let source = capture.source();
+    wait_for_slot(&capture).await;
+    settle_load(&capture, &source).await;
+    let pg = pg_config();
+    let url = format!(
+        "postgres://{}:{}@{}:{}/{}?sslmode=disable",
+        pg.user, pg.password, pg.host, pg.port, pg.dbname
+    );
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    let outbox = Outbox::new(&OutboxConfig::default().validate().unwrap())
+        .with_message_prefix(capture.config.message_prefix.clone());
+    let kept: Vec<Event> = (0..2)
+        .map(|i| Event::new("orders", format!("kept {i}")).with_key("k"))
+        .collect();
+    let mut tx = pool.begin().await.unwrap();
+    assert_eq!(outbox.emit_sqlx(&mut tx, &kept).await.unwrap(), 2);
+    tx.commit().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    outbox
+        .emit_sqlx(&mut tx, &[Event::new("orders", "rolled back")])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let (events, claims) = capture.claim(&source, 2).await;
+    acknowledge_all(&source, claims).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let extra = source
+        .claim(10)
+        .await
+        .unwrap()
+        .map(|c| c.events.len())
+        .unwrap_or(0);
+    println!("streamed {} events from sqlx, {extra} extra", events.len());
+    assert_eq!(
+        events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        kept.iter().map(|e| e.id).collect::<Vec<_>>()
+    );
+    assert_eq!(extra, 0);
+    drop(source);
+    capture.drop_all().await;
+}
