@@ -57,6 +57,26 @@ pub(crate) fn emit_frames(events: &[Event]) -> Result<Vec<Vec<u8>>, PgError> {
         })
 }
 
+/// The event of `enqueue_json` and `emit_json`.
+fn json_event<T: serde::Serialize + ?Sized>(
+    topic: &str,
+    key: Option<&str>,
+    value: &T,
+    headers: &[(&str, &str)],
+) -> Result<Event, PgError> {
+    let mut event = Event::json(topic, value).map_err(|e| PgError::Serialize {
+        topic: topic.to_string(),
+        reason: e.to_string(),
+    })?;
+    if let Some(key) = key {
+        event = event.with_key(key.to_string());
+    }
+    for (name, value) in headers {
+        event = event.with_header(*name, *value);
+    }
+    Ok(event)
+}
+
 /// An event's headers as the JSON object stored in the `headers` column.
 pub(crate) fn headers_json(event: &Event) -> serde_json::Value {
     serde_json::Value::Object(
@@ -186,19 +206,40 @@ impl Outbox {
         C: GenericClient + Sync,
         T: serde::Serialize + ?Sized,
     {
-        let mut event = Event::json(topic, value).map_err(|e| PgError::Serialize {
-            topic: topic.to_string(),
-            reason: e.to_string(),
-        })?;
-        if let Some(key) = key {
-            event = event.with_key(key.to_string());
-        }
-        for (name, value) in headers {
-            event = event.with_header(*name, *value);
-        }
-        let id = event.id;
+        let event = json_event(topic, key, value, headers)?;
         self.enqueue(client, std::slice::from_ref(&event)).await?;
-        Ok(id)
+        Ok(event.id)
+    }
+
+    /// [`Outbox::enqueue_json`] for the table-free outbox: one event whose
+    /// payload is `value` as JSON, written with [`Outbox::emit`] into the
+    /// caller's transaction. Returns the event's id.
+    ///
+    /// ```no_run
+    /// # async fn example(outbox: outbox_pg::Outbox, pool: outbox_pg::deadpool_postgres::Pool) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut client = pool.get().await?;
+    /// let tx = client.transaction().await?;
+    /// let id = outbox
+    ///     .emit_json(&tx, "accounts", Some("alice"), &serde_json::json!({"name": "alice"}), &[])
+    ///     .await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn emit_json<C, T>(
+        &self,
+        client: &C,
+        topic: &str,
+        key: Option<&str>,
+        value: &T,
+        headers: &[(&str, &str)],
+    ) -> Result<Uuid, PgError>
+    where
+        C: GenericClient + Sync,
+        T: serde::Serialize + ?Sized,
+    {
+        let event = json_event(topic, key, value, headers)?;
+        self.emit(client, std::slice::from_ref(&event)).await?;
+        Ok(event.id)
     }
 
     /// Writes `events` with one statement on `client`, which should be inside

@@ -442,9 +442,25 @@ async fn emitted_events_are_atomic_with_their_transaction_and_poison_is_isolated
         .emit(&tx, std::slice::from_ref(&after))
         .await
         .unwrap();
+    let typed = outbox
+        .emit_json(
+            &tx,
+            "orders",
+            Some("k3"),
+            &serde_json::json!({"n": 3}),
+            &[("source", "typed")],
+        )
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
-    let (events, claims) = capture.claim(&source, 2).await;
-    assert_eq!(events.len(), 2);
+    let (events, claims) = capture.claim(&source, 3).await;
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[2].id, typed);
+    assert_eq!(&events[2].payload[..], br#"{"n":3}"#);
+    assert_eq!(
+        events[2].headers.get("content-type").map(String::as_str),
+        Some("application/json")
+    );
     assert_eq!(
         (events[0].id, &events[0].payload[..]),
         (kept.id, &b"kept"[..])
