@@ -182,6 +182,7 @@ async fn create_wal_slot(cli: &AdminCli, wal: &crate::relay_args::WalArgs) -> an
         outbox_tables: wal.outbox_tables.clone(),
         topic_template: wal.topic_template.clone(),
         message_prefix: wal.message_prefix.clone(),
+        initial_load: !wal.no_initial_load,
         ..outbox_pg::wal::WalConfig::default()
     };
     let at = outbox_pg::wal::create_slot(&client, &config).await?;

@@ -56,6 +56,10 @@ pub struct WalArgs {
         value_delimiter = ','
     )]
     pub outbox_tables: Vec<String>,
+    /// Do not publish the rows the captured tables hold when the slot is
+    /// created (the initial load): only the changes after it.
+    #[arg(long = "wal-no-initial-load", env = "OUTBOX_WAL_NO_INITIAL_LOAD")]
+    pub no_initial_load: bool,
     /// Capture no table: publish only the events of `Outbox::emit` (the
     /// table-free outbox) and of `--wal-outbox-table`.
     #[arg(
@@ -200,6 +204,7 @@ impl RelayArgs {
             topic_template: self.wal.topic_template.clone(),
             message_prefix: self.wal.message_prefix.clone(),
             outbox_tables: self.wal.outbox_tables.clone(),
+            initial_load: !self.wal.no_initial_load,
             create: !self.no_migrate,
             ..WalConfig::default()
         };
