@@ -372,8 +372,19 @@ impl Source for WalSource {
         mut claimed: Claimed<WalClaim>,
         deliveries: &[Delivery],
     ) -> Result<AckSummary> {
-        let rejected: Vec<(&Event, &str)> = claimed
-            .events
+        // The stream can only move past a prefix: up to the first event the
+        // broker did not take (or that has no answer), everything is settled.
+        let settled = (0..claimed.events.len())
+            .position(|i| {
+                !matches!(
+                    deliveries.get(i),
+                    Some(Delivery::Acknowledged(_) | Delivery::Rejected(_))
+                )
+            })
+            .unwrap_or(claimed.events.len());
+        // Only those: an event past the first failure is read and published
+        // again, and dead-lettered then if the broker still refuses it.
+        let rejected: Vec<(&Event, &str)> = claimed.events[..settled]
             .iter()
             .zip(deliveries)
             .filter_map(|(event, delivery)| match delivery {
@@ -384,15 +395,10 @@ impl Source for WalSource {
         // Kept before the position moves past them; on failure the claim is
         // dropped, and the stream reads them again.
         self.dead_letter(&rejected).await?;
-        let settled = claimed
-            .events
-            .iter()
-            .zip(deliveries)
-            .position(|(_, d)| matches!(d, Delivery::Retryable(_)))
-            .unwrap_or(claimed.events.len());
         let summary = AckSummary {
-            completed: deliveries[..settled]
+            completed: deliveries
                 .iter()
+                .take(settled)
                 .filter(|d| d.is_acknowledged())
                 .count(),
             dead_lettered: rejected.len(),
