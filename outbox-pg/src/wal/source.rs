@@ -722,13 +722,7 @@ impl Reader {
         if target <= *sent {
             return Ok(());
         }
-        let db = self.pool.get().await.map_err(|e| {
-            SessionError::Failed(PgError::Connect {
-                target: self.pg.target(),
-                detail: e.to_string(),
-                retryable: true,
-            })
-        })?;
+        let db = self.connection().await?;
         let table = SqlName::parse(&self.config.progress_table).map_err(SessionError::Failed)?;
         db.execute(
             // Never backwards: a relay that was stopped, woke after another
@@ -791,13 +785,7 @@ impl Reader {
             } => {
                 let event = Event::new("", content).with_id(id);
                 warn!(event_id = %id, reason = %reason, "a logical message under the outbox prefix is not an event: dead-lettered");
-                let db = self.pool.get().await.map_err(|e| {
-                    SessionError::Failed(PgError::Connect {
-                        target: self.pg.target(),
-                        detail: e.to_string(),
-                        retryable: true,
-                    })
-                })?;
+                let db = self.connection().await?;
                 insert_dead_letters(&db, &self.dead_letter, &[(&event, reason.as_str())])
                     .await
                     .map_err(SessionError::Failed)?;
@@ -898,13 +886,7 @@ impl Reader {
     /// Checks the server and the slot, creating what is missing when
     /// allowed; returns the position to stream from.
     async fn prepare(&self) -> Result<super::setup::Prepared, SessionError> {
-        let db = self.pool.get().await.map_err(|e| {
-            SessionError::Failed(PgError::Connect {
-                target: self.pg.target(),
-                detail: e.to_string(),
-                retryable: true,
-            })
-        })?;
+        let db = self.connection().await?;
         super::setup::prepare(&db, &self.config)
             .await
             .map_err(SessionError::Failed)
