@@ -21,12 +21,28 @@ const CONFIG_ID: &str = "config";
 /// Parses the process's command line into `C`, with options from the file
 /// named by `--config`; prints the error and exits (code 2) when it is invalid.
 pub fn parse_cli<C: Parser>() -> C {
-    try_parse_from(std::env::args_os()).unwrap_or_else(|err| err.exit())
+    parse_cli_with_sections(&[])
+}
+
+/// [`parse_cli`] for a binary whose file also has sections of its own
+/// (`[[route]]` of the consumer), which it reads itself: their keys are not options.
+pub fn parse_cli_with_sections<C: Parser>(sections: &[&str]) -> C {
+    try_parse_with_sections(std::env::args_os(), sections).unwrap_or_else(|err| err.exit())
 }
 
 /// Parses `args` (program name first) into `C`, with options from the file
 /// named by `--config`.
 pub fn try_parse_from<C, I, T>(args: I) -> Result<C, clap::Error>
+where
+    C: Parser,
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    try_parse_with_sections(args, &[])
+}
+
+/// [`try_parse_from`], leaving the file's `sections` to the caller.
+pub fn try_parse_with_sections<C, I, T>(args: I, sections: &[&str]) -> Result<C, clap::Error>
 where
     C: Parser,
     I: IntoIterator<Item = T>,
@@ -44,6 +60,9 @@ where
     let mut from_file: Vec<(String, String)> = Vec::new();
     let mut from_file_args: Vec<OsString> = Vec::new();
     for (key, value) in &table {
+        if sections.contains(&key.as_str()) {
+            continue;
+        }
         let id = key.replace('-', "_");
         let arg = command
             .get_arguments()

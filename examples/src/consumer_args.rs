@@ -10,6 +10,9 @@ use outbox_core::ConsumeConfig;
 use outbox_kafka::{Assignment, ConsumerConfig, LagProbe};
 use outbox_pg::PartitionLeaseConfig;
 
+use sink_clickhouse::TableRowsConfig;
+
+use crate::routes::{MissingArg, UnknownArg};
 use crate::{millis, GroupArgs};
 
 /// How the consumer obtains its partitions.
@@ -36,12 +39,16 @@ impl From<AssignmentArg> for Assignment {
 }
 
 /// How records become rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RowFormat {
     /// The demo's `user_logins` columns parsed from the JSON payload.
     UserLogins,
     /// The whole event envelope (topic, key, payload, headers, created_at).
     Raw,
+    /// The JSON payload's fields into the existing table's columns, by name
+    /// (see --field, --missing-field, --unknown-field).
+    Table,
 }
 
 /// The Kafka consumer's defaults (the options take theirs from here).
@@ -70,6 +77,34 @@ pub struct ConsumerArgs {
         default_value = "user-logins"
     )]
     pub format: RowFormat,
+    /// With --format table: column=field, or column=/json/pointer for a
+    /// nested field (repeat the flag; other columns read the field of
+    /// their own name).
+    #[arg(long = "field", env = "OUTBOX_FIELDS", value_delimiter = ',', value_parser = crate::routes::parse_field)]
+    pub fields: Vec<(String, String)>,
+    /// With --format table: a payload without a value for a column.
+    #[arg(
+        long,
+        env = "OUTBOX_MISSING_FIELD",
+        value_enum,
+        default_value = "default"
+    )]
+    pub missing_field: MissingArg,
+    /// With --format table: a payload field no column reads.
+    #[arg(
+        long,
+        env = "OUTBOX_UNKNOWN_FIELD",
+        value_enum,
+        default_value = "ignore"
+    )]
+    pub unknown_field: UnknownArg,
+    /// With --format table: columns (`name Type, ...`, without the four
+    /// meta columns) to create the table with when it does not exist.
+    #[arg(long, env = "OUTBOX_CREATE_COLUMNS")]
+    pub create_columns: Option<String>,
+    /// With --format table: how often the table's columns are read again (s).
+    #[arg(long, env = "OUTBOX_COLUMNS_REFRESH_SECS", default_value_t = TableRowsConfig::default().refresh_interval.as_secs())]
+    pub columns_refresh_secs: u64,
     /// How often the consumer-lag gauge is refreshed (s).
     #[arg(long, env = "OUTBOX_LAG_INTERVAL_SECS", default_value_t = LagProbe::REPORT_INTERVAL.as_secs())]
     pub lag_interval_secs: u64,
@@ -143,6 +178,18 @@ impl ConsumerArgs {
             partitions,
         )
         .with_session_timeout(Duration::from_millis(self.lease_timeout_ms))
+    }
+
+    /// With --format table: how payloads map to the table's columns.
+    pub fn table_rows(&self) -> TableRowsConfig {
+        TableRowsConfig {
+            fields: self.fields.iter().cloned().collect(),
+            missing: self.missing_field.into(),
+            unknown: self.unknown_field.into(),
+            refresh_interval: crate::routes::refresh(self.columns_refresh_secs),
+            create_columns: self.create_columns.clone(),
+            ..TableRowsConfig::default()
+        }
     }
 
     /// How often the lag gauge is refreshed (at least every second).

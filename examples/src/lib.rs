@@ -17,11 +17,14 @@ mod consumer_args;
 mod demo;
 mod ops;
 mod relay_args;
+pub mod routes;
 mod runtime;
 
 pub use admin::AdminCli;
 pub use args::{secret, ClickHouseArgs, GroupArgs, KafkaArgs, OutboxTableArgs, PgArgs};
-pub use config_file::{parse_cli, try_parse_from};
+pub use config_file::{
+    parse_cli, parse_cli_with_sections, try_parse_from, try_parse_with_sections,
+};
 pub use consumer_args::{AssignmentArg, ConsumerArgs, RowFormat};
 pub use demo::{UserLoginMapper, UserLoginRow};
 pub use ops::{Ops, OpsArgs};

@@ -2,21 +2,23 @@
 //! creation.
 
 use crate::client::client_for;
-use crate::mapper::{RowMapper, META_COLUMNS_DDL};
+use crate::mapper::{Mapping, META_COLUMNS_DDL};
 use crate::{ClickHouseConfig, ClickHouseSink, SinkError};
 
-impl<M: RowMapper> ClickHouseSink<M> {
+impl<M: Mapping> ClickHouseSink<M> {
     /// The DDL of the data table: the whole table on one server; with
     /// [`ClickHouseConfig::cluster`], the shards' local table (see
-    /// [`ClickHouseSink::ddl`] for every statement).
-    pub fn table_ddl(&self) -> String {
-        let columns = format!("{}, {META_COLUMNS_DDL}", self.mapper.columns_ddl());
-        self.local_ddl(
+    /// [`ClickHouseSink::ddl`] for every statement). `None` when the
+    /// mapping has no columns to create it with (a [`crate::TableRows`]
+    /// without [`crate::TableRowsConfig::create_columns`]): the table must exist.
+    pub fn table_ddl(&self) -> Option<String> {
+        let columns = format!("{}, {META_COLUMNS_DDL}", self.mapper.columns_ddl()?);
+        Some(self.local_ddl(
             &self.config.table,
             &columns,
             "Replacing",
             &self.mapper.order_by(),
-        )
+        ))
     }
 
     /// The DDL of the dead-letter table (its shards' local table with a cluster).
@@ -41,10 +43,12 @@ impl<M: RowMapper> ClickHouseSink<M> {
             "CREATE DATABASE IF NOT EXISTS `{}`{on_cluster}",
             self.config.database
         )];
-        for (table, local) in [
+        let tables = [
             (&self.config.table, self.table_ddl()),
-            (&self.config.dead_letter_table, self.dead_letter_ddl()),
-        ] {
+            (&self.config.dead_letter_table, Some(self.dead_letter_ddl())),
+        ];
+        for (table, local) in tables {
+            let Some(local) = local else { continue };
             statements.push(local);
             if let Some(cluster) = &self.config.cluster {
                 let db = &self.config.database;

@@ -9,6 +9,7 @@ mod error;
 mod exactly_once;
 mod mapper;
 mod sink;
+mod table;
 
 pub use client::{check_connection, client_for};
 pub use config::{validate_identifier, ClickHouseConfig, ClusterConfig, ValidClickHouseConfig};
@@ -16,8 +17,11 @@ pub use dead_letters::{
     BadPosition, ClickHouseDeadLetters, DeadLetterPosition, DeadLetterSelection, ReplayReport,
 };
 pub use error::{server_code, SinkError};
-pub use mapper::{RawEventMapper, RawEventRow, RowMapper, RowMeta, META_COLUMNS_DDL};
+pub use mapper::{
+    Mapped, Mapping, RawEventMapper, RawEventRow, RowMapper, RowMeta, META_COLUMNS_DDL,
+};
 pub use sink::{ClickHouseSink, DeadLetterRow};
+pub use table::{MissingField, TableBatch, TableRows, TableRowsConfig, UnknownField};
 
 /// Re-exported so users derive rows with the same client version.
 pub use clickhouse;

@@ -1,9 +1,12 @@
 //! Turning a consumed record into a typed ClickHouse row.
 
-use clickhouse::{Row, RowOwned, RowWrite};
+use async_trait::async_trait;
+use clickhouse::{Client, Row, RowOwned, RowWrite};
 use outbox_core::Record;
 use serde::Serialize;
 use uuid::Uuid;
+
+use crate::{SinkError, ValidClickHouseConfig};
 
 /// What the sink adds to every row, besides what the mapper takes from the payload.
 #[derive(Debug, Clone, Copy)]
@@ -137,5 +140,117 @@ impl RowMapper for RawEventMapper {
             kafka_offset: meta.kafka_offset,
             ingested_at: meta.ingested_at,
         })
+    }
+}
+
+pub(crate) mod sealed {
+    /// Keeps [`super::Mapping`] to the two kinds this crate writes.
+    pub trait Sealed {}
+}
+
+/// A batch mapped to rows, and the records that can never be rows.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Mapped<R> {
+    /// The rows, ready for one insert.
+    pub rows: R,
+    /// Index into the batch, and why that record can never be a row.
+    pub refused: Vec<(usize, String)>,
+}
+
+/// How a [`ClickHouseSink`](crate::ClickHouseSink) turns records into rows
+/// of its table: a typed [`RowMapper`] of your own (every `RowMapper` is a
+/// `Mapping`), or [`TableRows`](crate::TableRows), which reads the table's
+/// columns and needs no Rust. Implemented by this crate only.
+#[async_trait]
+pub trait Mapping: sealed::Sealed + Send + Sync + 'static {
+    #[doc(hidden)]
+    type Rows: Send;
+
+    /// Payload columns for `CREATE TABLE`, or `None` when the table must exist.
+    #[doc(hidden)]
+    fn columns_ddl(&self) -> Option<String>;
+
+    #[doc(hidden)]
+    fn order_by(&self) -> String;
+
+    /// Once, when the sink starts (after its tables were created).
+    #[doc(hidden)]
+    async fn start(
+        &mut self,
+        client: &Client,
+        config: &ValidClickHouseConfig,
+    ) -> Result<(), SinkError>;
+
+    #[doc(hidden)]
+    async fn map_batch(
+        &mut self,
+        client: &Client,
+        config: &ValidClickHouseConfig,
+        records: &[(&Record, RowMeta)],
+    ) -> Result<Mapped<Self::Rows>, SinkError>;
+
+    #[doc(hidden)]
+    fn row_count(rows: &Self::Rows) -> usize;
+
+    #[doc(hidden)]
+    async fn insert(
+        &mut self,
+        client: &Client,
+        config: &ValidClickHouseConfig,
+        table: &str,
+        rows: Self::Rows,
+    ) -> Result<(), SinkError>;
+}
+
+impl<M: RowMapper> sealed::Sealed for M {}
+
+#[async_trait]
+impl<M: RowMapper> Mapping for M {
+    type Rows = Vec<M::Row>;
+
+    fn columns_ddl(&self) -> Option<String> {
+        Some(RowMapper::columns_ddl(self))
+    }
+
+    fn order_by(&self) -> String {
+        RowMapper::order_by(self)
+    }
+
+    async fn start(&mut self, _: &Client, _: &ValidClickHouseConfig) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    async fn map_batch(
+        &mut self,
+        _: &Client,
+        _: &ValidClickHouseConfig,
+        records: &[(&Record, RowMeta)],
+    ) -> Result<Mapped<Vec<M::Row>>, SinkError> {
+        let mut mapped = Mapped {
+            rows: Vec::with_capacity(records.len()),
+            refused: Vec::new(),
+        };
+        for (i, (record, meta)) in records.iter().enumerate() {
+            match self.map(record, *meta) {
+                Ok(row) => mapped.rows.push(row),
+                Err(reason) => mapped.refused.push((i, reason)),
+            }
+        }
+        Ok(mapped)
+    }
+
+    fn row_count(rows: &Vec<M::Row>) -> usize {
+        rows.len()
+    }
+
+    async fn insert(
+        &mut self,
+        client: &Client,
+        config: &ValidClickHouseConfig,
+        table: &str,
+        rows: Vec<M::Row>,
+    ) -> Result<(), SinkError> {
+        crate::sink::insert_typed(client, config, table, &rows).await
     }
 }

@@ -14,7 +14,7 @@ use crate::client::{
     bounded, check_connection, client_for, parse_version, write_settings, ServerFacts,
 };
 use crate::exactly_once::{advance, lookups_needed, plan, PartitionState};
-use crate::mapper::{RowMapper, RowMeta};
+use crate::mapper::{Mapping, RowMeta};
 use crate::{SinkError, ValidClickHouseConfig};
 
 /// Writes consumed records into one ClickHouse table, each record once.
@@ -64,7 +64,7 @@ use crate::{SinkError, ValidClickHouseConfig};
 /// let sink = ClickHouseSink::new(config.validate()?, RawEventMapper).await?;
 /// # Ok(()) }
 /// ```
-pub struct ClickHouseSink<M: RowMapper> {
+pub struct ClickHouseSink<M: Mapping> {
     pub(crate) client: Client,
     pub(crate) config: ValidClickHouseConfig,
     pub(crate) mapper: M,
@@ -112,7 +112,7 @@ fn now_s() -> u32 {
         .unwrap_or(0)
 }
 
-impl<M: RowMapper> ClickHouseSink<M> {
+impl<M: Mapping> ClickHouseSink<M> {
     /// Checks the server answers and creates the tables if
     /// [`ClickHouseConfig::create_tables`](crate::ClickHouseConfig::create_tables) is set.
     pub async fn new(config: ValidClickHouseConfig, mapper: M) -> Result<Self, SinkError> {
@@ -129,6 +129,7 @@ impl<M: RowMapper> ClickHouseSink<M> {
         }
         let facts = sink.server_facts().await?;
         let mut sink = sink;
+        sink.mapper.start(&sink.client, &sink.config).await?;
         sink.facts = facts.clone();
         let defaults = write_settings(&sink.config, &ServerFacts::default());
         for (name, value) in write_settings(&sink.config, &facts) {
@@ -286,43 +287,6 @@ impl<M: RowMapper> ClickHouseSink<M> {
         Ok(recent)
     }
 
-    async fn insert_rows<R>(&self, table: &str, rows: &[R]) -> Result<(), SinkError>
-    where
-        R: clickhouse::RowOwned + clickhouse::RowWrite,
-    {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let url = &self.config.url;
-        let started = std::time::Instant::now();
-        let mut insert = self
-            .client
-            .insert::<R>(table)
-            .await
-            .map_err(|e| SinkError::request(url, "insert", e))?
-            .with_timeouts(
-                Some(self.config.insert_timeout),
-                Some(self.config.insert_timeout),
-            );
-        for row in rows {
-            insert
-                .write(row)
-                .await
-                .map_err(|e| SinkError::request(url, "insert", e))?;
-        }
-        insert
-            .end()
-            .await
-            .map_err(|e| SinkError::request(url, "insert", e))?;
-        debug!(
-            table,
-            rows = rows.len(),
-            insert_ms = started.elapsed().as_millis() as u64,
-            "inserted"
-        );
-        Ok(())
-    }
-
     async fn write_batch(&mut self, records: &[Record]) -> Result<WriteReport, SinkError> {
         // Look up every partition whose records do not continue where we left off.
         for ((topic, partition), first) in lookups_needed(&self.partitions, records) {
@@ -366,37 +330,52 @@ impl<M: RowMapper> ClickHouseSink<M> {
             duplicates: plan.duplicates + plan.copies,
             ..WriteReport::default()
         };
-        let mut rows = Vec::with_capacity(records.len());
         let mut dead = Vec::new();
+        let mut to_map = Vec::with_capacity(records.len());
         for (record, _) in records.iter().zip(&plan.write).filter(|(_, write)| **write) {
-            let mapped = record
-                .event_id()
-                .map_err(|e| e.to_string())
-                .and_then(|event_id| {
-                    self.mapper.map(
-                        record,
-                        RowMeta {
-                            event_id,
-                            kafka_partition: record.position.partition,
-                            kafka_offset: record.position.offset,
-                            ingested_at,
-                        },
-                    )
-                });
-            match mapped {
-                Ok(row) => rows.push(row),
-                Err(reason) => {
+            match record.event_id() {
+                Ok(event_id) => to_map.push((
+                    record,
+                    RowMeta {
+                        event_id,
+                        kafka_partition: record.position.partition,
+                        kafka_offset: record.position.offset,
+                        ingested_at,
+                    },
+                )),
+                Err(e) => {
+                    let reason = e.to_string();
                     dead.push(dead_letter_row(record, &reason, ingested_at));
                     report.dead_lettered.push((record.position, reason));
                 }
             }
         }
+        let mapped = self
+            .mapper
+            .map_batch(&self.client, &self.config, &to_map)
+            .await?;
+        for (i, reason) in mapped.refused {
+            let record = to_map[i].0;
+            dead.push(dead_letter_row(record, &reason, ingested_at));
+            report.dead_lettered.push((record.position, reason));
+        }
         // Dead letters first: if the process dies between the two inserts,
         // both kinds of rows are found by the position lookup on restart.
-        self.insert_rows(&self.config.dead_letter_table, &dead)
-            .await?;
-        self.insert_rows(&self.config.table, &rows).await?;
-        report.written = rows.len();
+        insert_typed(
+            &self.client,
+            &self.config,
+            &self.config.dead_letter_table,
+            &dead,
+        )
+        .await?;
+        let written = M::row_count(&mapped.rows);
+        if written > 0 {
+            let table = self.config.table.clone();
+            self.mapper
+                .insert(&self.client, &self.config, &table, mapped.rows)
+                .await?;
+        }
+        report.written = written;
         advance(&mut self.partitions, records, plan.new_ids);
         self.report_overruns();
         for (position, reason) in &report.dead_lettered {
@@ -432,6 +411,45 @@ impl<M: RowMapper> ClickHouseSink<M> {
     }
 }
 
+/// One typed RowBinary insert of `rows` into `table`.
+pub(crate) async fn insert_typed<R>(
+    client: &Client,
+    config: &ValidClickHouseConfig,
+    table: &str,
+    rows: &[R],
+) -> Result<(), SinkError>
+where
+    R: clickhouse::RowOwned + clickhouse::RowWrite,
+{
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let url = &config.url;
+    let started = std::time::Instant::now();
+    let mut insert = client
+        .insert::<R>(table)
+        .await
+        .map_err(|e| SinkError::request(url, "insert", e))?
+        .with_timeouts(Some(config.insert_timeout), Some(config.insert_timeout));
+    for row in rows {
+        insert
+            .write(row)
+            .await
+            .map_err(|e| SinkError::request(url, "insert", e))?;
+    }
+    insert
+        .end()
+        .await
+        .map_err(|e| SinkError::request(url, "insert", e))?;
+    debug!(
+        table,
+        rows = rows.len(),
+        insert_ms = started.elapsed().as_millis() as u64,
+        "inserted"
+    );
+    Ok(())
+}
+
 fn dead_letter_row(record: &Record, reason: &str, failed_at: u32) -> DeadLetterRow {
     let text = |bytes: &Option<bytes::Bytes>| {
         bytes
@@ -456,7 +474,7 @@ fn dead_letter_row(record: &Record, reason: &str, failed_at: u32) -> DeadLetterR
 }
 
 #[async_trait]
-impl<M: RowMapper> Sink for ClickHouseSink<M> {
+impl<M: Mapping> Sink for ClickHouseSink<M> {
     async fn write(&mut self, records: &[Record]) -> outbox_core::Result<WriteReport> {
         match self.write_batch(records).await {
             Ok(report) => Ok(report),
@@ -479,7 +497,7 @@ impl<M: RowMapper> Sink for ClickHouseSink<M> {
     }
 }
 
-impl<M: RowMapper> ClickHouseSink<M> {
+impl<M: Mapping> ClickHouseSink<M> {
     /// The client, for queries of the caller's own.
     pub fn client(&self) -> &Client {
         &self.client

@@ -10,6 +10,8 @@ use outbox_core::{Position, Record, Sink, HEADER_EVENT_ID};
 use sink_clickhouse::{ClickHouseConfig, ClickHouseSink, RawEventMapper};
 use uuid::Uuid;
 
+mod table_rows;
+
 fn config(name: &str) -> ClickHouseConfig {
     ClickHouseConfig {
         table: format!("it_{name}"),

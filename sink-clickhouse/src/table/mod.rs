@@ -1,0 +1,323 @@
+//! Rows driven by the table: the sink reads an existing table's columns and
+//! encodes each JSON payload to RowBinary itself, so any topic can go into
+//! any table without a Rust mapper.
+
+mod schema;
+mod types;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use clickhouse::Client;
+use outbox_core::Record;
+use serde_json::Value;
+use tracing::{debug, info};
+
+use crate::client::bounded;
+use crate::mapper::{Mapped, Mapping, RowMeta};
+use crate::{SinkError, ValidClickHouseConfig};
+use schema::{ColumnRow, Groups, Schema};
+
+/// What to do when a payload has no value for a column.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MissingField {
+    /// The column's default: its `DEFAULT` expression if it has one, else
+    /// the type's zero value (`NULL` for `Nullable`). A `null` field of a
+    /// column that is not `Nullable` counts as missing. Default.
+    #[default]
+    Default,
+    /// Dead-letter the record, naming the column.
+    DeadLetter,
+}
+
+/// What to do with a payload field no column reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UnknownField {
+    /// Ignore it. Default.
+    #[default]
+    Ignore,
+    /// Dead-letter the record, naming the fields.
+    DeadLetter,
+}
+
+/// How [`TableRows`] maps payloads to the columns of its table. Defaults:
+/// every column reads the payload field of its own name, missing fields get
+/// the column's default, unknown fields are ignored, the columns are read
+/// again every 30 s, and at most every second for fields without a column.
+///
+/// ```
+/// use sink_clickhouse::{MissingField, TableRowsConfig};
+///
+/// let config = TableRowsConfig {
+///     // column `user` reads field `username`; `city` reads a nested field.
+///     fields: [("user".into(), "username".into()), ("city".into(), "/address/city".into())].into(),
+///     missing: MissingField::DeadLetter,
+///     ..TableRowsConfig::default()
+/// };
+/// assert_eq!(config.fields["city"], "/address/city");
+/// ```
+#[derive(Debug, Clone)]
+pub struct TableRowsConfig {
+    /// Column → where its value is in the payload: a top-level field name,
+    /// or a JSON pointer (RFC 6901, starting with `/`) for a nested one.
+    /// Columns not listed read the field of their own name.
+    pub fields: BTreeMap<String, String>,
+    /// A payload without a value for a column.
+    pub missing: MissingField,
+    /// A payload field no column reads.
+    pub unknown: UnknownField,
+    /// How often the table's columns are read again, so that a column added
+    /// (or dropped, or retyped) while the sink runs is used without a
+    /// restart. A payload field without a column also triggers a read, at
+    /// once the first time it is seen after the last read, then at most
+    /// every [`TableRowsConfig::recheck_unknown`].
+    pub refresh_interval: Duration,
+    /// How soon a field already seen without a column may read the columns
+    /// again: the longest a column added for it waits to be used, and the
+    /// most often a stream that always carries a field the table does not
+    /// want reads `system.columns`. Default: 1 s.
+    pub recheck_unknown: Duration,
+    /// Columns of the table (`name Type, …`, without the four meta
+    /// columns) for creating it when it does not exist and
+    /// [`ClickHouseConfig::create_tables`](crate::ClickHouseConfig::create_tables)
+    /// is set. Default: none, the table must exist.
+    pub create_columns: Option<String>,
+}
+
+impl Default for TableRowsConfig {
+    fn default() -> Self {
+        Self {
+            fields: BTreeMap::new(),
+            missing: MissingField::Default,
+            unknown: UnknownField::Ignore,
+            refresh_interval: Duration::from_secs(30),
+            recheck_unknown: Duration::from_secs(1),
+            create_columns: None,
+        }
+    }
+}
+
+/// Writes JSON payloads into an existing table by its own columns: the
+/// [`Mapping`] of a [`ClickHouseSink`](crate::ClickHouseSink) for a table
+/// without a Rust mapper.
+///
+/// At start the sink reads the table's columns from `system.columns`: a
+/// column of a type the encoder does not know, or a table without the four
+/// meta columns (`event_id`, `kafka_partition`, `kafka_offset`,
+/// `ingested_at`, which the exactly-once lookup reads), is a
+/// [`SinkError::Config`] naming the column, or the `ALTER TABLE` to run.
+/// Then each payload (a JSON object) becomes one row: a value that does not
+/// fit its column (overflow, a bad date, the wrong JSON type) dead-letters
+/// that record with the column and the reason, and the rest of the batch is
+/// written. `MATERIALIZED` and `ALIAS` columns are left to the server.
+///
+/// Types: `Int8`–`Int128`, `UInt8`–`UInt128`, `Float32/64`, `Bool`,
+/// `Decimal(P, S)` up to 38 digits (exact: never rounded), `String`,
+/// `FixedString(N)`, `UUID`, `Date`, `Date32`, `DateTime`,
+/// `DateTime64(p)` (from ISO-8601 text, UTC unless it carries an offset,
+/// or epoch seconds), `Enum8/16` (by name), `IPv4`, `IPv6`, `Nullable`,
+/// `LowCardinality`, `Array`, `Map`, `Tuple`, `SimpleAggregateFunction`.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use sink_clickhouse::{ClickHouseConfig, ClickHouseSink, TableRows, TableRowsConfig};
+///
+/// let config = ClickHouseConfig { table: "page_views".into(), ..ClickHouseConfig::default() };
+/// let sink = ClickHouseSink::new(config.validate()?, TableRows::new(TableRowsConfig::default())).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct TableRows {
+    config: TableRowsConfig,
+    schema: Option<Arc<Schema>>,
+    read_at: Option<Instant>,
+    /// Fields seen without a column since the last read of the columns:
+    /// seeing them again does not read the columns again.
+    absent: HashSet<String>,
+}
+
+impl TableRows {
+    /// Rows of the sink's table, mapped by `config`.
+    pub fn new(config: TableRowsConfig) -> Self {
+        Self {
+            config,
+            schema: None,
+            read_at: None,
+            absent: HashSet::new(),
+        }
+    }
+
+    async fn read_schema(
+        &mut self,
+        client: &Client,
+        config: &ValidClickHouseConfig,
+    ) -> Result<Arc<Schema>, SinkError> {
+        let query = client
+            .query(
+                "SELECT name, type, default_kind FROM system.columns WHERE database = ? AND table = ?",
+            )
+            .bind(&config.database)
+            .bind(&config.table)
+            .fetch_all::<ColumnRow>();
+        let rows = bounded(config, "column lookup", query).await?;
+        let table = format!("{}.{}", config.database, config.table);
+        let schema = Schema::new(&table, &rows, &self.config).map_err(SinkError::Config)?;
+        let changed = self
+            .schema
+            .as_ref()
+            .is_some_and(|old| !old.same_columns(&schema));
+        if changed {
+            info!(
+                table,
+                "the table's columns changed: rows are written with the new ones"
+            );
+        }
+        let schema = Arc::new(schema);
+        self.schema = Some(schema.clone());
+        self.read_at = Some(Instant::now());
+        self.absent.clear();
+        Ok(schema)
+    }
+
+    fn encode_all(
+        &self,
+        schema: &Schema,
+        records: &[(&Record, RowMeta)],
+    ) -> (Groups, Vec<(usize, String)>, Vec<String>) {
+        let mut groups = Groups::default();
+        let mut refused = Vec::new();
+        let mut unknown = Vec::new();
+        for (i, (record, meta)) in records.iter().enumerate() {
+            let document = match record.payload.as_deref() {
+                None => Err("the record has no payload".to_string()),
+                Some(bytes) => serde_json::from_slice::<Value>(bytes)
+                    .map_err(|e| format!("the payload is not JSON: {e}")),
+            };
+            let encoded = document.and_then(|doc| schema.encode(&doc, meta));
+            match encoded {
+                Ok(row) => {
+                    for name in &row.unknown {
+                        if !unknown.contains(name) {
+                            unknown.push(name.clone());
+                        }
+                    }
+                    if self.config.unknown == UnknownField::DeadLetter && !row.unknown.is_empty() {
+                        refused.push((
+                            i,
+                            format!(
+                                "fields without a column: {} (the route dead-letters unknown fields)",
+                                row.unknown.join(", ")
+                            ),
+                        ));
+                    } else {
+                        groups.push(row);
+                    }
+                }
+                Err(reason) => refused.push((i, reason)),
+            }
+        }
+        (groups, refused, unknown)
+    }
+}
+
+/// A batch encoded with one version of the table's columns.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct TableBatch {
+    schema: Arc<Schema>,
+    groups: Groups,
+}
+
+impl crate::mapper::sealed::Sealed for TableRows {}
+
+#[async_trait]
+impl Mapping for TableRows {
+    type Rows = TableBatch;
+
+    fn columns_ddl(&self) -> Option<String> {
+        self.config.create_columns.clone()
+    }
+
+    fn order_by(&self) -> String {
+        "(kafka_partition, kafka_offset)".into()
+    }
+
+    async fn start(
+        &mut self,
+        client: &Client,
+        config: &ValidClickHouseConfig,
+    ) -> Result<(), SinkError> {
+        self.read_schema(client, config).await.map(drop)
+    }
+
+    async fn map_batch(
+        &mut self,
+        client: &Client,
+        config: &ValidClickHouseConfig,
+        records: &[(&Record, RowMeta)],
+    ) -> Result<Mapped<TableBatch>, SinkError> {
+        let due = match (&self.schema, self.read_at) {
+            (Some(schema), Some(at)) if at.elapsed() < self.config.refresh_interval => {
+                schema.clone()
+            }
+            _ => self.read_schema(client, config).await?,
+        };
+        let (mut groups, mut refused, unknown) = self.encode_all(&due, records);
+        let mut schema = due;
+        let recheck = !unknown.is_empty()
+            && (unknown.iter().any(|name| !self.absent.contains(name))
+                || self
+                    .read_at
+                    .map_or(true, |at| at.elapsed() >= self.config.recheck_unknown));
+        if recheck {
+            // A field the columns did not know: its column may have been
+            // added since they were read.
+            debug!(fields = ?unknown, "fields without a column: reading the columns again");
+            schema = self.read_schema(client, config).await?;
+            let again = self.encode_all(&schema, records);
+            (groups, refused) = (again.0, again.1);
+            self.absent.extend(again.2);
+        }
+        Ok(Mapped {
+            rows: TableBatch { schema, groups },
+            refused,
+        })
+    }
+
+    fn row_count(rows: &TableBatch) -> usize {
+        rows.groups.rows()
+    }
+
+    async fn insert(
+        &mut self,
+        client: &Client,
+        config: &ValidClickHouseConfig,
+        table: &str,
+        rows: TableBatch,
+    ) -> Result<(), SinkError> {
+        for (omitted, (bytes, _)) in rows.groups.groups {
+            let sql = format!(
+                "INSERT INTO `{}`.`{table}` ({}) FORMAT RowBinary",
+                config.database,
+                rows.schema.column_list(&omitted)
+            );
+            let mut insert = client
+                .insert_formatted_with(sql)
+                .with_timeouts(Some(config.insert_timeout), Some(config.insert_timeout));
+            let sent = async {
+                insert.send(bytes::Bytes::from(bytes)).await?;
+                insert.end().await
+            }
+            .await;
+            if let Err(e) = sent {
+                // The columns may have changed under the batch: read them
+                // again before the retry.
+                self.read_at = None;
+                return Err(SinkError::request(&config.url, "insert", e));
+            }
+        }
+        Ok(())
+    }
+}
