@@ -312,10 +312,26 @@ impl Mapping for TableRows {
             }
             .await;
             if let Err(e) = sent {
-                // The columns may have changed under the batch: read them
-                // again before the retry.
+                let mut err = SinkError::request(&config.url, "insert", e);
+                // The columns may have changed under the batch (a column
+                // dropped or retyped): then the retry, encoded with the
+                // columns read now, can succeed.
                 self.read_at = None;
-                return Err(SinkError::request(&config.url, "insert", e));
+                let before = rows.schema.clone();
+                if let Ok(now) = self.read_schema(client, config).await {
+                    if !now.same_columns(&before) {
+                        if let SinkError::Request {
+                            retryable, detail, ..
+                        } = &mut err
+                        {
+                            *retryable = true;
+                            detail.push_str(
+                                "; the table's columns changed: retrying with the new ones",
+                            );
+                        }
+                    }
+                }
+                return Err(err);
             }
         }
         Ok(())

@@ -279,6 +279,45 @@ async fn a_column_added_while_running_is_picked_up() {
     assert_eq!(got.trim(), "200\t200\t100\t100");
 }
 
+/// Invariant: a column dropped while the sink runs fails one insert, which
+/// is retryable and, retried, writes every row once with the columns left.
+#[tokio::test]
+async fn a_column_dropped_while_running_fails_one_insert_then_flows() {
+    let client = table("dropped", &format!("a UInt32, b String, {META}")).await;
+    let mut sink = sink("dropped", TableRowsConfig::default()).await.unwrap();
+    let batch = |from: i64| -> Vec<Record> {
+        (from..from + 50)
+            .map(|i| record(i, &format!(r#"{{"a": {i}, "b": "b{i}"}}"#)))
+            .collect()
+    };
+    assert_eq!(sink.write(&batch(0)).await.unwrap().written, 50);
+    client
+        .query("ALTER TABLE it_rows_dropped DROP COLUMN b")
+        .execute()
+        .await
+        .unwrap();
+    let next = batch(50);
+    let failed = sink.write(&next).await;
+    let retryable = match &failed {
+        Err(e) => e.is_retryable(),
+        Ok(_) => true,
+    };
+    println!("first write after the drop: {failed:?}");
+    assert!(
+        retryable,
+        "the columns changed: the failure must be retryable"
+    );
+    if failed.is_err() {
+        assert_eq!(sink.write(&next).await.unwrap().written, 50);
+    }
+    let got = tsv(
+        &client,
+        "SELECT count(), uniqExact(event_id) FROM it_rows_dropped",
+    )
+    .await;
+    assert_eq!(got.trim(), "100\t100");
+}
+
 /// Tables no route can write are refused at start with what to do.
 #[tokio::test]
 async fn tables_the_sink_cannot_write_are_refused_at_start() {
