@@ -2,6 +2,8 @@
 #![warn(missing_docs)]
 
 mod client;
+#[doc(hidden)]
+pub mod compat;
 mod config;
 mod ddl;
 mod dead_letters;

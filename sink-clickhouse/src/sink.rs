@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use clickhouse::query::Query;
 use clickhouse::{Client, Row};
 use outbox_core::{Position, RecentIds, Record, Sink, WriteReport};
 use serde::{Deserialize, Serialize};
@@ -229,6 +230,18 @@ impl<M: Mapping> ClickHouseSink<M> {
         partition: i32,
         from: i64,
     ) -> Result<BTreeMap<i64, String>, SinkError> {
+        let query = self
+            .position_lookup(topic, partition, from)
+            .fetch_all::<OffsetRow>();
+        let rows = bounded(&self.config, "position lookup", query).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.kafka_offset, r.event_id))
+            .collect())
+    }
+
+    /// The query of [`Self::stored_offsets`].
+    pub(crate) fn position_lookup(&self, topic: &str, partition: i32, from: i64) -> Query {
         let sql = format!(
             "SELECT kafka_offset, event_id FROM (\
                SELECT kafka_offset, toString(event_id) AS event_id FROM {} \
@@ -239,20 +252,30 @@ impl<M: Mapping> ClickHouseSink<M> {
             self.table_ref(),
             self.dead_letter_ref()
         );
-        let query = self
-            .client
+        self.client
             .query(&sql)
             .bind(partition)
             .bind(from)
             .bind(topic)
             .bind(partition)
             .bind(from)
-            .fetch_all::<OffsetRow>();
-        let rows = bounded(&self.config, "position lookup", query).await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| (r.kafka_offset, r.event_id))
-            .collect())
+    }
+
+    /// The query of [`Self::recent_ids`]: the ids of the latest `window`
+    /// rows of a partition.
+    pub(crate) fn id_lookup(&self, partition: i32, window: usize) -> Query {
+        let window = i64::try_from(window).unwrap_or(i64::MAX);
+        let sql = format!(
+            "SELECT event_id FROM {table} WHERE kafka_partition = ? AND kafka_offset > \
+               (SELECT max(kafka_offset) FROM {table} WHERE kafka_partition = ?) - ? \
+             ORDER BY kafka_offset",
+            table = self.table_ref()
+        );
+        self.client
+            .query(&sql)
+            .bind(partition)
+            .bind(partition)
+            .bind(window)
     }
 
     /// Ids of the latest `dedup_window` rows of a partition, oldest first.
@@ -266,20 +289,7 @@ impl<M: Mapping> ClickHouseSink<M> {
             self.config.dedup_horizon,
             self.config.dedup_window_max,
         );
-        let window = i64::try_from(capacity).unwrap_or(i64::MAX);
-        let sql = format!(
-            "SELECT event_id FROM {table} WHERE kafka_partition = ? AND kafka_offset > \
-               (SELECT max(kafka_offset) FROM {table} WHERE kafka_partition = ?) - ? \
-             ORDER BY kafka_offset",
-            table = self.table_ref()
-        );
-        let query = self
-            .client
-            .query(&sql)
-            .bind(partition)
-            .bind(partition)
-            .bind(window)
-            .fetch_all::<IdRow>();
+        let query = self.id_lookup(partition, capacity).fetch_all::<IdRow>();
         let rows = bounded(&self.config, "event id lookup", query).await?;
         for row in rows {
             recent.insert(row.event_id);
@@ -498,6 +508,15 @@ impl<M: Mapping> Sink for ClickHouseSink<M> {
 }
 
 impl<M: Mapping> ClickHouseSink<M> {
+    /// The query of [`Self::stored_positions`].
+    pub(crate) fn positions_query(&self) -> Query {
+        self.client.query(&format!(
+            "SELECT kafka_partition, max(kafka_offset) AS kafka_offset FROM {} \
+             GROUP BY kafka_partition ORDER BY kafka_partition",
+            self.table_ref()
+        ))
+    }
+
     /// The client, for queries of the caller's own.
     pub fn client(&self) -> &Client {
         &self.client
@@ -511,11 +530,7 @@ impl<M: Mapping> ClickHouseSink<M> {
             kafka_offset: i64,
         }
         let rows = self
-            .client
-            .query(&format!(
-                "SELECT kafka_partition, max(kafka_offset) AS kafka_offset FROM {} GROUP BY kafka_partition ORDER BY kafka_partition",
-                self.table_ref()
-            ))
+            .positions_query()
             .fetch_all::<Max>()
             .await
             .map_err(|e| SinkError::request(&self.config.url, "position lookup", e))?;

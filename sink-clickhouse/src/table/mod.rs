@@ -154,13 +154,7 @@ impl TableRows {
         client: &Client,
         config: &ValidClickHouseConfig,
     ) -> Result<Arc<Schema>, SinkError> {
-        let query = client
-            .query(
-                "SELECT name, type, default_kind FROM system.columns WHERE database = ? AND table = ?",
-            )
-            .bind(&config.database)
-            .bind(&config.table)
-            .fetch_all::<ColumnRow>();
+        let query = columns_query(client, config).fetch_all::<ColumnRow>();
         let rows = bounded(config, "column lookup", query).await?;
         let table = format!("{}.{}", config.database, config.table);
         let schema = Schema::new(&table, &rows, &self.config).map_err(SinkError::Config)?;
@@ -220,6 +214,44 @@ impl TableRows {
         }
         (groups, refused, unknown)
     }
+}
+
+/// The lookup of the table's columns.
+pub(crate) fn columns_query(
+    client: &Client,
+    config: &ValidClickHouseConfig,
+) -> clickhouse::query::Query {
+    client
+        .query(
+            "SELECT name, type, default_kind FROM system.columns WHERE database = ? AND table = ?",
+        )
+        .bind(&config.database)
+        .bind(&config.table)
+}
+
+/// RowBinary of `payloads` for a table of `columns` (name, type; every
+/// column plain, no `DEFAULT`) followed by the four meta columns, as the
+/// sink sends them, each row with its meta: for checking the bytes on other
+/// ClickHouse versions.
+pub(crate) fn encode_payloads(
+    columns: &[(&str, &str)],
+    rows: &[(Value, RowMeta)],
+) -> Result<Vec<u8>, String> {
+    let column_rows: Vec<ColumnRow> = columns
+        .iter()
+        .chain(schema::META_COLUMNS.iter())
+        .map(|(name, ty)| ColumnRow {
+            name: (*name).to_string(),
+            r#type: (*ty).to_string(),
+            default_kind: String::new(),
+        })
+        .collect();
+    let schema = Schema::new("check", &column_rows, &TableRowsConfig::default())?;
+    let mut out = Vec::new();
+    for (payload, meta) in rows {
+        out.extend(schema.encode(payload, meta)?.bytes);
+    }
+    Ok(out)
 }
 
 /// A batch encoded with one version of the table's columns.

@@ -141,10 +141,22 @@ impl ColumnType {
     /// Appends `value` in RowBinary.
     pub(crate) fn encode(&self, value: &Value, out: &mut Vec<u8>) -> Result<(), Misfit> {
         match self {
-            Self::Int { bytes, signed } => {
-                let n = integer(value)?;
-                put_int(n, *bytes, *signed, out)
-            }
+            Self::Int { bytes, signed } => match integer(value) {
+                Ok(n) => put_int(n, *bytes, *signed, out),
+                // Only UInt128 holds what is beyond i128.
+                Err(misfit) => match huge(value) {
+                    Some(n) if *bytes == 16 && !*signed => {
+                        out.extend_from_slice(&n.to_le_bytes());
+                        Ok(())
+                    }
+                    Some(n) => Err(format!(
+                        "{n} is out of the range of {}Int{}",
+                        if *signed { "" } else { "U" },
+                        u32::from(*bytes) * 8
+                    )),
+                    None => Err(misfit),
+                },
+            },
             Self::Float32 => {
                 let f = float(value)?;
                 let narrow = f as f32;
@@ -422,6 +434,18 @@ fn integer(value: &Value) -> Result<i128, Misfit> {
     }
 }
 
+/// An integer above `i128::MAX` (a `UInt128` near its top), as text.
+fn huge(value: &Value) -> Option<u128> {
+    match value {
+        Value::String(s) => s
+            .trim()
+            .parse::<u128>()
+            .ok()
+            .filter(|n| *n > i128::MAX as u128),
+        _ => None,
+    }
+}
+
 fn put_int(n: i128, bytes: u8, signed: bool, out: &mut Vec<u8>) -> Result<(), Misfit> {
     let bits = u32::from(bytes) * 8;
     let fits = if signed {
@@ -647,6 +671,14 @@ mod tests {
             .unwrap_err()
             .contains("found an array"));
         assert_eq!(enc("Int128", json!("-1")), Ok(vec![255; 16]));
+        let top = "340282366920938463463374607431768211455";
+        assert_eq!(enc("UInt128", json!(top)), Ok(vec![255; 16]));
+        assert!(enc("Int128", json!(top))
+            .unwrap_err()
+            .contains("out of the range of Int128"));
+        assert!(enc("UInt64", json!(top))
+            .unwrap_err()
+            .contains("out of the range of UInt64"));
     }
 
     #[test]
