@@ -12,7 +12,7 @@ use outbox_pg::PartitionLeaseConfig;
 
 use sink_clickhouse::TableRowsConfig;
 
-use crate::routes::{MissingArg, UnknownArg};
+use crate::routes::{ChangesArg, MissingArg, UnknownArg};
 use crate::{millis, GroupArgs};
 
 /// How the consumer obtains its partitions.
@@ -98,6 +98,15 @@ pub struct ConsumerArgs {
         default_value = "ignore"
     )]
     pub unknown_field: UnknownArg,
+    /// With --format table: payloads are rows (`off`), or change envelopes
+    /// of the WAL source written one row per change (`log`) or as each
+    /// key's latest state (`state`, docs/tables.md).
+    #[arg(long, env = "OUTBOX_CHANGES", value_enum, default_value = "off")]
+    pub changes: ChangesArg,
+    /// With --changes state and --create-columns: the primary key the
+    /// created table is ordered by.
+    #[arg(long, env = "OUTBOX_ORDER_BY")]
+    pub order_by: Option<String>,
     /// With --format table: columns (`name Type, ...`, without the four
     /// meta columns) to create the table with when it does not exist.
     #[arg(long, env = "OUTBOX_CREATE_COLUMNS")]
@@ -188,6 +197,8 @@ impl ConsumerArgs {
             unknown: self.unknown_field.into(),
             refresh_interval: crate::routes::refresh(self.columns_refresh_secs),
             create_columns: self.create_columns.clone(),
+            changes: self.changes.into(),
+            order_by: self.order_by.clone(),
             ..TableRowsConfig::default()
         }
     }

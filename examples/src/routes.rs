@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use serde::Deserialize;
-use sink_clickhouse::{MissingField, TableRowsConfig, UnknownField, ValidClickHouseConfig};
+use sink_clickhouse::{
+    Changes, MissingField, TableRowsConfig, UnknownField, ValidClickHouseConfig,
+};
 
 use crate::{ConsumerArgs, RowFormat};
 
@@ -47,6 +49,29 @@ pub enum UnknownArg {
     DeadLetter,
 }
 
+/// Whether payloads are rows or change envelopes (`--changes`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChangesArg {
+    /// Each payload is a row.
+    #[default]
+    Off,
+    /// Change envelopes of the WAL source, one row per change.
+    Log,
+    /// Change envelopes into a state table (ReplacingMergeTree by `_version`).
+    State,
+}
+
+impl From<ChangesArg> for Changes {
+    fn from(arg: ChangesArg) -> Self {
+        match arg {
+            ChangesArg::Off => Changes::Off,
+            ChangesArg::Log => Changes::Log,
+            ChangesArg::State => Changes::State,
+        }
+    }
+}
+
 /// One `[[route]]` of the configuration file. Options it leaves out come
 /// from the flags (and their defaults).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -65,6 +90,11 @@ pub struct RouteSpec {
     pub missing: Option<MissingArg>,
     /// A payload field no column reads.
     pub unknown: Option<UnknownArg>,
+    /// Payloads are rows (`off`), or change envelopes written one row per
+    /// change (`log`) or as the latest state per key (`state`).
+    pub changes: Option<ChangesArg>,
+    /// With `changes = "state"` and `create_columns`: the primary key.
+    pub order_by: Option<String>,
     /// Columns to create the table with when it does not exist.
     pub create_columns: Option<String>,
     /// The route's dead-letter table. Default: the flag's.
@@ -186,6 +216,12 @@ pub fn resolve(
         if spec.create_columns.is_some() {
             rows.create_columns = spec.create_columns.clone();
         }
+        if let Some(changes) = spec.changes {
+            rows.changes = changes.into();
+        }
+        if spec.order_by.is_some() {
+            rows.order_by = spec.order_by.clone();
+        }
         routes.push(Route {
             name,
             consumer: args,
@@ -283,6 +319,8 @@ mod tests {
             fields = { user = "username", city = "/address/city" }
             missing = "dead-letter"
             batch_size = 7
+            changes = "state"
+            order_by = "id"
 
             [[route]]
             topic = "user_events"
@@ -297,6 +335,9 @@ mod tests {
         assert_eq!(routes[0].consumer.batch_size, 7);
         assert_eq!(routes[0].rows.missing, MissingField::DeadLetter);
         assert_eq!(routes[0].rows.fields["city"], "/address/city");
+        assert_eq!(routes[0].rows.changes, Changes::State);
+        assert_eq!(routes[0].rows.order_by.as_deref(), Some("id"));
+        assert_eq!(routes[1].rows.changes, Changes::Off);
         assert_eq!(routes[0].consumer.group.topic, "views");
         assert!(routes[0].consumer.group.group_id.ends_with("-views"));
         assert_eq!(routes[1].consumer.batch_size, 99);

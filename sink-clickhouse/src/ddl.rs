@@ -17,6 +17,7 @@ impl<M: Mapping> ClickHouseSink<M> {
             &self.config.table,
             &columns,
             "Replacing",
+            self.mapper.version_column().unwrap_or_default(),
             &self.mapper.order_by(),
         ))
     }
@@ -27,6 +28,7 @@ impl<M: Mapping> ClickHouseSink<M> {
             &self.config.dead_letter_table,
             "topic String, kafka_partition Int32, kafka_offset Int64, event_id String, \
              key String, payload String, reason String, failed_at DateTime",
+            "",
             "",
             "(topic, kafka_partition, kafka_offset)",
         )
@@ -72,20 +74,35 @@ impl<M: Mapping> ClickHouseSink<M> {
 
     /// `CREATE TABLE` of a table of the sink (or of its shards' local table),
     /// on a `{variant}MergeTree` engine, replicated if so configured.
-    fn local_ddl(&self, table: &str, columns: &str, variant: &str, order_by: &str) -> String {
+    fn local_ddl(
+        &self,
+        table: &str,
+        columns: &str,
+        variant: &str,
+        version: &str,
+        order_by: &str,
+    ) -> String {
+        let version = if version.is_empty() {
+            String::new()
+        } else {
+            format!(", {version}")
+        };
         let db = &self.config.database;
         let on_cluster = self.on_cluster();
         let (name, engine) = match &self.config.cluster {
-            None => (table.to_string(), format!("{variant}MergeTree()")),
+            None => (
+                table.to_string(),
+                format!("{variant}MergeTree({})", version.trim_start_matches(", ")),
+            ),
             Some(cluster) => {
                 let local = format!("{table}{}", cluster.local_suffix);
                 let engine = if cluster.replicated {
                     // The {shard} and {replica} macros come from each server's config.
                     format!(
-                        "Replicated{variant}MergeTree('/clickhouse/tables/{{shard}}/{db}/{local}', '{{replica}}')"
+                        "Replicated{variant}MergeTree('/clickhouse/tables/{{shard}}/{db}/{local}', '{{replica}}'{version})"
                     )
                 } else {
-                    format!("{variant}MergeTree()")
+                    format!("{variant}MergeTree({})", version.trim_start_matches(", "))
                 };
                 (local, engine)
             }

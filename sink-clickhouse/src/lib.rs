@@ -23,7 +23,7 @@ pub use mapper::{
     Mapped, Mapping, RawEventMapper, RawEventRow, RowMapper, RowMeta, META_COLUMNS_DDL,
 };
 pub use sink::{ClickHouseSink, DeadLetterRow};
-pub use table::{MissingField, TableBatch, TableRows, TableRowsConfig, UnknownField};
+pub use table::{Changes, MissingField, TableBatch, TableRows, TableRowsConfig, UnknownField};
 
 /// Re-exported so users derive rows with the same client version.
 pub use clickhouse;

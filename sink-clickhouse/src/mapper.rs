@@ -174,6 +174,12 @@ pub trait Mapping: sealed::Sealed + Send + Sync + 'static {
     #[doc(hidden)]
     fn order_by(&self) -> String;
 
+    /// The `ReplacingMergeTree`'s version column of a created table.
+    #[doc(hidden)]
+    fn version_column(&self) -> Option<&str> {
+        None
+    }
+
     /// Once, when the sink starts (after its tables were created).
     #[doc(hidden)]
     async fn start(

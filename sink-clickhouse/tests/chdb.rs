@@ -15,7 +15,7 @@ use std::process::Command;
 use serde_json::{json, Value};
 use sink_clickhouse::compat;
 use sink_clickhouse::{
-    ClickHouseConfig, ClusterConfig, RawEventMapper, RowMeta, TableRows, TableRowsConfig,
+    Changes, ClickHouseConfig, ClusterConfig, RawEventMapper, RowMeta, TableRows, TableRowsConfig,
 };
 use uuid::Uuid;
 
@@ -200,6 +200,21 @@ fn write_manifest(dir: &Path) -> Result<Value, Box<dyn std::error::Error>> {
         compat::ddl(table_rows.clone().validate()?, created)?,
         true,
     );
+    let state = ClickHouseConfig {
+        table: "accounts_state".into(),
+        ..plain.clone()
+    };
+    let state_rows = TableRows::new(TableRowsConfig {
+        changes: Changes::State,
+        order_by: Some("id".into()),
+        create_columns: Some("id Int64, name String, balance Decimal(18, 2)".into()),
+        ..TableRowsConfig::default()
+    });
+    push_ddl(
+        "state table",
+        compat::ddl(state.clone().validate()?, state_rows)?,
+        true,
+    );
     for (variant, cluster) in [
         ("replicated cluster", ClusterConfig::new("analytics")),
         (
@@ -223,7 +238,11 @@ fn write_manifest(dir: &Path) -> Result<Value, Box<dyn std::error::Error>> {
     }
 
     let mut queries: Vec<Value> = Vec::new();
-    for (config, label) in [(&plain, "raw events"), (&table_rows, "table rows")] {
+    for (config, label) in [
+        (&plain, "raw events"),
+        (&table_rows, "table rows"),
+        (&state, "state table"),
+    ] {
         let lookups = compat::lookups(config.clone().validate()?, RawEventMapper)?;
         for statement in lookups {
             queries.push(

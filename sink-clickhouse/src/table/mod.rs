@@ -32,6 +32,26 @@ pub enum MissingField {
     DeadLetter,
 }
 
+/// Whether payloads are rows, or change envelopes of the WAL source
+/// (`op`, `before`, `after`, `source`; docs/wal.md) whose row is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Changes {
+    /// Each payload is a row. Default.
+    #[default]
+    Off,
+    /// Each change is one row, appended: `after` (or `before` for a
+    /// delete) to the columns, and the change's facts into the columns
+    /// named `_op`, `_deleted`, `_lsn`, `_ordinal`, `_commit_time`,
+    /// `_version` where the table has them.
+    Log,
+    /// The table keeps the latest state of each row: as `Log`, into a
+    /// `ReplacingMergeTree(_version)` ordered by the primary key, whose
+    /// `_version` (UInt64 or UInt128) is the change's place in commit order
+    /// and `_deleted` marks deletes. Read it with `FINAL … WHERE NOT
+    /// _deleted`, or `argMax` by `_version` (docs/tables.md).
+    State,
+}
+
 /// What to do with a payload field no column reads.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum UnknownField {
@@ -79,6 +99,11 @@ pub struct TableRowsConfig {
     /// most often a stream that always carries a field the table does not
     /// want reads `system.columns`. Default: 1 s.
     pub recheck_unknown: Duration,
+    /// Payloads are rows, or change envelopes. Default: rows.
+    pub changes: Changes,
+    /// With [`Changes::State`] and `create_columns`: the primary key
+    /// columns the created table is ordered by (`id`, or `(a, b)`).
+    pub order_by: Option<String>,
     /// Columns of the table (`name Type, …`, without the four meta
     /// columns) for creating it when it does not exist and
     /// [`ClickHouseConfig::create_tables`](crate::ClickHouseConfig::create_tables)
@@ -94,6 +119,8 @@ impl Default for TableRowsConfig {
             unknown: UnknownField::Ignore,
             refresh_interval: Duration::from_secs(30),
             recheck_unknown: Duration::from_secs(1),
+            changes: Changes::Off,
+            order_by: None,
             create_columns: None,
         }
     }
@@ -189,7 +216,14 @@ impl TableRows {
                 Some(bytes) => serde_json::from_slice::<Value>(bytes)
                     .map_err(|e| format!("the payload is not JSON: {e}")),
             };
-            let encoded = document.and_then(|doc| schema.encode(&doc, meta));
+            let encoded = document.and_then(|doc| {
+                if schema.reads_changes() {
+                    let (row, change) = schema.change_row(doc)?;
+                    schema.encode(&row, meta, Some(&change))
+                } else {
+                    schema.encode(&doc, meta, None)
+                }
+            });
             match encoded {
                 Ok(row) => {
                     for name in &row.unknown {
@@ -249,7 +283,7 @@ pub(crate) fn encode_payloads(
     let schema = Schema::new("check", &column_rows, &TableRowsConfig::default())?;
     let mut out = Vec::new();
     for (payload, meta) in rows {
-        out.extend(schema.encode(payload, meta)?.bytes);
+        out.extend(schema.encode(payload, meta, None)?.bytes);
     }
     Ok(out)
 }
@@ -269,11 +303,22 @@ impl Mapping for TableRows {
     type Rows = TableBatch;
 
     fn columns_ddl(&self) -> Option<String> {
-        self.config.create_columns.clone()
+        let columns = self.config.create_columns.clone()?;
+        Some(match self.config.changes {
+            Changes::State => format!("{columns}, _version UInt64, _deleted UInt8"),
+            Changes::Log | Changes::Off => columns,
+        })
     }
 
     fn order_by(&self) -> String {
-        "(kafka_partition, kafka_offset)".into()
+        match (&self.config.changes, &self.config.order_by) {
+            (Changes::State, Some(key)) => key.clone(),
+            _ => "(kafka_partition, kafka_offset)".into(),
+        }
+    }
+
+    fn version_column(&self) -> Option<&str> {
+        (self.config.changes == Changes::State).then_some("_version")
     }
 
     async fn start(

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde_json::Value;
 
 use super::types::ColumnType;
-use super::{MissingField, TableRowsConfig};
+use super::{Changes, MissingField, TableRowsConfig};
 use crate::mapper::RowMeta;
 
 /// One row of `system.columns`.
@@ -30,6 +30,28 @@ enum Source {
     KafkaPartition,
     KafkaOffset,
     IngestedAt,
+    /// Of a change route: the change's `op`.
+    ChangeOp,
+    /// Of a change route: its place in commit order (commit LSN, ordinal).
+    ChangeVersion,
+    /// Of a change route: whether it is a delete.
+    ChangeDeleted,
+    /// Of a change route: the commit LSN.
+    ChangeLsn,
+    /// Of a change route: the change's place in its transaction.
+    ChangeOrdinal,
+    /// Of a change route: the commit time.
+    ChangeTime,
+}
+
+/// What a change envelope says besides the row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ChangeFacts {
+    /// `c`, `u`, `d` or `r`.
+    pub op: String,
+    pub lsn: u64,
+    pub ordinal: u32,
+    pub ts_ms: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +72,7 @@ pub(crate) struct Schema {
     /// Top-level payload fields some column reads.
     known_fields: HashSet<String>,
     missing: MissingField,
+    changes: Changes,
 }
 
 /// The exactly-once lookup reads these; every table needs them.
@@ -115,11 +138,34 @@ impl Schema {
                     row.name, row.r#type
                 )
             })?;
+            // A change route fills these from the envelope, unless mapped.
+            let change = config.changes != Changes::Off && !config.fields.contains_key(&row.name);
             let source = match row.name.as_str() {
                 "event_id" => Source::EventId,
                 "kafka_partition" => Source::KafkaPartition,
                 "kafka_offset" => Source::KafkaOffset,
                 "ingested_at" => Source::IngestedAt,
+                "_op" if change => Source::ChangeOp,
+                "_version" if change => {
+                    if !matches!(
+                        ty,
+                        ColumnType::Int {
+                            bytes: 8 | 16,
+                            signed: false
+                        }
+                    ) {
+                        return Err(format!(
+                            "column \"_version\" of {table} has type {}: a change route writes the \
+                             commit position there, which needs UInt64 or UInt128",
+                            row.r#type
+                        ));
+                    }
+                    Source::ChangeVersion
+                }
+                "_deleted" if change => Source::ChangeDeleted,
+                "_lsn" if change => Source::ChangeLsn,
+                "_ordinal" if change => Source::ChangeOrdinal,
+                "_commit_time" if change => Source::ChangeTime,
                 name => match config.fields.get(name) {
                     Some(path) if path.starts_with('/') => Source::Pointer(path.clone()),
                     Some(field) => Source::Field(field.clone()),
@@ -144,10 +190,19 @@ impl Schema {
                 source,
             });
         }
+        if config.changes == Changes::State
+            && !columns.iter().any(|c| c.source == Source::ChangeVersion)
+        {
+            return Err(format!(
+                "table {table} keeps state but has no _version column: add `_version UInt64` (or \
+                 UInt128) and make it the ReplacingMergeTree's version (docs/tables.md)"
+            ));
+        }
         Ok(Self {
             columns,
             known_fields,
             missing: config.missing,
+            changes: config.changes,
         })
     }
 
@@ -162,9 +217,81 @@ impl Schema {
             .join(", ")
     }
 
-    /// Encodes `document` (the payload's JSON object) and `meta` into one
-    /// row, or says which column refused what.
-    pub(crate) fn encode(&self, document: &Value, meta: &RowMeta) -> Result<EncodedRow, String> {
+    /// The row of a change envelope and what the envelope says of it: the
+    /// new row (`after`) of an insert, update or loaded row, the old one
+    /// (`before`) of a delete. An update's unchanged TOAST values are taken
+    /// from `before` when it has them (`REPLICA IDENTITY FULL`); one a
+    /// column needs and the change lacks refuses the record.
+    pub(crate) fn change_row(&self, envelope: Value) -> Result<(Value, ChangeFacts), String> {
+        let Value::Object(mut envelope) = envelope else {
+            return Err(format!(
+                "the change is not a JSON object but {}",
+                short(&envelope)
+            ));
+        };
+        let op = match envelope.get("op").and_then(Value::as_str) {
+            Some(op @ ("c" | "u" | "d" | "r")) => op.to_string(),
+            _ => return Err("not a change envelope: no op of c, u, d or r".into()),
+        };
+        let source = envelope.get("source").cloned().unwrap_or(Value::Null);
+        let lsn = source
+            .get("lsn")
+            .and_then(Value::as_str)
+            .and_then(parse_lsn)
+            .ok_or("not a change envelope: no source.lsn of the form X/Y")?;
+        let ordinal = source
+            .get("ordinal")
+            .and_then(Value::as_u64)
+            .map_or(Ok(0), u32::try_from)
+            .map_err(|_| "source.ordinal is out of range".to_string())?;
+        let ts_ms = source.get("ts_ms").and_then(Value::as_i64).unwrap_or(0);
+        let side = if op == "d" { "before" } else { "after" };
+        let mut row = match envelope.remove(side) {
+            Some(row @ Value::Object(_)) => row,
+            _ => return Err(format!("the {op} change has no {side} row")),
+        };
+        if let Some(Value::Array(unchanged)) = envelope.get("unchanged_toast") {
+            let before = envelope.get("before").and_then(Value::as_object);
+            for name in unchanged.iter().filter_map(Value::as_str) {
+                match (before.and_then(|b| b.get(name)), &mut row) {
+                    (Some(value), Value::Object(fields)) => {
+                        fields.insert(name.to_string(), value.clone());
+                    }
+                    _ if self.known_fields.contains(name) => {
+                        return Err(format!(
+                            "field {name:?} did not come with the update (an unchanged TOAST \
+                             value): set REPLICA IDENTITY FULL on the PostgreSQL table so updates \
+                             carry it"
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok((
+            row,
+            ChangeFacts {
+                op,
+                lsn,
+                ordinal,
+                ts_ms,
+            },
+        ))
+    }
+
+    /// Whether this schema's route reads change envelopes.
+    pub(crate) fn reads_changes(&self) -> bool {
+        self.changes != Changes::Off
+    }
+
+    /// Encodes `document` (the payload's JSON object, or a change's row with
+    /// `change`) and `meta` into one row, or says which column refused what.
+    pub(crate) fn encode(
+        &self,
+        document: &Value,
+        meta: &RowMeta,
+        change: Option<&ChangeFacts>,
+    ) -> Result<EncodedRow, String> {
         let Value::Object(fields) = document else {
             return Err(format!(
                 "the payload is not a JSON object but {}",
@@ -181,6 +308,22 @@ impl Schema {
         let partition = Value::from(meta.kafka_partition);
         let offset = Value::from(meta.kafka_offset);
         let ingested = Value::from(meta.ingested_at);
+        let (op, deleted, lsn, ordinal, time) = match change {
+            Some(c) => (
+                Value::String(c.op.clone()),
+                Value::Bool(c.op == "d"),
+                Value::from(c.lsn),
+                Value::from(c.ordinal),
+                Value::String(format!(
+                    "{}.{:03}",
+                    c.ts_ms.div_euclid(1000),
+                    c.ts_ms.rem_euclid(1000)
+                )),
+            ),
+            None => Default::default(),
+        };
+        // A delete's old row holds the key only, unless REPLICA IDENTITY FULL.
+        let lenient = change.is_some_and(|c| c.op == "d");
         for (i, column) in self.columns.iter().enumerate() {
             let value = match &column.source {
                 Source::Field(field) => fields.get(field),
@@ -189,6 +332,16 @@ impl Schema {
                 Source::KafkaPartition => Some(&partition),
                 Source::KafkaOffset => Some(&offset),
                 Source::IngestedAt => Some(&ingested),
+                Source::ChangeVersion => {
+                    let c = change.ok_or("the record is not a change")?;
+                    put_version(&column.ty, c, &mut row.bytes)?;
+                    continue;
+                }
+                Source::ChangeOp => change.map(|_| &op),
+                Source::ChangeDeleted => change.map(|_| &deleted),
+                Source::ChangeLsn => change.map(|_| &lsn),
+                Source::ChangeOrdinal => change.map(|_| &ordinal),
+                Source::ChangeTime => change.map(|_| &time),
             };
             let value = value.filter(|v| !v.is_null() || column.ty.is_nullable());
             match value {
@@ -200,7 +353,7 @@ impl Schema {
                         column.source_name()
                     )
                 })?,
-                None if self.missing == MissingField::DeadLetter => {
+                None if self.missing == MissingField::DeadLetter && !lenient => {
                     return Err(format!(
                         "column {:?} ({}): {} is missing (the route dead-letters missing fields)",
                         column.name,
@@ -224,6 +377,36 @@ impl Schema {
                 .zip(&other.columns)
                 .all(|(a, b)| a.name == b.name && a.type_name == b.type_name)
     }
+}
+
+/// A change's place in commit order as the `_version` column holds it.
+/// UInt128: (commit LSN, ordinal), exact. UInt64: the commit LSN in the high
+/// 48 bits and the ordinal in the low 16, exact up to 256 TiB of WAL and
+/// 65,535 changes into a transaction (later changes of one transaction
+/// share the last version: docs/tables.md).
+fn put_version(ty: &ColumnType, change: &ChangeFacts, out: &mut Vec<u8>) -> Result<(), String> {
+    if let ColumnType::Int { bytes: 16, .. } = ty {
+        let version = (u128::from(change.lsn) << 32) | u128::from(change.ordinal);
+        out.extend_from_slice(&version.to_le_bytes());
+        return Ok(());
+    }
+    if change.lsn >> 48 != 0 {
+        return Err(format!(
+            "column \"_version\" (UInt64): commit position {:X}/{:X} is beyond what a UInt64 \
+             version holds with the ordinal (256 TiB of WAL); use UInt128",
+            change.lsn >> 32,
+            change.lsn & 0xFFFF_FFFF
+        ));
+    }
+    let version = (change.lsn << 16) | u64::from(change.ordinal.min(0xFFFF));
+    out.extend_from_slice(&version.to_le_bytes());
+    Ok(())
+}
+
+/// `X/Y`, PostgreSQL's text of an LSN.
+fn parse_lsn(text: &str) -> Option<u64> {
+    let (high, low) = text.split_once('/')?;
+    Some((u64::from_str_radix(high, 16).ok()? << 32) | u64::from_str_radix(low, 16).ok()?)
 }
 
 impl Column {
@@ -289,6 +472,12 @@ mod tests {
         }
     }
 
+    impl Schema {
+        fn encode_plain(&self, document: &Value, meta: &RowMeta) -> Result<EncodedRow, String> {
+            self.encode(document, meta, None)
+        }
+    }
+
     fn schema(rows: &[ColumnRow], config: &TableRowsConfig) -> Result<Schema, String> {
         let mut all = rows.to_vec();
         all.extend(meta_rows());
@@ -342,7 +531,7 @@ mod tests {
             ],
             &config,
         )?;
-        let row = s.encode(
+        let row = s.encode_plain(
             &json!({"username": "ann", "address": {"city": "Oslo"}, "n": 3, "extra": 1}),
             &meta(),
         )?;
@@ -370,7 +559,7 @@ mod tests {
             col("m", "UInt8", "MATERIALIZED"),
         ];
         let lenient = schema(&rows, &TableRowsConfig::default())?;
-        let row = lenient.encode(&json!({"a": null}), &meta())?;
+        let row = lenient.encode_plain(&json!({"a": null}), &meta())?;
         assert_eq!(row.omitted, [1], "b is left to its DEFAULT expression");
         assert_eq!(&row.bytes[..2], &[0, 1], "a is 0, c is NULL");
         assert!(!lenient.column_list(&row.omitted).contains("`b`"));
@@ -386,7 +575,7 @@ mod tests {
             },
         )?;
         let err = strict
-            .encode(&json!({"a": 1, "c": 2}), &meta())
+            .encode_plain(&json!({"a": 1, "c": 2}), &meta())
             .unwrap_err();
         assert!(
             err.contains("column \"b\" (String): field \"b\" is missing"),
@@ -398,19 +587,141 @@ mod tests {
     #[test]
     fn misfits_say_which_column_and_why_and_unknown_fields_are_named() -> Result<(), String> {
         let s = schema(&[col("age", "UInt8", "")], &TableRowsConfig::default())?;
-        let err = s.encode(&json!({"age": 300}), &meta()).unwrap_err();
+        let err = s.encode_plain(&json!({"age": 300}), &meta()).unwrap_err();
         assert_eq!(
             err,
             "column \"age\" (UInt8) from field \"age\": 300 is out of the range of UInt8"
         );
         assert_eq!(
-            s.encode(&json!({"age": 1, "x": 2}), &meta())?.unknown,
+            s.encode_plain(&json!({"age": 1, "x": 2}), &meta())?.unknown,
             ["x"]
         );
         assert!(s
-            .encode(&json!([1]), &meta())
+            .encode_plain(&json!([1]), &meta())
             .unwrap_err()
             .contains("not a JSON object"));
+        Ok(())
+    }
+
+    fn state_schema(version_type: &str) -> Result<Schema, String> {
+        schema(
+            &[
+                col("id", "Int64", ""),
+                col("name", "String", ""),
+                col("note", "String", ""),
+                col("_version", version_type, ""),
+                col("_deleted", "UInt8", ""),
+                col("_op", "String", ""),
+            ],
+            &TableRowsConfig {
+                changes: Changes::State,
+                missing: MissingField::DeadLetter,
+                ..TableRowsConfig::default()
+            },
+        )
+    }
+
+    fn change(op: &str, before: Value, after: Value, ordinal: u32) -> Value {
+        json!({"op": op, "before": before, "after": after,
+               "source": {"lsn": "1/A0", "ts_ms": 1_500, "ordinal": ordinal}})
+    }
+
+    #[test]
+    fn a_change_writes_its_row_and_its_place_in_commit_order() -> Result<(), String> {
+        let s = state_schema("UInt64")?;
+        let (row, facts) = s.change_row(change(
+            "u",
+            json!(null),
+            json!({"id": 7, "name": "a", "note": "n"}),
+            3,
+        ))?;
+        assert_eq!(
+            facts,
+            ChangeFacts {
+                op: "u".into(),
+                lsn: 0x1_0000_00A0,
+                ordinal: 3,
+                ts_ms: 1_500
+            }
+        );
+        let bytes = s.encode(&row, &meta(), Some(&facts))?.bytes;
+        let version = (0x1_0000_00A0u64 << 16) | 3;
+        let mut expected = 7i64.to_le_bytes().to_vec();
+        expected.extend_from_slice(&[1, b'a', 1, b'n']);
+        expected.extend_from_slice(&version.to_le_bytes());
+        expected.extend_from_slice(&[0, 1, b'u']);
+        assert_eq!(&bytes[..expected.len()], &expected[..]);
+        // UInt128: the ordinal in the low 32 bits, exact.
+        let wide = state_schema("UInt128")?;
+        let bytes = wide.encode(&row, &meta(), Some(&facts))?.bytes;
+        let version = (0x1_0000_00A0u128 << 32) | 3;
+        assert_eq!(&bytes[12..28], &version.to_le_bytes());
+        Ok(())
+    }
+
+    #[test]
+    fn a_delete_writes_its_old_key_marked_deleted_even_on_a_strict_route() -> Result<(), String> {
+        let s = state_schema("UInt64")?;
+        let (row, facts) = s.change_row(change("d", json!({"id": 7}), json!(null), 0))?;
+        let bytes = s.encode(&row, &meta(), Some(&facts))?.bytes;
+        assert_eq!(&bytes[..8], &7i64.to_le_bytes());
+        assert_eq!(&bytes[8..10], &[0, 0], "name and note: the type's default");
+        assert_eq!(&bytes[18..21], &[1, 1, b'd'], "deleted, op d");
+        Ok(())
+    }
+
+    #[test]
+    fn unchanged_toast_comes_from_a_full_before_or_refuses_the_change() -> Result<(), String> {
+        let s = state_schema("UInt64")?;
+        let mut full = change(
+            "u",
+            json!({"id": 7, "name": "a", "note": "big"}),
+            json!({"id": 7, "name": "b"}),
+            0,
+        );
+        full["unchanged_toast"] = json!(["note"]);
+        let (row, _) = s.change_row(full)?;
+        assert_eq!(row["note"], "big");
+        let mut partial = change("u", json!(null), json!({"id": 7, "name": "b"}), 0);
+        partial["unchanged_toast"] = json!(["note"]);
+        let err = s.change_row(partial).unwrap_err();
+        assert!(err.contains("REPLICA IDENTITY FULL"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_state_route_needs_a_version_and_envelopes() -> Result<(), String> {
+        let config = TableRowsConfig {
+            changes: Changes::State,
+            ..TableRowsConfig::default()
+        };
+        let err = schema(&[col("id", "Int64", "")], &config).unwrap_err();
+        assert!(err.contains("no _version column"), "{err}");
+        assert!(state_schema("Int64")
+            .unwrap_err()
+            .contains("UInt64 or UInt128"));
+        let s = state_schema("UInt64")?;
+        assert!(s
+            .change_row(json!({"id": 1}))
+            .unwrap_err()
+            .contains("not a change envelope"));
+        assert!(s
+            .change_row(json!({"op": "c", "after": {}, "source": {"lsn": "zz"}}))
+            .is_err());
+        let beyond = ChangeFacts {
+            op: "c".into(),
+            lsn: 1 << 48,
+            ordinal: 0,
+            ts_ms: 0,
+        };
+        let err = s
+            .encode(
+                &json!({"id": 1, "name": "", "note": ""}),
+                &meta(),
+                Some(&beyond),
+            )
+            .unwrap_err();
+        assert!(err.contains("use UInt128"), "{err}");
         Ok(())
     }
 
