@@ -8,6 +8,7 @@
 mod arrivals;
 mod budget;
 mod cpu;
+mod encoder;
 mod hops;
 mod pipeline;
 mod report;
@@ -100,6 +101,10 @@ struct Cli {
     /// lacks the throughput figures and ratios).
     #[arg(long)]
     latency_only: bool,
+    /// Run only the comparison of the table-driven encoder with the typed
+    /// mapper (to tune the encoder; the report then holds only its figures).
+    #[arg(long)]
+    encoder_only: bool,
     #[command(flatten)]
     pg: examples::PgArgs,
     #[command(flatten)]
@@ -265,6 +270,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     ));
     let mut report = report::Report::new(format!("{:?}", cli.size).to_lowercase(), machine);
 
+    if cli.encoder_only {
+        encoder_phase(&env, &sizes, &mut report).await?;
+        report.derive_ratios();
+        report.print_table();
+        return Ok(());
+    }
     if !cli.latency_only {
         throughput_phases(&env, &sizes, &mut report).await?;
     }
@@ -445,5 +456,23 @@ async fn throughput_phases(
     report.timeline("relay ×3 (events/s into Kafka)", three.timeline.clone());
     pipeline::drop_relay_run(env, &three).await;
 
+    encoder_phase(env, sizes, report).await
+}
+
+/// Rows driven by the table against the typed mapper, same records.
+async fn encoder_phase(
+    env: &Env,
+    sizes: &Sizes,
+    report: &mut report::Report,
+) -> anyhow::Result<()> {
+    let (typed, table) = encoder::compare(env, sizes.raw).await?;
+    say(format!(
+        "sink: typed mapper {:.0} rows/s ({:.4} CPU s per 1,000), rows driven by the table {:.0} rows/s ({:.4})",
+        typed.rows_per_s, typed.cpu_s_per_1k, table.rows_per_s, table.cpu_s_per_1k
+    ));
+    report.figure("typed_mapper_rps", typed.rows_per_s);
+    report.figure("typed_mapper_cpu_s_per_1k", typed.cpu_s_per_1k);
+    report.figure("table_rows_rps", table.rows_per_s);
+    report.figure("table_rows_cpu_s_per_1k", table.cpu_s_per_1k);
     Ok(())
 }

@@ -87,6 +87,15 @@ impl Report {
                 "wal_pg_drain_cpu_vs_outbox",
                 self.get("wal_relay_pg_cpu_s_per_1k") / self.get("relay_pg_cpu_s_per_1k"),
             ),
+            // The table-driven encoder against the typed mapper, same rows.
+            (
+                "table_rows_vs_typed",
+                self.get("table_rows_rps") / self.get("typed_mapper_rps"),
+            ),
+            (
+                "table_rows_cpu_vs_typed",
+                self.get("table_rows_cpu_s_per_1k") / self.get("typed_mapper_cpu_s_per_1k"),
+            ),
             (
                 "relay_cpu_vs_raw",
                 self.get("relay_cpu_s_per_1k") / self.get("raw_produce_cpu_s_per_1k"),
@@ -151,6 +160,16 @@ impl Report {
                 "events/s",
             ),
             ("sink_rps", "ours: consumer, backlog", "rows/s"),
+            (
+                "typed_mapper_rps",
+                "ours: sink, typed mapper (user_logins)",
+                "rows/s",
+            ),
+            (
+                "table_rows_rps",
+                "ours: sink, rows driven by the table",
+                "rows/s",
+            ),
             (
                 "relay_startup_s",
                 "  start-up: relay start → first event in Kafka",
@@ -246,6 +265,16 @@ impl Report {
                 "wal_relay_vs_raw_produce",
                 "ratio: WAL relay / raw produce",
                 "(≥ 0.8)",
+            ),
+            (
+                "table_rows_vs_typed",
+                "ratio: table-driven rows / typed mapper",
+                "(≥ 0.8)",
+            ),
+            (
+                "table_rows_cpu_vs_typed",
+                "ratio: CPU per row, table-driven / typed",
+                "",
             ),
             (
                 "wal_pg_cpu_vs_outbox",
@@ -514,7 +543,7 @@ const E2E_P99_TARGET_MS: f64 = 50.0;
 
 /// The targets (issue #5, then #15: ratios to the limits of the same run),
 /// in the order the verdict lists them.
-const TARGETS: [Target; 18] = [
+const TARGETS: [Target; 19] = [
     Target {
         key: "relay_vs_naive",
         label: "relay / original design",
@@ -554,6 +583,11 @@ const TARGETS: [Target; 18] = [
         key: "e2e_5k_p99_vs_floor",
         label: "e2e p99 / (hop + insert) p99 @ 5k/s",
         bound: Bound::AtMost(1.5),
+    },
+    Target {
+        key: "table_rows_vs_typed",
+        label: "table-driven rows / typed mapper (rows/s)",
+        bound: Bound::AtLeast(0.8),
     },
     Target {
         key: "wal_relay_vs_raw_produce",

@@ -5,8 +5,9 @@
 use std::process::Command;
 
 /// Every number the report must hold (issue #5's keys, plus the claim-cost
-/// and 5k-events/s latency figures, and the WAL source's).
-const KEYS: [&str; 38] = [
+/// and 5k-events/s latency figures, the WAL source's, and the table-driven
+/// encoder's).
+const KEYS: [&str; 41] = [
     "raw_produce_eps",
     "raw_consume_eps",
     "raw_insert_rps",
@@ -15,6 +16,9 @@ const KEYS: [&str; 38] = [
     "relay_eps",
     "relay3_eps",
     "sink_rps",
+    "typed_mapper_rps",
+    "table_rows_rps",
+    "table_rows_vs_typed",
     "relay_startup_s",
     "relay3_startup_s",
     "sink_startup_s",

@@ -18,7 +18,7 @@ use tracing::{debug, info};
 use crate::client::bounded;
 use crate::mapper::{Mapped, Mapping, RowMeta};
 use crate::{SinkError, ValidClickHouseConfig};
-use schema::{ColumnRow, Groups, Schema};
+use schema::{ColumnRow, Document, Groups, Schema};
 
 /// What to do when a payload has no value for a column.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -209,38 +209,39 @@ impl TableRows {
     ) -> (Groups, Vec<(usize, String)>, Vec<String>) {
         let mut groups = Groups::default();
         let mut refused = Vec::new();
-        let mut unknown = Vec::new();
+        let mut unknown: Vec<String> = Vec::new();
+        let mut row = Vec::new();
         for (i, (record, meta)) in records.iter().enumerate() {
-            let document = match record.payload.as_deref() {
+            row.clear();
+            let encoded = match record.payload.as_deref() {
                 None => Err("the record has no payload".to_string()),
-                Some(bytes) => serde_json::from_slice::<Value>(bytes)
-                    .map_err(|e| format!("the payload is not JSON: {e}")),
+                Some(bytes) if schema.reads_changes() => serde_json::from_slice::<Value>(bytes)
+                    .map_err(|e| format!("the payload is not JSON: {e}"))
+                    .and_then(|doc| schema.change_row(doc))
+                    .and_then(|(tree, change)| {
+                        schema.encode_into(&Document::Tree(tree), meta, Some(&change), &mut row)
+                    }),
+                Some(bytes) => schema
+                    .parse(bytes)
+                    .and_then(|doc| schema.encode_into(&doc, meta, None, &mut row)),
             };
-            let encoded = document.and_then(|doc| {
-                if schema.reads_changes() {
-                    let (row, change) = schema.change_row(doc)?;
-                    schema.encode(&row, meta, Some(&change))
-                } else {
-                    schema.encode(&doc, meta, None)
-                }
-            });
             match encoded {
-                Ok(row) => {
-                    for name in &row.unknown {
+                Ok((omitted, fields)) => {
+                    for name in &fields {
                         if !unknown.contains(name) {
                             unknown.push(name.clone());
                         }
                     }
-                    if self.config.unknown == UnknownField::DeadLetter && !row.unknown.is_empty() {
+                    if self.config.unknown == UnknownField::DeadLetter && !fields.is_empty() {
                         refused.push((
                             i,
                             format!(
                                 "fields without a column: {} (the route dead-letters unknown fields)",
-                                row.unknown.join(", ")
+                                fields.join(", ")
                             ),
                         ));
                     } else {
-                        groups.push(row);
+                        groups.push_bytes(omitted, &row);
                     }
                 }
                 Err(reason) => refused.push((i, reason)),

@@ -2,8 +2,10 @@
 //! to a RowBinary row of them. Pure: the columns come in as rows of
 //! `system.columns`.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::types::ColumnType;
@@ -73,6 +75,66 @@ pub(crate) struct Schema {
     known_fields: HashSet<String>,
     missing: MissingField,
     changes: Changes,
+    /// Some column reads a JSON pointer, or rows come from change
+    /// envelopes: the payload is parsed into a tree. Otherwise only its
+    /// top-level fields are split, each value parsed when a column reads it.
+    needs_tree: bool,
+    /// Some field is read by two columns: counting the fields read does
+    /// not tell whether every field was read.
+    shared_fields: bool,
+}
+
+/// A payload's top-level fields in their order, each name borrowed from
+/// the payload unless it has escapes, each value still JSON text. A list,
+/// not a map: payloads have few fields, and comparing a few names costs
+/// less than hashing them.
+#[derive(Debug, Default)]
+pub(crate) struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> Fields<'a> {
+    fn get(&self, name: &str) -> Option<&'a RawValue> {
+        self.0
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, raw)| *raw)
+    }
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Fields<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Fields<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Fields<'a>, M::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(key) = map.next_key::<Key<'a>>()? {
+                    fields.push((key.0, map.next_value::<&'a RawValue>()?));
+                }
+                Ok(Fields(fields))
+            }
+        }
+        deserializer.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+/// A field name, borrowed from the payload unless it has escapes.
+#[derive(serde::Deserialize)]
+struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// A payload as the encoder reads it.
+#[derive(Debug)]
+pub(crate) enum Document<'a> {
+    /// The top-level fields, each value still JSON text until a column
+    /// reads it: no tree is built and no name is copied.
+    Fields(Fields<'a>),
+    /// The whole tree: for JSON pointers and change rows.
+    Tree(Value),
 }
 
 /// The exactly-once lookup reads these; every table needs them.
@@ -198,11 +260,22 @@ impl Schema {
                  UInt128) and make it the ReplacingMergeTree's version (docs/tables.md)"
             ));
         }
+        let needs_tree = config.changes != Changes::Off
+            || columns
+                .iter()
+                .any(|c| matches!(c.source, Source::Pointer(_)));
+        let field_columns = columns
+            .iter()
+            .filter(|c| matches!(c.source, Source::Field(_)))
+            .count();
+        let shared_fields = field_columns != known_fields.len();
         Ok(Self {
             columns,
             known_fields,
             missing: config.missing,
             changes: config.changes,
+            needs_tree,
+            shared_fields,
         })
     }
 
@@ -284,30 +357,84 @@ impl Schema {
         self.changes != Changes::Off
     }
 
-    /// Encodes `document` (the payload's JSON object, or a change's row with
-    /// `change`) and `meta` into one row, or says which column refused what.
+    /// Reads a payload (a JSON object) as this schema needs it.
+    pub(crate) fn parse<'a>(&self, payload: &'a [u8]) -> Result<Document<'a>, String> {
+        if !self.needs_tree {
+            if let Ok(fields) = serde_json::from_slice(payload) {
+                return Ok(Document::Fields(fields));
+            }
+        }
+        // Also how a payload that is no object gets its reason.
+        match serde_json::from_slice::<Value>(payload) {
+            Ok(tree @ Value::Object(_)) => Ok(Document::Tree(tree)),
+            Ok(other) => Err(format!(
+                "the payload is not a JSON object but {}",
+                short(&other)
+            )),
+            Err(e) => Err(format!("the payload is not JSON: {e}")),
+        }
+    }
+
+    /// [`Schema::encode_into`] a row of its own.
     pub(crate) fn encode(
         &self,
         document: &Value,
         meta: &RowMeta,
         change: Option<&ChangeFacts>,
     ) -> Result<EncodedRow, String> {
-        let Value::Object(fields) = document else {
-            return Err(format!(
-                "the payload is not a JSON object but {}",
-                short(document)
-            ));
-        };
-        let mut row = EncodedRow::default();
-        for name in fields.keys() {
-            if !self.known_fields.contains(name) {
-                row.unknown.push(name.clone());
+        let mut bytes = Vec::new();
+        let document = match document {
+            Value::Object(_) => Document::Tree(document.clone()),
+            other => {
+                return Err(format!(
+                    "the payload is not a JSON object but {}",
+                    short(other)
+                ))
             }
-        }
-        let event_id = Value::String(meta.event_id.to_string());
-        let partition = Value::from(meta.kafka_partition);
-        let offset = Value::from(meta.kafka_offset);
-        let ingested = Value::from(meta.ingested_at);
+        };
+        let (omitted, unknown) = self.encode_into(&document, meta, change, &mut bytes)?;
+        Ok(EncodedRow {
+            bytes,
+            omitted,
+            unknown,
+        })
+    }
+
+    /// Appends the row of `document` (a payload, or a change's row with
+    /// `change`) and `meta` to `out`, or says which column refused what
+    /// (then `out` may hold part of the row: the caller cuts it off).
+    /// Gives the columns left to their `DEFAULT` expression and the fields
+    /// no column reads.
+    pub(crate) fn encode_into(
+        &self,
+        document: &Document<'_>,
+        meta: &RowMeta,
+        change: Option<&ChangeFacts>,
+        out: &mut Vec<u8>,
+    ) -> Result<(Vec<usize>, Vec<String>), String> {
+        let mut omitted = Vec::new();
+        let mut unknown = Vec::new();
+        let tree = match document {
+            Document::Tree(Value::Object(fields)) => {
+                unknown.extend(
+                    fields
+                        .keys()
+                        .filter(|name| !self.known_fields.contains(*name))
+                        .cloned(),
+                );
+                Some(fields)
+            }
+            Document::Tree(other) => {
+                return Err(format!(
+                    "the payload is not a JSON object but {}",
+                    short(other)
+                ))
+            }
+            // Fields without a column are found after the columns: when
+            // every field was read by one, none is looked up.
+            Document::Fields(_) => None,
+        };
+        let mut read = 0;
         let (op, deleted, lsn, ordinal, time) = match change {
             Some(c) => (
                 Value::String(c.op.clone()),
@@ -325,27 +452,59 @@ impl Schema {
         // A delete's old row holds the key only, unless REPLICA IDENTITY FULL.
         let lenient = change.is_some_and(|c| c.op == "d");
         for (i, column) in self.columns.iter().enumerate() {
-            let value = match &column.source {
-                Source::Field(field) => fields.get(field),
-                Source::Pointer(path) => document.pointer(path),
-                Source::EventId => Some(&event_id),
-                Source::KafkaPartition => Some(&partition),
-                Source::KafkaOffset => Some(&offset),
-                Source::IngestedAt => Some(&ingested),
-                Source::ChangeVersion => {
-                    let c = change.ok_or("the record is not a change")?;
-                    put_version(&column.ty, c, &mut row.bytes)?;
+            let value: Option<Cow<'_, Value>> = match &column.source {
+                Source::Field(field) => match (tree, document) {
+                    (Some(fields), _) => fields.get(field).map(Cow::Borrowed),
+                    (None, Document::Fields(fields)) => match fields.get(field) {
+                        Some(raw) if raw.get() != "null" => {
+                            read += 1;
+                            column.ty.encode_raw(raw.get(), out).map_err(|reason| {
+                                format!(
+                                    "column {:?} ({}) from {}: {reason}",
+                                    column.name,
+                                    column.type_name,
+                                    column.source_name()
+                                )
+                            })?;
+                            continue;
+                        }
+                        Some(_) if column.ty.is_nullable() => {
+                            read += 1;
+                            Some(Cow::Owned(Value::Null))
+                        }
+                        Some(_) => {
+                            read += 1;
+                            None
+                        }
+                        _ => None,
+                    },
+                    (None, Document::Tree(_)) => None,
+                },
+                Source::Pointer(path) => match document {
+                    Document::Tree(tree) => tree.pointer(path).map(Cow::Borrowed),
+                    Document::Fields(_) => None,
+                },
+                Source::EventId
+                | Source::KafkaPartition
+                | Source::KafkaOffset
+                | Source::IngestedAt => {
+                    put_meta(column, meta, out)?;
                     continue;
                 }
-                Source::ChangeOp => change.map(|_| &op),
-                Source::ChangeDeleted => change.map(|_| &deleted),
-                Source::ChangeLsn => change.map(|_| &lsn),
-                Source::ChangeOrdinal => change.map(|_| &ordinal),
-                Source::ChangeTime => change.map(|_| &time),
+                Source::ChangeVersion => {
+                    let c = change.ok_or("the record is not a change")?;
+                    put_version(&column.ty, c, out)?;
+                    continue;
+                }
+                Source::ChangeOp => change.map(|_| Cow::Borrowed(&op)),
+                Source::ChangeDeleted => change.map(|_| Cow::Borrowed(&deleted)),
+                Source::ChangeLsn => change.map(|_| Cow::Borrowed(&lsn)),
+                Source::ChangeOrdinal => change.map(|_| Cow::Borrowed(&ordinal)),
+                Source::ChangeTime => change.map(|_| Cow::Borrowed(&time)),
             };
             let value = value.filter(|v| !v.is_null() || column.ty.is_nullable());
             match value {
-                Some(value) => column.ty.encode(value, &mut row.bytes).map_err(|reason| {
+                Some(value) => column.ty.encode(&value, out).map_err(|reason| {
                     format!(
                         "column {:?} ({}) from {}: {reason}",
                         column.name,
@@ -361,11 +520,22 @@ impl Schema {
                         column.source_name()
                     ))
                 }
-                None if column.has_default_expression => row.omitted.push(i),
-                None => column.ty.encode_default(&mut row.bytes),
+                None if column.has_default_expression => omitted.push(i),
+                None => column.ty.encode_default(out),
             }
         }
-        Ok(row)
+        if let Document::Fields(fields) = document {
+            if read < fields.0.len() || self.shared_fields {
+                unknown.extend(
+                    fields
+                        .0
+                        .iter()
+                        .filter(|(name, _)| !self.known_fields.contains(&**name))
+                        .map(|(name, _)| name.to_string()),
+                );
+            }
+        }
+        Ok((omitted, unknown))
     }
 
     /// Whether the two schemas write the same columns the same way.
@@ -403,6 +573,66 @@ fn put_version(ty: &ColumnType, change: &ChangeFacts, out: &mut Vec<u8>) -> Resu
     Ok(())
 }
 
+/// A meta column's value: straight to bytes in the types the sink creates,
+/// through JSON in any other the table chose.
+fn put_meta(column: &Column, meta: &RowMeta, out: &mut Vec<u8>) -> Result<(), String> {
+    let fast = match (&column.source, &column.ty) {
+        (Source::EventId, ColumnType::Uuid) => {
+            let (high, low) = meta.event_id.as_u64_pair();
+            out.extend_from_slice(&high.to_le_bytes());
+            out.extend_from_slice(&low.to_le_bytes());
+            true
+        }
+        (
+            Source::KafkaPartition,
+            ColumnType::Int {
+                bytes: 4,
+                signed: true,
+            },
+        ) => {
+            out.extend_from_slice(&meta.kafka_partition.to_le_bytes());
+            true
+        }
+        (
+            Source::KafkaOffset,
+            ColumnType::Int {
+                bytes: 8,
+                signed: true,
+            },
+        ) => {
+            out.extend_from_slice(&meta.kafka_offset.to_le_bytes());
+            true
+        }
+        (
+            Source::IngestedAt,
+            ColumnType::DateTime
+            | ColumnType::Int {
+                bytes: 4,
+                signed: false,
+            },
+        ) => {
+            out.extend_from_slice(&meta.ingested_at.to_le_bytes());
+            true
+        }
+        _ => false,
+    };
+    if fast {
+        return Ok(());
+    }
+    let value = match column.source {
+        Source::EventId => Value::String(meta.event_id.to_string()),
+        Source::KafkaPartition => Value::from(meta.kafka_partition),
+        Source::KafkaOffset => Value::from(meta.kafka_offset),
+        _ => Value::from(meta.ingested_at),
+    };
+    column.ty.encode(&value, out).map_err(|reason| {
+        format!(
+            "column {:?} ({}) from the record's position: {reason}",
+            column.name, column.type_name
+        )
+    })
+}
+
 /// `X/Y`, PostgreSQL's text of an LSN.
 fn parse_lsn(text: &str) -> Option<u64> {
     let (high, low) = text.split_once('/')?;
@@ -434,9 +664,10 @@ pub(crate) struct Groups {
 }
 
 impl Groups {
-    pub(crate) fn push(&mut self, row: EncodedRow) {
-        let (bytes, count) = self.groups.entry(row.omitted).or_default();
-        bytes.extend_from_slice(&row.bytes);
+    /// One row's bytes, leaving `omitted` to their defaults.
+    pub(crate) fn push_bytes(&mut self, omitted: Vec<usize>, row: &[u8]) {
+        let (bytes, count) = self.groups.entry(omitted).or_default();
+        bytes.extend_from_slice(row);
         *count += 1;
     }
 
@@ -725,15 +956,68 @@ mod tests {
         Ok(())
     }
 
+    /// The fast path (fields split, values parsed one by one) writes the
+    /// same bytes, defaults and unknown fields as the tree, whatever the
+    /// payload: escapes in names and values, nulls, missing and unknown
+    /// fields, two columns reading one field.
+    #[test]
+    fn split_fields_write_what_the_tree_writes() -> Result<(), String> {
+        let rows = [
+            col("ab", "String", ""),
+            col("n", "Nullable(Int32)", ""),
+            col("z", "UInt8", ""),
+            col("d", "String", "DEFAULT"),
+            col("copy", "String", ""),
+            col("t", "DateTime", ""),
+        ];
+        let payloads = [
+            r#"{"ab": "x", "n": 1, "z": 2, "d": "y", "t": "2024-01-02T03:04:05Z"}"#,
+            r#"{"a\u0062": "esc\"aped\n", "n": null, "z": null, "extra": [1]}"#,
+            r#"{"ab": "x", "unknown": 1, "other": {"k": 2}}"#,
+            r#"{}"#,
+            r#"{"ab": 5, "t": 1704164645}"#,
+        ];
+        for shared in [false, true] {
+            for missing in [MissingField::Default, MissingField::DeadLetter] {
+                let mut fields = BTreeMap::new();
+                if shared {
+                    fields.insert("copy".to_string(), "ab".to_string());
+                }
+                let s = schema(
+                    &rows,
+                    &TableRowsConfig {
+                        fields,
+                        missing,
+                        ..TableRowsConfig::default()
+                    },
+                )?;
+                for payload in payloads {
+                    let doc = s.parse(payload.as_bytes())?;
+                    assert!(matches!(doc, Document::Fields(_)));
+                    let mut fast = Vec::new();
+                    let fast = s
+                        .encode_into(&doc, &meta(), None, &mut fast)
+                        .map(|(o, mut u)| {
+                            u.sort();
+                            (fast, o, u)
+                        });
+                    let tree: Value = serde_json::from_str(payload).map_err(|e| e.to_string())?;
+                    let slow = s.encode_plain(&tree, &meta()).map(|mut r| {
+                        r.unknown.sort();
+                        (r.bytes, r.omitted, r.unknown)
+                    });
+                    assert_eq!(fast, slow, "{payload} shared={shared} missing={missing:?}");
+                }
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn rows_group_by_what_they_leave_out() {
         let mut groups = Groups::default();
         for omitted in [vec![], vec![1], vec![]] {
-            groups.push(EncodedRow {
-                bytes: vec![1],
-                omitted,
-                unknown: vec![],
-            });
+            groups.push_bytes(omitted, &[1]);
         }
         assert_eq!(groups.rows(), 3);
         assert_eq!(groups.groups[&vec![]], (vec![1, 1], 2));

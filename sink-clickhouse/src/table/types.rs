@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use clickhouse_types::data_types::{DateTimePrecision, DecimalType, EnumType};
 use clickhouse_types::DataTypeNode;
 use serde_json::Value;
-use time::format_description::well_known::Iso8601;
+use time::format_description::well_known::{Iso8601, Rfc3339};
 use time::{Date, OffsetDateTime, PrimitiveDateTime};
 
 /// Why a value cannot be written to its column.
@@ -136,6 +136,21 @@ impl ColumnType {
     /// treated as a missing one).
     pub(crate) fn is_nullable(&self) -> bool {
         matches!(self, Self::Nullable(_))
+    }
+
+    /// Appends the JSON text `raw` (one value) in RowBinary: a string
+    /// without escapes into a `String` column is copied as it is, anything
+    /// else goes through [`ColumnType::encode`].
+    pub(crate) fn encode_raw(&self, raw: &str, out: &mut Vec<u8>) -> Result<(), Misfit> {
+        // Only a string is tried as one: a failed parse builds an error.
+        if matches!(self, Self::String) && raw.starts_with('"') {
+            if let Ok(text) = serde_json::from_str::<&str>(raw) {
+                put_bytes(text.as_bytes(), out);
+                return Ok(());
+            }
+        }
+        let value: Value = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+        self.encode(&value, out)
     }
 
     /// Appends `value` in RowBinary.
@@ -610,6 +625,11 @@ fn parse_time(text: &str) -> Option<OffsetDateTime> {
         }
         _ => text,
     };
+    // RFC 3339 (what most producers write) is the fast parse; ISO 8601's
+    // other forms after it.
+    if let Ok(at) = OffsetDateTime::parse(text, &Rfc3339) {
+        return Some(at);
+    }
     if let Ok(at) = OffsetDateTime::parse(text, &Iso8601::DEFAULT) {
         return Some(at);
     }
