@@ -315,7 +315,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         if rate == 1000 {
             // The WAL source at the same rate, against the same floors.
-            let run = pipeline::latency(&env, rate, sizes.latency, true).await?;
+            let run = pipeline::latency(&env, rate, sizes.latency, true, None).await?;
             report.figure("wal_e2e_p50_ms", run.percentile(0.50));
             report.figure("wal_e2e_p99_ms", run.percentile(0.99));
             report.figure("wal_e2e_kafka_p50_ms", run.to_kafka_percentile(0.50));
@@ -324,7 +324,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 report.figure(&format!("wal_e2e_cpu_s_per_1k_{process}"), *seconds);
             }
         }
-        let run = pipeline::latency(&env, rate, sizes.latency, false).await?;
+        if rate == 1000 {
+            // The latency-oriented insert cadence: an insert as soon as a
+            // batch is read, against the default floor between inserts.
+            let run = pipeline::latency(&env, rate, sizes.latency, false, Some(0)).await?;
+            report.figure("e2e_floor0_p50_ms", run.percentile(0.50));
+            report.figure("e2e_floor0_p99_ms", run.percentile(0.99));
+            report.figure(
+                "e2e_floor0_inserts_per_min",
+                f64::from(rate) * 60.0 / run.consumer_budget.mean_batch,
+            );
+        }
+        let run = pipeline::latency(&env, rate, sizes.latency, false, None).await?;
+        // One part per insert (the sink's tables have no partition key).
+        report.figure(
+            &format!("{prefix}_inserts_per_min"),
+            f64::from(rate) * 60.0 / run.consumer_budget.mean_batch,
+        );
         report.figure(&format!("{prefix}_p50_ms"), run.percentile(0.50));
         report.figure(&format!("{prefix}_p99_ms"), run.percentile(0.99));
         report.figure(&format!("{prefix}_max_ms"), run.percentile(1.0));

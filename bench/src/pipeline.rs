@@ -657,8 +657,13 @@ pub async fn latency(
     rate: u32,
     length: Duration,
     wal: bool,
+    insert_floor_ms: Option<u64>,
 ) -> anyhow::Result<LatencyRun> {
-    let table = env.name(&format!("lat{rate}{}", if wal { "wal" } else { "" }));
+    let table = env.name(&format!(
+        "lat{rate}{}{}",
+        if wal { "wal" } else { "" },
+        insert_floor_ms.map_or(String::new(), |ms| format!("floor{ms}"))
+    ));
     let topic = table.clone();
     let config = outbox_config(&table)?;
     migrate(&env.pool.get().await?, &config).await?;
@@ -690,7 +695,10 @@ pub async fn latency(
         relay_args(env, &table, false)
     };
     let mut relay = Process::start("relay", launch(&relay_bin, &relay_args, &relay_log))?;
-    let consumer_args = consumer_args(&topic, &table);
+    let mut consumer_args = consumer_args(&topic, &table);
+    if let Some(ms) = insert_floor_ms {
+        consumer_args.extend(["--min-insert-interval-ms".to_string(), ms.to_string()]);
+    }
     let mut consumer = Process::start(
         "consumer",
         launch(&consumer_bin, &consumer_args, &consumer_log),

@@ -121,6 +121,12 @@ impl Report {
                 self.get(&format!("{prefix}_p99_ms")) / (hop + insert),
             ));
         }
+        // The sink's latency-oriented cadence (no floor between inserts)
+        // against the same floors.
+        latency_ratios.push((
+            "e2e_floor0_p99_vs_floor".to_string(),
+            self.get("e2e_floor0_p99_ms") / (self.get("raw_e2e_kafka_p99_ms") + insert),
+        ));
         latency_ratios.push((
             "wal_e2e_p99_vs_floor".to_string(),
             self.get("wal_e2e_p99_ms") / (self.get("raw_e2e_kafka_p99_ms") + insert),
@@ -212,6 +218,26 @@ impl Report {
                 "raw_insert_small_p99_ms",
                 "  raw: ClickHouse insert of 20 rows, p99",
                 "ms",
+            ),
+            (
+                "e2e_inserts_per_min",
+                "  inserts (parts) per minute @ 1k/s, default floor",
+                "/min",
+            ),
+            (
+                "e2e_floor0_p99_ms",
+                "ours: e2e p99 @ 1k/s, no insert floor",
+                "ms",
+            ),
+            (
+                "e2e_floor0_inserts_per_min",
+                "  inserts (parts) per minute @ 1k/s, no floor",
+                "/min",
+            ),
+            (
+                "e2e_floor0_p99_vs_floor",
+                "  e2e p99 / (hop + insert) @ 1k/s, no floor",
+                "",
             ),
             ("e2e_5k_p50_ms", "ours: e2e p50 @ 5k/s", "ms"),
             ("e2e_5k_p99_ms", "ours: e2e p99 @ 5k/s", "ms"),

@@ -123,6 +123,12 @@ pub struct ConsumerArgs {
     /// Most records per ClickHouse insert.
     #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = ConsumeConfig::default().batch_size)]
     pub batch_size: usize,
+    /// Least time between two inserts into the table (ms): a batch that is
+    /// not full keeps collecting until then, so ClickHouse gets few, large
+    /// inserts (parts) to merge. 0 inserts as soon as a batch is read
+    /// (lowest latency, most parts; docs/performance.md).
+    #[arg(long, env = "OUTBOX_MIN_INSERT_INTERVAL_MS", default_value_t = millis(ConsumeConfig::default().min_write_interval))]
+    pub min_insert_interval_ms: u64,
     /// Longest wait to fill a batch (ms).
     #[arg(long, env = "OUTBOX_BATCH_WAIT_MS", default_value_t = millis(ConsumeConfig::default().max_wait))]
     pub batch_wait_ms: u64,
@@ -157,6 +163,7 @@ impl ConsumerArgs {
         let config = ConsumeConfig {
             batch_size: self.batch_size,
             max_wait: Duration::from_millis(self.batch_wait_ms),
+            min_write_interval: Duration::from_millis(self.min_insert_interval_ms),
             stop_after_idle: self.exit_after_idle_secs.map(Duration::from_secs),
             ..ConsumeConfig::default()
         };

@@ -105,6 +105,8 @@ pub struct RouteSpec {
     pub batch_size: Option<usize>,
     /// How long to keep collecting a batch after its first record (ms).
     pub batch_linger_ms: Option<u64>,
+    /// Least time between two inserts of the route (ms).
+    pub min_insert_interval_ms: Option<u64>,
     /// Event ids remembered per partition to skip a relay's second copy.
     pub dedup_window: Option<usize>,
 }
@@ -204,6 +206,9 @@ pub fn resolve(
         }
         if let Some(linger) = spec.batch_linger_ms {
             args.batch_linger_ms = linger;
+        }
+        if let Some(floor) = spec.min_insert_interval_ms {
+            args.min_insert_interval_ms = floor;
         }
         let mut rows = consumer.table_rows();
         rows.fields = spec.fields.clone();
@@ -319,6 +324,7 @@ mod tests {
             fields = { user = "username", city = "/address/city" }
             missing = "dead-letter"
             batch_size = 7
+            min_insert_interval_ms = 1000
             changes = "state"
             order_by = "id"
 
@@ -333,6 +339,8 @@ mod tests {
         assert_eq!(routes[0].name, "views → analytics.page_views");
         assert_eq!(routes[0].format, RowFormat::Table);
         assert_eq!(routes[0].consumer.batch_size, 7);
+        assert_eq!(routes[0].consumer.min_insert_interval_ms, 1000);
+        assert_eq!(routes[1].consumer.min_insert_interval_ms, 200);
         assert_eq!(routes[0].rows.missing, MissingField::DeadLetter);
         assert_eq!(routes[0].rows.fields["city"], "/address/city");
         assert_eq!(routes[0].rows.changes, Changes::State);

@@ -19,6 +19,13 @@ pub struct ConsumeConfig {
     pub batch_size: usize,
     /// Longest wait to fill a batch. Default: 200 ms.
     pub max_wait: Duration,
+    /// Least time between the starts of two writes: a batch that is not
+    /// full keeps collecting records until this long after the last write
+    /// began. Each write is a ClickHouse insert, and each insert a part the
+    /// server must merge; few, large inserts are what it asks for. Costs up
+    /// to this much latency at low rates (`docs/performance.md`); zero
+    /// writes as soon as a batch is polled. Default: 200 ms.
+    pub min_write_interval: Duration,
     /// Return from [`Consume::run`] after this long without any record. Default: never.
     pub stop_after_idle: Option<Duration>,
     /// First delay after a retryable failure. Default: 100 ms.
@@ -38,6 +45,7 @@ impl Default for ConsumeConfig {
         Self {
             batch_size: 10_000,
             max_wait: Duration::from_millis(200),
+            min_write_interval: Duration::from_millis(200),
             stop_after_idle: None,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
@@ -198,6 +206,7 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
         // so it waits.
         let may_overlap = self.lease.is_none() && self.subscription.polls_may_overlap_writes();
         let mut ahead: Option<Polled> = None;
+        let mut last_write: Option<Instant> = None;
         loop {
             let polled = match ahead.take() {
                 Some(polled) => polled,
@@ -213,7 +222,7 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
                     None => break,
                 },
             };
-            let records = match polled.records {
+            let mut records = match polled.records {
                 Ok(records) => {
                     self.health.up(Stage::Bus);
                     records
@@ -242,6 +251,18 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
                 continue;
             }
             idle_since = tokio::time::Instant::now();
+            if let Some(last) = last_write {
+                ahead = top_up(
+                    &mut self.subscription,
+                    &self.config,
+                    self.lease.as_ref(),
+                    last,
+                    &mut records,
+                    polled.generation,
+                    &shutdown,
+                )
+                .await;
+            }
             let poll_ms = polled.took.as_millis() as u64;
             if polled.generation != self.generation {
                 // Another consumer may have written these partitions since.
@@ -253,6 +274,7 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
             // time is when its rows were written.
             let write = async {
                 let started = Instant::now();
+                last_write = Some(started);
                 let outcome = write_with_retry(
                     &mut self.sink,
                     self.lease.as_mut(),
@@ -384,6 +406,49 @@ async fn poll<B: Subscription>(
         epoch,
         generation: subscription.generation(),
     })
+}
+
+/// Polls more into `records` (not full) until
+/// [`ConsumeConfig::min_write_interval`] has passed since `last_write`, so
+/// that writes come no closer together than that. What a poll brings under
+/// another generation (partitions moved), or its failure, is given back for
+/// the next batch.
+async fn top_up<B: Subscription>(
+    subscription: &mut B,
+    config: &ConsumeConfig,
+    lease: Option<&watch::Receiver<Lease>>,
+    last_write: Instant,
+    records: &mut Vec<Record>,
+    generation: u64,
+    shutdown: &CancellationToken,
+) -> Option<Polled> {
+    loop {
+        let remaining = config
+            .min_write_interval
+            .saturating_sub(last_write.elapsed());
+        if remaining.is_zero() || records.len() >= config.batch_size {
+            return None;
+        }
+        let started = Instant::now();
+        let epoch = lease.map(|lease| lease.borrow().epoch);
+        let more = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            more = subscription.poll_batch(config.batch_size - records.len(), remaining) => more,
+        };
+        let now = subscription.generation();
+        match more {
+            Ok(more) if now == generation => records.extend(more),
+            other => {
+                return Some(Polled {
+                    records: other,
+                    took: started.elapsed(),
+                    epoch,
+                    generation: now,
+                })
+            }
+        }
+    }
 }
 
 /// Records to write and the grant they were read under.
@@ -681,6 +746,9 @@ mod tests {
             backoff_initial: Duration::from_millis(10),
             backoff_max: Duration::from_millis(10),
             stall_limit: Duration::from_millis(300),
+            // These scripts test when polls happen; the floor between
+            // writes would add polls of its own (tests/loops.rs tests it).
+            min_write_interval: Duration::ZERO,
             ..ConsumeConfig::default()
         };
         (Consume::new(subscription, sink, config), log)

@@ -591,3 +591,81 @@ async fn consumers_following_ownership_write_only_their_partitions() -> Result<(
     println!("results={results:?}");
     Ok(())
 }
+
+/// A sink that notes when each write starts, and how many records it got.
+struct TimedSink {
+    inner: MemorySink,
+    writes: Arc<Mutex<Vec<(tokio::time::Instant, usize)>>>,
+}
+
+#[async_trait]
+impl Sink for TimedSink {
+    async fn write(&mut self, records: &[Record]) -> Result<WriteReport> {
+        if let Ok(mut writes) = self.writes.lock() {
+            writes.push((tokio::time::Instant::now(), records.len()));
+        }
+        self.inner.write(records).await
+    }
+}
+
+/// Invariant (inserts ClickHouse can merge, nothing lost or reordered):
+/// with events trickling in one every 10 ms, writes start no closer
+/// together than `min_write_interval`, each taking what arrived meanwhile,
+/// and every event is written once, in each key's order. With the floor at
+/// zero the same trickle gives a write per poll.
+#[tokio::test(start_paused = true)]
+async fn writes_come_no_closer_together_than_the_floor() -> Result<()> {
+    for floor_ms in [200u64, 0] {
+        let bus = MemoryBus::new(2);
+        let all = events(3, 40);
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let sink = TimedSink {
+            inner: MemorySink::new(),
+            writes: writes.clone(),
+        };
+        let rows = sink.inner.clone();
+        let config = ConsumeConfig {
+            batch_size: 1000,
+            min_write_interval: Duration::from_millis(floor_ms),
+            ..fast_consume()
+        };
+        let mut consume = Consume::new(bus.subscribe("t"), sink, config);
+        let publisher = {
+            let (bus, all) = (bus.clone(), all.clone());
+            tokio::spawn(async move {
+                for event in all {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    bus.publish(std::slice::from_ref(&event)).await?;
+                }
+                Ok::<_, outbox_core::Error>(())
+            })
+        };
+        consume.run(CancellationToken::new()).await?;
+        publisher
+            .await
+            .map_err(|e| outbox_core::Error::permanent(outbox_core::Stage::Bus, e))??;
+        let writes = writes.lock().map(|w| w.clone()).unwrap_or_default();
+        let gaps: Vec<u128> = writes
+            .windows(2)
+            .map(|w| (w[1].0 - w[0].0).as_millis())
+            .collect();
+        let rows = rows.rows();
+        println!(
+            "floor={floor_ms} ms: events={} writes={} rows={} smallest gap={:?} ms",
+            all.len(),
+            writes.len(),
+            rows.len(),
+            gaps.iter().min()
+        );
+        assert_eq!(rows.len(), all.len());
+        assert!(sequences_increase(&first_seen_order(&rows)));
+        if floor_ms > 0 {
+            assert!(gaps.iter().all(|g| *g >= u128::from(floor_ms)), "{gaps:?}");
+            // 1.2 s of trickle: about one write per floor, not per event.
+            assert!(writes.len() <= 8, "{} writes", writes.len());
+        } else {
+            assert!(writes.len() > 40, "{} writes", writes.len());
+        }
+    }
+    Ok(())
+}

@@ -79,5 +79,6 @@ fn unconnected<M: Mapping>(
         mapper: mapping,
         partitions: HashMap::new(),
         facts: ServerFacts::default(),
+        parts_read_at: None,
     })
 }

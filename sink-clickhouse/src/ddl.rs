@@ -160,6 +160,7 @@ mod ddl_tests {
             mapper: RawEventMapper,
             partitions: HashMap::new(),
             facts: ServerFacts::default(),
+            parts_read_at: None,
         })
     }
 

@@ -199,6 +199,7 @@ pub trait Mapping: sealed::Sealed + Send + Sync + 'static {
     #[doc(hidden)]
     fn row_count(rows: &Self::Rows) -> usize;
 
+    /// Inserts `rows`; gives how many INSERT statements it took.
     #[doc(hidden)]
     async fn insert(
         &mut self,
@@ -206,7 +207,7 @@ pub trait Mapping: sealed::Sealed + Send + Sync + 'static {
         config: &ValidClickHouseConfig,
         table: &str,
         rows: Self::Rows,
-    ) -> Result<(), SinkError>;
+    ) -> Result<usize, SinkError>;
 }
 
 impl<M: RowMapper> sealed::Sealed for M {}
@@ -256,7 +257,8 @@ impl<M: RowMapper> Mapping for M {
         config: &ValidClickHouseConfig,
         table: &str,
         rows: Vec<M::Row>,
-    ) -> Result<(), SinkError> {
-        crate::sink::insert_typed(client, config, table, &rows).await
+    ) -> Result<usize, SinkError> {
+        crate::sink::insert_typed(client, config, table, &rows).await?;
+        Ok(1)
     }
 }

@@ -71,6 +71,8 @@ pub struct ClickHouseSink<M: Mapping> {
     pub(crate) mapper: M,
     pub(crate) partitions: HashMap<(String, i32), PartitionState>,
     pub(crate) facts: ServerFacts,
+    /// When the table's active parts were last counted.
+    pub(crate) parts_read_at: Option<std::time::Instant>,
 }
 
 #[derive(Row, Deserialize)]
@@ -123,6 +125,7 @@ impl<M: Mapping> ClickHouseSink<M> {
             mapper,
             partitions: HashMap::new(),
             facts: ServerFacts::default(),
+            parts_read_at: None,
         };
         sink.check_connection().await?;
         if sink.config.create_tables {
@@ -379,12 +382,21 @@ impl<M: Mapping> ClickHouseSink<M> {
         )
         .await?;
         let written = M::row_count(&mapped.rows);
+        if !dead.is_empty() {
+            let dead_table = format!("{}.{}", self.config.database, self.config.dead_letter_table);
+            metrics::counter!("outbox_sink_inserts_total", "table" => dead_table).increment(1);
+        }
         if written > 0 {
             let table = self.config.table.clone();
-            self.mapper
+            let inserts = self
+                .mapper
                 .insert(&self.client, &self.config, &table, mapped.rows)
                 .await?;
+            let table = format!("{}.{}", self.config.database, self.config.table);
+            metrics::counter!("outbox_sink_inserts_total", "table" => table)
+                .increment(inserts as u64);
         }
+        self.count_parts().await;
         report.written = written;
         advance(&mut self.partitions, records, plan.new_ids);
         self.report_overruns();
@@ -397,6 +409,36 @@ impl<M: Mapping> ClickHouseSink<M> {
             );
         }
         Ok(report)
+    }
+
+    /// Sets `outbox_sink_active_parts` to the table's active parts on the
+    /// server the sink writes to, at most every 15 s: the number ClickHouse
+    /// refuses inserts over ("Too many parts"). A failed count is skipped.
+    async fn count_parts(&mut self) {
+        if self
+            .parts_read_at
+            .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(15))
+        {
+            return;
+        }
+        self.parts_read_at = Some(std::time::Instant::now());
+        let local = match &self.config.cluster {
+            Some(cluster) => format!("{}{}", self.config.table, cluster.local_suffix),
+            None => self.config.table.clone(),
+        };
+        let query = self
+            .client
+            .query(
+                "SELECT toUInt64(count()) FROM system.parts \
+                 WHERE database = ? AND table = ? AND active",
+            )
+            .bind(&self.config.database)
+            .bind(&local)
+            .fetch_one::<u64>();
+        if let Ok(parts) = bounded(&self.config, "parts count", query).await {
+            let table = format!("{}.{}", self.config.database, self.config.table);
+            metrics::gauge!("outbox_sink_active_parts", "table" => table).set(parts as f64);
+        }
     }
 
     /// Counts and logs ids each partition's window had to forget too young.

@@ -374,7 +374,8 @@ impl Mapping for TableRows {
         config: &ValidClickHouseConfig,
         table: &str,
         rows: TableBatch,
-    ) -> Result<(), SinkError> {
+    ) -> Result<usize, SinkError> {
+        let inserts = rows.groups.groups.len();
         for (omitted, (bytes, _)) in rows.groups.groups {
             let sql = format!(
                 "INSERT INTO `{}`.`{table}` ({}) FORMAT RowBinary",
@@ -412,6 +413,6 @@ impl Mapping for TableRows {
                 return Err(err);
             }
         }
-        Ok(())
+        Ok(inserts)
     }
 }
