@@ -57,6 +57,22 @@ def main(folder):
             else:
                 counts["inserts"] += 1
 
+    # The sink's insert_deduplication_token: the same rows again are dropped
+    # by the server, other rows are not.
+    for dedup in manifest.get("dedup", []):
+        if attempt("dedup", dedup["name"], dedup["ddl"]) is None:
+            continue
+        path = os.path.join(folder, dedup["file"])
+        for token in dedup["tokens"]:
+            attempt("dedup", dedup["name"],
+                    f"INSERT INTO {dedup['table']} SETTINGS insert_deduplication_token = {quote(token)} "
+                    f"SELECT * FROM file({quote(path)}, 'RowBinary', {quote(dedup['structure'])})")
+        got = attempt("dedup", dedup["name"], f"SELECT count() FROM {dedup['table']}")
+        if got is not None and got.strip() != str(dedup["rows"]):
+            failures.append(f"dedup {dedup['name']}: {got.strip()} rows, expected {dedup['rows']}")
+        elif got is not None:
+            counts["dedup"] = counts.get("dedup", 0) + 1
+
     for query in manifest["queries"]:
         if attempt("query", query["name"], query["sql"]) is not None:
             counts["queries"] += 1

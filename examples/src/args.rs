@@ -249,6 +249,12 @@ pub struct ClickHouseArgs {
     /// cluster's definition. 0 or 1: off.
     #[arg(long, env = "OUTBOX_CLICKHOUSE_INSERT_QUORUM")]
     pub clickhouse_insert_quorum: Option<u32>,
+    /// Give each insert an insert_deduplication_token of exactly its rows
+    /// (servers 22.2 and later): the same rows sent again are dropped by a
+    /// deduplicating table. Off: a table emptied by hand and filled again
+    /// from the same topic would lose rows (see ClickHouseConfig).
+    #[arg(long, env = "OUTBOX_CLICKHOUSE_DEDUP_TOKEN")]
+    pub clickhouse_dedup_token: bool,
 }
 
 impl ClickHouseArgs {
@@ -269,6 +275,7 @@ impl ClickHouseArgs {
             dedup_window: self.dedup_window,
             dedup_horizon: Duration::from_secs(self.dedup_horizon_secs),
             dedup_window_max: self.dedup_window_max,
+            insert_dedup_token: self.clickhouse_dedup_token,
             cluster: self
                 .clickhouse_cluster
                 .as_ref()

@@ -63,6 +63,9 @@ pub(crate) struct ServerFacts {
     pub distributed_table: bool,
     /// Replicas of each shard of the configured cluster (`system.clusters`).
     pub replicas_per_shard: Vec<u32>,
+    /// Whether the server knows `insert_deduplication_token` (22.2 and
+    /// later; read from `system.settings`, not guessed from the version).
+    pub dedup_token: bool,
 }
 
 /// The settings every write and lookup of the sink runs with: what keeps an

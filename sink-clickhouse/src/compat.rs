@@ -69,6 +69,12 @@ pub fn table_rows(columns: &[(&str, &str)], rows: &[(Value, RowMeta)]) -> Result
     crate::table::encode_payloads(columns, rows)
 }
 
+/// The `insert_deduplication_token` the sink gives an insert of `records`
+/// into `table`, on servers that have the setting.
+pub fn dedup_token(table: &str, records: &[outbox_core::Record]) -> String {
+    crate::exactly_once::dedup_token(table, records.iter())
+}
+
 fn unconnected<M: Mapping>(
     config: ValidClickHouseConfig,
     mapping: M,

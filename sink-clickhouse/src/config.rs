@@ -61,6 +61,17 @@ pub struct ClickHouseConfig {
     /// counted (`outbox_sink_dedup_overruns_total`, and a warning).
     /// Default: 2 000 000 (about 60 MB per partition at the cap).
     pub dedup_window_max: usize,
+    /// Give every insert an `insert_deduplication_token` naming exactly its
+    /// rows (positions and event ids), on servers that have the setting
+    /// (22.2 and later; ignored with a warning on others): should a lookup
+    /// miss rows that were written, the same rows sent again are dropped by
+    /// the server. Deduplication happens only where the table does it
+    /// (`Replicated…MergeTree`, or `non_replicated_deduplication_window`).
+    /// Off by default: a table emptied by hand (`TRUNCATE`) and filled
+    /// again from the same topic would then drop, silently, every insert
+    /// still in the server's deduplication window (1,000 inserts and a week
+    /// on current replicated tables). Default: false.
+    pub insert_dedup_token: bool,
     /// Write to a cluster: `table` and `dead_letter_table` become
     /// `Distributed` tables over local tables on every shard. Default: none
     /// (one server).
@@ -137,6 +148,7 @@ impl Default for ClickHouseConfig {
             dedup_window: 100_000,
             dedup_horizon: Duration::from_secs(120),
             dedup_window_max: 2_000_000,
+            insert_dedup_token: false,
             cluster: None,
         }
     }

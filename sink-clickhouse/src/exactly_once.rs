@@ -152,6 +152,29 @@ pub(crate) fn advance(
     }
 }
 
+/// The `insert_deduplication_token` of an insert into `table` of the rows
+/// of `records`, in order: the same rows (positions and event ids) give the
+/// same token, any other rows another, so the server drops an insert only
+/// when it holds exactly rows it already took.
+pub(crate) fn dedup_token<'a>(table: &str, records: impl Iterator<Item = &'a Record>) -> String {
+    let mut text = String::from(table);
+    for record in records {
+        text.push_str(&format!(
+            "/{}:{}:{}:{}",
+            record.topic,
+            record.position.partition,
+            record.position.offset,
+            record
+                .headers
+                .get(HEADER_EVENT_ID)
+                .map_or("", String::as_str)
+        ));
+    }
+    Uuid::new_v5(&Uuid::NAMESPACE_OID, text.as_bytes())
+        .simple()
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,6 +297,28 @@ mod tests {
         assert!(state.recent.contains(&id[1]));
         assert!(lookups_needed(&partitions, &[record(0, 2, id[2])]).is_empty());
         Ok(())
+    }
+
+    #[test]
+    fn the_token_names_exactly_the_rows_of_an_insert() {
+        let id = ids(3);
+        let rows = [record(0, 5, id[0]), record(1, 2, id[1])];
+        let token = dedup_token("t", rows.iter());
+        assert_eq!(
+            token,
+            dedup_token("t", rows.iter()),
+            "the same rows, the same token"
+        );
+        assert_eq!(token.len(), 32);
+        for other in [
+            dedup_token("t", rows[..1].iter()),
+            dedup_token("u", rows.iter()),
+            dedup_token("t", [record(0, 5, id[0]), record(1, 3, id[1])].iter()),
+            // A topic that started over: same positions, other events.
+            dedup_token("t", [record(0, 5, id[2]), record(1, 2, id[1])].iter()),
+        ] {
+            assert_ne!(token, other);
+        }
     }
 
     #[test]

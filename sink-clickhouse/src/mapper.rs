@@ -207,6 +207,7 @@ pub trait Mapping: sealed::Sealed + Send + Sync + 'static {
         config: &ValidClickHouseConfig,
         table: &str,
         rows: Self::Rows,
+        token: Option<&str>,
     ) -> Result<usize, SinkError>;
 }
 
@@ -257,8 +258,9 @@ impl<M: RowMapper> Mapping for M {
         config: &ValidClickHouseConfig,
         table: &str,
         rows: Vec<M::Row>,
+        token: Option<&str>,
     ) -> Result<usize, SinkError> {
-        crate::sink::insert_typed(client, config, table, &rows).await?;
+        crate::sink::insert_typed(client, config, table, &rows, token).await?;
         Ok(1)
     }
 }

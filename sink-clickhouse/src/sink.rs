@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::client::{
     bounded, check_connection, client_for, parse_version, write_settings, ServerFacts,
 };
-use crate::exactly_once::{advance, lookups_needed, plan, PartitionState};
+use crate::exactly_once::{advance, dedup_token, lookups_needed, plan, PartitionState};
 use crate::mapper::{Mapping, RowMeta};
 use crate::{SinkError, ValidClickHouseConfig};
 
@@ -141,6 +141,13 @@ impl<M: Mapping> ClickHouseSink<M> {
                 sink.client = sink.client.with_setting(name, value);
             }
         }
+        if sink.config.insert_dedup_token && !facts.dedup_token {
+            warn!(
+                url = %sink.config.url,
+                "insert_dedup_token is set but the server has no insert_deduplication_token \
+                 setting (ClickHouse 22.2 and later): inserts go without it"
+            );
+        }
         if facts.distributed_table && sink.config.cluster.is_none() {
             warn!(
                 table = %sink.table_ref(),
@@ -213,10 +220,23 @@ impl<M: Mapping> ClickHouseSink<M> {
             }
             replicas_per_shard = counts;
         }
+        let dedup_token = bounded(
+            &self.config,
+            "settings check",
+            self.client
+                .query(
+                    "SELECT toUInt64(count()) FROM system.settings \
+                     WHERE name = 'insert_deduplication_token'",
+                )
+                .fetch_one::<u64>(),
+        )
+        .await?
+            > 0;
         Ok(ServerFacts {
             version: parse_version(&version),
             distributed_table,
             replicas_per_shard,
+            dedup_token,
         })
     }
 
@@ -367,11 +387,35 @@ impl<M: Mapping> ClickHouseSink<M> {
             .mapper
             .map_batch(&self.client, &self.config, &to_map)
             .await?;
+        let refused: std::collections::HashSet<usize> =
+            mapped.refused.iter().map(|(i, _)| *i).collect();
         for (i, reason) in mapped.refused {
             let record = to_map[i].0;
             dead.push(dead_letter_row(record, &reason, ingested_at));
             report.dead_lettered.push((record.position, reason));
         }
+        // Where the server has it, each insert carries a token of exactly
+        // the rows it holds: a second line of defence should a lookup miss
+        // rows that were written (a lagging replica), since the same rows
+        // again are then dropped by the server's insert deduplication.
+        let tokens = (self.config.insert_dedup_token && self.facts.dedup_token).then(|| {
+            let rows = to_map
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !refused.contains(i))
+                .map(|(_, (record, _))| *record);
+            let dead_positions: std::collections::HashSet<(i32, i64)> = dead
+                .iter()
+                .map(|d| (d.kafka_partition, d.kafka_offset))
+                .collect();
+            let dead_rows = records
+                .iter()
+                .filter(|r| dead_positions.contains(&(r.position.partition, r.position.offset)));
+            (
+                dedup_token(&self.config.table, rows),
+                dedup_token(&self.config.dead_letter_table, dead_rows),
+            )
+        });
         // Dead letters first: if the process dies between the two inserts,
         // both kinds of rows are found by the position lookup on restart.
         insert_typed(
@@ -379,6 +423,7 @@ impl<M: Mapping> ClickHouseSink<M> {
             &self.config,
             &self.config.dead_letter_table,
             &dead,
+            tokens.as_ref().map(|(_, dead)| dead.as_str()),
         )
         .await?;
         let written = M::row_count(&mapped.rows);
@@ -388,9 +433,10 @@ impl<M: Mapping> ClickHouseSink<M> {
         }
         if written > 0 {
             let table = self.config.table.clone();
+            let token = tokens.as_ref().map(|(rows, _)| rows.as_str());
             let inserts = self
                 .mapper
-                .insert(&self.client, &self.config, &table, mapped.rows)
+                .insert(&self.client, &self.config, &table, mapped.rows, token)
                 .await?;
             let table = format!("{}.{}", self.config.database, self.config.table);
             metrics::counter!("outbox_sink_inserts_total", "table" => table)
@@ -469,6 +515,7 @@ pub(crate) async fn insert_typed<R>(
     config: &ValidClickHouseConfig,
     table: &str,
     rows: &[R],
+    token: Option<&str>,
 ) -> Result<(), SinkError>
 where
     R: clickhouse::RowOwned + clickhouse::RowWrite,
@@ -483,6 +530,9 @@ where
         .await
         .map_err(|e| SinkError::request(url, "insert", e))?
         .with_timeouts(Some(config.insert_timeout), Some(config.insert_timeout));
+    if let Some(token) = token {
+        insert = insert.with_setting("insert_deduplication_token", token);
+    }
     for row in rows {
         insert
             .write(row)

@@ -305,7 +305,43 @@ fn write_manifest(dir: &Path) -> Result<Value, Box<dyn std::error::Error>> {
         "rows": 2,
     })];
 
-    Ok(json!({"ddl": ddl, "queries": queries, "rowbinary": rowbinary, "inserts": inserts}))
+    // The same two rows inserted three times, as a retry after a lookup
+    // that missed them would: twice under the token of those rows, once
+    // under another batch's token.
+    let record = |offset: i64| outbox_core::Record {
+        topic: "page_views".into(),
+        position: outbox_core::Position {
+            partition: 2,
+            offset,
+        },
+        key: None,
+        payload: None,
+        headers: [(
+            outbox_core::HEADER_EVENT_ID.to_string(),
+            meta().event_id.to_string(),
+        )]
+        .into(),
+        timestamp_ms: None,
+    };
+    let same = compat::dedup_token("page_views", &[record(1), record(2)]);
+    let other = compat::dedup_token("page_views", &[record(3), record(4)]);
+    let dedup = vec![json!({
+        "name": "same rows dropped",
+        "ddl": format!(
+            "CREATE TABLE compat.dedup ({}) ENGINE = MergeTree ORDER BY (kafka_partition, kafka_offset) \
+             SETTINGS non_replicated_deduplication_window = 100",
+            structure(&page_views)
+        ),
+        "table": "compat.dedup",
+        "structure": structure(&page_views),
+        "file": "page_views.rowbinary",
+        "tokens": [same, same, other],
+        "rows": 4,
+    })];
+
+    Ok(
+        json!({"ddl": ddl, "queries": queries, "rowbinary": rowbinary, "inserts": inserts, "dedup": dedup}),
+    )
 }
 
 /// Invariant: everything the sink sends is accepted by a current ClickHouse
@@ -326,5 +362,6 @@ fn what_the_sink_sends_runs_on_a_current_clickhouse() -> Result<(), Box<dyn std:
     println!("{report}{}", String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "the chdb check failed (see above)");
     assert!(report.contains("rowbinary=4"), "{report}");
+    assert!(report.contains("dedup=1"), "{report}");
     Ok(())
 }

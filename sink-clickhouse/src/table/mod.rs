@@ -374,9 +374,10 @@ impl Mapping for TableRows {
         config: &ValidClickHouseConfig,
         table: &str,
         rows: TableBatch,
+        token: Option<&str>,
     ) -> Result<usize, SinkError> {
         let inserts = rows.groups.groups.len();
-        for (omitted, (bytes, _)) in rows.groups.groups {
+        for (group, (omitted, (bytes, _))) in rows.groups.groups.into_iter().enumerate() {
             let sql = format!(
                 "INSERT INTO `{}`.`{table}` ({}) FORMAT RowBinary",
                 config.database,
@@ -385,6 +386,11 @@ impl Mapping for TableRows {
             let mut insert = client
                 .insert_formatted_with(sql)
                 .with_timeouts(Some(config.insert_timeout), Some(config.insert_timeout));
+            if let Some(token) = token {
+                // Groups split one batch's rows the same way every time.
+                insert =
+                    insert.with_setting("insert_deduplication_token", format!("{token}-{group}"));
+            }
             let sent = async {
                 insert.send(bytes::Bytes::from(bytes)).await?;
                 insert.end().await

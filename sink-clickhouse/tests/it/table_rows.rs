@@ -370,3 +370,33 @@ async fn tables_the_sink_cannot_write_are_refused_at_start() {
         1
     );
 }
+
+/// The deduplication token is sent only to servers that have the setting:
+/// opted in on 18.16, inserts go without it (an unknown setting would fail
+/// every insert). Its effect on a current server is checked on chdb.
+#[tokio::test]
+async fn the_dedup_token_is_sent_only_where_the_server_has_it() {
+    let client = table("token", &format!("a UInt32, {META}")).await;
+    let config = ClickHouseConfig {
+        insert_dedup_token: true,
+        ..config("token")
+    };
+    let mut sink = ClickHouseSink::new(
+        config.validate().unwrap(),
+        TableRows::new(TableRowsConfig::default()),
+    )
+    .await
+    .unwrap();
+    let has_setting = tsv(
+        &client,
+        "SELECT count() FROM system.settings WHERE name = 'insert_deduplication_token'",
+    )
+    .await;
+    let report = sink.write(&[record(0, r#"{"a": 1}"#)]).await.unwrap();
+    println!(
+        "server has the setting: {}; written: {}",
+        has_setting.trim(),
+        report.written
+    );
+    assert_eq!(report.written, 1);
+}
