@@ -170,3 +170,97 @@ batch_size = 150
         "{dead:?}"
     );
 }
+
+/// Invariant (a failing table stalls only its own route): one route's table
+/// refuses every insert holding a given row (a column whose expression
+/// throws), which the sink treats as retryable; the other route writes all
+/// its events meanwhile, and once the table is fixed the stalled route
+/// resumes and writes each of its events once.
+#[tokio::test]
+async fn a_failing_table_stalls_only_its_own_route() {
+    let healthy = unique("healthy");
+    let failing = unique("failing");
+    ch_query(&format!(
+        "CREATE TABLE `{healthy}` (n UInt32, {META}) \
+         ENGINE = ReplacingMergeTree() ORDER BY (kafka_partition, kafka_offset)"
+    ))
+    .await;
+    ch_query(&format!(
+        "CREATE TABLE `{failing}` (n UInt32, guard UInt8 MATERIALIZED throwIf(n = 13), {META}) \
+         ENGINE = ReplacingMergeTree() ORDER BY (kafka_partition, kafka_offset)"
+    ))
+    .await;
+    let bus = KafkaBus::new(kafka(&brokers())).unwrap();
+    let per_topic = 300u64;
+    let events: Vec<Event> = (0..per_topic)
+        .flat_map(|n| {
+            [
+                Event::new(healthy.clone(), format!(r#"{{"n": {n}}}"#))
+                    .with_key(format!("k{}", n % 5)),
+                Event::new(failing.clone(), format!(r#"{{"n": {n}}}"#))
+                    .with_key(format!("k{}", n % 5)),
+            ]
+        })
+        .collect();
+    let deliveries = outbox_core::Bus::publish(&bus, &events).await.unwrap();
+    assert!(deliveries.iter().all(|d| d.is_acknowledged()));
+    let config = std::env::temp_dir().join(format!("{healthy}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "group_id = \"{group}\"\n\n[[route]]\ntopic = \"{healthy}\"\ntable = \"{healthy}\"\n\n\
+             [[route]]\ntopic = \"{failing}\"\ntable = \"{failing}\"\n",
+            group = unique("isolation")
+        ),
+    )
+    .unwrap();
+    let mut consumer = command("consumer_to_clickhouse")
+        .args(["--config".as_ref(), config.as_os_str()])
+        .args(["--session-timeout-ms", "6000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    within(Duration::from_secs(60), "the healthy route's rows", async {
+        while ch_count(&healthy).await < per_topic {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    // Long enough for several retries of the failing route.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stalled = ch_count(&failing).await;
+    let running = consumer.try_wait().unwrap().is_none();
+    ch_query(&format!(
+        "ALTER TABLE `{failing}` MODIFY COLUMN guard UInt8 MATERIALIZED 0"
+    ))
+    .await;
+    within(
+        Duration::from_secs(60),
+        "the failing route's rows once fixed",
+        async {
+            while ch_count(&failing).await < per_topic {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = terminate(&mut consumer, Duration::from_secs(20));
+    let _ = std::fs::remove_file(&config);
+    let (healthy_rows, healthy_ids) = ch_counts(&healthy).await;
+    let (failing_rows, failing_ids) = ch_counts(&failing).await;
+    println!(
+        "healthy route: {healthy_rows} rows ({healthy_ids} distinct) while the other was stalled at \
+         {stalled} of {per_topic}; consumer running then: {running}; after the fix: {failing_rows} rows \
+         ({failing_ids} distinct)"
+    );
+    assert!(running, "a failing table must not stop the process");
+    assert!(
+        stalled < per_topic,
+        "the failing route wrote every row: {stalled}"
+    );
+    assert_eq!((healthy_rows, healthy_ids), (per_topic, per_topic));
+    assert_eq!((failing_rows, failing_ids), (per_topic, per_topic));
+    assert!(matches!(status, Some(s) if s.success()), "{status:?}");
+}
