@@ -394,8 +394,8 @@ async fn pg_state(pool: &outbox_pg::deadpool_postgres::Pool, table: &str) -> Str
 /// source through Kafka, read with `FINAL` and without deleted rows, holds
 /// exactly PostgreSQL's rows, key by key, after an initial load, inserts,
 /// updates (several of one row in one transaction, and in quick
-/// succession), deletes and re-inserts of deleted keys, with the consumer
-/// killed with SIGKILL in the middle.
+/// succession), updates of the primary key, deletes and re-inserts of
+/// deleted keys, with the consumer killed with SIGKILL in the middle.
 #[tokio::test]
 async fn a_state_table_converges_to_the_postgres_rows() {
     let name = unique("wal_state");
@@ -482,6 +482,15 @@ async fn a_state_table_converges_to_the_postgres_rows() {
     run(format!("UPDATE {name} SET name = 'quick1' WHERE id = 3")).await;
     run(format!("UPDATE {name} SET name = 'quick2' WHERE id = 3")).await;
     run(format!("DELETE FROM {name} WHERE id = 4")).await;
+    // Updates of the key: the old key's row must go.
+    run(format!(
+        "UPDATE {name} SET id = id + 10000 WHERE id IN (11, 12)"
+    ))
+    .await;
+    run(format!(
+        "UPDATE {name} SET id = 13000, name = 'moved' WHERE id = 13"
+    ))
+    .await;
 
     let expected = pg_state(&pipeline.pool, &name).await;
     let state_sql = format!(

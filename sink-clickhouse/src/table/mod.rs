@@ -217,9 +217,25 @@ impl TableRows {
                 None => Err("the record has no payload".to_string()),
                 Some(bytes) if schema.reads_changes() => serde_json::from_slice::<Value>(bytes)
                     .map_err(|e| format!("the payload is not JSON: {e}"))
-                    .and_then(|doc| schema.change_row(doc))
-                    .and_then(|(tree, change)| {
-                        schema.encode_into(&Document::Tree(tree), meta, Some(&change), &mut row)
+                    .and_then(|doc| schema.change_rows(doc))
+                    .and_then(|rows| {
+                        // The old key's deleted row, if any, goes as a row
+                        // of its own, before the change's.
+                        let last = rows.len().saturating_sub(1);
+                        for (at, (tree, change)) in rows.into_iter().enumerate() {
+                            let encoded = schema.encode_into(
+                                &Document::Tree(tree),
+                                meta,
+                                Some(&change),
+                                &mut row,
+                            )?;
+                            if at == last {
+                                return Ok(encoded);
+                            }
+                            groups.push_bytes(encoded.0, &row);
+                            row.clear();
+                        }
+                        Err("the change has no row".to_string())
                     }),
                 Some(bytes) => schema
                     .parse(bytes)
@@ -258,7 +274,8 @@ pub(crate) fn columns_query(
 ) -> clickhouse::query::Query {
     client
         .query(
-            "SELECT name, type, default_kind FROM system.columns WHERE database = ? AND table = ?",
+            "SELECT name, type, default_kind, is_in_sorting_key FROM system.columns \
+             WHERE database = ? AND table = ?",
         )
         .bind(&config.database)
         .bind(&config.table)
@@ -279,6 +296,7 @@ pub(crate) fn encode_payloads(
             name: (*name).to_string(),
             r#type: (*ty).to_string(),
             default_kind: String::new(),
+            is_in_sorting_key: 0,
         })
         .collect();
     let schema = Schema::new("check", &column_rows, &TableRowsConfig::default())?;

@@ -19,6 +19,9 @@ pub(crate) struct ColumnRow {
     pub r#type: String,
     /// `DEFAULT`, `MATERIALIZED`, `ALIAS`, `EPHEMERAL` or empty.
     pub default_kind: String,
+    /// 1 when the column is part of the table's `ORDER BY`: a state
+    /// table's key.
+    pub is_in_sorting_key: u8,
 }
 
 /// Where a column's value comes from.
@@ -82,6 +85,9 @@ pub(crate) struct Schema {
     /// Some field is read by two columns: counting the fields read does
     /// not tell whether every field was read.
     shared_fields: bool,
+    /// The payload fields the table's sorting key columns read: a state
+    /// table's key, which an update may change.
+    key_fields: Vec<String>,
 }
 
 /// A payload's top-level fields in their order, each name borrowed from
@@ -269,6 +275,15 @@ impl Schema {
             .filter(|c| matches!(c.source, Source::Field(_)))
             .count();
         let shared_fields = field_columns != known_fields.len();
+        let key_fields = rows
+            .iter()
+            .filter(|r| r.is_in_sorting_key == 1)
+            .filter_map(|r| columns.iter().find(|c| c.name == r.name))
+            .filter_map(|c| match &c.source {
+                Source::Field(field) => Some(field.clone()),
+                _ => None,
+            })
+            .collect();
         Ok(Self {
             columns,
             known_fields,
@@ -276,6 +291,7 @@ impl Schema {
             changes: config.changes,
             needs_tree,
             shared_fields,
+            key_fields,
         })
     }
 
@@ -350,6 +366,35 @@ impl Schema {
                 ts_ms,
             },
         ))
+    }
+
+    /// The rows a change writes: its row, and before it, on a state table,
+    /// a deleted row for the old key of an update that changed the key
+    /// (PostgreSQL sends that as one update, whose `before` holds the old
+    /// key), which would otherwise stay in the table.
+    pub(crate) fn change_rows(&self, envelope: Value) -> Result<Vec<(Value, ChangeFacts)>, String> {
+        let old = match (&envelope["op"], &envelope["before"]) {
+            (Value::String(op), before @ Value::Object(_)) if op == "u" => Some(before.clone()),
+            _ => None,
+        };
+        let (row, facts) = self.change_row(envelope)?;
+        let moved = self.changes == Changes::State
+            && old.as_ref().is_some_and(|old| {
+                self.key_fields.iter().any(|key| {
+                    old.get(key)
+                        .is_some_and(|value| row.get(key) != Some(value))
+                })
+            });
+        let mut rows = Vec::with_capacity(2);
+        if let (true, Some(old)) = (moved, old) {
+            let deleted = ChangeFacts {
+                op: "d".into(),
+                ..facts.clone()
+            };
+            rows.push((old, deleted));
+        }
+        rows.push((row, facts));
+        Ok(rows)
     }
 
     /// Whether this schema's route reads change envelopes.
@@ -687,6 +732,7 @@ mod tests {
             name: name.into(),
             r#type: ty.into(),
             default_kind: default_kind.into(),
+            is_in_sorting_key: u8::from(name == "id"),
         }
     }
 
@@ -887,6 +933,43 @@ mod tests {
         let bytes = wide.encode(&row, &meta(), Some(&facts))?.bytes;
         let version = (0x1_0000_00A0u128 << 32) | 3;
         assert_eq!(&bytes[12..28], &version.to_le_bytes());
+        Ok(())
+    }
+
+    #[test]
+    fn an_update_of_the_key_deletes_the_old_key_in_a_state_table() -> Result<(), String> {
+        let s = state_schema("UInt64")?;
+        let moved = s.change_rows(change(
+            "u",
+            json!({"id": 7}),
+            json!({"id": 8, "name": "a", "note": ""}),
+            2,
+        ))?;
+        assert_eq!(moved.len(), 2);
+        assert_eq!(
+            (moved[0].0["id"].as_i64(), moved[0].1.op.as_str()),
+            (Some(7), "d")
+        );
+        assert_eq!(moved[0].1.ordinal, 2, "the same place in commit order");
+        assert_eq!(
+            (moved[1].0["id"].as_i64(), moved[1].1.op.as_str()),
+            (Some(8), "u")
+        );
+        // The same key (REPLICA IDENTITY FULL gives a before every time): one row.
+        let kept = s.change_rows(change(
+            "u",
+            json!({"id": 7, "name": "a", "note": ""}),
+            json!({"id": 7, "name": "b", "note": ""}),
+            0,
+        ))?;
+        assert_eq!(kept.len(), 1);
+        let plain = s.change_rows(change(
+            "u",
+            json!(null),
+            json!({"id": 7, "name": "b", "note": ""}),
+            0,
+        ))?;
+        assert_eq!(plain.len(), 1);
         Ok(())
     }
 
