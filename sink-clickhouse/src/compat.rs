@@ -19,12 +19,16 @@ pub struct Statement {
     pub sql: String,
 }
 
-/// The DDL a sink of `config` and `mapping` runs at start, in order.
+/// The DDL a sink of `config` and `mapping` runs at start, in order, on a
+/// server of `version` (`(major, minor)`).
 pub fn ddl<M: Mapping>(
     config: ValidClickHouseConfig,
     mapping: M,
+    version: (u32, u32),
 ) -> Result<Vec<String>, SinkError> {
-    Ok(unconnected(config, mapping)?.ddl())
+    let mut sink = unconnected(config, mapping)?;
+    sink.facts.version = version;
+    Ok(sink.ddl())
 }
 
 /// The queries a sink of `config` and `mapping` runs to keep exactly-once,
@@ -75,7 +79,7 @@ pub fn dedup_token(table: &str, records: &[outbox_core::Record]) -> String {
     crate::exactly_once::dedup_token(table, records.iter())
 }
 
-fn unconnected<M: Mapping>(
+pub(crate) fn unconnected<M: Mapping>(
     config: ValidClickHouseConfig,
     mapping: M,
 ) -> Result<ClickHouseSink<M>, SinkError> {

@@ -13,11 +13,20 @@ impl<M: Mapping> ClickHouseSink<M> {
     /// without [`crate::TableRowsConfig::create_columns`]): the table must exist.
     pub fn table_ddl(&self) -> Option<String> {
         let columns = format!("{}, {META_COLUMNS_DDL}", self.mapper.columns_ddl()?);
+        // A state table's deleted rows are the engine's to drop under FINAL
+        // where it can (`is_deleted`, ClickHouse 23.2 and later).
+        let version = match self.mapper.replacing_columns() {
+            Some((version, deleted)) if self.facts.version >= (23, 2) => {
+                format!("{version}, {deleted}")
+            }
+            Some((version, _)) => version.to_string(),
+            None => String::new(),
+        };
         Some(self.local_ddl(
             &self.config.table,
             &columns,
             "Replacing",
-            self.mapper.version_column().unwrap_or_default(),
+            &version,
             &self.mapper.order_by(),
         ))
     }
@@ -197,6 +206,35 @@ mod ddl_tests {
         ));
         assert!(
             ddl[4].contains("Distributed(`c1`, `db`, `outbox_dead_letter_local`, kafka_partition)")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_state_table_drops_its_deleted_rows_itself_where_the_server_can() -> Result<(), SinkError> {
+        let state = |version| -> Result<Option<String>, SinkError> {
+            let mut sink = crate::compat_sink(
+                ClickHouseConfig::default().validate()?,
+                crate::TableRows::new(crate::TableRowsConfig {
+                    changes: crate::Changes::State,
+                    order_by: Some("id".into()),
+                    create_columns: Some("id Int64".into()),
+                    ..crate::TableRowsConfig::default()
+                }),
+            )?;
+            sink.facts.version = version;
+            Ok(sink.table_ddl())
+        };
+        let old = state((18, 16))?.unwrap_or_default();
+        assert!(
+            old.contains("ENGINE = ReplacingMergeTree(_version) ORDER BY id"),
+            "{old}"
+        );
+        assert!(old.contains("_version UInt64, _deleted UInt8"), "{old}");
+        let current = state((23, 2))?.unwrap_or_default();
+        assert!(
+            current.contains("ReplacingMergeTree(_version, _deleted) ORDER BY id"),
+            "{current}"
         );
         Ok(())
     }

@@ -14,6 +14,8 @@ mod sink;
 mod table;
 
 pub use client::{check_connection, client_for};
+#[cfg(test)]
+pub(crate) use compat::unconnected as compat_sink;
 pub use config::{validate_identifier, ClickHouseConfig, ClusterConfig, ValidClickHouseConfig};
 pub use dead_letters::{
     BadPosition, ClickHouseDeadLetters, DeadLetterPosition, DeadLetterSelection, ReplayReport,

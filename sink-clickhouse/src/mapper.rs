@@ -174,9 +174,10 @@ pub trait Mapping: sealed::Sealed + Send + Sync + 'static {
     #[doc(hidden)]
     fn order_by(&self) -> String;
 
-    /// The `ReplacingMergeTree`'s version column of a created table.
+    /// The version and deleted-flag columns of a created
+    /// `ReplacingMergeTree` (a state table).
     #[doc(hidden)]
-    fn version_column(&self) -> Option<&str> {
+    fn replacing_columns(&self) -> Option<(&str, &str)> {
         None
     }
 

@@ -128,11 +128,19 @@ impl<M: Mapping> ClickHouseSink<M> {
             parts_read_at: None,
         };
         sink.check_connection().await?;
+        let mut sink = sink;
         if sink.config.create_tables {
+            // The DDL depends on the server's version.
+            let version = bounded(
+                &sink.config,
+                "version check",
+                sink.client.query("SELECT version()").fetch_one::<String>(),
+            )
+            .await?;
+            sink.facts.version = parse_version(&version);
             sink.create_tables().await?;
         }
         let facts = sink.server_facts().await?;
-        let mut sink = sink;
         sink.mapper.start(&sink.client, &sink.config).await?;
         sink.facts = facts.clone();
         let defaults = write_settings(&sink.config, &ServerFacts::default());

@@ -35,6 +35,9 @@ fn meta() -> RowMeta {
     }
 }
 
+/// The version of chdb's engine, as the sink reads it.
+const CURRENT: (u32, u32) = (26, 9);
+
 const META_VALUES: &str =
     "'0190a5f0-1c2b-7d3e-8f40-5a6b7c8d9e0f', 2, 9000000000, '2025-12-05 02:00:00'";
 
@@ -192,27 +195,40 @@ fn write_manifest(dir: &Path) -> Result<Value, Box<dyn std::error::Error>> {
     };
     push_ddl(
         "raw events",
-        compat::ddl(plain.clone().validate()?, RawEventMapper)?,
+        compat::ddl(plain.clone().validate()?, RawEventMapper, CURRENT)?,
         true,
     );
     push_ddl(
         "table rows with create_columns",
-        compat::ddl(table_rows.clone().validate()?, created)?,
+        compat::ddl(table_rows.clone().validate()?, created, CURRENT)?,
         true,
     );
     let state = ClickHouseConfig {
         table: "accounts_state".into(),
         ..plain.clone()
     };
-    let state_rows = TableRows::new(TableRowsConfig {
-        changes: Changes::State,
-        order_by: Some("id".into()),
-        create_columns: Some("id Int64, name String, balance Decimal(18, 2)".into()),
-        ..TableRowsConfig::default()
-    });
+    let state_rows = || {
+        TableRows::new(TableRowsConfig {
+            changes: Changes::State,
+            order_by: Some("id".into()),
+            create_columns: Some("id Int64, name String, balance Decimal(18, 2)".into()),
+            ..TableRowsConfig::default()
+        })
+    };
+    // As 18.16 gets it (a _deleted column read with FINAL … WHERE), and as
+    // current servers do (is_deleted: FINAL drops deleted rows itself).
     push_ddl(
-        "state table",
-        compat::ddl(state.clone().validate()?, state_rows)?,
+        "state table, 18.16's",
+        compat::ddl(state.clone().validate()?, state_rows(), (18, 16))?,
+        true,
+    );
+    let state_current = ClickHouseConfig {
+        table: "accounts_state_current".into(),
+        ..plain.clone()
+    };
+    push_ddl(
+        "state table, current",
+        compat::ddl(state_current.validate()?, state_rows(), CURRENT)?,
         true,
     );
     for (variant, cluster) in [
@@ -232,7 +248,7 @@ fn write_manifest(dir: &Path) -> Result<Value, Box<dyn std::error::Error>> {
         };
         push_ddl(
             variant,
-            compat::ddl(config.validate()?, RawEventMapper)?,
+            compat::ddl(config.validate()?, RawEventMapper, CURRENT)?,
             false,
         );
     }

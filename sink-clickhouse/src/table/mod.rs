@@ -336,8 +336,8 @@ impl Mapping for TableRows {
         }
     }
 
-    fn version_column(&self) -> Option<&str> {
-        (self.config.changes == Changes::State).then_some("_version")
+    fn replacing_columns(&self) -> Option<(&str, &str)> {
+        (self.config.changes == Changes::State).then_some(("_version", "_deleted"))
     }
 
     async fn start(
