@@ -22,9 +22,10 @@ pub struct ConsumeConfig {
     /// Least time between the starts of two writes: a batch that is not
     /// full keeps collecting records until this long after the last write
     /// began. Each write is a ClickHouse insert, and each insert a part the
-    /// server must merge; few, large inserts are what it asks for. Costs up
-    /// to this much latency at low rates (`docs/performance.md`); zero
-    /// writes as soon as a batch is polled. Default: 200 ms.
+    /// server must merge; few, large inserts are what it asks for. Where
+    /// batches come further apart than this it costs nothing; where they
+    /// would come closer, up to this much latency (`docs/performance.md`).
+    /// Zero writes as soon as a batch is polled. Default: 200 ms.
     pub min_write_interval: Duration,
     /// Return from [`Consume::run`] after this long without any record. Default: never.
     pub stop_after_idle: Option<Duration>,
