@@ -129,15 +129,15 @@ impl<M: Mapping> ClickHouseSink<M> {
         };
         sink.check_connection().await?;
         let mut sink = sink;
+        // Read first: the DDL depends on it.
+        let version = bounded(
+            &sink.config,
+            "version check",
+            sink.client.query("SELECT version()").fetch_one::<String>(),
+        )
+        .await?;
+        sink.facts.version = parse_version(&version);
         if sink.config.create_tables {
-            // The DDL depends on the server's version.
-            let version = bounded(
-                &sink.config,
-                "version check",
-                sink.client.query("SELECT version()").fetch_one::<String>(),
-            )
-            .await?;
-            sink.facts.version = parse_version(&version);
             sink.create_tables().await?;
         }
         let facts = sink.server_facts().await?;
@@ -172,16 +172,11 @@ impl<M: Mapping> ClickHouseSink<M> {
         write_settings(&self.config, &self.facts)
     }
 
-    /// The server's version and whether the data table is `Distributed`.
+    /// What the sink learns of its server and table besides the version (read
+    /// first, for the DDL): whether the table is `Distributed`, the cluster, the settings.
     /// `SHOW CREATE TABLE`, not `system.tables`: ClickHouse 18 fails a scan
     /// of `system.tables` when another client drops a table it lists.
     async fn server_facts(&self) -> Result<ServerFacts, SinkError> {
-        let version = bounded(
-            &self.config,
-            "version check",
-            self.client.query("SELECT version()").fetch_one::<String>(),
-        )
-        .await?;
         let create = bounded(
             &self.config,
             "table check",
@@ -241,7 +236,7 @@ impl<M: Mapping> ClickHouseSink<M> {
         .await?
             > 0;
         Ok(ServerFacts {
-            version: parse_version(&version),
+            version: self.facts.version,
             distributed_table,
             replicas_per_shard,
             dedup_token,

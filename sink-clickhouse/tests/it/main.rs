@@ -20,9 +20,9 @@ fn config(name: &str) -> ClickHouseConfig {
     }
 }
 
-async fn fresh_sink(name: &str) -> ClickHouseSink<RawEventMapper> {
-    let config = config(name);
-    let client = sink_clickhouse::client_for(&config).unwrap();
+/// Drops the data and dead-letter tables of `config`; gives its client.
+async fn drop_tables(config: &ClickHouseConfig) -> clickhouse::Client {
+    let client = sink_clickhouse::client_for(config).unwrap();
     for table in [&config.table, &config.dead_letter_table] {
         client
             .query(&format!("DROP TABLE IF EXISTS `{table}`"))
@@ -30,6 +30,12 @@ async fn fresh_sink(name: &str) -> ClickHouseSink<RawEventMapper> {
             .await
             .unwrap();
     }
+    client
+}
+
+async fn fresh_sink(name: &str) -> ClickHouseSink<RawEventMapper> {
+    let config = config(name);
+    drop_tables(&config).await;
     ClickHouseSink::new(config.validate().unwrap(), RawEventMapper)
         .await
         .unwrap()

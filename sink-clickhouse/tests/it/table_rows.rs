@@ -17,24 +17,13 @@ use uuid::Uuid;
 const META: &str = "event_id UUID, kafka_partition Int32, kafka_offset Int64, ingested_at DateTime";
 
 fn config(name: &str) -> ClickHouseConfig {
-    ClickHouseConfig {
-        table: format!("it_rows_{name}"),
-        dead_letter_table: format!("it_rows_{name}_dead"),
-        ..test_support::clickhouse()
-    }
+    super::config(&format!("rows_{name}"))
 }
 
 /// Drops the test's tables and creates its data table with `columns`.
 async fn table(name: &str, columns: &str) -> clickhouse::Client {
     let config = config(name);
-    let client = sink_clickhouse::client_for(&config).unwrap();
-    for table in [&config.table, &config.dead_letter_table] {
-        client
-            .query(&format!("DROP TABLE IF EXISTS `{table}`"))
-            .execute()
-            .await
-            .unwrap();
-    }
+    let client = super::drop_tables(&config).await;
     if !columns.is_empty() {
         client
             .query(&format!(
