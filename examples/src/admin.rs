@@ -9,7 +9,7 @@ use crate::{
 };
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use outbox_pg::{OutboxAdmin, Selection, ValidOutboxConfig};
+use outbox_pg::{BacklogProbe, OutboxAdmin, Selection, ValidOutboxConfig};
 use sink_clickhouse::{ClickHouseDeadLetters, DeadLetterPosition, DeadLetterSelection};
 
 /// Operate an outbox: schema, status, dead letters.
@@ -26,6 +26,9 @@ pub struct AdminCli {
     pub log: LogArgs,
     #[command(flatten)]
     pub tables: OutboxTableArgs,
+    /// The flag table whose unsent rows `status` shows (when it exists).
+    #[command(flatten)]
+    pub flag: crate::FlagTableArgs,
     /// The consumer group whose lag `status` shows.
     #[command(flatten)]
     pub group: GroupArgs,
@@ -225,10 +228,7 @@ async fn status(cli: &AdminCli, config: &ValidOutboxConfig) -> anyhow::Result<()
     println!(
         "  pending: {}  oldest: {}",
         backlog.pending,
-        backlog.oldest_age.map_or_else(
-            || "-".to_string(),
-            |age| format!("{:.1} s", age.as_secs_f64())
-        )
+        age_text(backlog.oldest_age)
     );
     let lanes = admin.lanes(&client).await?;
     if !lanes.is_empty() {
@@ -248,6 +248,7 @@ async fn status(cli: &AdminCli, config: &ValidOutboxConfig) -> anyhow::Result<()
             );
         }
     }
+    flag_table_status(cli, &client).await?;
     let slots = outbox_pg::wal::slot_status(
         &client,
         &outbox_pg::wal::WalConfig::default().progress_table,
@@ -324,6 +325,39 @@ async fn status(cli: &AdminCli, config: &ValidOutboxConfig) -> anyhow::Result<()
         Err(err) => println!("  consumer lag: unavailable: {err}"),
     }
     Ok(())
+}
+
+/// The flag table's unsent rows, when the table exists (a deployment on
+/// the outbox or the WAL alone has none).
+async fn flag_table_status(
+    cli: &AdminCli,
+    client: &deadpool_postgres::Client,
+) -> anyhow::Result<()> {
+    let config = cli.flag.config().validate()?;
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&config.table])
+        .await
+        .context("looking up the flag table")?
+        .get(0);
+    if !exists {
+        return Ok(());
+    }
+    let backlog = BacklogProbe::flag_table(&config).backlog(client).await?;
+    println!(
+        "  flag table {} ({} = false): unsent {}  oldest: {}",
+        config.table,
+        config.flag_column,
+        backlog.pending,
+        age_text(backlog.oldest_age)
+    );
+    Ok(())
+}
+
+fn age_text(age: Option<Duration>) -> String {
+    age.map_or_else(
+        || "-".to_string(),
+        |age| format!("{:.1} s", age.as_secs_f64()),
+    )
 }
 
 fn parse_pg_ids(ids: &[String]) -> anyhow::Result<Vec<i64>> {

@@ -12,6 +12,7 @@ use clap::Args;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use outbox_core::metrics_catalog::{self, Metric};
 use outbox_core::Health;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +47,9 @@ impl OpsArgs {
     /// Installs the Prometheus recorder and serves the endpoint until
     /// `shutdown`; `None` with `off`. `default_addr` is the binary's own
     /// default, so a relay and a consumer on one host do not collide.
+    /// `exported` are the parts of the metrics catalog the binary runs,
+    /// described and registered at once (errors counted as `loop_name`),
+    /// so a scrape sees every series from the start.
     ///
     /// Fails when the address is taken: a scrape target that silently moved
     /// would hide the binary from monitoring.
@@ -53,6 +57,7 @@ impl OpsArgs {
         &self,
         default_addr: &str,
         health: Health,
+        (loop_name, exported): (&'static str, &[&[Metric]]),
         shutdown: CancellationToken,
     ) -> anyhow::Result<Option<Ops>> {
         let text = self.metrics_addr.as_deref().unwrap_or(default_addr);
@@ -70,6 +75,15 @@ impl OpsArgs {
         })?;
         let addr = listener.local_addr()?;
         let handle = install_recorder()?;
+        let stages: Vec<_> = health
+            .states()
+            .into_iter()
+            .map(|(stage, _)| stage)
+            .collect();
+        for part in exported {
+            metrics_catalog::describe(loop_name, &stages, part);
+        }
+        health.export();
         info!(%addr, "serving /metrics, /healthz and /readyz");
         crate::spawn_background(serve(listener, handle, health, shutdown));
         Ok(Some(Ops { addr }))

@@ -89,9 +89,28 @@ pub struct FlagTableArgs {
         default_value_t = FlagTableConfig::default().key_column.unwrap_or_default()
     )]
     pub key_column: String,
-    /// Topic the flag table's rows go to.
-    #[arg(long, env = "OUTBOX_TOPIC", default_value_t = FlagTableConfig::default().topic)]
-    pub topic: String,
+    /// Timestamp column of the flag table that ages its unsent rows
+    /// (`outbox_oldest_pending_age_seconds`, `outbox status`); empty: none.
+    #[arg(
+        long = "flag-time-column",
+        env = "OUTBOX_FLAG_TIME_COLUMN",
+        default_value_t = FlagTableConfig::default().time_column.unwrap_or_default()
+    )]
+    pub time_column: String,
+}
+
+impl FlagTableArgs {
+    /// The flag table's names; the topic and limits are the defaults.
+    pub fn config(&self) -> FlagTableConfig {
+        FlagTableConfig {
+            table: self.table.clone(),
+            id_column: self.id_column.clone(),
+            flag_column: self.flag_column.clone(),
+            key_column: Some(self.key_column.clone()),
+            time_column: (!self.time_column.is_empty()).then(|| self.time_column.clone()),
+            ..FlagTableConfig::default()
+        }
+    }
 }
 
 /// Everything the relay is told on its command line, apart from the services.
@@ -102,6 +121,9 @@ pub struct RelayArgs {
     pub source: SourceKind,
     #[command(flatten)]
     pub flag: FlagTableArgs,
+    /// Topic the flag table's rows go to.
+    #[arg(long, env = "OUTBOX_TOPIC", default_value_t = FlagTableConfig::default().topic)]
+    pub topic: String,
     #[command(flatten)]
     pub tables: OutboxTableArgs,
     #[command(flatten)]
@@ -183,7 +205,7 @@ impl RelayArgs {
             Vec::new()
         } else if self.wal.tables.is_empty() {
             vec![CaptureTable::new(self.flag.table.clone())
-                .with_topic(self.flag.topic.clone())
+                .with_topic(self.topic.clone())
                 .with_key_columns(&[self.flag.key_column.as_str()])]
         } else {
             self.wal
@@ -218,13 +240,10 @@ impl RelayArgs {
     /// table), checked.
     pub fn flag_config(&self) -> anyhow::Result<ValidFlagTableConfig> {
         FlagTableConfig {
-            table: self.flag.table.clone(),
-            id_column: self.flag.id_column.clone(),
-            flag_column: self.flag.flag_column.clone(),
-            key_column: Some(self.flag.key_column.clone()),
-            topic: self.flag.topic.clone(),
+            topic: self.topic.clone(),
             dead_letter_table: self.tables.dead_letter_table.clone(),
             claim_timeout: self.claim_timeout(),
+            ..self.flag.config()
         }
         .validate()
         .context("invalid flag-table configuration")

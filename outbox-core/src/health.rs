@@ -78,7 +78,18 @@ impl Health {
         // A poisoned lock only means a panic elsewhere; the map is still whole.
         let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(slot) = states.get_mut(&stage) {
+            stage_up(stage, &state);
             *slot = state;
+        }
+    }
+
+    /// Sets the gauge `outbox_stage_up{stage}` of every registered stage;
+    /// later changes set it themselves. Call it once a metrics recorder is
+    /// installed, so stages still starting are exported too.
+    pub fn export(&self) {
+        let states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        for (stage, state) in states.iter() {
+            stage_up(*stage, state);
         }
     }
 
@@ -96,6 +107,15 @@ impl Health {
             .map(|(stage, state)| (*stage, state.clone()))
             .collect()
     }
+}
+
+fn stage_up(stage: Stage, state: &ComponentState) {
+    let up = if *state == ComponentState::Up {
+        1.0
+    } else {
+        0.0
+    };
+    metrics::gauge!("outbox_stage_up", "stage" => stage.to_string()).set(up);
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ mod event;
 mod health;
 mod key_order;
 mod lease;
+pub mod metrics_catalog;
 mod periodic;
 mod relay;
 mod sink;

@@ -463,9 +463,7 @@ impl<S: Source, B: Bus> Relay<S, B> {
 
 /// Counts a failure in `outbox_errors_total{loop, stage, class}`.
 pub(crate) fn count_error(loop_name: &'static str, stage: Stage, retryable: bool) {
-    let class = if retryable { "retryable" } else { "permanent" };
-    metrics::counter!("outbox_errors_total", "loop" => loop_name, "stage" => stage.to_string(), "class" => class)
-        .increment(1);
+    crate::metrics_catalog::error_counter(loop_name, stage, retryable).increment(1);
 }
 
 pub(crate) async fn sleep_or_cancel(delay: Duration, shutdown: &CancellationToken) {

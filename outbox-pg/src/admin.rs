@@ -6,7 +6,7 @@ use std::time::Duration;
 use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
-use crate::{PgError, ValidOutboxConfig};
+use crate::{PgError, ValidFlagTableConfig, ValidOutboxConfig};
 
 /// Pending events of an outbox table.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -15,6 +15,101 @@ pub struct Backlog {
     pub pending: i64,
     /// How long the oldest of them has waited (`None` when nothing is pending).
     pub oldest_age: Option<Duration>,
+}
+
+/// Counts what waits in a source table and sets the backlog gauges: the
+/// pending events of an outbox table, or the unsent rows of a flag table.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use outbox_pg::{BacklogProbe, FlagTableConfig, PgConfig};
+///
+/// let pool = PgConfig::default().create_pool()?;
+/// let probe = BacklogProbe::flag_table(&FlagTableConfig::default().validate()?);
+/// let backlog = probe.backlog(&pool.get().await?).await?;
+/// println!("{} rows not sent yet", backlog.pending);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct BacklogProbe {
+    sql: String,
+}
+
+impl BacklogProbe {
+    /// The pending events of an outbox table.
+    pub fn outbox(config: &ValidOutboxConfig) -> Self {
+        Self {
+            sql: format!(
+                "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM {}",
+                config.table()
+            ),
+        }
+    }
+
+    /// The rows of a flag table whose flag is still false, aged by its
+    /// `time_column` (the count alone without one). The count reads the
+    /// partial index on unsent rows that the demo's schema has.
+    pub fn flag_table(config: &ValidFlagTableConfig) -> Self {
+        let age = match &config.time_sql {
+            Some(time) => format!("EXTRACT(EPOCH FROM now() - min({time}))::float8"),
+            None => "NULL::float8".to_string(),
+        };
+        Self {
+            sql: format!(
+                "SELECT count(*), {age} FROM {} WHERE NOT {}",
+                config.table_sql, config.flag_sql
+            ),
+        }
+    }
+
+    /// Pending count and the oldest pending event's age (one scan).
+    pub async fn backlog<C: GenericClient + Sync>(&self, client: &C) -> Result<Backlog, PgError> {
+        let row = client
+            .query_one(&self.sql, &[])
+            .await
+            .map_err(|e| PgError::query("backlog", e))?;
+        let oldest: Option<f64> = get(&row, 1, "backlog")?;
+        Ok(Backlog {
+            pending: get(&row, 0, "backlog")?,
+            oldest_age: oldest.map(seconds),
+        })
+    }
+
+    /// [`BacklogProbe::backlog`], also set as the gauges
+    /// `outbox_backlog_events` and `outbox_oldest_pending_age_seconds`
+    /// (for a process that refreshes them every so often: each call scans
+    /// the table once).
+    pub async fn report<C: GenericClient + Sync>(&self, client: &C) -> Result<Backlog, PgError> {
+        let backlog = self.backlog(client).await?;
+        metrics::gauge!("outbox_backlog_events").set(backlog.pending as f64);
+        metrics::gauge!("outbox_oldest_pending_age_seconds")
+            .set(backlog.oldest_age.unwrap_or_default().as_secs_f64());
+        Ok(backlog)
+    }
+
+    /// [`BacklogProbe::report`] every `interval` until `shutdown`, on a
+    /// connection of `pool` taken for each round (for a relay that keeps the
+    /// backlog gauges fresh; `target` names the database in errors). A
+    /// failed round is logged and the next one tries again: the gauges only
+    /// go stale, nothing else depends on them.
+    pub async fn report_every(
+        self,
+        pool: deadpool_postgres::Pool,
+        target: String,
+        interval: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        outbox_core::every(interval, shutdown, || async {
+            let reported = match crate::connection(&pool, &target).await {
+                Ok(client) => self.report(&client).await.map(drop),
+                Err(err) => Err(err),
+            };
+            if let Err(err) = reported {
+                tracing::debug!(error = %err, "backlog query failed");
+            }
+        })
+        .await;
+    }
 }
 
 /// One lane of an outbox table.
@@ -99,7 +194,7 @@ pub enum Selection {
 /// ```
 #[derive(Debug, Clone)]
 pub struct OutboxAdmin {
-    backlog_sql: String,
+    backlog: BacklogProbe,
     lanes_sql: String,
     owners_sql: String,
     dead_counts_sql: String,
@@ -124,9 +219,7 @@ impl OutboxAdmin {
         let table = config.table();
         let dead = config.dead_letter_table();
         Self {
-            backlog_sql: format!(
-                "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM {table}"
-            ),
+            backlog: BacklogProbe::outbox(config),
             lanes_sql: format!(
                 "SELECT lane, count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8, max(attempts) \
                  FROM {table} GROUP BY lane ORDER BY lane"
@@ -160,25 +253,17 @@ impl OutboxAdmin {
     }
 
     /// [`OutboxAdmin::backlog`], also set as the gauges
-    /// `outbox_backlog_events` and `outbox_oldest_pending_age_seconds`
-    /// (for a process that refreshes them every so often: each call scans
-    /// the table once).
+    /// `outbox_backlog_events` and `outbox_oldest_pending_age_seconds`:
+    /// see [`BacklogProbe::report`].
     pub async fn report_backlog<C: GenericClient + Sync>(
         &self,
         client: &C,
     ) -> Result<Backlog, PgError> {
-        let backlog = self.backlog(client).await?;
-        metrics::gauge!("outbox_backlog_events").set(backlog.pending as f64);
-        metrics::gauge!("outbox_oldest_pending_age_seconds")
-            .set(backlog.oldest_age.unwrap_or_default().as_secs_f64());
-        Ok(backlog)
+        self.backlog.report(client).await
     }
 
-    /// [`OutboxAdmin::report_backlog`] every `interval` until `shutdown`,
-    /// on a connection of `pool` taken for each round (for a relay that
-    /// keeps the backlog gauges fresh; `target` names the database in
-    /// errors). A failed round is logged and the next one tries again: the
-    /// gauges only go stale, nothing else depends on them.
+    /// [`OutboxAdmin::report_backlog`] every `interval` until `shutdown`:
+    /// see [`BacklogProbe::report_every`].
     pub async fn report_backlog_every(
         self,
         pool: deadpool_postgres::Pool,
@@ -186,29 +271,14 @@ impl OutboxAdmin {
         interval: Duration,
         shutdown: tokio_util::sync::CancellationToken,
     ) {
-        outbox_core::every(interval, shutdown, || async {
-            let reported = match crate::connection(&pool, &target).await {
-                Ok(client) => self.report_backlog(&client).await.map(drop),
-                Err(err) => Err(err),
-            };
-            if let Err(err) = reported {
-                tracing::debug!(error = %err, "backlog query failed");
-            }
-        })
-        .await;
+        self.backlog
+            .report_every(pool, target, interval, shutdown)
+            .await;
     }
 
     /// Pending count and the oldest pending event's age (one scan of the table).
     pub async fn backlog<C: GenericClient + Sync>(&self, client: &C) -> Result<Backlog, PgError> {
-        let row = client
-            .query_one(&self.backlog_sql, &[])
-            .await
-            .map_err(|e| PgError::query("backlog", e))?;
-        let oldest: Option<f64> = get(&row, 1, "backlog")?;
-        Ok(Backlog {
-            pending: get(&row, 0, "backlog")?,
-            oldest_age: oldest.map(seconds),
-        })
+        self.backlog.backlog(client).await
     }
 
     /// Every lane with pending events, with the relay session holding it now.

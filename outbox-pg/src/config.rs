@@ -165,6 +165,10 @@ pub struct FlagTableConfig {
     pub flag_column: String,
     /// Column whose text value is the message key; `None` for no key. Default: `username`.
     pub key_column: Option<String>,
+    /// Timestamp column that says when a row was written, for the backlog's
+    /// oldest age ([`crate::BacklogProbe`]); `None`: the age is not known.
+    /// Default: `event_time`.
+    pub time_column: Option<String>,
     /// Destination topic. Default: `user_events`.
     pub topic: String,
     /// Where rows the broker can never take are recorded. Default: `outbox_dead_letter`.
@@ -180,6 +184,7 @@ impl Default for FlagTableConfig {
             id_column: "id".into(),
             flag_column: "sent_to_kafka".into(),
             key_column: Some("username".into()),
+            time_column: Some("event_time".into()),
             topic: "user_events".into(),
             dead_letter_table: "outbox_dead_letter".into(),
             claim_timeout: Duration::from_secs(20),
@@ -200,6 +205,11 @@ impl FlagTableConfig {
             .as_deref()
             .map(SqlIdent::parse)
             .transpose()?;
+        let time_column = self
+            .time_column
+            .as_deref()
+            .map(SqlIdent::parse)
+            .transpose()?;
         if self.topic.is_empty() {
             return Err(PgError::Config("topic must not be empty".into()));
         }
@@ -213,6 +223,7 @@ impl FlagTableConfig {
             id_sql: id_column,
             flag_sql: flag_column,
             key_sql: key_column,
+            time_sql: time_column,
         })
     }
 }
@@ -227,6 +238,7 @@ pub struct ValidFlagTableConfig {
     pub(crate) id_sql: SqlIdent,
     pub(crate) flag_sql: SqlIdent,
     pub(crate) key_sql: Option<SqlIdent>,
+    pub(crate) time_sql: Option<SqlIdent>,
 }
 
 impl std::ops::Deref for ValidFlagTableConfig {

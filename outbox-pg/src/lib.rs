@@ -20,7 +20,7 @@ mod tls;
 #[cfg(feature = "wal")]
 pub mod wal;
 
-pub use admin::{Backlog, DeadLetter, LaneOwner, LaneStatus, OutboxAdmin, Selection};
+pub use admin::{Backlog, BacklogProbe, DeadLetter, LaneOwner, LaneStatus, OutboxAdmin, Selection};
 pub use claim::PgClaim;
 pub use config::{FlagTableConfig, OutboxConfig, ValidFlagTableConfig, ValidOutboxConfig};
 pub use connect::{check_connection, connection, PgConfig};

@@ -14,7 +14,7 @@ use examples::{
     init_tracing, retry_startup, shutdown_on_signals, AssignmentArg, ClickHouseArgs, ConsumerArgs,
     KafkaArgs, LogArgs, OpsArgs, PgArgs, RowFormat, UserLoginMapper,
 };
-use outbox_core::{Consume, Health, Stage};
+use outbox_core::{metrics_catalog, Consume, Health, Stage};
 use outbox_kafka::{KafkaBus, KafkaSubscription, LagProbe};
 use outbox_pg::PartitionLeases;
 use sink_clickhouse::{ClickHouseSink, Mapping, RawEventMapper, TableRows};
@@ -60,8 +60,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let routes = routes::resolve(&specs, &cli.consumer, &cli.clickhouse.config()?)?;
     let shutdown = shutdown_on_signals(Duration::from_secs(cli.log.drain_timeout_secs));
     let health = Health::new([Stage::Bus, Stage::Sink]);
+    let exported = [metrics_catalog::COMMON, metrics_catalog::CONSUMER];
     cli.ops
-        .start(DEFAULT_METRICS_ADDR, health.clone(), shutdown.clone())
+        .start(
+            DEFAULT_METRICS_ADDR,
+            health.clone(),
+            ("consume", &exported),
+            shutdown.clone(),
+        )
         .await?;
     // A route that fails for good stops the others: the process exits with
     // its error, and the restarted process resumes every route where it

@@ -14,9 +14,9 @@ use examples::{
     init_tracing, retry_startup, shutdown_on_signals, KafkaArgs, LogArgs, OpsArgs, PgArgs,
     RelayArgs, SourceKind,
 };
-use outbox_core::{Health, Relay, RelayConfig, Source, Stage};
+use outbox_core::{metrics_catalog, Health, Relay, RelayConfig, Source, Stage};
 use outbox_kafka::KafkaBus;
-use outbox_pg::{FlagTableSource, OutboxAdmin, PgOutboxSource};
+use outbox_pg::{BacklogProbe, FlagTableSource, PgOutboxSource};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -55,8 +55,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let relay_config = cli.relay.relay_config()?;
     let shutdown = shutdown_on_signals(Duration::from_secs(cli.log.drain_timeout_secs));
     let health = Health::new([Stage::Source, Stage::Bus]);
+    let source_metrics = match cli.relay.source {
+        SourceKind::Wal => metrics_catalog::RELAY_WAL,
+        SourceKind::FlagTable | SourceKind::Outbox => metrics_catalog::RELAY_TABLE,
+    };
+    let exported = [
+        metrics_catalog::COMMON,
+        metrics_catalog::RELAY,
+        source_metrics,
+    ];
     cli.ops
-        .start(DEFAULT_METRICS_ADDR, health.clone(), shutdown.clone())
+        .start(
+            DEFAULT_METRICS_ADDR,
+            health.clone(),
+            ("relay", &exported),
+            shutdown.clone(),
+        )
         .await?;
 
     let pg = cli.pg.config("producer_pg_to_kafka")?;
@@ -89,12 +103,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await?;
             info!(table = %flag_config.table, topic = %flag_config.topic, "relaying flag table");
+            let backlog = BacklogProbe::flag_table(&flag_config).report_every(
+                pool.clone(),
+                target.clone(),
+                cli.relay.backlog_interval(),
+                shutdown.clone(),
+            );
+            examples::spawn_background(backlog);
             let source = FlagTableSource::new(pool, target, flag_config);
             run_relay(source, bus, relay_config, health, shutdown).await
         }
         SourceKind::Outbox => {
             info!(table = %outbox_config.table, "relaying outbox table");
-            let backlog = OutboxAdmin::new(&outbox_config).report_backlog_every(
+            let backlog = BacklogProbe::outbox(&outbox_config).report_every(
                 pool.clone(),
                 target.clone(),
                 cli.relay.backlog_interval(),

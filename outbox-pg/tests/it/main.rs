@@ -436,17 +436,29 @@ async fn flag_table_source_sets_the_flag_only_when_acknowledged() {
         )
         .await
         .unwrap();
-    let source = FlagTableSource::new(
-        pool.clone(),
-        "test",
-        FlagTableConfig {
-            table: "flag_logins".into(),
-            topic: "flag_events".into(),
-            dead_letter_table: config.dead_letter_table.clone(),
-            ..FlagTableConfig::default()
-        }
-        .validate()
-        .unwrap(),
+    let flag_config = FlagTableConfig {
+        table: "flag_logins".into(),
+        topic: "flag_events".into(),
+        dead_letter_table: config.dead_letter_table.clone(),
+        ..FlagTableConfig::default()
+    }
+    .validate()
+    .unwrap();
+    let probe = outbox_pg::BacklogProbe::flag_table(&flag_config);
+    let source = FlagTableSource::new(pool.clone(), "test", flag_config);
+    client
+        .execute(
+            "UPDATE flag_logins SET event_time = now() - interval '1 hour' WHERE id = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let before = probe.backlog(&client).await.unwrap();
+    assert_eq!(before.pending, 3);
+    let age = before.oldest_age.unwrap().as_secs();
+    assert!(
+        (3590..3700).contains(&age),
+        "oldest unsent row aged {age} s"
     );
     let claimed = source.claim(10).await.unwrap().unwrap();
     assert_eq!(claimed.events.len(), 3);
@@ -482,6 +494,10 @@ async fn flag_table_source_sets_the_flag_only_when_acknowledged() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(flags, vec![true, false, true]);
+    let after = probe.backlog(&client).await.unwrap();
+    println!("flag-table backlog: {before:?} before, {after:?} after acknowledging");
+    assert_eq!(after.pending, 1, "only the released row is unsent");
+    assert!(after.oldest_age.unwrap() < std::time::Duration::from_secs(600));
     let again = source.claim(10).await.unwrap().unwrap();
     assert_eq!(again.events.len(), 1);
     assert_eq!(
