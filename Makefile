@@ -79,6 +79,9 @@ test:
 	scripts/cluster.sh up; \
 	echo "== cargo fmt --check"; cargo fmt --all -- --check; \
 	echo "== cargo clippy"; cargo clippy --workspace --all-targets $(FEATURES) -- -D warnings; \
+	echo "== monitoring files (deploy/): promtool"; \
+	promtool check config deploy/prometheus/prometheus.yml; \
+	promtool test rules deploy/prometheus/rules.test.yml; \
 	echo "== cargo package (each library crate could be published)"; \
 	for crate in outbox-core outbox-pg outbox-kafka sink-clickhouse sink-file; do \
 	  cargo package -q -p $$crate --allow-dirty --no-verify; done; \

@@ -267,6 +267,11 @@ build_deps() {
 # advertised address).
 test_tools() {
   command -v iptables >/dev/null || apt_install iptables
+  # The monitoring files are checked by promtool and a Prometheus server
+  # the tests start themselves (on free ports; the package's own service is
+  # not used). Without recommends: no node exporter comes along.
+  { command -v promtool >/dev/null && command -v prometheus >/dev/null; } ||
+    apt_install --no-install-recommends prometheus
 }
 
 # ---------------------------------------------------------------------- TLS
