@@ -111,6 +111,10 @@ pub struct ConsumerArgs {
     /// meta columns) to create the table with when it does not exist.
     #[arg(long, env = "OUTBOX_CREATE_COLUMNS")]
     pub create_columns: Option<String>,
+    /// With --format table: a String column that gets each record's trace
+    /// id (from its W3C `traceparent` header), to find a row's trace.
+    #[arg(long, env = "OUTBOX_TRACE_ID_COLUMN")]
+    pub trace_id_column: Option<String>,
     /// With --format table: how often the table's columns are read again (s).
     #[arg(long, env = "OUTBOX_COLUMNS_REFRESH_SECS", default_value_t = TableRowsConfig::default().refresh_interval.as_secs())]
     pub columns_refresh_secs: u64,
@@ -206,6 +210,7 @@ impl ConsumerArgs {
             create_columns: self.create_columns.clone(),
             changes: self.changes.into(),
             order_by: self.order_by.clone(),
+            trace_id_column: self.trace_id_column.clone(),
             ..TableRowsConfig::default()
         }
     }

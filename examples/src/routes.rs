@@ -97,6 +97,8 @@ pub struct RouteSpec {
     pub order_by: Option<String>,
     /// Columns to create the table with when it does not exist.
     pub create_columns: Option<String>,
+    /// A String column that gets each record's trace id (W3C `traceparent`).
+    pub trace_id_column: Option<String>,
     /// The route's dead-letter table. Default: the flag's.
     pub dead_letter_table: Option<String>,
     /// The route's consumer group. Default: `<group-id>-<topic>`.
@@ -226,6 +228,9 @@ pub fn resolve(
         }
         if spec.order_by.is_some() {
             rows.order_by = spec.order_by.clone();
+        }
+        if spec.trace_id_column.is_some() {
+            rows.trace_id_column = spec.trace_id_column.clone();
         }
         routes.push(Route {
             name,

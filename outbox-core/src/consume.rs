@@ -39,6 +39,11 @@ pub struct ConsumeConfig {
     /// can write takes them. Default: 60 s. Without a lease the loop retries
     /// forever: nobody else could take over.
     pub stall_limit: Duration,
+    /// Make a span of each batch written, linked to its records' trace
+    /// contexts (see [`crate::otel`]), on the global tracer provider.
+    /// Default: false (the loop does not look at headers).
+    #[cfg(feature = "otel")]
+    pub otel_spans: bool,
 }
 
 impl Default for ConsumeConfig {
@@ -51,6 +56,8 @@ impl Default for ConsumeConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             stall_limit: Duration::from_secs(60),
+            #[cfg(feature = "otel")]
+            otel_spans: false,
         }
     }
 }
@@ -275,6 +282,8 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
             // time is when its rows were written.
             let write = async {
                 let started = Instant::now();
+                #[cfg(feature = "otel")]
+                let started_wall = std::time::SystemTime::now();
                 last_write = Some(started);
                 let outcome = write_with_retry(
                     &mut self.sink,
@@ -292,6 +301,10 @@ impl<B: Subscription, K: Sink> Consume<B, K> {
                 .await;
                 if let Ok(Outcome::Written(report)) = &outcome {
                     report_written(&records, report, poll_ms, started.elapsed(), &mut stats);
+                    #[cfg(feature = "otel")]
+                    if self.config.otel_spans {
+                        crate::otel::record_process(&records, started_wall, report.written);
+                    }
                 }
                 outcome
             };

@@ -11,6 +11,8 @@ mod health;
 mod key_order;
 mod lease;
 pub mod metrics_catalog;
+#[cfg(feature = "otel")]
+pub mod otel;
 mod periodic;
 mod relay;
 mod sink;

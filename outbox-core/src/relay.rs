@@ -62,6 +62,11 @@ pub struct RelayConfig {
     /// lingers about as long before it sends anyway, and each extension is
     /// a query. Default: 5 ms.
     pub extend_interval: Duration,
+    /// Make a span of each batch sent, linked to its events' trace contexts
+    /// (see [`crate::otel`]), on the global tracer provider. Default: false
+    /// (the loop does not look at headers).
+    #[cfg(feature = "otel")]
+    pub otel_spans: bool,
 }
 
 impl Default for RelayConfig {
@@ -75,6 +80,8 @@ impl Default for RelayConfig {
             max_in_flight_batches: 2,
             claim_window: Duration::ZERO,
             extend_interval: Duration::from_millis(5),
+            #[cfg(feature = "otel")]
+            otel_spans: false,
         }
     }
 }
@@ -191,6 +198,8 @@ impl<S: Source, B: Bus> Relay<S, B> {
         };
         let claimed_len = claimed.events.len();
         let claimed_at = std::time::Instant::now();
+        #[cfg(feature = "otel")]
+        let send_started = std::time::SystemTime::now();
         // Of a key whose earliest event failed last time, only that event is
         // published (a probe); its later events wait unpublished instead of
         // being published, held back and published again every round.
@@ -257,6 +266,10 @@ impl<S: Source, B: Bus> Relay<S, B> {
             );
         }
         let deliveries = hold_back_after_failures(&claimed.events, published);
+        #[cfg(feature = "otel")]
+        if self.config.otel_spans {
+            crate::otel::record_send(&claimed.events, &deliveries, send_started);
+        }
         let published_at = std::time::Instant::now();
         let summary = self.observe(self.source.acknowledge(claimed, &deliveries).await)?;
         let claim_time = claimed_at.duration_since(started);

@@ -77,6 +77,15 @@ fn json_event<T: serde::Serialize + ?Sized>(
     Ok(event)
 }
 
+/// `events` with the caller's trace context in their headers (feature
+/// `otel`; see `outbox_core::otel`), else unchanged.
+pub(crate) fn traced(events: &[Event]) -> std::borrow::Cow<'_, [Event]> {
+    #[cfg(feature = "otel")]
+    return outbox_core::otel::with_current_trace(events);
+    #[cfg(not(feature = "otel"))]
+    std::borrow::Cow::Borrowed(events)
+}
+
 /// An event's headers as the JSON object stored in the `headers` column.
 pub(crate) fn headers_json(event: &Event) -> serde_json::Value {
     serde_json::Value::Object(
@@ -137,7 +146,7 @@ impl Outbox {
         if events.is_empty() {
             return Ok(0);
         }
-        let frames = emit_frames(events)?;
+        let frames = emit_frames(&traced(events))?;
         let statement = client
             .prepare_cached(EMIT_SQL)
             .await
@@ -274,6 +283,7 @@ impl Outbox {
     where
         C: GenericClient + Sync,
     {
+        let events = traced(events);
         let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
         let topics: Vec<&str> = events.iter().map(|e| e.topic.as_str()).collect();
         let keys: Vec<Option<&[u8]>> = events.iter().map(|e| e.key.as_deref()).collect();

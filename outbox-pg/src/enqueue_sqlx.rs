@@ -38,6 +38,7 @@ impl Outbox {
         if events.is_empty() {
             return Ok(0);
         }
+        let events = crate::enqueue::traced(events);
         let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
         let topics: Vec<&str> = events.iter().map(|e| e.topic.as_str()).collect();
         let keys: Vec<Option<&[u8]>> = events.iter().map(|e| e.key.as_deref()).collect();
@@ -93,7 +94,7 @@ impl Outbox {
         if events.is_empty() {
             return Ok(0);
         }
-        let frames = crate::enqueue::emit_frames(events)?;
+        let frames = crate::enqueue::emit_frames(&crate::enqueue::traced(events))?;
         let written: i64 = sqlx::query_scalar(crate::enqueue::EMIT_SQL)
             .bind(&self.message_prefix)
             .bind(frames)

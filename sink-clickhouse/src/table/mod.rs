@@ -109,6 +109,11 @@ pub struct TableRowsConfig {
     /// [`ClickHouseConfig::create_tables`](crate::ClickHouseConfig::create_tables)
     /// is set. Default: none, the table must exist.
     pub create_columns: Option<String>,
+    /// A `String` or `FixedString(32)` column (or `Nullable` of either)
+    /// that gets the trace id of each record's W3C `traceparent` header
+    /// (32 hex digits; empty, or NULL, without one), so that a slow or odd
+    /// row can be looked up in the tracing backend. Default: none.
+    pub trace_id_column: Option<String>,
 }
 
 impl Default for TableRowsConfig {
@@ -122,6 +127,7 @@ impl Default for TableRowsConfig {
             changes: Changes::Off,
             order_by: None,
             create_columns: None,
+            trace_id_column: None,
         }
     }
 }
@@ -213,6 +219,12 @@ impl TableRows {
         let mut row = Vec::new();
         for (i, (record, meta)) in records.iter().enumerate() {
             row.clear();
+            let trace = if schema.has_trace_column() {
+                Some(schema::traceparent_trace_id(&record.headers).unwrap_or_default())
+            } else {
+                None
+            };
+            let trace = trace.as_deref();
             let encoded = match record.payload.as_deref() {
                 None => Err("the record has no payload".to_string()),
                 Some(bytes) if schema.reads_changes() => serde_json::from_slice::<Value>(bytes)
@@ -226,7 +238,7 @@ impl TableRows {
                             let encoded = schema.encode_into(
                                 &Document::Tree(tree),
                                 meta,
-                                Some(&change),
+                                (Some(&change), trace),
                                 &mut row,
                             )?;
                             if at == last {
@@ -239,7 +251,7 @@ impl TableRows {
                     }),
                 Some(bytes) => schema
                     .parse(bytes)
-                    .and_then(|doc| schema.encode_into(&doc, meta, None, &mut row)),
+                    .and_then(|doc| schema.encode_into(&doc, meta, (None, trace), &mut row)),
             };
             match encoded {
                 Ok((omitted, fields)) => {

@@ -52,6 +52,8 @@ enum Source {
     ChangeOrdinal,
     /// Of a change route: the commit time.
     ChangeTime,
+    /// The trace id of the record's `traceparent` header.
+    TraceId,
 }
 
 #[derive(Debug, Clone)]
@@ -181,6 +183,14 @@ impl Schema {
                 missing_meta.join(", ")
             ));
         }
+        if let Some(column) = &config.trace_id_column {
+            if !rows.iter().any(|r| &r.name == column) {
+                return Err(format!(
+                    "the route writes trace ids to column {column:?}, which table {table} does not have; \
+                     run: ALTER TABLE {table} ADD COLUMN {column} String"
+                ));
+            }
+        }
         for column in config.fields.keys() {
             if !rows.iter().any(|r| &r.name == column) {
                 return Err(format!(
@@ -229,6 +239,19 @@ impl Schema {
                 "_lsn" if change => Source::ChangeLsn,
                 "_ordinal" if change => Source::ChangeOrdinal,
                 "_commit_time" if change => Source::ChangeTime,
+                name if config.trace_id_column.as_deref() == Some(name) => {
+                    let text = match &ty {
+                        ColumnType::Nullable(inner) => inner.as_ref(),
+                        other => other,
+                    };
+                    if !matches!(text, ColumnType::String | ColumnType::FixedString(32)) {
+                        return Err(format!(
+                            "trace id column {name:?} of {table} has type {}: it needs String or FixedString(32)",
+                            row.r#type
+                        ));
+                    }
+                    Source::TraceId
+                }
                 name => match config.fields.get(name) {
                     Some(path) if path.starts_with('/') => Source::Pointer(path.clone()),
                     Some(field) => Source::Field(field.clone()),
@@ -302,6 +325,12 @@ impl Schema {
     }
 
     /// Whether this schema's route reads change envelopes.
+    pub(crate) fn has_trace_column(&self) -> bool {
+        self.columns
+            .iter()
+            .any(|c| matches!(c.source, Source::TraceId))
+    }
+
     pub(crate) fn reads_changes(&self) -> bool {
         self.changes != Changes::Off
     }
@@ -341,7 +370,7 @@ impl Schema {
                 ))
             }
         };
-        let (omitted, unknown) = self.encode_into(&document, meta, change, &mut bytes)?;
+        let (omitted, unknown) = self.encode_into(&document, meta, (change, None), &mut bytes)?;
         Ok(EncodedRow {
             bytes,
             omitted,
@@ -350,7 +379,8 @@ impl Schema {
     }
 
     /// Appends the row of `document` (a payload, or a change's row with
-    /// `change`) and `meta` to `out`, or says which column refused what
+    /// `change`), `meta` and `trace` (the record's trace id, when the table
+    /// has a trace id column) to `out`, or says which column refused what
     /// (then `out` may hold part of the row: the caller cuts it off).
     /// Gives the columns left to their `DEFAULT` expression and the fields
     /// no column reads.
@@ -358,7 +388,7 @@ impl Schema {
         &self,
         document: &Document<'_>,
         meta: &RowMeta,
-        change: Option<&ChangeFacts>,
+        (change, trace): (Option<&ChangeFacts>, Option<&str>),
         out: &mut Vec<u8>,
     ) -> Result<(Vec<usize>, Vec<String>), String> {
         let mut omitted = Vec::new();
@@ -450,6 +480,11 @@ impl Schema {
                 Source::ChangeLsn => change.map(|_| Cow::Borrowed(&lsn)),
                 Source::ChangeOrdinal => change.map(|_| Cow::Borrowed(&ordinal)),
                 Source::ChangeTime => change.map(|_| Cow::Borrowed(&time)),
+                Source::TraceId => Some(Cow::Owned(match trace {
+                    Some(id) if !id.is_empty() => Value::String(id.to_string()),
+                    _ if column.ty.is_nullable() => Value::Null,
+                    _ => Value::String(String::new()),
+                })),
             };
             let value = value.filter(|v| !v.is_null() || column.ty.is_nullable());
             match value {
@@ -563,9 +598,34 @@ impl Column {
         match &self.source {
             Source::Field(field) => format!("field {field:?}"),
             Source::Pointer(path) => format!("pointer {path:?}"),
+            Source::TraceId => "the traceparent header".into(),
             _ => "the record's position".into(),
         }
     }
+}
+
+/// The trace id of a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2
+/// hex>`): 32 lowercase hex digits, not all zero; `None` when absent or
+/// malformed.
+pub(crate) fn traceparent_trace_id(headers: &BTreeMap<String, String>) -> Option<String> {
+    let value = headers.get("traceparent")?;
+    let mut parts = value.trim().split('-');
+    let (version, trace) = (parts.next()?, parts.next()?);
+    let (span, flags) = (parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && hex(span, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && span.bytes().any(|b| b != b'0')
+        && (version != "00" || parts.next().is_none());
+    valid.then(|| trace.to_string())
 }
 
 fn short(value: &Value) -> String {
@@ -612,6 +672,46 @@ mod tests {
 
     fn meta_rows() -> Vec<ColumnRow> {
         META_COLUMNS.iter().map(|(n, t)| col(n, t, "")).collect()
+    }
+
+    #[test]
+    fn trace_ids_come_from_well_formed_traceparents_only() {
+        let headers =
+            |value: &str| BTreeMap::from([("traceparent".to_string(), value.to_string())]);
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            traceparent_trace_id(&headers(good)).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        for bad in [
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "",
+        ] {
+            assert_eq!(traceparent_trace_id(&headers(bad)), None, "{bad}");
+        }
+        assert_eq!(traceparent_trace_id(&BTreeMap::new()), None);
+    }
+
+    #[test]
+    fn a_trace_id_column_must_exist_and_hold_text() {
+        let config = |column: &str| TableRowsConfig {
+            trace_id_column: Some(column.into()),
+            ..TableRowsConfig::default()
+        };
+        let mut rows = meta_rows();
+        rows.push(col("trace", "FixedString(32)", ""));
+        rows.push(col("n", "Int32", ""));
+        let schema = Schema::new("t", &rows, &config("trace")).unwrap();
+        assert!(schema.has_trace_column());
+        let wrong = Schema::new("t", &rows, &config("n")).unwrap_err();
+        assert!(wrong.contains("needs String or FixedString(32)"), "{wrong}");
+        let absent = Schema::new("t", &rows, &config("tid")).unwrap_err();
+        assert!(absent.contains("ADD COLUMN tid String"), "{absent}");
     }
 
     fn meta() -> RowMeta {
@@ -952,12 +1052,12 @@ mod tests {
                     let doc = s.parse(payload.as_bytes())?;
                     assert!(matches!(doc, Document::Fields(_)));
                     let mut fast = Vec::new();
-                    let fast = s
-                        .encode_into(&doc, &meta(), None, &mut fast)
-                        .map(|(o, mut u)| {
-                            u.sort();
-                            (fast, o, u)
-                        });
+                    let fast =
+                        s.encode_into(&doc, &meta(), (None, None), &mut fast)
+                            .map(|(o, mut u)| {
+                                u.sort();
+                                (fast, o, u)
+                            });
                     let tree: Value = serde_json::from_str(payload).map_err(|e| e.to_string())?;
                     let slow = s.encode_plain(&tree, &meta()).map(|mut r| {
                         r.unknown.sort();
