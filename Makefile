@@ -15,7 +15,7 @@ export CARGO_TERM_COLOR ?= never
 # compiled twice).
 # make demo SOURCE=wal streams the demo table from the write-ahead log.
 SOURCE ?= flag-table
-FEATURES := --features outbox-pg/sqlx,outbox-pg/wal
+FEATURES := --features outbox-pg/sqlx,outbox-pg/wal,outbox-pg/otel
 
 DURATION ?= 150s
 SEED ?=

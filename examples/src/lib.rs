@@ -2,7 +2,8 @@
 //! read from an environment variable and from an optional TOML file) of the
 //! services (`args`), of the relay (`relay_args`) and of the consumer
 //! (`consumer_args`); the runtime (logging, signals, task tracking, start-up
-//! checks, exit codes); the `/metrics` endpoint (`ops`), the operator's
+//! checks, exit codes); the `/metrics` endpoint (`ops`), the trace export
+//! (`otel`), the operator's
 //! command (`admin`) and the demo's ClickHouse row.
 
 /// The code of the repository's README, compiled as doc tests.
@@ -16,6 +17,7 @@ mod config_file;
 mod consumer_args;
 mod demo;
 mod ops;
+mod otel;
 mod relay_args;
 pub mod routes;
 mod runtime;
@@ -28,6 +30,7 @@ pub use config_file::{
 pub use consumer_args::{AssignmentArg, ConsumerArgs, RowFormat};
 pub use demo::{UserLoginMapper, UserLoginRow};
 pub use ops::{Ops, OpsArgs};
+pub use otel::{OtelArgs, Tracing};
 pub use relay_args::{FlagTableArgs, RelayArgs, SourceKind, WalArgs};
 pub use runtime::{
     exit_with, finish, init_tracing, millis, render_error, retry_startup, shutdown_on_signals,

@@ -27,6 +27,8 @@ pub struct LogArgs {
     /// exiting anyway (s). Abandoned work is not lost: it was not committed.
     #[arg(long, env = "OUTBOX_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
+    #[command(flatten)]
+    pub otel: crate::OtelArgs,
 }
 
 /// `duration` in whole milliseconds, for options given in ms (their

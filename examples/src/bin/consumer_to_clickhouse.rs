@@ -48,8 +48,14 @@ const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9465";
 async fn main() -> ExitCode {
     let cli: Cli = examples::parse_cli_with_sections(&[routes::ROUTE_KEY]);
     init_tracing(&cli.log);
+    let tracing = match cli.log.otel.start("consumer_to_clickhouse") {
+        Ok(tracing) => tracing,
+        Err(err) => return examples::exit_with(Err(err)),
+    };
     let drain = Duration::from_secs(cli.log.drain_timeout_secs);
-    examples::exit_with(examples::finish(run(cli).await, drain).await)
+    let result = examples::finish(run(cli).await, drain).await;
+    drop(tracing);
+    examples::exit_with(result)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -115,7 +121,10 @@ async fn run_route<M: Mapping>(
 ) -> anyhow::Result<()> {
     let startup = Duration::from_secs(cli.log.startup_timeout_secs);
     let args = &route.consumer;
-    let config = args.consume_config()?;
+    let config = outbox_core::ConsumeConfig {
+        otel_spans: cli.log.otel.enabled(),
+        ..args.consume_config()?
+    };
     let ch_config = route.clickhouse.clone();
     retry_startup("clickhouse", startup, || {
         sink_clickhouse::check_connection(&ch_config)

@@ -44,15 +44,24 @@ const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 async fn main() -> ExitCode {
     let cli: Cli = examples::parse_cli();
     init_tracing(&cli.log);
+    let tracing = match cli.log.otel.start("producer_pg_to_kafka") {
+        Ok(tracing) => tracing,
+        Err(err) => return examples::exit_with(Err(err)),
+    };
     let drain = Duration::from_secs(cli.log.drain_timeout_secs);
-    examples::exit_with(examples::finish(run(cli).await, drain).await)
+    let result = examples::finish(run(cli).await, drain).await;
+    drop(tracing);
+    examples::exit_with(result)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let startup = Duration::from_secs(cli.log.startup_timeout_secs);
     let outbox_config = cli.relay.outbox_config()?;
     let flag_config = cli.relay.flag_config()?;
-    let relay_config = cli.relay.relay_config()?;
+    let relay_config = RelayConfig {
+        otel_spans: cli.log.otel.enabled(),
+        ..cli.relay.relay_config()?
+    };
     let shutdown = shutdown_on_signals(Duration::from_secs(cli.log.drain_timeout_secs));
     let health = Health::new([Stage::Source, Stage::Bus]);
     let source_metrics = match cli.relay.source {

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use examples::{init_tracing, LogArgs, PgArgs};
+use opentelemetry::trace::{FutureExt as _, SpanKind, TraceContextExt as _, Tracer as _};
 use outbox_core::Event;
 use outbox_pg::{Outbox, OutboxConfig};
 
@@ -45,7 +46,13 @@ struct Cli {
 async fn main() -> ExitCode {
     let cli: Cli = examples::parse_cli();
     init_tracing(&cli.log);
-    examples::exit_with(run(cli).await)
+    let tracing = match cli.log.otel.start("service_enqueue") {
+        Ok(tracing) => tracing,
+        Err(err) => return examples::exit_with(Err(err)),
+    };
+    let result = run(cli).await;
+    drop(tracing);
+    examples::exit_with(result)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -61,6 +68,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut client = outbox_pg::connection(&pool, &target).await?;
     outbox_pg::migrate(&client, &config).await?;
 
+    // The service's own span: the events enqueued inside it carry its
+    // trace context (outbox-pg's `otel` feature), so the relay's and the
+    // consumer's spans link back to it.
+    let tracer = opentelemetry::global::tracer("service_enqueue");
+    let span = tracer
+        .span_builder("record logins")
+        .with_kind(SpanKind::Server)
+        .start(&tracer);
+    let cx = opentelemetry::Context::current_with_span(span);
+    let trace_id = cx.span().span_context().trace_id();
+    let result = transaction(&cli, &outbox, &mut client)
+        .with_context(cx.clone())
+        .await;
+    cx.span().end();
+    let ids = result?;
+    let done = if cli.rollback {
+        "rolled back"
+    } else {
+        "committed"
+    };
+    if cx.span().span_context().is_valid() {
+        println!(
+            "{done} {} rows and their events: {ids:?} (trace {trace_id})",
+            ids.len()
+        );
+    } else {
+        println!("{done} {} rows and their events: {ids:?}", ids.len());
+    }
+    Ok(())
+}
+
+/// The business rows and their events, in one transaction.
+async fn transaction(
+    cli: &Cli,
+    outbox: &Outbox,
+    client: &mut outbox_pg::deadpool_postgres::Object,
+) -> anyhow::Result<Vec<i64>> {
     let tx = client.transaction().await?;
     tx.batch_execute("SET LOCAL TIME ZONE 'UTC'").await?;
     let mut events = Vec::new();
@@ -88,10 +132,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     outbox.enqueue(&tx, &events).await?;
     if cli.rollback {
         tx.rollback().await?;
-        println!("rolled back {} rows and their events: {ids:?}", ids.len());
     } else {
         tx.commit().await?;
-        println!("committed {} rows and their events: {ids:?}", ids.len());
     }
-    Ok(())
+    Ok(ids)
 }

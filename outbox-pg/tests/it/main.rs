@@ -6,6 +6,8 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod leases;
+#[cfg(feature = "otel")]
+mod otel;
 #[cfg(feature = "sqlx")]
 mod sqlx;
 mod tls;
