@@ -124,6 +124,20 @@ pub struct RelayArgs {
     /// Topic the flag table's rows go to.
     #[arg(long, env = "OUTBOX_TOPIC", default_value_t = FlagTableConfig::default().topic)]
     pub topic: String,
+    /// Publish events as CloudEvents (Kafka protocol binding, binary mode:
+    /// `ce_*` headers) with this `ce_source` (a URI reference such as
+    /// /orders-service) for events without their own.
+    #[arg(long, env = "OUTBOX_CLOUDEVENTS_SOURCE", value_name = "URI")]
+    pub cloudevents_source: Option<String>,
+    /// With --cloudevents-source: only these topics' events (repeatable,
+    /// or comma separated); default every topic.
+    #[arg(
+        long = "cloudevents-topic",
+        env = "OUTBOX_CLOUDEVENTS_TOPICS",
+        value_delimiter = ',',
+        requires = "cloudevents_source"
+    )]
+    pub cloudevents_topics: Vec<String>,
     #[command(flatten)]
     pub tables: OutboxTableArgs,
     #[command(flatten)]
@@ -234,6 +248,21 @@ impl RelayArgs {
             .validate()
             .context("invalid WAL source configuration")?;
         Ok(config)
+    }
+
+    /// The CloudEvents binding of the published events, if asked for.
+    pub fn cloudevents(&self) -> anyhow::Result<Option<outbox_kafka::CloudEventsConfig>> {
+        let Some(source) = &self.cloudevents_source else {
+            return Ok(None);
+        };
+        let config = outbox_kafka::CloudEventsConfig {
+            source: source.clone(),
+            topics: self.cloudevents_topics.iter().cloned().collect(),
+        };
+        config
+            .validate()
+            .map_err(|reason| anyhow::anyhow!("--cloudevents-source: {reason}"))?;
+        Ok(Some(config))
     }
 
     /// The flag table (its dead letters go to the outbox's dead-letter

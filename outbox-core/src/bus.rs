@@ -7,7 +7,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use crate::event::{ms_to_system_time, HEADER_CREATED_AT_MS, HEADER_EVENT_ID};
+use crate::event::{
+    ms_to_system_time, CLOUDEVENTS_ID_NAMESPACE, HEADER_CE_ID, HEADER_CE_SOURCE,
+    HEADER_CREATED_AT_MS, HEADER_EVENT_ID,
+};
 use crate::{Event, Result};
 
 /// Where a message sits on the bus.
@@ -141,7 +144,7 @@ pub struct Record {
 #[non_exhaustive]
 pub enum DecodeError {
     /// The event id header is absent.
-    #[error("message has no {HEADER_EVENT_ID} header")]
+    #[error("message has neither an {HEADER_EVENT_ID} nor a {HEADER_CE_ID} header")]
     MissingEventId,
     /// The event id header is not a UUID.
     #[error("header {HEADER_EVENT_ID} is not a uuid: {0:?}")]
@@ -155,13 +158,46 @@ pub enum DecodeError {
 }
 
 impl Record {
-    /// The event id carried in the [`HEADER_EVENT_ID`] header.
+    /// The event id carried in the [`HEADER_EVENT_ID`] header; for a
+    /// record without one, published by a CloudEvents producer (Kafka
+    /// protocol binding, binary mode), its `ce_id` when that is a UUID,
+    /// else a UUIDv5 of its `ce_source` and `ce_id` (which together
+    /// identify a CloudEvent), so that a copy sent again has the same id.
+    ///
+    /// ```
+    /// use outbox_core::{Position, Record};
+    ///
+    /// let record = |headers: &[(&str, &str)]| Record {
+    ///     topic: "orders".into(),
+    ///     position: Position { partition: 0, offset: 0 },
+    ///     key: None,
+    ///     payload: None,
+    ///     headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    ///     timestamp_ms: None,
+    /// };
+    /// let a = record(&[("ce_source", "/shop"), ("ce_id", "A-1")]).event_id().unwrap();
+    /// assert_eq!(a, record(&[("ce_source", "/shop"), ("ce_id", "A-1")]).event_id().unwrap());
+    /// assert_ne!(a, record(&[("ce_source", "/other"), ("ce_id", "A-1")]).event_id().unwrap());
+    /// ```
     pub fn event_id(&self) -> std::result::Result<Uuid, DecodeError> {
-        let raw = self
+        if let Some(raw) = self.headers.get(HEADER_EVENT_ID) {
+            return Uuid::parse_str(raw).map_err(|_| DecodeError::InvalidEventId(raw.clone()));
+        }
+        let ce_id = self
             .headers
-            .get(HEADER_EVENT_ID)
+            .get(HEADER_CE_ID)
+            .filter(|id| !id.is_empty())
             .ok_or(DecodeError::MissingEventId)?;
-        Uuid::parse_str(raw).map_err(|_| DecodeError::InvalidEventId(raw.clone()))
+        if let Ok(id) = Uuid::parse_str(ce_id) {
+            return Ok(id);
+        }
+        let source = self
+            .headers
+            .get(HEADER_CE_SOURCE)
+            .map_or("", String::as_str);
+        // Length-prefixed, so that no two (source, id) pairs make one name.
+        let name = format!("{}:{source}{ce_id}", source.len());
+        Ok(Uuid::new_v5(&CLOUDEVENTS_ID_NAMESPACE, name.as_bytes()))
     }
 
     /// The payload decoded from JSON (see [`crate::Event::json`]). A sink's
@@ -373,6 +409,29 @@ mod tests {
         assert_eq!(event.id, id);
         assert_eq!(event.created_ms_for_test(), 1000);
         assert_eq!(event.headers.len(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn a_cloudevent_is_identified_by_its_id_and_source() -> Result<(), DecodeError> {
+        let id = Uuid::now_v7();
+        let text = id.to_string();
+        assert_eq!(record(&[(HEADER_CE_ID, &text)]).event_id()?, id);
+        let ours = Uuid::now_v7().to_string();
+        assert_eq!(
+            record(&[(HEADER_EVENT_ID, &ours), (HEADER_CE_ID, &text)])
+                .event_id()?
+                .to_string(),
+            ours,
+            "our own header wins"
+        );
+        let a = record(&[(HEADER_CE_SOURCE, "ab"), (HEADER_CE_ID, "c")]).event_id()?;
+        let b = record(&[(HEADER_CE_SOURCE, "a"), (HEADER_CE_ID, "bc")]).event_id()?;
+        assert_ne!(a, b, "source and id do not run together");
+        assert_eq!(
+            record(&[(HEADER_CE_ID, "")]).event_id(),
+            Err(DecodeError::MissingEventId)
+        );
         Ok(())
     }
 

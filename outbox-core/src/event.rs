@@ -11,6 +11,18 @@ pub const HEADER_EVENT_ID: &str = "outbox-event-id";
 /// Header carrying the creation time of the event (milliseconds since the Unix epoch, decimal text).
 pub const HEADER_CREATED_AT_MS: &str = "outbox-created-at-ms";
 
+/// The CloudEvents id of a record in the Kafka protocol binding (binary
+/// mode): the event id of a record without [`HEADER_EVENT_ID`] (see
+/// [`crate::Record::event_id`]).
+pub const HEADER_CE_ID: &str = "ce_id";
+/// The CloudEvents source: with [`HEADER_CE_ID`], what identifies an event.
+pub const HEADER_CE_SOURCE: &str = "ce_source";
+
+/// Namespace of the event ids made from CloudEvents `(source, id)` pairs
+/// whose id is not a UUID.
+pub const CLOUDEVENTS_ID_NAMESPACE: Uuid =
+    Uuid::from_u128(0x6f0c_2b61_3c1e_4f4e_9a77_3e1b_5d2c_ce01);
+
 /// Header naming the payload's format (set by [`Event::json`]).
 pub const HEADER_CONTENT_TYPE: &str = "content-type";
 

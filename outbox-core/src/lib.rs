@@ -26,8 +26,8 @@ pub use consume::{checkpoint_after, Consume, ConsumeConfig, ConsumeStats};
 pub use dedup::RecentIds;
 pub use error::{BoxError, Error, ErrorChain, Result, Stage};
 pub use event::{
-    ms_to_system_time, system_time_to_ms, Event, CONTENT_TYPE_JSON, HEADER_CONTENT_TYPE,
-    HEADER_CREATED_AT_MS, HEADER_EVENT_ID,
+    ms_to_system_time, system_time_to_ms, Event, CLOUDEVENTS_ID_NAMESPACE, CONTENT_TYPE_JSON,
+    HEADER_CE_ID, HEADER_CE_SOURCE, HEADER_CONTENT_TYPE, HEADER_CREATED_AT_MS, HEADER_EVENT_ID,
 };
 pub use health::{ComponentState, Health};
 pub use key_order::{hold_back_after_failures, keys_with_order_gaps, probe_failing_keys};

@@ -58,6 +58,12 @@ impl KafkaBus {
     /// A bus with [`KafkaConfig::producers`] new producers; they connect in
     /// the background.
     pub fn new(config: KafkaConfig) -> Result<Self, BusError> {
+        if let Some(ce) = &config.cloudevents {
+            ce.validate().map_err(|detail| BusError::InvalidOption {
+                brokers: config.brokers.clone(),
+                detail,
+            })?;
+        }
         let context = Reporting::default();
         let producers = (0..config.producers.max(1))
             .map(|_| create_producer(&config, &context))
@@ -190,8 +196,13 @@ fn create_producer(
         })
 }
 
-fn headers_for(event: &Event, event_id: &str, created_ms: &str) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new_with_capacity(event.headers.len() + 2)
+fn headers_for(
+    event: &Event,
+    event_id: &str,
+    created_ms: &str,
+    cloudevents: &[(&'static str, String)],
+) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(event.headers.len() + 2 + cloudevents.len())
         .insert(Header {
             key: HEADER_EVENT_ID,
             value: Some(event_id),
@@ -204,6 +215,12 @@ fn headers_for(event: &Event, event_id: &str, created_ms: &str) -> OwnedHeaders 
         if name.starts_with("outbox-") {
             continue;
         }
+        headers = headers.insert(Header {
+            key: name,
+            value: Some(value),
+        });
+    }
+    for (name, value) in cloudevents {
         headers = headers.insert(Header {
             key: name,
             value: Some(value),
@@ -270,10 +287,14 @@ impl KafkaBus {
     ) -> outbox_core::Result<Result<rdkafka::producer::DeliveryFuture, KafkaError>> {
         let event_id = event.id.to_string();
         let created_ms = event.created_at_ms().to_string();
+        let cloudevents = match &self.config.cloudevents {
+            Some(ce) if ce.applies_to(&event.topic) => ce.headers(event),
+            _ => Vec::new(),
+        };
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&event.topic)
             .payload(&event.payload[..])
             .timestamp(event.created_at_ms())
-            .headers(headers_for(event, &event_id, &created_ms));
+            .headers(headers_for(event, &event_id, &created_ms, &cloudevents));
         match &event.key {
             Some(key) => record = record.key(&key[..]),
             // No key: a partition chosen by the event id, so a republished

@@ -56,6 +56,9 @@ pub struct KafkaConfig {
     /// Further librdkafka properties (e.g. `security.protocol`, `sasl.*`),
     /// applied last. Values are never logged.
     pub extra: BTreeMap<String, String>,
+    /// Publish (some topics') events in the CloudEvents Kafka protocol
+    /// binding, binary mode: see [`crate::cloudevents`]. Default: none.
+    pub cloudevents: Option<crate::CloudEventsConfig>,
 }
 
 impl Default for KafkaConfig {
@@ -72,6 +75,7 @@ impl Default for KafkaConfig {
             topic_partitions: 3,
             topic_replication: 1,
             extra: BTreeMap::new(),
+            cloudevents: None,
         }
     }
 }
@@ -89,6 +93,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("create_topics", &self.create_topics)
             .field("topic_partitions", &self.topic_partitions)
             .field("extra_keys", &self.extra.keys().collect::<Vec<_>>())
+            .field("cloudevents", &self.cloudevents)
             .finish()
     }
 }

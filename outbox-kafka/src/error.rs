@@ -17,6 +17,14 @@ pub enum BusError {
         /// their own causes, so a chain through it would say things twice.
         cause: KafkaError,
     },
+    /// An option of this crate's configuration is invalid.
+    #[error("kafka at {brokers}: {detail}")]
+    InvalidOption {
+        /// Bootstrap servers.
+        brokers: String,
+        /// Which option, and what it needs.
+        detail: String,
+    },
     /// The brokers did not answer.
     #[error("kafka at {brokers} is unreachable: {detail}; is the broker running?")]
     Unreachable {
@@ -75,7 +83,9 @@ impl BusError {
     /// Whether waiting and retrying can succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            BusError::Config { .. } | BusError::Security { .. } => false,
+            BusError::Config { .. }
+            | BusError::Security { .. }
+            | BusError::InvalidOption { .. } => false,
             BusError::Unreachable { .. } | BusError::FatalProducer { .. } => true,
             BusError::CreateTopic { retryable, .. } => *retryable,
             BusError::Consumer { cause, .. } => !is_permanent_kafka(cause),

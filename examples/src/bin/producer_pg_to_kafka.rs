@@ -97,6 +97,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let kafka = outbox_kafka::KafkaConfig {
         // A producer per batch in flight, so that none waits for another's request.
         producers: relay_config.max_in_flight_batches,
+        cloudevents: cli.relay.cloudevents()?,
         ..cli.kafka.config("producer_pg_to_kafka")?
     };
     outbox_core::check_claim_outlives_publish(cli.relay.claim_timeout(), kafka.message_timeout)?;
