@@ -131,10 +131,13 @@ where
     })
 }
 
-/// Options a file may set: named flags other than `--config`, `--help`, `--version`.
+/// Options a file may set: named flags other than `--config`,
+/// `--check-config` (a file that only checks itself would never run),
+/// `--help`, `--version`.
 fn settable(arg: &clap::Arg) -> bool {
     arg.get_long().is_some()
         && arg.get_id().as_str() != CONFIG_ID
+        && arg.get_id().as_str() != "check_config"
         && !matches!(
             arg.get_action(),
             ArgAction::Help | ArgAction::HelpLong | ArgAction::HelpShort | ArgAction::Version

@@ -33,6 +33,7 @@ pub use ops::{Ops, OpsArgs};
 pub use otel::{OtelArgs, Tracing};
 pub use relay_args::{FlagTableArgs, RelayArgs, SourceKind, WalArgs};
 pub use runtime::{
-    exit_with, finish, init_tracing, millis, render_error, retry_startup, shutdown_on_signals,
-    spawn_background, spawn_critical, LogArgs, Retryable, EXIT_DRAIN_TIMED_OUT,
+    check_config, exit_with, finish, init_tracing, millis, render_error, retry_startup,
+    shutdown_on_signals, spawn_background, spawn_critical, LogArgs, Retryable,
+    EXIT_DRAIN_TIMED_OUT,
 };

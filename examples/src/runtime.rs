@@ -27,8 +27,22 @@ pub struct LogArgs {
     /// exiting anyway (s). Abandoned work is not lost: it was not committed.
     #[arg(long, env = "OUTBOX_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
+    /// Check the options (flags, environment, --config file) and print them
+    /// as understood, passwords hidden; then exit without connecting to
+    /// anything (0 when valid).
+    #[arg(long)]
+    pub check_config: bool,
     #[command(flatten)]
     pub otel: crate::OtelArgs,
+}
+
+/// With `--check-config`: prints `cli` as parsed (its `Debug` hides
+/// passwords) and gives the exit code to return at once.
+pub fn check_config<C: std::fmt::Debug>(log: &LogArgs, cli: &C) -> Option<std::process::ExitCode> {
+    log.check_config.then(|| {
+        println!("{cli:#?}");
+        std::process::ExitCode::SUCCESS
+    })
 }
 
 /// `duration` in whole milliseconds, for options given in ms (their

@@ -47,6 +47,25 @@ const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9465";
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = examples::parse_cli_with_sections(&[routes::ROUTE_KEY]);
+    if cli.log.check_config {
+        // The routes of the file are options too.
+        let routes = match &cli.log.config {
+            Some(path) => routes::routes_in_file(path),
+            None => Ok(Vec::new()),
+        };
+        let resolved = routes.and_then(|specs| {
+            let clickhouse = cli.clickhouse.config()?;
+            routes::resolve(&specs, &cli.consumer, &clickhouse)
+        });
+        return match resolved {
+            Ok(routes) => {
+                let names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+                println!("routes: {names:?}");
+                examples::check_config(&cli.log, &cli).unwrap_or(ExitCode::SUCCESS)
+            }
+            Err(err) => examples::exit_with(Err(err)),
+        };
+    }
     init_tracing(&cli.log);
     let tracing = match cli.log.otel.start("consumer_to_clickhouse") {
         Ok(tracing) => tracing,

@@ -43,6 +43,9 @@ const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = examples::parse_cli();
+    if let Some(code) = examples::check_config(&cli.log, &cli) {
+        return code;
+    }
     init_tracing(&cli.log);
     let tracing = match cli.log.otel.start("producer_pg_to_kafka") {
         Ok(tracing) => tracing,

@@ -45,6 +45,9 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = examples::parse_cli();
+    if let Some(code) = examples::check_config(&cli.log, &cli) {
+        return code;
+    }
     init_tracing(&cli.log);
     let tracing = match cli.log.otel.start("service_enqueue") {
         Ok(tracing) => tracing,
