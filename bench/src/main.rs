@@ -184,9 +184,19 @@ impl Env {
     }
 }
 
-/// Progress line on stderr, so the table on stdout stays clean.
+/// Progress line on stderr, so the table on stdout stays clean; on a
+/// terminal, a spinner below the lines shows the phase running and its time.
 pub fn say(text: impl AsRef<str>) {
-    eprintln!("[bench] {}", text.as_ref());
+    static PHASE: std::sync::OnceLock<indicatif::ProgressBar> = std::sync::OnceLock::new();
+    let line = format!("[bench] {}", text.as_ref());
+    if examples::progress::shown() {
+        let phase = PHASE.get_or_init(|| examples::progress::spinner(""));
+        phase.println(&line);
+        phase.set_message(text.as_ref().to_string());
+        phase.reset_elapsed();
+    } else {
+        eprintln!("{line}");
+    }
 }
 
 /// The 200-byte payload of event `i`.

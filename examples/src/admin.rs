@@ -202,7 +202,10 @@ async fn migrate(cli: &AdminCli, config: &ValidOutboxConfig) -> anyhow::Result<(
         before.map_or_else(|| "none".to_string(), |v| v.to_string()),
         outbox_pg::SCHEMA_VERSION
     );
-    outbox_pg::migrate(&client, config).await?;
+    let spinner = crate::progress::spinner(&format!("migrating {}", config.table));
+    let migrated = outbox_pg::migrate(&client, config).await;
+    spinner.finish_and_clear();
+    migrated?;
     let after = outbox_pg::schema_version(&client, config).await?;
     println!(
         "{} is at schema version {}",
@@ -429,7 +432,12 @@ async fn pg_dead_letters(
             );
         }
         DeadLetterCommand::Replay { selection: s, .. } => {
-            let moved = admin.replay(&client, &selection(s)?).await?;
+            let moved = match selection(s)? {
+                // In batches, with progress: a large dead-letter table is
+                // not moved in one long transaction.
+                Selection::All => replay_all(&admin, &client).await?,
+                ids => admin.replay(&client, &ids).await?,
+            };
             println!("replayed {moved} dead letters into {}", config.table);
         }
         DeadLetterCommand::Purge { selection: s, .. } => {
@@ -438,6 +446,33 @@ async fn pg_dead_letters(
         }
     }
     Ok(())
+}
+
+/// Rows per statement of `dead-letter replay --all`.
+const REPLAY_BATCH: i64 = 1000;
+
+/// Every dead letter there is now back into the outbox, oldest first, in
+/// batches; the ones dead-lettered meanwhile (by the replay itself, if the
+/// broker still refuses them) wait for the next replay.
+async fn replay_all(
+    admin: &OutboxAdmin,
+    client: &deadpool_postgres::Client,
+) -> anyhow::Result<u64> {
+    let (Some(last), count) = admin.dead_letter_extent(client).await? else {
+        return Ok(0);
+    };
+    let bar = crate::progress::bar(u64::try_from(count).unwrap_or(0), "replaying");
+    let mut moved = 0;
+    loop {
+        let batch = admin.replay_oldest(client, last, REPLAY_BATCH).await?;
+        if batch == 0 {
+            break;
+        }
+        moved += batch;
+        bar.inc(batch);
+    }
+    bar.finish_and_clear();
+    Ok(moved)
 }
 
 fn unix(time: SystemTime) -> String {
@@ -493,7 +528,15 @@ async fn clickhouse_dead_letters(
         }
         DeadLetterCommand::Replay { selection, .. } => {
             let bus = outbox_kafka::KafkaBus::new(cli.kafka.config("outbox admin")?)?;
-            let report = dead.replay(&bus, &clickhouse_selection(selection)?).await?;
+            let bar = crate::progress::bar(0, "replaying");
+            let report = dead
+                .replay_with_progress(&bus, &clickhouse_selection(selection)?, |done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                })
+                .await;
+            bar.finish_and_clear();
+            let report = report?;
             for (at, reason) in &report.kept {
                 eprintln!("{at} not replayed: {reason}");
             }

@@ -18,6 +18,7 @@ mod consumer_args;
 mod demo;
 mod ops;
 mod otel;
+pub mod progress;
 mod relay_args;
 pub mod routes;
 mod runtime;

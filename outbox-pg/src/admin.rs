@@ -201,6 +201,8 @@ pub struct OutboxAdmin {
     dead_list_sql: String,
     dead_show_sql: String,
     replay_sql: String,
+    replay_oldest_sql: String,
+    pending_dead_sql: String,
     purge_sql: String,
     table: crate::SqlName,
     channel: String,
@@ -246,6 +248,13 @@ impl OutboxAdmin {
                  INSERT INTO {table} (event_id, topic, key, payload, headers, created_at) \
                  SELECT event_id, topic, key, payload, headers, created_at FROM moved ORDER BY id"
             ),
+            replay_oldest_sql: format!(
+                "WITH moved AS (DELETE FROM {dead} WHERE id IN \
+                 (SELECT id FROM {dead} WHERE id <= $1 ORDER BY id LIMIT $2) RETURNING *) \
+                 INSERT INTO {table} (event_id, topic, key, payload, headers, created_at) \
+                 SELECT event_id, topic, key, payload, headers, created_at FROM moved ORDER BY id"
+            ),
+            pending_dead_sql: format!("SELECT max(id), count(*) FROM {dead}"),
             purge_sql: format!("DELETE FROM {dead} WHERE $2 OR id = ANY($1)"),
             table: table.clone(),
             channel: crate::notify::channel_for(table),
@@ -385,6 +394,43 @@ impl OutboxAdmin {
         let (ids, all) = selection.params();
         let moved = client
             .execute(&self.replay_sql, &[&ids, &all])
+            .await
+            .map_err(|e| PgError::query("dead-letter replay", e))?;
+        if moved > 0 {
+            client
+                .execute("SELECT pg_notify($1, '')", &[&self.channel])
+                .await
+                .map_err(|e| PgError::query("dead-letter replay (notify)", e))?;
+        }
+        Ok(moved)
+    }
+
+    /// The highest dead-letter row id and the number of dead letters now:
+    /// the bound of a replay in batches ([`OutboxAdmin::replay_oldest`]),
+    /// which must not chase the dead letters its own replays cause.
+    pub async fn dead_letter_extent<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+    ) -> Result<(Option<i64>, i64), PgError> {
+        let row = client
+            .query_one(&self.pending_dead_sql, &[])
+            .await
+            .map_err(|e| PgError::query("dead letters", e))?;
+        Ok((get(&row, 0, "dead letters")?, get(&row, 1, "dead letters")?))
+    }
+
+    /// Moves the oldest `limit` dead letters whose row id is at most
+    /// `up_to` back into the outbox, in one statement (each batch is
+    /// atomic, and batches keep the dead letters' order). Returns how many
+    /// moved: 0 once none is left.
+    pub async fn replay_oldest<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        up_to: i64,
+        limit: i64,
+    ) -> Result<u64, PgError> {
+        let moved = client
+            .execute(&self.replay_oldest_sql, &[&up_to, &limit])
             .await
             .map_err(|e| PgError::query("dead-letter replay", e))?;
         if moved > 0 {

@@ -249,26 +249,48 @@ impl ClickHouseDeadLetters {
         bus: &B,
         selection: &DeadLetterSelection,
     ) -> outbox_core::Result<ReplayReport> {
+        self.replay_with_progress(bus, selection, |_, _| {}).await
+    }
+
+    /// [`ClickHouseDeadLetters::replay`] in batches of
+    /// [`REPLAY_BATCH`](Self::REPLAY_BATCH) dead letters, each published,
+    /// then removed once acknowledged, before the next; `progress` hears
+    /// (done, total) after each.
+    pub async fn replay_with_progress<B: Bus>(
+        &self,
+        bus: &B,
+        selection: &DeadLetterSelection,
+        mut progress: impl FnMut(usize, usize),
+    ) -> outbox_core::Result<ReplayReport> {
         let rows = self.select(selection).await?;
         let mut report = ReplayReport::default();
-        if rows.is_empty() {
-            return Ok(report);
-        }
-        let events: Vec<Event> = rows.iter().map(event_of).collect();
-        let deliveries = bus.publish(&events).await?;
-        for (row, delivery) in rows.iter().zip(deliveries) {
-            let at = DeadLetterPosition::of(row);
-            match delivery {
-                Delivery::Acknowledged(_) => report.replayed.push(at),
-                Delivery::Retryable(reason) | Delivery::Rejected(reason) => {
-                    report.kept.push((at, reason))
+        let mut done = 0;
+        for batch in rows.chunks(Self::REPLAY_BATCH) {
+            let events: Vec<Event> = batch.iter().map(event_of).collect();
+            let deliveries = bus.publish(&events).await?;
+            let mut replayed = Vec::new();
+            for (row, delivery) in batch.iter().zip(deliveries) {
+                let at = DeadLetterPosition::of(row);
+                match delivery {
+                    Delivery::Acknowledged(_) => replayed.push(at),
+                    Delivery::Retryable(reason) | Delivery::Rejected(reason) => {
+                        report.kept.push((at, reason))
+                    }
                 }
             }
+            if !replayed.is_empty() {
+                self.purge(&DeadLetterSelection::At(replayed.clone()))
+                    .await?;
+            }
+            report.replayed.extend(replayed);
+            done += batch.len();
+            progress(done, rows.len());
         }
-        self.purge(&DeadLetterSelection::At(report.replayed.clone()))
-            .await?;
         Ok(report)
     }
+
+    /// Dead letters published (and then removed) at once by a replay.
+    pub const REPLAY_BATCH: usize = 1000;
 }
 
 /// The event a dead letter came from, as far as the table keeps it.

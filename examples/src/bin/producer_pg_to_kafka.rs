@@ -153,7 +153,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 wal,
                 &outbox_config.dead_letter_table().plain(),
             )?;
+            if examples::progress::shown() {
+                examples::spawn_background(show_load(source.load_progress(), shutdown.clone()));
+            }
             run_relay(source, bus, relay_config, health, shutdown).await
+        }
+    }
+}
+
+/// A bar of the WAL source's initial load, on a terminal, while it runs.
+async fn show_load(
+    mut progress: tokio::sync::watch::Receiver<outbox_pg::wal::LoadProgress>,
+    shutdown: CancellationToken,
+) {
+    let mut bar = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = progress.changed() => if changed.is_err() { break },
+        }
+        let now = *progress.borrow_and_update();
+        let bar = bar.get_or_insert_with(|| examples::progress::bar(now.estimated, "initial load"));
+        bar.set_length(now.estimated.max(now.rows));
+        bar.set_position(now.rows);
+        if now.done {
+            bar.finish_and_clear();
+            break;
         }
     }
 }

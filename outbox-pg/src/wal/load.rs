@@ -94,6 +94,22 @@ impl Loader {
         Ok(())
     }
 
+    /// The captured tables' rows as the statistics estimate them (0 when
+    /// unknown): the denominator of a progress display, never a limit.
+    pub(crate) async fn estimate(&self) -> u64 {
+        let tables: Vec<String> = self.tables.iter().cloned().collect();
+        self.db
+            .query_one(
+                "SELECT coalesce(sum(greatest(reltuples, 0)), 0)::int8 FROM pg_class \
+                 WHERE oid = ANY($1::text[]::regclass[])",
+                &[&tables],
+            )
+            .await
+            .ok()
+            .and_then(|row| row.try_get::<_, i64>(0).ok())
+            .map_or(0, |n| u64::try_from(n).unwrap_or(0))
+    }
+
     /// The next batch of rows as events (`op` `r`); `None` once every table
     /// was read (the snapshot's transaction is then ended).
     pub(crate) async fn next(&mut self, decoder: &Decoder) -> Result<Option<Vec<Event>>, PgError> {

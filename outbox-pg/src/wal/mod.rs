@@ -22,7 +22,7 @@ mod value;
 
 pub use change::{change_event_id, lsn_text, HEADER_WAL_LSN, WAL_CHANGE_NAMESPACE};
 pub use setup::{create_slot, slot_status, SlotStatus};
-pub use source::{WalClaim, WalSource};
+pub use source::{LoadProgress, WalClaim, WalSource};
 
 use std::time::Duration;
 

@@ -74,6 +74,21 @@ struct Shared {
     /// transaction) since its session started: before that, an empty queue
     /// does not mean nothing is pending.
     caught_up: std::sync::atomic::AtomicBool,
+    /// How far the initial load has read.
+    load: watch::Sender<LoadProgress>,
+}
+
+/// How far the initial load of a [`WalSource`] has read (for a progress
+/// display: [`WalSource::load_progress`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadProgress {
+    /// Rows of the captured tables read so far.
+    pub rows: u64,
+    /// The tables' rows as the server's statistics estimate them
+    /// (`pg_class.reltuples`; 0 when never analyzed).
+    pub estimated: u64,
+    /// Every row was read.
+    pub done: bool,
 }
 
 impl Shared {
@@ -162,6 +177,12 @@ impl Drop for WalSource {
 }
 
 impl WalSource {
+    /// How far the initial load has read: stays at its default when the
+    /// slot needs no load (it existed, or no table is loaded).
+    pub fn load_progress(&self) -> watch::Receiver<LoadProgress> {
+        self.shared.load.subscribe()
+    }
+
     /// Starts reading: checks the server, creates what is missing (if
     /// allowed) and streams in a background task. `dead_letter_table` is the
     /// outbox's dead-letter table (`outbox_dead_letter` by default), where
@@ -187,6 +208,7 @@ impl WalSource {
             rewind,
             fatal: Mutex::new(None),
             caught_up: std::sync::atomic::AtomicBool::new(false),
+            load: watch::channel(LoadProgress::default()).0,
         });
         let stop = CancellationToken::new();
         let reader = Reader {
@@ -573,7 +595,13 @@ impl Reader {
                 self.shared.advance(at);
                 let decoder = Decoder::new(system.system_id.clone(), self.routing());
                 loader.begin(&snapshot, at).await?;
+                let estimated = loader.estimate().await;
                 let mut rows = 0u64;
+                self.shared.load.send_replace(LoadProgress {
+                    rows,
+                    estimated,
+                    done: false,
+                });
                 while let Some(events) = loader.next(&decoder).await? {
                     for event in events {
                         if !self.take(Decoded::Event(event), generation).await? {
@@ -586,7 +614,9 @@ impl Reader {
                         }
                         rows += 1;
                     }
+                    self.shared.load.send_modify(|p| p.rows = rows);
                 }
+                self.shared.load.send_modify(|p| p.done = true);
                 info!(slot = %self.config.slot, rows, "initial load read; streaming from the slot's consistent point");
                 self.push(Item::LoadDone, generation);
                 (client, system, at)

@@ -923,3 +923,68 @@ async fn an_open_claim_extends_into_its_lanes_only() {
     println!("left in the outbox={left} lane locks held={locks}");
     assert_eq!((left, locks), (0, 0));
 }
+
+/// Invariant: a replay in batches moves every dead letter there was when it
+/// started back into the outbox, once, in dead-letter order (the outbox's
+/// seq follows the dead letters' ids), and not one dead-lettered after it
+/// started (a replay must not chase the dead letters it causes).
+#[tokio::test]
+async fn dead_letters_replay_in_batches_in_order_up_to_their_extent() {
+    let (pool, config) = setup("replay_batches").await;
+    let client = pool.get().await.unwrap();
+    let dead = config.dead_letter_table();
+    let insert = |n: i64, reason: &'static str| {
+        format!(
+            "INSERT INTO {dead} (event_id, topic, payload, created_at, attempts, reason, origin)
+             SELECT gen_random_uuid(), 't', convert_to(g::text, 'UTF8'), now(), 1, '{reason}', 'x'
+             FROM generate_series(1, {n}) g"
+        )
+    };
+    client.batch_execute(&insert(2500, "old")).await.unwrap();
+    let admin = outbox_pg::OutboxAdmin::new(&config);
+    let (last, count) = admin.dead_letter_extent(&client).await.unwrap();
+    client.batch_execute(&insert(10, "new")).await.unwrap();
+    let mut batches = Vec::new();
+    loop {
+        let moved = admin
+            .replay_oldest(&client, last.unwrap(), 1000)
+            .await
+            .unwrap();
+        if moved == 0 {
+            break;
+        }
+        batches.push(moved);
+    }
+    let in_outbox: Vec<String> = client
+        .query(
+            &format!(
+                "SELECT convert_from(payload, 'UTF8') FROM {} ORDER BY seq",
+                config.table()
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let left: Vec<String> = client
+        .query(&format!("SELECT reason FROM {dead}"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    println!(
+        "extent {count} dead letters; batches {batches:?}; outbox {} rows; left {} (all new: {})",
+        in_outbox.len(),
+        left.len(),
+        left.iter().all(|r| r == "new")
+    );
+    assert_eq!(count, 2500);
+    assert_eq!(batches, vec![1000, 1000, 500]);
+    let expected: Vec<String> = (1..=2500).map(|i| i.to_string()).collect();
+    assert_eq!(in_outbox, expected, "dead-letter order kept");
+    assert_eq!(left.len(), 10);
+    assert!(left.iter().all(|r| r == "new"));
+}

@@ -781,6 +781,10 @@ async fn the_initial_load_meets_the_stream_without_a_gap_or_a_double() {
         .iter()
         .map(|e| body(e)["after"]["id"].as_i64().unwrap())
         .collect();
+    let progress = *source.load_progress().borrow();
+    println!("load progress at the end: {progress:?}");
+    assert!(progress.done, "{progress:?}");
+    assert_eq!(progress.rows, loaded.len() as u64, "{progress:?}");
     let replayed = replay(&events);
     let same_ids = partial
         .iter()
