@@ -83,8 +83,8 @@ test:
 	promtool check config deploy/prometheus/prometheus.yml; \
 	promtool test rules deploy/prometheus/rules.test.yml; \
 	echo "== cargo package (each library crate could be published)"; \
-	for crate in outbox-core outbox-pg outbox-kafka sink-clickhouse sink-file; do \
-	  cargo package -q -p $$crate --allow-dirty --no-verify; done; \
+	cargo package -q -p outbox-core -p outbox-pg -p outbox-kafka -p sink-clickhouse -p sink-file \
+	  --allow-dirty --no-verify; \
 	echo "== cargo test"; cargo test --workspace --all-targets $(FEATURES) --exclude examples --exclude chaos --exclude bench; \
 	echo "== end-to-end tests (one at a time: they share one broker)"; \
 	cargo test -p examples --all-targets $(FEATURES) -- --test-threads=1; \
