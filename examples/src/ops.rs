@@ -154,8 +154,12 @@ fn respond<B>(
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         "/readyz" => {
             let mut body = String::new();
-            for (stage, state) in health.states() {
-                body.push_str(&format!("{stage}: {state}\n"));
+            for (scope, stage, state) in health.components() {
+                if scope.is_empty() {
+                    body.push_str(&format!("{stage}: {state}\n"));
+                } else {
+                    body.push_str(&format!("{scope}: {stage}: {state}\n"));
+                }
             }
             let status = if health.is_ready() {
                 StatusCode::OK

@@ -175,7 +175,9 @@ batch_size = 150
 /// refuses every insert holding a given row (a column whose expression
 /// throws), which the sink treats as retryable; the other route writes all
 /// its events meanwhile, and once the table is fixed the stalled route
-/// resumes and writes each of its events once.
+/// resumes and writes each of its events once. (Readiness) while it is
+/// stalled, `/readyz` answers 503 naming the failing route's sink at every
+/// look, however often the healthy route writes.
 #[tokio::test]
 async fn a_failing_table_stalls_only_its_own_route() {
     let healthy = unique("healthy");
@@ -214,9 +216,11 @@ async fn a_failing_table_stalls_only_its_own_route() {
         ),
     )
     .unwrap();
+    let metrics_port = free_port();
     let mut consumer = command("consumer_to_clickhouse")
         .args(["--config".as_ref(), config.as_os_str()])
         .args(["--session-timeout-ms", "6000"])
+        .env("OUTBOX_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -227,8 +231,50 @@ async fn a_failing_table_stalls_only_its_own_route() {
         }
     })
     .await;
-    // Long enough for several retries of the failing route.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Once the failing route has failed (its first batches, without the
+    // poisoned row, may have been written), the healthy route keeps
+    // writing while /readyz is looked at.
+    let failing_route = format!("{failing} → default.{failing}: sink: down");
+    let readyz = format!("http://127.0.0.1:{metrics_port}/readyz");
+    within(
+        Duration::from_secs(30),
+        "the failing route's first failure",
+        async {
+            while !http_get(&readyz).await.1.contains(&failing_route) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        },
+    )
+    .await;
+    let more = 40u64;
+    let looks = async {
+        let mut answers = Vec::new();
+        for _ in 0..16 {
+            answers.push(http_get(&readyz).await);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        answers
+    };
+    let writes = async {
+        for n in 0..more {
+            let event = Event::new(healthy.clone(), format!(r#"{{"n": {}}}"#, per_topic + n))
+                .with_key(format!("k{}", n % 5));
+            let acked = outbox_core::Bus::publish(&bus, &[event]).await.unwrap();
+            assert!(acked[0].is_acknowledged());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (answers, ()) = tokio::join!(looks, writes);
+    let ready_looks = answers.iter().filter(|(status, _)| *status == 200).count();
+    println!(
+        "/readyz while one route is stalled: {ready_looks} of {} looks said ready; last: {:?}",
+        answers.len(),
+        answers.last()
+    );
+    for (status, body) in &answers {
+        assert_eq!(*status, 503, "{body}");
+        assert!(body.contains(&failing_route), "{body}");
+    }
     let stalled = ch_count(&failing).await;
     let running = consumer.try_wait().unwrap().is_none();
     ch_query(&format!(
@@ -260,7 +306,10 @@ async fn a_failing_table_stalls_only_its_own_route() {
         stalled < per_topic,
         "the failing route wrote every row: {stalled}"
     );
-    assert_eq!((healthy_rows, healthy_ids), (per_topic, per_topic));
+    assert_eq!(
+        (healthy_rows, healthy_ids),
+        (per_topic + more, per_topic + more)
+    );
     assert_eq!((failing_rows, failing_ids), (per_topic, per_topic));
     assert!(matches!(status, Some(s) if s.success()), "{status:?}");
 }

@@ -84,7 +84,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let routes = routes::resolve(&specs, &cli.consumer, &cli.clickhouse.config()?)?;
     let shutdown = shutdown_on_signals(Duration::from_secs(cli.log.drain_timeout_secs));
-    let health = Health::new([Stage::Bus, Stage::Sink]);
+    // Each route reports its own stages: a route whose table refuses
+    // inserts keeps /readyz at 503 however well the others write.
+    let health = Health::default();
+    let route_health: Vec<Health> = routes
+        .iter()
+        .map(|route| health.scoped(route.name.clone(), [Stage::Bus, Stage::Sink]))
+        .collect();
     let exported = [metrics_catalog::COMMON, metrics_catalog::CONSUMER];
     cli.ops
         .start(
@@ -99,8 +105,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // was committed.
     let stop = shutdown.child_token();
     let mut running = tokio::task::JoinSet::new();
-    for route in routes {
-        let (cli, health, stop) = (cli.clone(), health.clone(), stop.clone());
+    for (route, health) in routes.into_iter().zip(route_health) {
+        let (cli, stop) = (cli.clone(), stop.clone());
         running.spawn(async move {
             let name = route.name.clone();
             let result = match route.format {
