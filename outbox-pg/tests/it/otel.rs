@@ -108,3 +108,44 @@ async fn enqueue_and_emit_record_the_callers_trace_context() {
     let contains = |needle: &[u8]| message.windows(needle.len()).any(|w| w == needle);
     assert!(contains(b"traceparent") && contains(expected.as_bytes()));
 }
+
+/// Invariant: the sqlx form records the caller's trace context as the
+/// tokio-postgres form does.
+#[cfg(feature = "sqlx")]
+#[tokio::test]
+async fn enqueue_sqlx_records_the_callers_trace_context() {
+    let (pool, config) = setup("otel_sqlx").await;
+    let pg = super::pg_config();
+    let url = format!(
+        "postgres://{}:{}@{}:{}/{}?sslmode=disable",
+        pg.user, pg.password, pg.host, pg.port, pg.dbname
+    );
+    let sqlx_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    let outbox = Outbox::new(&config);
+    let event = Event::new("t", "{}");
+    let mut tx = sqlx_pool.begin().await.unwrap();
+    outbox
+        .enqueue_sqlx(&mut tx, std::slice::from_ref(&event))
+        .with_context(in_a_request())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let client = pool.get().await.unwrap();
+    let stored: Option<String> = client
+        .query_one(
+            &format!(
+                "SELECT headers->>'traceparent' FROM {} WHERE event_id = $1",
+                config.table
+            ),
+            &[&event.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    println!("stored by sqlx: {stored:?}");
+    assert_eq!(stored, Some(format!("00-{TRACE}-{SPAN}-01")));
+}
