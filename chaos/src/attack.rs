@@ -32,11 +32,17 @@ pub(crate) fn tend(
                 );
             }
         }
-        if proc.restart_at.is_none() && proc.exited() {
-            // Like a supervisor: a process that ended on its own is started again.
+        let ended = if proc.restart_at.is_none() {
+            proc.exit_status()
+        } else {
+            None
+        };
+        if let Some(status) = ended {
+            // Like a supervisor: a process that ended on its own is started
+            // again. Its status and its log's last lines say why it ended.
             tally.unexpected_exits += 1;
             println!(
-                "chaos: +{:>4}s {} exited on its own; restarting it",
+                "chaos: +{:>4}s {} exited on its own ({status}); restarting it",
                 started.elapsed().as_secs(),
                 proc.label
             );

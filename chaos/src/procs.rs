@@ -158,10 +158,14 @@ impl Proc {
 
     /// Whether the process ended on its own (a supervisor restarts it).
     pub(crate) fn exited(&mut self) -> bool {
-        if self.child.as_mut().is_some_and(|child| !child.running()) {
-            self.child = None;
-            return true;
-        }
-        false
+        self.exit_status().is_some()
+    }
+
+    /// How the process ended on its own, if it did (then it is forgotten:
+    /// a supervisor restarts it).
+    pub(crate) fn exit_status(&mut self) -> Option<String> {
+        let ended = self.child.as_mut().and_then(|child| child.ended())?;
+        self.child = None;
+        Some(ended)
     }
 }

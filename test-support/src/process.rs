@@ -92,7 +92,17 @@ impl Process {
 
     /// Whether it is still running (false once it ended, however).
     pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.ended().is_none()
+    }
+
+    /// How it ended (`exit status: 1`, `signal: 6 (SIGABRT)`, or why
+    /// waiting for it failed); `None` while it runs.
+    pub fn ended(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(None) => None,
+            Ok(Some(status)) => Some(status.to_string()),
+            Err(err) => Some(format!("waiting for it failed: {err}")),
+        }
     }
 
     /// Sends `signal` (`-STOP`, `-CONT`, `-TERM`, …) with `kill(1)`.
