@@ -130,6 +130,15 @@ fn hex(bytes: &[u8]) -> String {
 #[tokio::test]
 async fn one_events_trace_is_followed_from_enqueue_to_insert() {
     let name = unique("trace");
+    // service_enqueue writes the demo's business table: the schema of
+    // init.sql (idempotent), which a fresh stack does not have yet.
+    let pool = pg().create_pool().unwrap();
+    pool.get()
+        .await
+        .unwrap()
+        .batch_execute(include_str!("../../init.sql"))
+        .await
+        .unwrap();
     let (port, spans) = receiver().await;
     let endpoint = format!("http://127.0.0.1:{port}");
     let with_traces = |binary: &str| {
@@ -158,10 +167,13 @@ async fn one_events_trace_is_followed_from_enqueue_to_insert() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let output = with_traces("service_enqueue")
+    // Awaited, not blocking: this runtime also serves the OTLP receiver the
+    // service exports to before it exits.
+    let output = tokio::process::Command::from(with_traces("service_enqueue"))
         .args(["--outbox-table", &name, "--topic", &name, "--count", "3"])
         .args(["--username", "traced"])
         .output()
+        .await
         .unwrap();
     let said = String::from_utf8_lossy(&output.stdout).to_string();
     assert!(
@@ -261,7 +273,7 @@ async fn one_events_trace_is_followed_from_enqueue_to_insert() {
         let status = terminate(child, Duration::from_secs(15));
         assert!(matches!(status, Some(s) if s.success()), "{status:?}");
     }
-    let client = pg().create_pool().unwrap().get().await.unwrap();
+    let client = pool.get().await.unwrap();
     let _ = client
         .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
         .await;
