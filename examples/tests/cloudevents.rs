@@ -120,6 +120,7 @@ async fn cloudevents_round_trip_through_the_pipeline() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(KillOnDrop)
         .unwrap();
     let mut consumer = command("consumer_to_clickhouse")
         .args(["--topic", &name, "--clickhouse-table", &name])
@@ -127,6 +128,7 @@ async fn cloudevents_round_trip_through_the_pipeline() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(KillOnDrop)
         .unwrap();
     within(Duration::from_secs(60), "six rows in ClickHouse", async {
         while ch_query(&format!("EXISTS TABLE `{name}` FORMAT TabSeparated")).await != "1"
@@ -138,7 +140,7 @@ async fn cloudevents_round_trip_through_the_pipeline() {
     .await;
     // Time for the duplicate to arrive and be skipped, had it been missed.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    for child in [&mut relay, &mut consumer] {
+    for child in [&mut relay.0, &mut consumer.0] {
         let status = terminate(child, Duration::from_secs(15));
         assert!(matches!(status, Some(s) if s.success()), "{status:?}");
     }

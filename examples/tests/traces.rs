@@ -153,6 +153,7 @@ async fn one_events_trace_is_followed_from_enqueue_to_insert() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(KillOnDrop)
         .unwrap();
     let mut consumer = with_traces("consumer_to_clickhouse")
         .args(["--topic", &name, "--clickhouse-table", &name])
@@ -166,6 +167,7 @@ async fn one_events_trace_is_followed_from_enqueue_to_insert() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(KillOnDrop)
         .unwrap();
     // Awaited, not blocking: this runtime also serves the OTLP receiver the
     // service exports to before it exits.
@@ -269,7 +271,7 @@ async fn one_events_trace_is_followed_from_enqueue_to_insert() {
     println!("ClickHouse trace ids and rows: {stored}");
     assert_eq!(stored, format!("['{trace_id}']\t3"));
 
-    for child in [&mut relay, &mut consumer] {
+    for child in [&mut relay.0, &mut consumer.0] {
         let status = terminate(child, Duration::from_secs(15));
         assert!(matches!(status, Some(s) if s.success()), "{status:?}");
     }

@@ -275,6 +275,17 @@ impl Drop for PrivateBroker {
     }
 }
 
+/// A child process SIGKILLed when the test ends, however it ends (a failed
+/// assertion must not leave a relay or consumer running).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Sends SIGTERM and waits up to `limit` for the exit status.
 pub fn terminate(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
     // SAFETY-free: the kill command, so no libc dependency is needed.
