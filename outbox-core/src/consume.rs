@@ -42,7 +42,9 @@ pub struct ConsumeConfig {
     /// Make a span of each batch written, linked to its records' trace
     /// contexts (see [`crate::otel`]), on the global tracer provider.
     /// Default: false (the loop does not look at headers).
-    #[cfg(feature = "otel")]
+    /// Needs the crate's `otel` feature; without it the flag is ignored
+    /// (the field exists either way, so that enabling the feature anywhere
+    /// in a build breaks no one's struct literal).
     pub otel_spans: bool,
 }
 
@@ -56,7 +58,6 @@ impl Default for ConsumeConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             stall_limit: Duration::from_secs(60),
-            #[cfg(feature = "otel")]
             otel_spans: false,
         }
     }

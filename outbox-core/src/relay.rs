@@ -65,7 +65,9 @@ pub struct RelayConfig {
     /// Make a span of each batch sent, linked to its events' trace contexts
     /// (see [`crate::otel`]), on the global tracer provider. Default: false
     /// (the loop does not look at headers).
-    #[cfg(feature = "otel")]
+    /// Needs the crate's `otel` feature; without it the flag is ignored
+    /// (the field exists either way, so that enabling the feature anywhere
+    /// in a build breaks no one's struct literal).
     pub otel_spans: bool,
 }
 
@@ -80,7 +82,6 @@ impl Default for RelayConfig {
             max_in_flight_batches: 2,
             claim_window: Duration::ZERO,
             extend_interval: Duration::from_millis(5),
-            #[cfg(feature = "otel")]
             otel_spans: false,
         }
     }
