@@ -415,7 +415,27 @@ async fn the_monitoring_files_match_the_binaries_and_an_alert_fires() {
     })
     .await;
 
-    // Events flow and the consumer writes: no alarm.
+    // Events flow and the consumer writes: no alarm, once Prometheus has two
+    // scrapes of the consumer's counter (a rate needs them; before, the
+    // rule sees the relay publish and no consumer yet).
+    within(
+        Duration::from_secs(30),
+        "a consumer rate in Prometheus",
+        async {
+            while query(
+                prometheus_port,
+                "sum(rate(outbox_consumer_records_total[10s])) > 0",
+            )
+            .await
+            .is_empty()
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        },
+    )
+    .await;
+    // Past the one rule evaluation (1 s) that may have seen no rate yet.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     for _ in 0..5 {
         let now = firing(prometheus_port).await;
         assert!(
