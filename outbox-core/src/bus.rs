@@ -175,9 +175,10 @@ impl Record {
     ///     headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
     ///     timestamp_ms: None,
     /// };
-    /// let a = record(&[("ce_source", "/shop"), ("ce_id", "A-1")]).event_id().unwrap();
-    /// assert_eq!(a, record(&[("ce_source", "/shop"), ("ce_id", "A-1")]).event_id().unwrap());
-    /// assert_ne!(a, record(&[("ce_source", "/other"), ("ce_id", "A-1")]).event_id().unwrap());
+    /// let a = record(&[("ce_source", "/shop"), ("ce_id", "A-1")]).event_id()?;
+    /// assert_eq!(a, record(&[("ce_source", "/shop"), ("ce_id", "A-1")]).event_id()?);
+    /// assert_ne!(a, record(&[("ce_source", "/other"), ("ce_id", "A-1")]).event_id()?);
+    /// # Ok::<(), outbox_core::DecodeError>(())
     /// ```
     pub fn event_id(&self) -> std::result::Result<Uuid, DecodeError> {
         if let Some(raw) = self.headers.get(HEADER_EVENT_ID) {

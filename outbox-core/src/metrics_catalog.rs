@@ -10,8 +10,8 @@
 //! ```
 //! use outbox_core::metrics_catalog::{self, MetricKind};
 //!
-//! let published = metrics_catalog::find("outbox_relay_events_published_total").unwrap();
-//! assert_eq!(published.kind, MetricKind::Counter);
+//! let published = metrics_catalog::find("outbox_relay_events_published_total");
+//! assert_eq!(published.map(|m| m.kind), Some(MetricKind::Counter));
 //! // Histograms are exported as `_bucket`, `_sum` and `_count` series.
 //! assert!(metrics_catalog::find("outbox_sink_write_seconds_bucket").is_some());
 //! ```

@@ -26,8 +26,8 @@
 //! use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 //!
 //! let service = SpanContext::new(
-//!     TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
-//!     SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+//!     TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736")?,
+//!     SpanId::from_hex("00f067aa0ba902b7")?,
 //!     TraceFlags::SAMPLED,
 //!     true,
 //!     TraceState::default(),
@@ -39,7 +39,9 @@
 //!     stamped[0].headers["traceparent"],
 //!     "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 //! );
-//! assert_eq!(otel::creation_context(&stamped[0].headers).unwrap().span_id(), SpanId::from_hex("00f067aa0ba902b7").unwrap());
+//! let created = otel::creation_context(&stamped[0].headers).ok_or("no trace context")?;
+//! assert_eq!(created.span_id(), SpanId::from_hex("00f067aa0ba902b7")?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 use std::borrow::Cow;
@@ -268,10 +270,10 @@ mod tests {
     }
 
     #[test]
-    fn an_event_keeps_the_trace_context_it_carries() {
+    fn an_event_keeps_the_trace_context_it_carries() -> Result<(), Box<dyn std::error::Error>> {
         let service = SpanContext::new(
-            opentelemetry::trace::TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
-            opentelemetry::trace::SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            opentelemetry::trace::TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736")?,
+            opentelemetry::trace::SpanId::from_hex("00f067aa0ba902b7")?,
             opentelemetry::trace::TraceFlags::SAMPLED,
             true,
             Default::default(),
@@ -288,5 +290,6 @@ mod tests {
             trace_id(&stamped[1].headers).as_deref(),
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
         );
+        Ok(())
     }
 }

@@ -706,8 +706,8 @@ mod tests {
         let mut rows = meta_rows();
         rows.push(col("trace", "FixedString(32)", ""));
         rows.push(col("n", "Int32", ""));
-        let schema = Schema::new("t", &rows, &config("trace")).unwrap();
-        assert!(schema.has_trace_column());
+        let schema = Schema::new("t", &rows, &config("trace"));
+        assert!(schema.is_ok_and(|schema| schema.has_trace_column()));
         let wrong = Schema::new("t", &rows, &config("n")).unwrap_err();
         assert!(wrong.contains("needs String or FixedString(32)"), "{wrong}");
         let absent = Schema::new("t", &rows, &config("tid")).unwrap_err();
