@@ -6,26 +6,30 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use outbox_core::{Position, Record};
 
-/// Splits `data` at 0xFF bytes: key, payload, then header name/value pairs;
-/// the first header value is the event id header when the first byte is odd.
+/// Splits `data` at 0xFF bytes: key, payload, then header name/value pairs.
+/// The first byte picks well-known names for the first two headers, so that
+/// every branch of the id decoding is reached: bit 0 names the first the
+/// event id header, bit 1 names it CloudEvents' `ce_id`, bit 2 names the
+/// second `ce_source`.
 pub fn record(data: &[u8]) -> Record {
     let mut parts = data.split(|b| *b == 0xFF);
     let key = parts.next().map(Bytes::copy_from_slice);
     let payload = parts.next().map(Bytes::copy_from_slice);
     let mut headers = BTreeMap::new();
-    let with_id = data.first().is_some_and(|b| b % 2 == 1);
-    let mut first = true;
+    let flags = data.first().copied().unwrap_or(0);
+    let mut index = 0;
     while let (Some(name), Some(value)) = (parts.next(), parts.next()) {
         let (Ok(name), Ok(value)) = (std::str::from_utf8(name), std::str::from_utf8(value)) else {
             continue;
         };
-        let name = if first && with_id {
-            outbox_core::HEADER_EVENT_ID.to_string()
-        } else {
-            name.to_string()
+        let name = match index {
+            0 if flags & 1 == 1 => outbox_core::HEADER_EVENT_ID,
+            0 if flags & 2 == 2 => outbox_core::HEADER_CE_ID,
+            1 if flags & 4 == 4 => outbox_core::HEADER_CE_SOURCE,
+            _ => name,
         };
-        first = false;
-        headers.insert(name, value.to_string());
+        index += 1;
+        headers.insert(name.to_string(), value.to_string());
     }
     Record {
         topic: "fuzz".into(),
