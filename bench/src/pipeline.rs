@@ -128,10 +128,12 @@ pub(crate) fn wal_relay_args(env: &Env, table: &str) -> Vec<String> {
 /// server's WAL.
 pub(crate) async fn drop_slot(env: &Env, table: &str) {
     if let Ok(client) = env.pool.get().await {
+        if let Err(err) = test_support::drop_slot(&client, table).await {
+            eprintln!("bench: {err:#}");
+        }
         let _ = client
             .batch_execute(&format!(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{table}';
-                 DROP PUBLICATION IF EXISTS {table};
+                "DROP PUBLICATION IF EXISTS {table};
                  DELETE FROM outbox_wal_progress WHERE slot = '{table}';"
             ))
             .await;

@@ -161,11 +161,9 @@ impl Stores {
         let name = &self.name;
         let dropped = async {
             let client = self.pool.get().await?;
+            test_support::drop_slot(&client, name).await?;
             client
-                .batch_execute(&format!(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{name}';
-                     DROP PUBLICATION IF EXISTS {name};"
-                ))
+                .batch_execute(&format!("DROP PUBLICATION IF EXISTS {name};"))
                 .await?;
             anyhow::Ok(())
         };

@@ -484,11 +484,12 @@ async fn the_monitoring_files_match_the_binaries_and_an_alert_fires() {
     drop(_prometheus);
     let _ = std::fs::remove_dir_all(&dir);
     drop(_wal_relay);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A slot left behind would pin WAL and, on PostgreSQL 15, stop every
+    // index of the server from reusing its deleted pages.
+    test_support::drop_slot(&client, &slot).await.unwrap();
     let _ = client
         .batch_execute(&format!(
-            "SELECT pg_drop_replication_slot('{slot}');
-             DROP PUBLICATION IF EXISTS {slot};
+            "DROP PUBLICATION IF EXISTS {slot};
              DELETE FROM outbox_wal_progress WHERE slot = '{slot}';
              DROP TABLE {name};"
         ))

@@ -100,16 +100,10 @@ impl WalPipeline {
 
     async fn cleanup(&self) {
         let client = self.pool.get().await.unwrap();
-        for _ in 0..100 {
-            if !self.slot_active().await {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        test_support::drop_slot(&client, &self.name).await.unwrap();
         let _ = client
             .batch_execute(&format!(
-                "SELECT pg_drop_replication_slot('{name}');
-                 DROP PUBLICATION IF EXISTS {name};
+                "DROP PUBLICATION IF EXISTS {name};
                  DELETE FROM outbox_wal_progress WHERE slot = '{name}';
                  DROP TABLE IF EXISTS {name};",
                 name = self.name
@@ -273,9 +267,10 @@ async fn the_outbox_command_creates_and_shows_the_wal_slot() {
     let status = command("outbox").arg("status").output().unwrap();
     let pool = pg().create_pool().unwrap();
     let client = pool.get().await.unwrap();
+    test_support::drop_slot(&client, &name).await.unwrap();
     let _ = client
         .batch_execute(&format!(
-            "SELECT pg_drop_replication_slot('{name}'); DROP PUBLICATION IF EXISTS {name};
+            "DROP PUBLICATION IF EXISTS {name};
              DELETE FROM outbox_wal_progress WHERE slot = '{name}';"
         ))
         .await;

@@ -72,3 +72,41 @@ pub fn tls_file(name: &str) -> PathBuf {
         .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.stack/tls")));
     dir.join(name)
 }
+
+/// Drops the replication slot `slot` when it exists: ends the session that
+/// streams it first (a relay just killed may keep it active for a moment;
+/// one stopped keeps it until `wal_sender_timeout`), and tries again for up
+/// to 30 s. A slot left behind holds its WAL and, on PostgreSQL 15 and
+/// older, its `catalog_xmin` stops every B-tree of the server from reusing
+/// deleted pages (which `outbox-pg/tests/retention.rs` measures), so a
+/// test that cannot drop its slot fails instead of leaking it.
+pub async fn drop_slot(
+    db: &outbox_pg::deadpool_postgres::tokio_postgres::Client,
+    slot: &str,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        db.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+             WHERE slot_name = $1 AND active_pid IS NOT NULL",
+            &[&slot],
+        )
+        .await?;
+        let dropped = db
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await;
+        match dropped {
+            Ok(_) => return Ok(()),
+            Err(err) if tokio::time::Instant::now() >= deadline => {
+                anyhow::bail!("the replication slot {slot} could not be dropped: {err}")
+            }
+            // Still active: the terminated session is ending, or a relay
+            // took the slot back meanwhile.
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    }
+}

@@ -97,10 +97,7 @@ async fn enqueue_and_emit_record_the_callers_trace_context() {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    client
-        .batch_execute(&format!("SELECT pg_drop_replication_slot('{slot}')"))
-        .await
-        .unwrap();
+    test_support::drop_slot(&client, slot).await.unwrap();
     let message = changes
         .iter()
         .find(|data| data.starts_with(b"message: transactional: 1"))

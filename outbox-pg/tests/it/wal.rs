@@ -69,18 +69,9 @@ impl Capture {
     async fn drop_all(&self) {
         let client = self.pool.get().await.unwrap();
         // The slot goes first: a session may still hold it for a moment.
-        for _ in 0..50 {
-            let dropped = client
-                .batch_execute(&format!(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{}'",
-                    self.config.slot
-                ))
-                .await;
-            if dropped.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        test_support::drop_slot(&client, &self.config.slot)
+            .await
+            .unwrap();
         client
             .batch_execute(&format!(
                 "DROP PUBLICATION IF EXISTS {pubname}; DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {progress};",
@@ -545,11 +536,7 @@ async fn a_dropped_slot_is_a_permanent_error_that_says_what_may_be_missing() {
     drop(source);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let client = capture.pool.get().await.unwrap();
-    client
-        .batch_execute(&format!(
-            "SELECT pg_drop_replication_slot('{}')",
-            capture.config.slot
-        ))
+    test_support::drop_slot(&client, &capture.config.slot)
         .await
         .unwrap();
     let source = capture.source();
