@@ -275,8 +275,10 @@ async fn status(cli: &AdminCli, config: &ValidOutboxConfig) -> anyhow::Result<()
                 mb(slot.retained_bytes),
                 mb(slot.unconfirmed_bytes),
                 text(&slot.recorded),
-                slot.loaded
-                    .map_or_else(|| "-".to_string(), |l| l.to_string()),
+                match (&slot.loaded, &slot.load_position) {
+                    (Some(false), Some(at)) => format!("false: at {at}"),
+                    (loaded, _) => loaded.map_or_else(|| "-".to_string(), |l| l.to_string()),
+                },
             );
         }
     }

@@ -86,6 +86,32 @@ impl WalPipeline {
         }
     }
 
+    /// Waits until the slot's initial load is published (30 s at most):
+    /// after it, the loaded rows are all before the changes of this test's
+    /// writers, whose order check counts each update as one step.
+    async fn wait_loaded(&self) {
+        let client = self.pool.get().await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let loaded = client
+                .query_opt(
+                    "SELECT loaded FROM outbox_wal_progress WHERE slot = $1",
+                    &[&self.name],
+                )
+                .await
+                .unwrap()
+                .is_some_and(|row| row.get::<_, bool>(0));
+            if loaded {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the relay never published the initial load"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn slot_active(&self) -> bool {
         let client = self.pool.get().await.unwrap();
         client
@@ -170,10 +196,11 @@ async fn write(
 }
 
 /// Invariant (no loss, no duplicate effect, commit order per key): the
-/// relay is SIGKILLed at random points while two writers commit changes
-/// (the first kills during or right after its initial load of the 20 rows
-/// the table already held; most land between the broker's acknowledgement
-/// and the status update that confirms it). Every loaded row and committed
+/// relay is SIGKILLed at random points while two writers commit changes,
+/// once it published its initial load of the 20 rows the table already
+/// held (a load cut short is `outbox-pg`'s `a_load_cut_after_some_chunks_resumes_after_them`);
+/// most kills land between the broker's acknowledgement and the status
+/// update that confirms it. Every loaded row and committed
 /// change reaches Kafka, each key's changes first appear in commit order
 /// (`n` counts up by one per update of a row), and ClickHouse ends with
 /// each once: plain `count()` = `uniqExact(event_id)` = rows + changes.
@@ -183,6 +210,7 @@ async fn wal_relay_killed_at_random_points_loses_and_doubles_nothing() {
     let pipeline = WalPipeline::new(&name).await;
     let mut relay = pipeline.relay();
     pipeline.wait_streaming().await;
+    pipeline.wait_loaded().await;
     let writers = [
         tokio::spawn(write(pipeline.pool.clone(), name.clone(), 1000, 150)),
         tokio::spawn(write(pipeline.pool.clone(), name.clone(), 5000, 150)),
@@ -310,6 +338,7 @@ async fn a_relay_woken_after_a_takeover_confirms_nothing() {
     let pipeline = WalPipeline::new(&name).await;
     let first = pipeline.relay();
     pipeline.wait_streaming().await;
+    pipeline.wait_loaded().await;
     let second = pipeline.relay();
     // Waiting relays check the slot against its record at every try (once a
     // second): one that finds the record behind stops, taking the slot for

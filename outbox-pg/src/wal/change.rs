@@ -92,6 +92,18 @@ struct Transaction {
     commit_time_ms: i64,
     xid: u32,
     ordinal: u32,
+    /// Row changes (of any published table) so far.
+    rows: u32,
+}
+
+/// The rows one table's changes touch, by their key: what the initial
+/// load's window needs to know (`super::backfill`).
+#[derive(Debug, Default)]
+struct Watch {
+    table: String,
+    key: Vec<String>,
+    /// The key of each row touched (`None`: a key column was not sent).
+    touched: Vec<Option<Vec<Option<String>>>>,
 }
 
 /// Turns one session's replication messages into events.
@@ -100,6 +112,7 @@ pub struct Decoder {
     routing: Routing,
     relations: HashMap<u32, Relation>,
     transaction: Option<Transaction>,
+    watch: Option<Watch>,
 }
 
 impl Decoder {
@@ -110,7 +123,37 @@ impl Decoder {
             routing,
             relations: HashMap::new(),
             transaction: None,
+            watch: None,
         }
+    }
+
+    /// From now on, notes the key (the `key` columns, by name) of every row
+    /// a change of `table` (`schema.table`) touches, old and new; `None`
+    /// stops. [`Decoder::take_touched`] hands them over.
+    pub fn watch(&mut self, watch: Option<(&str, &[String])>) {
+        self.watch = watch.map(|(table, key)| Watch {
+            table: table.to_string(),
+            key: key.to_vec(),
+            touched: Vec::new(),
+        });
+    }
+
+    /// The keys noted since the last call (see [`Decoder::watch`]).
+    pub fn take_touched(&mut self) -> Vec<Option<Vec<Option<String>>>> {
+        self.watch
+            .as_mut()
+            .map(|w| std::mem::take(&mut w.touched))
+            .unwrap_or_default()
+    }
+
+    /// The open transaction's xid and whether it changed any row so far.
+    pub fn transaction(&self) -> Option<(u32, bool)> {
+        self.transaction.as_ref().map(|tx| (tx.xid, tx.rows > 0))
+    }
+
+    /// Where the open transaction commits.
+    pub fn commit_lsn(&self) -> Option<u64> {
+        self.transaction.as_ref().map(|tx| tx.commit_lsn)
     }
 
     /// A transaction begins; it commits at `final_lsn`.
@@ -120,6 +163,7 @@ impl Decoder {
             commit_time_ms: PG_EPOCH_MS.saturating_add(commit_time_micros / 1000),
             xid,
             ordinal: 0,
+            rows: 0,
         });
     }
 
@@ -196,12 +240,19 @@ impl Decoder {
             .ok_or(ChangeError::OutsideTransaction)?;
         let ordinal = tx.ordinal;
         tx.ordinal += 1;
+        tx.rows += 1;
         let (commit_lsn, commit_time_ms, xid) = (tx.commit_lsn, tx.commit_time_ms, tx.xid);
         let rel = self
             .relations
             .get(&relation)
             .ok_or(ChangeError::UnknownRelation(relation))?;
         let name = format!("{}.{}", rel.schema, rel.table);
+        if let Some(watch) = self.watch.as_mut().filter(|w| w.table == name) {
+            // The old row only when sent (a delete, or an update of the key).
+            for row in [before.as_deref(), after.as_deref()].into_iter().flatten() {
+                watch.touched.push(key_text(rel, row, &watch.key));
+            }
+        }
         if self.routing.outbox_tables.contains(&name) {
             // An outbox row is its event; its update or delete (the row
             // retired) is not one.
@@ -244,9 +295,9 @@ impl Decoder {
         Ok(Decoded::Event(event))
     }
 
-    /// A row of the initial load (`op` `r`), read in the snapshot of the
-    /// slot's consistent point `at`. Its id is derived from the row itself,
-    /// so a load started over gives an unchanged row the same id.
+    /// A row of the initial load (`op` `r`), published at `at` (the commit
+    /// position of its chunk's high watermark). Its id is derived from the
+    /// row itself, so a chunk read again gives an unchanged row the same id.
     pub fn snapshot_row(&self, rel: &Relation, row: &[Datum], at: u64, now_ms: i64) -> Event {
         let source = serde_json::json!({
             "schema": rel.schema,
@@ -278,6 +329,22 @@ impl Decoder {
             at,
         )
     }
+}
+
+/// The text of `columns` in `row`, each `None` when NULL; `None` when one
+/// is not in the row (unknown column, or a TOASTed value not sent).
+fn key_text(rel: &Relation, row: &[Datum], columns: &[String]) -> Option<Vec<Option<String>>> {
+    columns
+        .iter()
+        .map(|name| {
+            let at = rel.columns.iter().position(|c| &c.name == name)?;
+            match row.get(at)? {
+                Datum::Null => Some(None),
+                Datum::UnchangedToast => None,
+                Datum::Text(raw) => Some(Some(String::from_utf8_lossy(raw).into_owned())),
+            }
+        })
+        .collect()
 }
 
 /// The event an outbox table's row holds (the columns `Outbox::enqueue`

@@ -13,6 +13,7 @@
 //! that dies reads them again; their ids are deterministic, so the sink
 //! recognises the ones it already wrote.
 
+mod backfill;
 mod change;
 mod load;
 mod pgoutput;
@@ -112,14 +113,16 @@ pub struct WalConfig {
     /// Prefix of the logical messages that carry events. Default:
     /// [`DEFAULT_MESSAGE_PREFIX`](crate::DEFAULT_MESSAGE_PREFIX).
     pub message_prefix: String,
-    /// Publish the rows the captured tables hold when the slot is created
-    /// (`op` `r`), read in the snapshot the slot exports, before the
-    /// changes from the slot's consistent point: nothing missed or doubled
-    /// at the switch. A load cut short (the relay died) is started over
-    /// with a new slot; rows that did not change in between keep their ids.
-    /// Default: true.
+    /// Publish the rows the captured tables hold (`op` `r`) when their slot
+    /// is created: read beside the stream, in key order, in chunks between
+    /// watermarks the stream carries, so each key's events follow its
+    /// history while writes run. A load cut short goes on after the last
+    /// chunk whose rows were acknowledged; rows read again that did not
+    /// change keep their ids. Needs each table's primary key (or replica
+    /// identity index). See `docs/wal.md`. Default: true.
     pub initial_load: bool,
-    /// Rows read per round of the initial load. Default: 1,000.
+    /// Rows per chunk of the initial load: what one snapshot reads, and
+    /// what a cut load reads again at most. Default: 1,000.
     pub load_batch: usize,
     /// Create the slot, the publication and the progress table when
     /// missing (and add missing tables to the publication). Without it a
@@ -192,6 +195,12 @@ impl WalConfig {
         }
         if self.message_prefix.is_empty() {
             return Err(PgError::Config("message_prefix must not be empty".into()));
+        }
+        if self.message_prefix == backfill::LOAD_PREFIX {
+            return Err(PgError::Config(format!(
+                "message_prefix {:?} is the initial load's own: choose another",
+                backfill::LOAD_PREFIX
+            )));
         }
         Ok(())
     }

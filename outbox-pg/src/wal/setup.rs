@@ -5,6 +5,7 @@
 use deadpool_postgres::GenericClient;
 use pgwire_replication::Lsn;
 
+use super::backfill::LoadState;
 use super::change::lsn_text;
 use super::WalConfig;
 use crate::{PgError, SqlName};
@@ -26,20 +27,13 @@ fn parse_lsn(text: &str) -> Result<u64, PgError> {
         .map_err(|e| permanent(format!("the server gave the position {text:?}: {e}")))
 }
 
-/// What a session does after [`prepare`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Prepared {
-    /// Stream the existing slot from its confirmed position.
-    Stream(u64),
-    /// Create the slot with an exported snapshot, load the captured tables'
-    /// rows in it, then stream from the slot's consistent point.
-    CreateAndLoad,
-}
-
-/// The advisory lock a relay holds while it loads a slot's tables, so
-/// another one does not take its half-loaded slot for abandoned.
-pub(crate) fn load_lock(slot: &str) -> i64 {
-    i64::from(crate::stable_hash(&format!("outbox-wal-load/{slot}")))
+/// What a session does after [`prepare`]: stream the slot from its
+/// confirmed position `at`, and load the captured tables beside the stream
+/// when `load` says how far an unfinished load got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Prepared {
+    pub at: u64,
+    pub load: Option<LoadState>,
 }
 
 /// Checks the server and the slot, creating what is missing when allowed.
@@ -67,14 +61,25 @@ pub(crate) async fn prepare<C: GenericClient + Sync>(
         .await
         .map_err(query("look for the WAL progress table"))?
         .get::<_, bool>(0);
-    if config.create && !exists {
+    let current = exists
+        && db
+            .query_one(
+                "SELECT count(*) = 2 FROM pg_attribute WHERE attrelid = to_regclass($1) \
+                 AND attname IN ('loaded', 'load_state') AND NOT attisdropped",
+                &[&progress.to_string()],
+            )
+            .await
+            .map_err(query("look for the WAL progress table"))?
+            .get::<_, bool>(0);
+    if config.create && !current {
         db.batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS {progress} (\n\
                  slot          text        PRIMARY KEY,\n\
                  confirmed_lsn pg_lsn      NOT NULL,\n\
                  created_at    timestamptz NOT NULL DEFAULT now(),\n\
                  updated_at    timestamptz NOT NULL DEFAULT now());\n\
-             ALTER TABLE {progress} ADD COLUMN IF NOT EXISTS loaded boolean NOT NULL DEFAULT true;"
+             ALTER TABLE {progress} ADD COLUMN IF NOT EXISTS loaded boolean NOT NULL DEFAULT true;\n\
+             ALTER TABLE {progress} ADD COLUMN IF NOT EXISTS load_state jsonb;"
         ))
         .await
         .map_err(query("create the WAL progress table"))?;
@@ -90,62 +95,26 @@ pub(crate) async fn prepare<C: GenericClient + Sync>(
         .map_err(query("read the replication slot"))?;
     let progress_row = db
         .query_opt(
-            &format!("SELECT confirmed_lsn::text, loaded FROM {progress} WHERE slot = $1"),
+            &format!(
+                "SELECT confirmed_lsn::text, loaded, load_state::text FROM {progress} WHERE slot = $1"
+            ),
             &[&config.slot],
         )
         .await
         .map_err(query("read the WAL progress"))?;
-    let loaded = progress_row.as_ref().map(|row| row.get::<_, bool>(1));
+    // An unfinished initial load goes on where its last published chunk
+    // ended (an unreadable state: from the start; the sink skips rows it
+    // has).
+    let load = match &progress_row {
+        Some(row) if !row.get::<_, bool>(1) => Some(
+            row.get::<_, Option<String>>(2)
+                .and_then(|text| serde_json::from_str::<LoadState>(&text).ok())
+                .unwrap_or_default(),
+        ),
+        _ => None,
+    };
     let recorded: Option<String> = progress_row.map(|row| row.get(0));
     let recorded = recorded.as_deref().map(parse_lsn).transpose()?;
-    if loaded == Some(false) {
-        // A load that did not finish: its snapshot died with its session.
-        // Unless its relay is still at it, start it over with a new slot
-        // (rows that did not change get the same ids, and the sink skips them).
-        let free: bool = db
-            .query_one(
-                "SELECT pg_try_advisory_lock($1)",
-                &[&load_lock(&config.slot)],
-            )
-            .await
-            .map_err(query("check the initial load"))?
-            .get(0);
-        if !free {
-            return Err(PgError::Replication {
-                detail: format!(
-                    "another relay is loading the tables of slot {}",
-                    config.slot
-                ),
-                retryable: true,
-            });
-        }
-        let dropped = async {
-            if slot.is_some() {
-                db.execute("SELECT pg_drop_replication_slot($1)", &[&config.slot])
-                    .await?;
-            }
-            db.execute(
-                &format!("DELETE FROM {progress} WHERE slot = $1"),
-                &[&config.slot],
-            )
-            .await
-        }
-        .await;
-        let _ = db
-            .execute("SELECT pg_advisory_unlock($1)", &[&load_lock(&config.slot)])
-            .await;
-        // A slot still held by a relay that lost its load lock, or dropped
-        // meanwhile by another: try again later.
-        dropped.map_err(|e| PgError::Replication {
-            detail: format!(
-                "starting an unfinished initial load over: {}",
-                crate::describe(&e)
-            ),
-            retryable: true,
-        })?;
-        tracing::warn!(slot = %config.slot, "an initial load did not finish: loading again");
-        return Ok(Prepared::CreateAndLoad);
-    }
     let Some(slot) = slot else {
         if let Some(last) = recorded {
             return Err(permanent(format!(
@@ -164,9 +133,6 @@ pub(crate) async fn prepare<C: GenericClient + Sync>(
                 config.slot, config.slot
             )));
         }
-        if config.initial_load && !config.tables.is_empty() {
-            return Ok(Prepared::CreateAndLoad);
-        }
         let created: String = db
             .query_one(
                 "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -175,9 +141,13 @@ pub(crate) async fn prepare<C: GenericClient + Sync>(
             .await
             .map_err(query("create the replication slot"))?
             .get(0);
-        record(db, &progress, &config.slot, &created, true).await?;
-        tracing::info!(slot = %config.slot, at = %created, "created the replication slot");
-        return parse_lsn(&created).map(Prepared::Stream);
+        let load = config.initial_load && !config.tables.is_empty();
+        record(db, &progress, &config.slot, &created, !load).await?;
+        tracing::info!(slot = %config.slot, at = %created, initial_load = load, "created the replication slot");
+        return Ok(Prepared {
+            at: parse_lsn(&created)?,
+            load: load.then(LoadState::default),
+        });
     };
     let confirmed: Option<String> = slot.get(0);
     let status: Option<String> = slot.get(1);
@@ -221,7 +191,7 @@ pub(crate) async fn prepare<C: GenericClient + Sync>(
         }
         Some(_) => {}
     }
-    Ok(Prepared::Stream(at))
+    Ok(Prepared { at, load })
 }
 
 /// Records a slot's first position; `loaded` false while its initial load runs.
@@ -334,36 +304,18 @@ async fn publication<C: GenericClient + Sync>(db: &C, config: &WalConfig) -> Res
 /// deployment step such as a migration, so that the slot exists before any
 /// service writes with `Outbox::emit`. A logical decoding message written
 /// before its slot exists is in no slot, and no relay can ever publish it.
-///
-/// A slot whose tables get an initial load is created by the relay instead,
-/// which exports the load's snapshot with it: with tables and
-/// [`WalConfig::initial_load`] this is a configuration error.
+/// With tables and [`WalConfig::initial_load`], the first relay that
+/// streams the slot loads them.
 pub async fn create_slot<C: GenericClient + Sync>(
     db: &C,
     config: &WalConfig,
 ) -> Result<String, PgError> {
     config.validate()?;
-    if config.initial_load && !config.tables.is_empty() {
-        return Err(PgError::Config(
-            "a slot whose tables get an initial load is created by the relay, with the load's snapshot: \
-             start the relay first, or set initial_load to false"
-                .into(),
-        ));
-    }
     let config = WalConfig {
         create: true,
         ..config.clone()
     };
-    match prepare(db, &config).await? {
-        Prepared::Stream(at) => Ok(lsn_text(at)),
-        Prepared::CreateAndLoad => Err(PgError::Replication {
-            detail: format!(
-                "the initial load of slot {} did not finish: start a relay to load again",
-                config.slot
-            ),
-            retryable: false,
-        }),
-    }
+    prepare(db, &config).await.map(|p| lsn_text(p.at))
 }
 
 /// A logical replication slot of the database, as `outbox status` shows it.
@@ -385,6 +337,27 @@ pub struct SlotStatus {
     pub recorded: Option<String>,
     /// Whether its initial load is done, if recorded.
     pub loaded: Option<bool>,
+    /// How far an unfinished initial load got (`public.t after ["1200"]`),
+    /// once a chunk of it was published.
+    pub load_position: Option<String>,
+}
+
+impl LoadState {
+    /// `public.t after ["1200"]`: where the load goes on.
+    fn describe(&self) -> String {
+        let done = match self.done.len() {
+            0 => String::new(),
+            n => format!(" ({n} table(s) done)"),
+        };
+        match (&self.table, &self.after) {
+            (Some(table), Some(after)) => format!(
+                "{table} after {}{done}",
+                serde_json::to_string(after).unwrap_or_default()
+            ),
+            (Some(table), None) => format!("{table} from its start{done}"),
+            _ => format!("the next table{done}"),
+        }
+    }
 }
 
 /// The pgoutput slots of the current database, with what `progress_table`
@@ -394,21 +367,28 @@ pub async fn slot_status<C: GenericClient + Sync>(
     progress_table: &str,
 ) -> Result<Vec<SlotStatus>, PgError> {
     let progress = SqlName::parse(progress_table)?;
-    let exists = db
+    // A table of a version before the resumable load has no load_state
+    // until a relay starts on it.
+    let (exists, with_state) = db
         .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
+            "SELECT to_regclass($1) IS NOT NULL, EXISTS (SELECT 1 FROM pg_attribute \
+             WHERE attrelid = to_regclass($1) AND attname = 'load_state' AND NOT attisdropped)",
             &[&progress.to_string()],
         )
         .await
-        .map_err(query("look for the WAL progress table"))?
-        .get::<_, bool>(0);
+        .map(|row| (row.get::<_, bool>(0), row.get::<_, bool>(1)))
+        .map_err(query("look for the WAL progress table"))?;
     let (recorded, join) = if exists {
         (
-            "p.confirmed_lsn::text, p.loaded",
+            if with_state {
+                "p.confirmed_lsn::text, p.loaded, p.load_state::text"
+            } else {
+                "p.confirmed_lsn::text, p.loaded, NULL::text"
+            },
             format!("LEFT JOIN {progress} p ON p.slot = s.slot_name"),
         )
     } else {
-        ("NULL::text, NULL::boolean", String::new())
+        ("NULL::text, NULL::boolean, NULL::text", String::new())
     };
     let rows = db
         .query(
@@ -434,6 +414,11 @@ pub async fn slot_status<C: GenericClient + Sync>(
             unconfirmed_bytes: row.get(5),
             recorded: row.get(6),
             loaded: row.get(7),
+            load_position: row
+                .get::<_, Option<String>>(8)
+                .filter(|_| row.get::<_, Option<bool>>(7) == Some(false))
+                .and_then(|text| serde_json::from_str::<LoadState>(&text).ok())
+                .map(|state| state.describe()),
         })
         .collect())
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
-use outbox_core::{AckSummary, Claimed, Delivery, Event, Result, Source};
+use outbox_core::{system_time_to_ms, AckSummary, Claimed, Delivery, Event, Result, Source};
 use pgwire_replication::{
     Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
 };
@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use super::backfill::{Backfill, Decision, LoadState, LOAD_PREFIX};
 use super::change::{lsn_text, Decoded, Decoder, Routing};
-use super::setup::Prepared;
+use super::load::{Chunk, Loader};
 use super::WalConfig;
 use crate::{PgConfig, PgError, SqlName};
 
@@ -45,9 +46,18 @@ enum Item {
     /// Every event queued before it belongs to transactions that end at or
     /// before this position.
     Commit(u64),
-    /// Every event queued before it is a row of the initial load: once they
-    /// are settled, the load is recorded as done.
-    LoadDone,
+    /// Every event queued before it that is a row of the initial load
+    /// belongs to a chunk at or before this mark: once they are settled,
+    /// the load is recorded as this far.
+    LoadMark(LoadMark),
+}
+
+/// How far the initial load is once the rows before it are published.
+#[derive(Debug, Clone)]
+struct LoadMark {
+    state: LoadState,
+    /// The load's last chunk.
+    complete: bool,
 }
 
 #[derive(Default)]
@@ -82,10 +92,13 @@ struct Shared {
 /// display: [`WalSource::load_progress`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LoadProgress {
-    /// Rows of the captured tables read so far.
+    /// Rows of the captured tables queued for publishing so far, in this
+    /// session (a row a change touched during its chunk is left to the
+    /// change, and not counted).
     pub rows: u64,
-    /// The tables' rows as the server's statistics estimate them
-    /// (`pg_class.reltuples`; 0 when never analyzed).
+    /// The rows of the tables this session loads, as the server's
+    /// statistics estimate them (`pg_class.reltuples`; 0 when never
+    /// analyzed).
     pub estimated: u64,
     /// Every row was read.
     pub done: bool,
@@ -129,8 +142,8 @@ pub struct WalClaim {
     generation: u64,
     /// (events of the batch before it, commit end position).
     commits: Vec<(usize, u64)>,
-    /// Events of the batch before the end of the initial load, if it ends here.
-    load_done: Option<usize>,
+    /// The last load mark in the batch, with the events before it.
+    load_mark: Option<(usize, LoadMark)>,
     finished: bool,
 }
 
@@ -243,22 +256,28 @@ impl WalSource {
             .map(|text| outbox_core::Error::permanent(outbox_core::Stage::Source, text.clone()))
     }
 
-    /// Records that every row of the initial load is settled: a relay that
-    /// starts after this streams on instead of loading again.
-    async fn record_loaded(&self) -> Result<(), PgError> {
+    /// Records how far the initial load is published: a relay that starts
+    /// after this goes on from there (or streams on, once it is complete).
+    async fn record_load(&self, mark: &LoadMark) -> Result<(), PgError> {
         let client = self.pool.get().await.map_err(|e| PgError::Connect {
             target: "the WAL progress table".into(),
             detail: e.to_string(),
             retryable: true,
         })?;
+        let state = serde_json::to_string(&mark.state).unwrap_or_default();
         client
             .execute(
-                &format!("UPDATE {} SET loaded = true WHERE slot = $1", self.progress),
-                &[&self.slot],
+                &format!(
+                    "UPDATE {} SET loaded = $2, load_state = $3::text::jsonb WHERE slot = $1",
+                    self.progress
+                ),
+                &[&self.slot, &mark.complete, &state],
             )
             .await
             .map_err(|e| PgError::query("record the initial load", e))?;
-        info!(slot = %self.slot, "initial load published");
+        if mark.complete {
+            info!(slot = %self.slot, "initial load published");
+        }
         Ok(())
     }
 
@@ -341,11 +360,11 @@ impl Source for WalSource {
             }
             let _ = tokio::time::timeout_at(deadline, arrived).await;
         }
-        let (events, commits, load_done, generation) = {
+        let (events, commits, load_mark, generation) = {
             let mut queue = self.shared.lock();
             let mut events = Vec::new();
             let mut commits = Vec::new();
-            let mut load_done = None;
+            let mut load_mark = None;
             while let Some(item) = queue.items.front() {
                 match item {
                     Item::Event(_) if events.len() >= max_events => break,
@@ -358,19 +377,20 @@ impl Source for WalSource {
                         commits.push((events.len(), *lsn));
                         queue.items.pop_front();
                     }
-                    Item::LoadDone => {
-                        load_done = Some(events.len());
-                        queue.items.pop_front();
+                    Item::LoadMark(_) => {
+                        if let Some(Item::LoadMark(mark)) = queue.items.pop_front() {
+                            load_mark = Some((events.len(), mark));
+                        }
                     }
                 }
             }
-            (events, commits, load_done, queue.generation)
+            (events, commits, load_mark, queue.generation)
         };
         self.shared.space.notify_waiters();
         if events.is_empty() {
             // Only transaction ends: everything before them is acknowledged.
-            if load_done.is_some() {
-                self.record_loaded().await?;
+            if let Some((_, mark)) = &load_mark {
+                self.record_load(mark).await?;
             }
             if let Some((_, lsn)) = commits.last() {
                 self.shared.advance(*lsn);
@@ -383,7 +403,7 @@ impl Source for WalSource {
                 shared: self.shared.clone(),
                 generation,
                 commits,
-                load_done,
+                load_mark,
                 finished: false,
             },
         }))
@@ -427,9 +447,14 @@ impl Source for WalSource {
             released: claimed.events.len() - settled,
         };
         let current = self.shared.lock().generation == claimed.claim.generation;
-        if current && claimed.claim.load_done.is_some_and(|at| at <= settled) {
-            // Before any position past the load is confirmed.
-            self.record_loaded().await?;
+        if let Some((_, mark)) = claimed
+            .claim
+            .load_mark
+            .as_ref()
+            .filter(|(before, _)| current && *before <= settled)
+        {
+            // Before any position past its chunk is confirmed.
+            self.record_load(mark).await?;
         }
         let claim = &mut claimed.claim;
         claim.finished = true;
@@ -551,77 +576,12 @@ impl Reader {
             queue.outstanding = 0;
             queue.generation
         };
-        let (mut client, system, start) = match prepared {
-            Prepared::Stream(start) => {
-                self.shared.advance(start);
-                let mut client = ReplicationClient::connect_gated(self.replication_config(start))
-                    .await
-                    .map_err(classify)?;
-                let system = client.identify_system().await.map_err(classify)?;
-                (client, system, start)
-            }
-            Prepared::CreateAndLoad => {
-                // Streams from the slot's own position once the load is read.
-                let mut loader = super::load::Loader::lock(&self.pool, &self.config).await?;
-                let mut client = ReplicationClient::connect_gated(self.replication_config(0))
-                    .await
-                    .map_err(classify)?;
-                let system = client.identify_system().await.map_err(classify)?;
-                let rows = client
-                    .simple_query(&format!(
-                        "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-                        self.config.slot
-                    ))
-                    .await
-                    .map_err(classify)?;
-                let text = |i: usize| {
-                    rows.first()
-                        .and_then(|row| row.get(i).cloned().flatten())
-                        .map(|b| String::from_utf8_lossy(&b).into_owned())
-                        .unwrap_or_default()
-                };
-                let (point, snapshot) = (text(1), text(2));
-                let at = Lsn::parse(&point).map(Lsn::as_u64).map_err(|e| {
-                    SessionError::Failed(PgError::Replication {
-                        detail: format!("CREATE_REPLICATION_SLOT gave the position {point:?}: {e}"),
-                        retryable: false,
-                    })
-                })?;
-                let db = self.connection().await?;
-                let progress = SqlName::parse(&self.config.progress_table)?;
-                super::setup::record(&db, &progress, &self.config.slot, &point, false).await?;
-                drop(db);
-                info!(slot = %self.config.slot, at = %point, "created the replication slot; loading the captured tables");
-                self.shared.advance(at);
-                let decoder = Decoder::new(system.system_id.clone(), self.routing());
-                loader.begin(&snapshot, at).await?;
-                let estimated = loader.estimate().await;
-                let mut rows = 0u64;
-                self.shared.load.send_replace(LoadProgress {
-                    rows,
-                    estimated,
-                    done: false,
-                });
-                while let Some(events) = loader.next(&decoder).await? {
-                    for event in events {
-                        if !self.take(Decoded::Event(event), generation).await? {
-                            // A rewind or a stop: the load is not done, and
-                            // the next session starts it over.
-                            return Err(SessionError::Failed(PgError::Replication {
-                                detail: "the initial load was interrupted".into(),
-                                retryable: true,
-                            }));
-                        }
-                        rows += 1;
-                    }
-                    self.shared.load.send_modify(|p| p.rows = rows);
-                }
-                self.shared.load.send_modify(|p| p.done = true);
-                info!(slot = %self.config.slot, rows, "initial load read; streaming from the slot's consistent point");
-                self.push(Item::LoadDone, generation);
-                (client, system, at)
-            }
-        };
+        let start = prepared.at;
+        self.shared.advance(start);
+        let mut client = ReplicationClient::connect_gated(self.replication_config(start))
+            .await
+            .map_err(classify)?;
+        let system = client.identify_system().await.map_err(classify)?;
         client.start().await.map_err(classify)?;
         client.wait_started().await.map_err(classify)?;
         if let Some(since) = waiting_since.take() {
@@ -630,6 +590,26 @@ impl Reader {
         }
         info!(slot = %self.config.slot, from = %lsn_text(start), "streaming the write-ahead log");
         let mut decoder = Decoder::new(system.system_id.clone(), self.routing());
+        // An unfinished initial load runs beside the stream, which checks
+        // its chunks against the changes between their watermarks.
+        let mut load = prepared.load.map(|state| {
+            let run = Uuid::new_v4();
+            let (chunks, handed) = tokio::sync::mpsc::channel(1);
+            let loader = Loader::new(
+                self.pool.clone(),
+                self.config.clone(),
+                run,
+                state,
+                chunks,
+                self.shared.load.clone(),
+            );
+            info!(slot = %self.config.slot, "loading the captured tables beside the stream");
+            LoadRun {
+                backfill: Backfill::new(&self.config.slot, run),
+                handed,
+                task: AbortOnDrop(tokio::spawn(loader.run())),
+            }
+        });
         // The server's WAL end when the session began: the stream has read
         // what was there once it reports a position at or past it.
         let catch_up_to = system.xlogpos.as_u64();
@@ -662,6 +642,27 @@ impl Reader {
                     }
                 }
                 _ = confirm.changed() => {}
+                ended = async {
+                    match load.as_mut() {
+                        Some(run) => (&mut run.task.0).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    match ended {
+                        Ok(Ok(())) => {
+                            info!(slot = %self.config.slot, "initial load read");
+                            load = None;
+                            decoder.watch(None);
+                        }
+                        Ok(Err(err)) => return Err(SessionError::Failed(err)),
+                        Err(panic) => {
+                            return Err(SessionError::Failed(PgError::Replication {
+                                detail: format!("the initial load's task failed: {panic}"),
+                                retryable: true,
+                            }))
+                        }
+                    }
+                }
                 received = client.recv() => {
                     let Some(event) = received.map_err(classify)? else {
                         return Err(SessionError::Failed(PgError::Replication {
@@ -679,9 +680,31 @@ impl Reader {
                                 detail: format!("cannot decode the replication stream: {e}"),
                                 retryable: false,
                             }))?;
+                            if let Some(run) = load.as_mut() {
+                                run.backfill.touched(decoder.take_touched());
+                            }
                             if self.take(decoded, generation).await? {
                                 events_in_transaction += 1;
                             }
+                        }
+                        ReplicationEvent::Message { prefix, content, .. } if prefix == LOAD_PREFIX => {
+                            let Some(run) = load.as_mut() else { continue };
+                            let Some(mark) = run.backfill.ours(&content) else { continue };
+                            if !mark.high {
+                                run.backfill.open(&mark);
+                                decoder.watch(run.backfill.watched());
+                                continue;
+                            }
+                            decoder.watch(None);
+                            // Handed over before the loader wrote this mark.
+                            let Some(chunk) = run.handed.recv().await else { continue };
+                            if chunk.number != mark.chunk {
+                                let _ = chunk.verdict.send(None);
+                                continue;
+                            }
+                            let at = decoder.commit_lsn().unwrap_or_default();
+                            let published = self.publish_chunk(&mut run.backfill, &decoder, chunk, at, generation).await?;
+                            events_in_transaction += published;
                         }
                         ReplicationEvent::Message { prefix, content, lsn, transactional } => {
                             let decoded = decoder.message(&prefix, &content, lsn.as_u64());
@@ -693,6 +716,9 @@ impl Reader {
                             }
                         }
                         ReplicationEvent::Commit { end_lsn, .. } => {
+                            if let (Some(run), Some((xid, changed))) = (load.as_mut(), decoder.transaction()) {
+                                run.backfill.committed(xid, changed);
+                            }
                             decoder.commit();
                             if events_in_transaction > 0 {
                                 self.push(Item::Commit(end_lsn.as_u64()), generation);
@@ -702,7 +728,9 @@ impl Reader {
                         }
                         ReplicationEvent::KeepAlive { wal_end, .. } if !decoder.in_transaction() => {
                             self.confirm_if_idle(wal_end.as_u64(), generation);
+                            // Not while a load runs: its chunks are pending too.
                             if wal_end.as_u64() >= catch_up_to
+                                && load.is_none()
                                 && !self.shared.caught_up.swap(true, std::sync::atomic::Ordering::SeqCst)
                             {
                                 self.shared.arrived.notify_waiters();
@@ -713,6 +741,54 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// A chunk of the initial load at its high watermark (in the
+    /// transaction committing at `at`): queues the rows no change in its
+    /// window touched, then its load mark, and tells the loader; or tells
+    /// it to read the chunk again. Returns the items queued.
+    async fn publish_chunk(
+        &self,
+        backfill: &mut Backfill,
+        decoder: &Decoder,
+        chunk: Chunk,
+        at: u64,
+        generation: u64,
+    ) -> Result<usize, SessionError> {
+        let keep = match backfill.close(chunk.number, &chunk.keys, &chunk.snapshot) {
+            Decision::Publish(keep) => keep,
+            Decision::Redo(why) => {
+                debug!(slot = %self.config.slot, chunk = chunk.number, why = %why, "initial load: reading a chunk again");
+                let _ = chunk.verdict.send(None);
+                return Ok(0);
+            }
+        };
+        debug!(slot = %self.config.slot, chunk = chunk.number, read = chunk.rows.len(), publish = keep.len(),
+               first = ?chunk.keys.first(), last = ?chunk.keys.last(), "initial load: a chunk at its high watermark");
+        let now_ms = system_time_to_ms(std::time::SystemTime::now());
+        let mut queued = 0;
+        for i in keep {
+            let Some(row) = chunk.rows.get(i) else {
+                continue;
+            };
+            let event = decoder.snapshot_row(&chunk.relation, row, at, now_ms);
+            if !self.take(Decoded::Event(event), generation).await? {
+                // A rewind or a stop: the session ends, the loader with it.
+                return Ok(queued);
+            }
+            queued += 1;
+        }
+        self.push(
+            Item::LoadMark(LoadMark {
+                state: chunk.mark,
+                complete: chunk.complete,
+            }),
+            generation,
+        );
+        let _ = chunk.verdict.send(Some(queued as u64));
+        // The mark counts as an item of the transaction: its end is queued
+        // after it, so the position moves past the chunk once it is settled.
+        Ok(queued + 1)
     }
 
     /// Confirms `lsn` when no event is queued or in flight: an idle capture
@@ -920,6 +996,22 @@ impl Reader {
         super::setup::prepare(&db, &self.config)
             .await
             .map_err(SessionError::Failed)
+    }
+}
+
+/// A session's initial load: the loader task and what the stream keeps.
+struct LoadRun {
+    backfill: Backfill,
+    handed: tokio::sync::mpsc::Receiver<Chunk>,
+    task: AbortOnDrop<std::result::Result<(), PgError>>,
+}
+
+/// A task that ends with the session that started it.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
