@@ -1055,7 +1055,9 @@ fn classify(err: PgWireError) -> SessionError {
         }
         None => {}
     }
+    let cut_off = matches!(&err, PgWireError::Tls(text) if tls_cut_off(text));
     let hint = match &err {
+        PgWireError::Tls(_) if cut_off => "; the server closed the connection (restarting?)",
         PgWireError::Tls(_) => {
             "; check the TLS settings (sslmode and the CA file, as for the pool)"
         }
@@ -1063,7 +1065,65 @@ fn classify(err: PgWireError) -> SessionError {
         _ => "",
     };
     SessionError::Failed(PgError::Replication {
-        retryable: err.is_transient() || matches!(err, PgWireError::Protocol(_)),
+        retryable: err.is_transient() || cut_off || matches!(err, PgWireError::Protocol(_)),
         detail: format!("{text}{hint}"),
     })
+}
+
+/// Whether a TLS failure is the connection's, not the trust settings': the
+/// replication client reports a handshake the server broke off (it was
+/// shutting down or starting) the same way as a certificate it refused.
+fn tls_cut_off(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    text.contains("handshake failed")
+        && !text.contains("certificate")
+        && [
+            "eof",
+            "reset",
+            "broken pipe",
+            "timed out",
+            "refused",
+            "aborted",
+        ]
+        .iter()
+        .any(|cause| text.contains(cause))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retryable(err: PgWireError) -> Option<bool> {
+        match classify(err) {
+            SessionError::Failed(err) => Some(err.is_retryable()),
+            SessionError::Held(_) => None,
+        }
+    }
+
+    #[test]
+    fn a_server_that_goes_away_during_the_tls_handshake_is_retried() {
+        // What a relay got while PostgreSQL restarted (chaos run): the
+        // server closed the connection in the middle of the handshake.
+        let eof = PgWireError::Tls("TLS handshake failed: tls handshake eof".into());
+        assert_eq!(retryable(eof), Some(true));
+        let reset = PgWireError::Tls(
+            "TLS handshake failed: Connection reset by peer (os error 104)".into(),
+        );
+        assert_eq!(retryable(reset), Some(true));
+    }
+
+    #[test]
+    fn a_certificate_the_trust_settings_refuse_is_permanent() {
+        for text in [
+            "TLS handshake failed: invalid peer certificate: UnknownIssuer",
+            "server does not support TLS (SSLRequest rejected)",
+            "TLS config error: build verifier: no root certificates",
+        ] {
+            assert_eq!(
+                retryable(PgWireError::Tls(text.into())),
+                Some(false),
+                "{text}"
+            );
+        }
+    }
 }
