@@ -60,6 +60,10 @@ pub struct WalArgs {
     /// created (the initial load): only the changes after it.
     #[arg(long = "wal-no-initial-load", env = "OUTBOX_WAL_NO_INITIAL_LOAD")]
     pub no_initial_load: bool,
+    /// Rows per chunk of the initial load: what one short snapshot reads,
+    /// and the most a load cut short reads again.
+    #[arg(long = "wal-load-batch", env = "OUTBOX_WAL_LOAD_BATCH", default_value_t = outbox_pg::wal::WalConfig::default().load_batch)]
+    pub load_batch: usize,
     /// Capture no table: publish only the events of `Outbox::emit` (the
     /// table-free outbox) and of `--wal-outbox-table`.
     #[arg(
@@ -241,6 +245,7 @@ impl RelayArgs {
             message_prefix: self.wal.message_prefix.clone(),
             outbox_tables: self.wal.outbox_tables.clone(),
             initial_load: !self.wal.no_initial_load,
+            load_batch: self.wal.load_batch,
             create: !self.no_migrate,
             ..WalConfig::default()
         };
