@@ -48,6 +48,8 @@ fn relay_command(cli: &Cli, bin_dir: &Path, name: &str) -> (PathBuf, Vec<String>
     }
     if cli.source == crate::Source::Wal {
         // One slot: one relay streams it, the others wait to take over.
+        // As `stores::wal_config`.
+        let table = format!("public.{name}_rows={name}_rows");
         let args = [
             "--source",
             "wal",
@@ -57,7 +59,8 @@ fn relay_command(cli: &Cli, bin_dir: &Path, name: &str) -> (PathBuf, Vec<String>
             name,
             "--wal-message-prefix",
             name,
-            "--wal-messages-only",
+            "--wal-table",
+            &table,
             "--outbox-table",
             name,
             "--dead-letter-table",

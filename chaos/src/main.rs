@@ -121,6 +121,9 @@ const CLAIM_TIMEOUT_SECS: u64 = 5;
 /// A consumer's partitions move after this long.
 const LEASE_TIMEOUT_MS: u64 = 4000;
 const KEYS: usize = 32;
+/// Rows of the captured table of a WAL run, loaded under attack.
+const TABLE_ROWS: i32 = 20_000;
+
 fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     let text = text.trim();
     let (number, unit) = text.split_at(
@@ -204,6 +207,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
                 events_per_second: cli.events_per_second
                     / if cli.source == Source::Wal { 2 } else { 1 },
                 seed: writer_seed,
+                captured: (cli.source == Source::Wal).then(|| format!("{name}_rows")),
             },
             writing.clone(),
             attempted.clone(),
@@ -239,10 +243,21 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
     )
     .await?;
     tokio::time::sleep(Duration::from_secs(5)).await; // anything extra lands now
-    fleet.stop().await;
-    if cli.source == Source::Wal {
+                                                      // The captured table (WAL runs): its load published whole, and its
+                                                      // topic's first copies counting each row up to the table's rows.
+    let table = if cli.source == Source::Wal {
+        let loaded = stores.load_published().await?;
+        fleet.stop().await;
         stores.drop_slot().await;
-    }
+        let rows = stores.table_rows().await?;
+        let (brokers, topic) = (cli.kafka_brokers.clone(), format!("{name}_rows"));
+        let records =
+            tokio::task::spawn_blocking(move || verify::read_records(&brokers, &topic)).await??;
+        Some((loaded, verify::judge_table(&records, &rows)))
+    } else {
+        fleet.stop().await;
+        None
+    };
 
     let rows = stores.landed().await?;
     // Still in the outbox is undelivered, not lost: only a run that drained
@@ -257,7 +272,13 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         read_back(&cli.kafka_brokers, &name).await?
     };
     let counts = verify::judge(&committed, &rows, &still_pending, &in_kafka);
-    let verdict = Verdict::of(&counts, drained);
+    let verdict = match &table {
+        Some((_, table)) if table.violations() > 0 => Verdict::Violated,
+        Some((false, _)) if Verdict::of(&counts, drained) == Verdict::Passed => {
+            Verdict::DidNotDrain
+        }
+        _ => Verdict::of(&counts, drained),
+    };
     Summary {
         verdict,
         seed,
@@ -277,6 +298,12 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         },
     }
     .print();
+    if let Some((loaded, table)) = &table {
+        println!(
+            "chaos: captured table rows={TABLE_ROWS} load_published={loaded} loaded={} changes={} gaps={} backwards={} mismatched={}",
+            table.loaded, table.changes, table.gaps, table.backwards, table.mismatched
+        );
+    }
     // A panic in the last seconds, after the watchdog last looked.
     if watch.panicked_since_last_look() {
         println!(

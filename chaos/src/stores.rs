@@ -1,7 +1,7 @@
 //! The run's tables in PostgreSQL and ClickHouse and its topic: created
 //! before the attack, read to judge the run, dropped after it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use outbox_pg::deadpool_postgres::Pool;
@@ -10,6 +10,22 @@ use uuid::Uuid;
 
 use crate::verify::Landed;
 use crate::{Cli, CLAIM_TIMEOUT_SECS};
+
+/// The WAL source of run `name`, as its relays are configured
+/// (`fleet::relay_command`): slot, publication and prefix `name`, the
+/// captured table `<name>_rows` to topic `<name>_rows`.
+pub(crate) fn wal_config(name: &str) -> outbox_pg::wal::WalConfig {
+    outbox_pg::wal::WalConfig {
+        slot: name.to_string(),
+        publication: name.to_string(),
+        message_prefix: name.to_string(),
+        tables: vec![
+            outbox_pg::wal::CaptureTable::new(format!("public.{name}_rows"))
+                .with_topic(format!("{name}_rows")),
+        ],
+        ..outbox_pg::wal::WalConfig::default()
+    }
+}
 
 /// Where a run's events are, at each stage.
 pub(crate) struct Stores {
@@ -50,18 +66,18 @@ impl Stores {
             ))
             .await?;
         if cli.source == crate::Source::Wal {
+            // A captured table the writers update, full before the slot
+            // exists: the relays load it under attack.
+            client
+                .batch_execute(&format!(
+                    "CREATE TABLE {name}_rows (id int PRIMARY KEY, n bigint NOT NULL);
+                     INSERT INTO {name}_rows SELECT g, 0 FROM generate_series(1, {}) g;",
+                    crate::TABLE_ROWS
+                ))
+                .await?;
             // Before the writers emit: a message written before its slot
             // exists is in no slot.
-            outbox_pg::wal::create_slot(
-                &client,
-                &outbox_pg::wal::WalConfig {
-                    slot: name.to_string(),
-                    publication: name.to_string(),
-                    message_prefix: name.to_string(),
-                    ..outbox_pg::wal::WalConfig::default()
-                },
-            )
-            .await?;
+            outbox_pg::wal::create_slot(&client, &wal_config(name)).await?;
         }
         let kafka = outbox_kafka::KafkaConfig {
             brokers: cli.kafka_brokers.clone(),
@@ -69,7 +85,7 @@ impl Stores {
             idempotence: cli.kafka_idempotence,
             ..outbox_kafka::KafkaConfig::default()
         };
-        outbox_kafka::ensure_topics(&kafka, &[name]).await?;
+        outbox_kafka::ensure_topics(&kafka, &[name, &format!("{name}_rows")]).await?;
         let ch = sink_clickhouse::client_for(&sink_clickhouse::ClickHouseConfig {
             url: cli.clickhouse_url.clone(),
             ..sink_clickhouse::ClickHouseConfig::default()
@@ -81,6 +97,37 @@ impl Stores {
             outbox,
             ledger,
         })
+    }
+
+    /// The captured table's rows: id → n.
+    pub(crate) async fn table_rows(&self) -> anyhow::Result<HashMap<i64, i64>> {
+        Ok(self
+            .pool
+            .get()
+            .await?
+            .query(&format!("SELECT id::int8, n FROM {}_rows", self.name), &[])
+            .await?
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect())
+    }
+
+    /// Whether the slot's initial load was published whole.
+    pub(crate) async fn load_published(&self) -> anyhow::Result<bool> {
+        let config = wal_config(&self.name);
+        Ok(self
+            .pool
+            .get()
+            .await?
+            .query_opt(
+                &format!(
+                    "SELECT loaded FROM {} WHERE slot = $1",
+                    config.progress_table
+                ),
+                &[&config.slot],
+            )
+            .await?
+            .is_some_and(|row| row.get::<_, bool>(0)))
     }
 
     async fn ids(&self, table: &str) -> anyhow::Result<HashSet<Uuid>> {
@@ -186,7 +233,8 @@ impl Stores {
             let client = self.pool.get().await?;
             client
                 .batch_execute(&format!(
-                    "DROP TABLE IF EXISTS {name}, {name}_dead, {name}_schema_version, {name}_ledger, {name}_ledger_seq"
+                    "DROP TABLE IF EXISTS {name}, {name}_dead, {name}_schema_version, {name}_ledger, {name}_ledger_seq, {name}_rows;
+                     DELETE FROM outbox_wal_progress WHERE slot = '{name}';"
                 ))
                 .await?;
 

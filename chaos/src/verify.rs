@@ -90,6 +90,24 @@ pub(crate) fn judge(
 /// Every event id in `topic`, read from the beginning of each partition to
 /// its end (explicit assignment: no group involved).
 pub(crate) fn read_event_ids(brokers: &str, topic: &str) -> anyhow::Result<HashSet<Uuid>> {
+    Ok(read_records(brokers, topic)?
+        .into_iter()
+        .filter_map(|r| r.event_id)
+        .collect())
+}
+
+/// A message of a topic, as read back.
+#[derive(Debug, Clone)]
+pub(crate) struct Record {
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) event_id: Option<Uuid>,
+    pub(crate) payload: Vec<u8>,
+}
+
+/// Every message of `topic`, from the beginning of each partition to its
+/// end when the read began, in (partition, offset) order.
+pub(crate) fn read_records(brokers: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
     use outbox_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
     use outbox_kafka::rdkafka::message::Headers;
     use outbox_kafka::rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -115,21 +133,30 @@ pub(crate) fn read_event_ids(brokers: &str, topic: &str) -> anyhow::Result<HashS
         }
     }
     consumer.assign(&list)?;
-    let mut ids = HashSet::new();
+    let mut records = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(180);
     while !ends.is_empty() && Instant::now() < deadline {
         let Some(message) = consumer.poll(Duration::from_millis(500)) else {
             continue;
         };
         let message = message?;
-        if let Some(id) = message.headers().and_then(|h| {
+        let event_id = message.headers().and_then(|h| {
             h.iter()
                 .find(|h| h.key == outbox_core::HEADER_EVENT_ID)
                 .and_then(|h| h.value)
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .and_then(|v| Uuid::parse_str(v).ok())
-        }) {
-            ids.insert(id);
+        });
+        if ends
+            .get(&message.partition())
+            .is_some_and(|end| message.offset() < *end)
+        {
+            records.push(Record {
+                partition: message.partition(),
+                offset: message.offset(),
+                event_id,
+                payload: message.payload().unwrap_or_default().to_vec(),
+            });
         }
         if ends
             .get(&message.partition())
@@ -141,7 +168,71 @@ pub(crate) fn read_event_ids(brokers: &str, topic: &str) -> anyhow::Result<HashS
     if !ends.is_empty() {
         bail!("reading the topic back timed out");
     }
-    Ok(ids)
+    records.sort_by_key(|r| (r.partition, r.offset));
+    Ok(records)
+}
+
+/// What the captured table's topic says of the table (WAL runs).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct TableCounts {
+    /// Rows published by the initial load (first copies).
+    pub(crate) loaded: usize,
+    /// Updates published (first copies).
+    pub(crate) changes: usize,
+    /// An update whose `n` is not the key's previous `n` plus one: a change
+    /// of the key is missing before it (or came twice under two ids).
+    pub(crate) gaps: usize,
+    /// An event whose `n` is below the key's previous one: out of order.
+    pub(crate) backwards: usize,
+    /// Rows whose last published `n` is not the table's (or not published).
+    pub(crate) mismatched: usize,
+}
+
+impl TableCounts {
+    pub(crate) fn violations(&self) -> usize {
+        self.gaps + self.backwards + self.mismatched
+    }
+}
+
+/// Judges the change events of the captured table (`id` key, `n` counting
+/// its updates) in `records` (partition order; one key, one partition)
+/// against the table's rows at the end: the first copy of each event, per
+/// key, must count up one by one from where the load found the row, and
+/// end at the table's `n`.
+pub(crate) fn judge_table(records: &[Record], table: &HashMap<i64, i64>) -> TableCounts {
+    let mut counts = TableCounts::default();
+    let mut last: HashMap<i64, i64> = HashMap::new();
+    let mut seen = HashSet::new();
+    for record in records {
+        if record.event_id.is_some_and(|id| !seen.insert(id)) {
+            continue;
+        }
+        let change: serde_json::Value = serde_json::from_slice(&record.payload).unwrap_or_default();
+        let (Some(id), Some(n)) = (
+            change["after"]["id"].as_i64(),
+            change["after"]["n"].as_i64(),
+        ) else {
+            continue;
+        };
+        let op = change["op"].as_str().unwrap_or_default();
+        if op == "r" {
+            counts.loaded += 1;
+        } else {
+            counts.changes += 1;
+        }
+        if let Some(previous) = last.insert(id, n) {
+            if n < previous {
+                counts.backwards += 1;
+            } else if op != "r" && n != previous + 1 {
+                counts.gaps += 1;
+            }
+        }
+    }
+    counts.mismatched = table
+        .iter()
+        .filter(|(id, n)| last.get(id) != Some(n))
+        .count();
+    counts
 }
 
 #[cfg(test)]
@@ -191,5 +282,51 @@ mod tests {
             }
         );
         assert_eq!(missing(&committed, &broken, &pending).len(), 2);
+    }
+
+    fn change(op: &str, id: i64, n: i64, offset: i64) -> Record {
+        Record {
+            partition: 0,
+            offset,
+            event_id: Some(Uuid::now_v7()),
+            payload: format!("{{\"op\":\"{op}\",\"after\":{{\"id\":{id},\"n\":{n}}}}}")
+                .into_bytes(),
+        }
+    }
+
+    /// The table's history is judged per key: a load found the row at any
+    /// `n`, each update counts one up, the end is the table's.
+    #[test]
+    fn table_changes_must_count_up_one_by_one_to_the_tables_rows() {
+        let clean = [
+            change("u", 1, 1, 0), // before the row's chunk
+            change("r", 1, 1, 1),
+            change("u", 1, 2, 2),
+            change("r", 2, 5, 3),
+        ];
+        let table = HashMap::from([(1, 2), (2, 5)]);
+        assert_eq!(
+            judge_table(&clean, &table),
+            TableCounts {
+                loaded: 2,
+                changes: 2,
+                ..TableCounts::default()
+            }
+        );
+        let mut broken = vec![
+            change("r", 1, 3, 0),
+            change("u", 1, 2, 1), // older than the load: backwards
+            change("u", 1, 4, 2), // 3 is missing: a gap
+            change("r", 3, 0, 4),
+        ];
+        let mut copy = broken[2].clone(); // published again: skipped
+        copy.offset = 3;
+        broken.insert(3, copy);
+        let counts = judge_table(&broken, &HashMap::from([(1, 4), (2, 5), (3, 1)]));
+        assert_eq!(
+            (counts.backwards, counts.gaps, counts.mismatched),
+            (1, 1, 2)
+        );
+        assert_eq!(counts.violations(), 4);
     }
 }

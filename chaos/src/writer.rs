@@ -22,6 +22,10 @@ pub(crate) struct Writes {
     pub(crate) table_free: bool,
     pub(crate) events_per_second: u32,
     pub(crate) seed: u64,
+    /// A captured table (`id`, `n`) whose one random row each transaction
+    /// counts up (`n = n + 1`): its changes, and its initial load, are
+    /// judged against its rows at the end.
+    pub(crate) captured: Option<String>,
 }
 
 /// Commits events of random keys in transactions of 1–10 events, a tenth of
@@ -63,6 +67,15 @@ pub(crate) async fn write_events(
                     next_seq[*key] += 1;
                     events.push(event(&writes.topic, *key, seq));
                 }
+            }
+            if let Some(table) = &writes.captured {
+                // After the sequence rows: locks taken in one order.
+                let row = rng.i32(1..=crate::TABLE_ROWS);
+                tx.execute(
+                    &format!("UPDATE {table} SET n = n + 1 WHERE id = $1"),
+                    &[&row],
+                )
+                .await?;
             }
             let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
             tx.execute(&insert, &[&ids]).await?;

@@ -17,6 +17,7 @@ mod backfill;
 mod change;
 mod load;
 mod pgoutput;
+mod reader;
 mod setup;
 mod source;
 mod value;
