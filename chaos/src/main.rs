@@ -121,8 +121,15 @@ const CLAIM_TIMEOUT_SECS: u64 = 5;
 /// A consumer's partitions move after this long.
 const LEASE_TIMEOUT_MS: u64 = 4000;
 const KEYS: usize = 32;
-/// Rows of the captured table of a WAL run, loaded under attack.
-const TABLE_ROWS: i32 = 20_000;
+/// Rows of the captured table of a WAL run: about 1,000 per second of
+/// attack, so that the load takes long enough to be attacked (a relay loads
+/// some 10,000 rows a second here), within bounds that keep the set-up and
+/// the final read of its topic short.
+fn table_rows(duration: Duration) -> i32 {
+    i32::try_from(duration.as_secs().saturating_mul(1000))
+        .unwrap_or(i32::MAX)
+        .clamp(20_000, 300_000)
+}
 
 fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     let text = text.trim();
@@ -144,7 +151,20 @@ fn parse_duration(text: &str) -> anyhow::Result<Duration> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
+    let name = format!("chaos_{}", &Uuid::now_v7().simple().to_string()[20..]);
+    let (pg_host, pg_port) = (cli.pg_host.clone(), cli.pg_port);
+    let outcome = tokio::select! {
+        outcome = run(cli, name.clone()) => outcome,
+        _ = tokio::signal::ctrl_c() => {
+            // The run is dropped: its processes are killed with it. Its slot
+            // would pin the server's WAL (and, on PostgreSQL 15, every
+            // index's page reuse), so it goes too; the tables stay.
+            stores::drop_slot_of(&pg_host, pg_port, &name).await;
+            eprintln!("chaos: interrupted; the run's processes are stopped and its slot dropped, its tables {name}* are kept");
+            return ExitCode::from(130);
+        }
+    };
+    match outcome {
         Ok(Verdict::Passed) => ExitCode::SUCCESS,
         Ok(Verdict::Violated) => ExitCode::FAILURE,
         Ok(Verdict::DidNotDrain) => ExitCode::from(3),
@@ -157,12 +177,11 @@ async fn main() -> ExitCode {
 
 /// One run: the stores and the processes, the writer and the attack, the
 /// drain, the verdict from the stores.
-async fn run(cli: Cli) -> anyhow::Result<Verdict> {
+async fn run(cli: Cli, name: String) -> anyhow::Result<Verdict> {
     let duration = parse_duration(&cli.duration)?;
     let drain_timeout = parse_duration(&cli.drain_timeout)?;
     let seed = cli.seed.unwrap_or_else(|| fastrand::u64(..));
     let mut rng = fastrand::Rng::with_seed(seed);
-    let name = format!("chaos_{}", &Uuid::now_v7().simple().to_string()[20..]);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let bin_dir = std::env::current_exe()?
         .parent()
@@ -182,7 +201,8 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
         .restart_if_panicked(&script, &mut Tally::default())
         .await?;
 
-    let stores = Stores::create(&cli, &name).await?;
+    let table_size = table_rows(duration);
+    let stores = Stores::create(&cli, &name, table_size).await?;
     let mut fleet = Fleet::build(&cli, &name, &bin_dir, &logs).await?;
     fleet.start()?;
     let writing = Arc::new(AtomicBool::new(true));
@@ -207,7 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
                 events_per_second: cli.events_per_second
                     / if cli.source == Source::Wal { 2 } else { 1 },
                 seed: writer_seed,
-                captured: (cli.source == Source::Wal).then(|| format!("{name}_rows")),
+                captured: (cli.source == Source::Wal).then(|| (format!("{name}_rows"), table_size)),
             },
             writing.clone(),
             attempted.clone(),
@@ -300,7 +320,7 @@ async fn run(cli: Cli) -> anyhow::Result<Verdict> {
     .print();
     if let Some((loaded, table)) = &table {
         println!(
-            "chaos: captured table rows={TABLE_ROWS} load_published={loaded} loaded={} changes={} gaps={} backwards={} mismatched={}",
+            "chaos: captured table rows={table_size} load_published={loaded} loaded={} changes={} gaps={} backwards={} mismatched={}",
             table.loaded, table.changes, table.gaps, table.backwards, table.mismatched
         );
     }
@@ -360,5 +380,18 @@ async fn read_back(brokers: &str, topic: &str) -> anyhow::Result<HashSet<Uuid>> 
             println!("chaos: cannot read the topic back ({err:#}); counting those events as lost");
             Ok(HashSet::new())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_captured_table_grows_with_the_run_within_bounds() {
+        assert_eq!(table_rows(Duration::from_secs(75)), 75_000);
+        assert_eq!(table_rows(Duration::from_secs(5)), 20_000);
+        assert_eq!(table_rows(Duration::from_secs(1800)), 300_000);
+        assert_eq!(table_rows(Duration::MAX), 300_000);
     }
 }

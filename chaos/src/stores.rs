@@ -27,6 +27,34 @@ pub(crate) fn wal_config(name: &str) -> outbox_pg::wal::WalConfig {
     }
 }
 
+/// Drops run `name`'s slot and publication, if any, on the server at
+/// `host:port` (a run interrupted before its end).
+pub(crate) async fn drop_slot_of(host: &str, port: u16, name: &str) {
+    let pg = PgConfig {
+        host: host.to_string(),
+        port,
+        ..PgConfig::default()
+    };
+    match pg.create_pool() {
+        Ok(pool) => drop_slot_in(&pool, name).await,
+        Err(err) => println!("chaos: could not drop the replication slot {name}: {err}"),
+    }
+}
+
+async fn drop_slot_in(pool: &Pool, name: &str) {
+    let dropped = async {
+        let client = pool.get().await?;
+        test_support::drop_slot(&client, name).await?;
+        client
+            .batch_execute(&format!("DROP PUBLICATION IF EXISTS {name};"))
+            .await?;
+        anyhow::Ok(())
+    };
+    if let Err(err) = dropped.await {
+        println!("chaos: could not drop the replication slot {name}: {err:#}");
+    }
+}
+
 /// Where a run's events are, at each stage.
 pub(crate) struct Stores {
     /// The run's name: its outbox table, topic and ClickHouse table.
@@ -40,7 +68,7 @@ pub(crate) struct Stores {
 
 impl Stores {
     /// Creates the outbox tables, the ledger and the topic of run `name`.
-    pub(crate) async fn create(cli: &Cli, name: &str) -> anyhow::Result<Self> {
+    pub(crate) async fn create(cli: &Cli, name: &str, table_rows: i32) -> anyhow::Result<Self> {
         let pg = PgConfig {
             host: cli.pg_host.clone(),
             port: cli.pg_port,
@@ -71,8 +99,7 @@ impl Stores {
             client
                 .batch_execute(&format!(
                     "CREATE TABLE {name}_rows (id int PRIMARY KEY, n bigint NOT NULL);
-                     INSERT INTO {name}_rows SELECT g, 0 FROM generate_series(1, {}) g;",
-                    crate::TABLE_ROWS
+                     INSERT INTO {name}_rows SELECT g, 0 FROM generate_series(1, {table_rows}) g;"
                 ))
                 .await?;
             // Before the writers emit: a message written before its slot
@@ -205,18 +232,7 @@ impl Stores {
     /// Drops the WAL run's slot (its relays are stopped) and publication,
     /// kept or not: a slot left behind would pin the server's WAL forever.
     pub(crate) async fn drop_slot(&self) {
-        let name = &self.name;
-        let dropped = async {
-            let client = self.pool.get().await?;
-            test_support::drop_slot(&client, name).await?;
-            client
-                .batch_execute(&format!("DROP PUBLICATION IF EXISTS {name};"))
-                .await?;
-            anyhow::Ok(())
-        };
-        if let Err(err) = dropped.await {
-            println!("chaos: could not drop the replication slot {name}: {err:#}");
-        }
+        drop_slot_in(&self.pool, &self.name).await;
     }
 
     /// Drops what the run wrote: its PostgreSQL and ClickHouse tables. Best

@@ -22,10 +22,10 @@ pub(crate) struct Writes {
     pub(crate) table_free: bool,
     pub(crate) events_per_second: u32,
     pub(crate) seed: u64,
-    /// A captured table (`id`, `n`) whose one random row each transaction
-    /// counts up (`n = n + 1`): its changes, and its initial load, are
-    /// judged against its rows at the end.
-    pub(crate) captured: Option<String>,
+    /// A captured table (`id`, `n`) and its rows, one random row of which
+    /// each transaction counts up (`n = n + 1`): its changes, and its
+    /// initial load, are judged against its rows at the end.
+    pub(crate) captured: Option<(String, i32)>,
 }
 
 /// Commits events of random keys in transactions of 1–10 events, a tenth of
@@ -68,9 +68,9 @@ pub(crate) async fn write_events(
                     events.push(event(&writes.topic, *key, seq));
                 }
             }
-            if let Some(table) = &writes.captured {
+            if let Some((table, rows)) = &writes.captured {
                 // After the sequence rows: locks taken in one order.
-                let row = rng.i32(1..=crate::TABLE_ROWS);
+                let row = rng.i32(1..=*rows);
                 tx.execute(
                     &format!("UPDATE {table} SET n = n + 1 WHERE id = $1"),
                     &[&row],

@@ -108,8 +108,22 @@ impl Loader {
             estimated,
             done: false,
         });
+        if left.is_empty() {
+            // Its tables were read whole (the configuration dropped the one
+            // it was reading): nothing is left to publish.
+            let progress = SqlName::parse(&self.config.progress_table)?;
+            db.execute(
+                &format!("UPDATE {progress} SET loaded = true WHERE slot = $1"),
+                &[&self.config.slot],
+            )
+            .await
+            .map_err(query("record the initial load"))?;
+            self.progress.send_modify(|p| p.done = true);
+            return Ok(());
+        }
         settle(&db).await?;
         let mut chunk = 0u64;
+        let mut again = 0u32;
         let mut rows_published = 0u64;
         for (i, name) in left.iter().enumerate() {
             let table = describe(&db, name).await?;
@@ -165,6 +179,7 @@ impl Loader {
                 emit(&db, &mark(true)).await?;
                 match answer.await {
                     Ok(Some(published)) => {
+                        again = 0;
                         rows_published += published;
                         self.progress.send_modify(|p| p.rows = rows_published);
                         self.state = state;
@@ -174,7 +189,13 @@ impl Loader {
                         }
                     }
                     Ok(None) => {
-                        tracing::debug!(table = %name, chunk, "reading a chunk of the initial load again")
+                        // Rare (a commit becoming visible as the chunk was
+                        // read); a chunk that keeps coming back is said.
+                        again += 1;
+                        if again % 100 == 0 {
+                            tracing::warn!(table = %name, times = again, "a chunk of the initial load keeps being read again: see the debug log for why");
+                        }
+                        tokio::time::sleep(Duration::from_millis(u64::from(again.min(100)))).await;
                     }
                     Err(_) => return Err(ended()),
                 }
@@ -224,7 +245,11 @@ async fn settle(db: &tokio_postgres::Client) -> Result<(), PgError> {
             .await
             .map_err(query("wait for committed transactions to be visible"))?
             .get(0);
-        if pending == 0 || tokio::time::Instant::now() >= deadline {
+        if pending == 0 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(pending, waited_s = SETTLE_LIMIT.as_secs(), "committed transactions still not visible; loading anyway (each chunk is still checked against the stream)");
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
