@@ -45,6 +45,8 @@ enum Ended {
     Stopped,
 }
 
+/// The task behind a `WalSource`: its sessions, one after another, until
+/// the source is dropped or fails for good.
 pub(super) struct Reader {
     pub(super) shared: Arc<Shared>,
     pub(super) pg: PgConfig,
