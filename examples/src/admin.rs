@@ -169,25 +169,11 @@ async fn pg_client(cli: &AdminCli) -> anyhow::Result<outbox_pg::deadpool_postgre
 
 async fn create_wal_slot(cli: &AdminCli, wal: &crate::relay_args::WalArgs) -> anyhow::Result<()> {
     let client = pg_client(cli).await?;
-    let config = outbox_pg::wal::WalConfig {
-        slot: wal.slot.clone(),
-        publication: wal.publication.clone(),
-        tables: wal
-            .tables
-            .iter()
-            .map(|spec| match spec.split_once('=') {
-                Some((table, topic)) => {
-                    outbox_pg::wal::CaptureTable::new(table.trim()).with_topic(topic.trim())
-                }
-                None => outbox_pg::wal::CaptureTable::new(spec.trim()),
-            })
-            .collect(),
-        outbox_tables: wal.outbox_tables.clone(),
-        topic_template: wal.topic_template.clone(),
-        message_prefix: wal.message_prefix.clone(),
-        initial_load: !wal.no_initial_load,
-        ..outbox_pg::wal::WalConfig::default()
-    };
+    // The relay's default capture, the flag table (its topic does not
+    // matter to the slot).
+    let default = outbox_pg::wal::CaptureTable::new(cli.flag.table.clone())
+        .with_key_columns(&[cli.flag.key_column.as_str()]);
+    let config = wal.config(default, true)?;
     let at = outbox_pg::wal::create_slot(&client, &config).await?;
     println!("slot {} is at {at}", config.slot);
     Ok(())

@@ -74,6 +74,52 @@ pub struct WalArgs {
     pub messages_only: bool,
 }
 
+impl WalArgs {
+    /// The WAL source these options describe, checked: the `--wal-table`s,
+    /// or `default` (the flag table) when none is named and the source is
+    /// not messages only. One function for the relay and `outbox
+    /// create-wal-slot`, so the slot the command makes is the relay's.
+    pub fn config(
+        &self,
+        default: outbox_pg::wal::CaptureTable,
+        create: bool,
+    ) -> anyhow::Result<outbox_pg::wal::WalConfig> {
+        use outbox_pg::wal::{CaptureTable, WalConfig};
+        let tables =
+            if self.messages_only || (self.tables.is_empty() && !self.outbox_tables.is_empty()) {
+                Vec::new()
+            } else if self.tables.is_empty() {
+                vec![default]
+            } else {
+                self.tables
+                    .iter()
+                    .map(|spec| match spec.split_once('=') {
+                        Some((table, topic)) => {
+                            CaptureTable::new(table.trim()).with_topic(topic.trim())
+                        }
+                        None => CaptureTable::new(spec.trim()),
+                    })
+                    .collect()
+            };
+        let config = WalConfig {
+            slot: self.slot.clone(),
+            publication: self.publication.clone(),
+            tables,
+            topic_template: self.topic_template.clone(),
+            message_prefix: self.message_prefix.clone(),
+            outbox_tables: self.outbox_tables.clone(),
+            initial_load: !self.no_initial_load,
+            load_batch: self.load_batch,
+            create,
+            ..WalConfig::default()
+        };
+        config
+            .validate()
+            .context("invalid WAL source configuration")?;
+        Ok(config)
+    }
+}
+
 /// A business table whose rows carry a "sent" flag (`--source flag-table`).
 #[derive(Debug, Clone, Args)]
 pub struct FlagTableArgs {
@@ -216,43 +262,10 @@ impl RelayArgs {
 
     /// The WAL source's settings, checked.
     pub fn wal_config(&self) -> anyhow::Result<outbox_pg::wal::WalConfig> {
-        use outbox_pg::wal::{CaptureTable, WalConfig};
-        let tables = if self.wal.messages_only
-            || (self.wal.tables.is_empty() && !self.wal.outbox_tables.is_empty())
-        {
-            Vec::new()
-        } else if self.wal.tables.is_empty() {
-            vec![CaptureTable::new(self.flag.table.clone())
-                .with_topic(self.topic.clone())
-                .with_key_columns(&[self.flag.key_column.as_str()])]
-        } else {
-            self.wal
-                .tables
-                .iter()
-                .map(|spec| match spec.split_once('=') {
-                    Some((table, topic)) => {
-                        CaptureTable::new(table.trim()).with_topic(topic.trim())
-                    }
-                    None => CaptureTable::new(spec.trim()),
-                })
-                .collect()
-        };
-        let config = WalConfig {
-            slot: self.wal.slot.clone(),
-            publication: self.wal.publication.clone(),
-            tables,
-            topic_template: self.wal.topic_template.clone(),
-            message_prefix: self.wal.message_prefix.clone(),
-            outbox_tables: self.wal.outbox_tables.clone(),
-            initial_load: !self.wal.no_initial_load,
-            load_batch: self.wal.load_batch,
-            create: !self.no_migrate,
-            ..WalConfig::default()
-        };
-        config
-            .validate()
-            .context("invalid WAL source configuration")?;
-        Ok(config)
+        let default = outbox_pg::wal::CaptureTable::new(self.flag.table.clone())
+            .with_topic(self.topic.clone())
+            .with_key_columns(&[self.flag.key_column.as_str()]);
+        self.wal.config(default, !self.no_migrate)
     }
 
     /// The CloudEvents binding of the published events, if asked for.
