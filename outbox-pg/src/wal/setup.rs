@@ -53,24 +53,7 @@ pub(crate) async fn prepare<C: GenericClient + Sync>(
         )));
     }
     let progress = SqlName::parse(&config.progress_table)?;
-    let exists = db
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
-            &[&progress.to_string()],
-        )
-        .await
-        .map_err(query("look for the WAL progress table"))?
-        .get::<_, bool>(0);
-    let current = exists
-        && db
-            .query_one(
-                "SELECT count(*) = 2 FROM pg_attribute WHERE attrelid = to_regclass($1) \
-                 AND attname IN ('loaded', 'load_state') AND NOT attisdropped",
-                &[&progress.to_string()],
-            )
-            .await
-            .map_err(query("look for the WAL progress table"))?
-            .get::<_, bool>(0);
+    let (_, current) = progress_columns(db, &progress).await?;
     if config.create && !current {
         db.batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS {progress} (\n\
@@ -192,6 +175,22 @@ pub(crate) async fn prepare<C: GenericClient + Sync>(
         Some(_) => {}
     }
     Ok(Prepared { at, load })
+}
+
+/// Whether the progress table exists, and whether it has this version's
+/// columns (`load_state`, added after `loaded`).
+async fn progress_columns<C: GenericClient + Sync>(
+    db: &C,
+    progress: &SqlName,
+) -> Result<(bool, bool), PgError> {
+    db.query_one(
+        "SELECT to_regclass($1) IS NOT NULL, EXISTS (SELECT 1 FROM pg_attribute \
+         WHERE attrelid = to_regclass($1) AND attname = 'load_state' AND NOT attisdropped)",
+        &[&progress.to_string()],
+    )
+    .await
+    .map(|row| (row.get::<_, bool>(0), row.get::<_, bool>(1)))
+    .map_err(query("look for the WAL progress table"))
 }
 
 /// Records a slot's first position; `loaded` false while its initial load runs.
@@ -369,15 +368,7 @@ pub async fn slot_status<C: GenericClient + Sync>(
     let progress = SqlName::parse(progress_table)?;
     // A table of a version before the resumable load has no load_state
     // until a relay starts on it.
-    let (exists, with_state) = db
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL, EXISTS (SELECT 1 FROM pg_attribute \
-             WHERE attrelid = to_regclass($1) AND attname = 'load_state' AND NOT attisdropped)",
-            &[&progress.to_string()],
-        )
-        .await
-        .map(|row| (row.get::<_, bool>(0), row.get::<_, bool>(1)))
-        .map_err(query("look for the WAL progress table"))?;
+    let (exists, with_state) = progress_columns(db, &progress).await?;
     let (recorded, join) = if exists {
         (
             if with_state {
