@@ -69,9 +69,14 @@ impl WalPipeline {
     }
 
     fn relay(&self) -> Relay {
+        self.relay_with(&[])
+    }
+
+    fn relay_with(&self, extra: &[&str]) -> Relay {
         let table = format!("public.{}={}", self.name, self.name);
         command("producer_pg_to_kafka")
             .args(["--source", "wal", "--wal-table", &table])
+            .args(extra)
             .args(["--wal-slot", &self.name, "--wal-publication", &self.name])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -301,7 +306,9 @@ async fn a_relay_killed_during_its_initial_load_resumes_it() {
         ),
     )
     .await;
-    let mut relay = pipeline.relay();
+    // 60 chunks: room for every kill below on a fast machine.
+    let load_batch = ["--wal-load-batch", "500"];
+    let mut relay = pipeline.relay_with(&load_batch);
     pipeline.wait_streaming().await;
     let writer = {
         let pool = pipeline.pool.clone();
@@ -348,20 +355,33 @@ async fn a_relay_killed_during_its_initial_load_resumes_it() {
             .map(|row| row.get::<_, String>(0))
             .unwrap_or_default()
     };
-    // Kills far enough apart for a restarted relay to publish a chunk or
-    // more (it connects to both services first); then the load finishes.
+    // Each kill waits for progress, not for a time: the relay (the first,
+    // or the one started after the last kill) must have recorded a chunk
+    // the previous one had not, then a random moment of the next chunks
+    // passes. Timed kills let a fast machine load the table between two
+    // of them (CI once did, with 1 kill).
     let mut kills = 0;
     let mut positions = Vec::new();
+    let mut seen = position().await;
     while kills < 6 && !loaded().await {
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(700..2000))).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while position().await == seen && !loaded().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the relay recorded no chunk after {seen} for 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..300))).await;
         if loaded().await {
             break;
         }
         relay.0.kill().unwrap(); // SIGKILL
         relay.0.wait().unwrap();
         kills += 1;
-        positions.push(position().await);
-        relay = pipeline.relay();
+        seen = position().await;
+        positions.push(seen.clone());
+        relay = pipeline.relay_with(&load_batch);
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while !loaded().await {
@@ -433,7 +453,7 @@ async fn a_relay_killed_during_its_initial_load_resumes_it() {
         matches!(status, Some(s) if s.success()),
         "the relay stops cleanly on SIGTERM: {status:?}"
     );
-    assert!(kills >= 2, "the load outlived only {kills} kills");
+    assert!(kills >= 4, "the load outlived only {kills} kills");
     assert!(
         violations.is_empty(),
         "{:?}",
