@@ -57,9 +57,7 @@ pub fn init_tracing(args: &LogArgs) {
         // The replication client logs every ended session as an error (a
         // standby relay's every retry); the WAL source gets those errors
         // back and logs them once, classified.
-        .unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn,pgwire_replication=off")
-        });
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -100,6 +100,15 @@ pub(crate) fn connector(
     mode: SslMode,
     root_cert: Option<&Path>,
 ) -> Result<MakeTlsConnector, PgError> {
+    native_connector(mode, root_cert).map(MakeTlsConnector::new)
+}
+
+/// The OpenSSL connector behind [`connector`]: the replication connection
+/// uses it directly, so it trusts exactly what the pool trusts.
+pub(crate) fn native_connector(
+    mode: SslMode,
+    root_cert: Option<&Path>,
+) -> Result<native_tls::TlsConnector, PgError> {
     let mut builder = native_tls::TlsConnector::builder();
     match mode {
         // libpq checks nothing in these modes; neither do we.
@@ -119,10 +128,9 @@ pub(crate) fn connector(
             builder.add_root_certificate(cert);
         }
     }
-    let connector = builder
+    builder
         .build()
-        .map_err(|e| PgError::Config(format!("cannot set up TLS: {e}")))?;
-    Ok(MakeTlsConnector::new(connector))
+        .map_err(|e| PgError::Config(format!("cannot set up TLS: {e}")))
 }
 
 fn read_pem_certificates(path: &Path) -> Result<Vec<native_tls::Certificate>, PgError> {
@@ -150,26 +158,4 @@ pub(crate) fn is_tls_refusal(err: &tokio_postgres::Error) -> bool {
     // verify result inside its message; both texts are stable.
     let text = crate::error::describe(err);
     text.contains("certificate verify failed") || text.contains("server does not support TLS")
-}
-
-/// The replication connection's TLS settings for the same `sslmode` and
-/// `sslrootcert` as the pool's: the WAL source trusts what the rest trusts.
-#[cfg(feature = "wal")]
-pub(crate) fn replication_tls(
-    mode: SslMode,
-    root_cert: Option<std::path::PathBuf>,
-) -> pgwire_replication::TlsConfig {
-    use pgwire_replication::SslMode as Mode;
-    let mode = match mode {
-        SslMode::Disable => Mode::Disable,
-        SslMode::Prefer => Mode::Prefer,
-        SslMode::Require => Mode::Require,
-        SslMode::VerifyCa => Mode::VerifyCa,
-        SslMode::VerifyFull => Mode::VerifyFull,
-    };
-    pgwire_replication::TlsConfig {
-        mode,
-        ca_pem_path: root_cert,
-        ..pgwire_replication::TlsConfig::disabled()
-    }
 }

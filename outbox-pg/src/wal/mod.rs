@@ -15,16 +15,18 @@
 
 mod backfill;
 mod change;
+mod client;
 mod load;
 mod pgoutput;
 mod reader;
 mod setup;
 mod source;
+mod stream;
 mod value;
 
 pub use change::{change_event_id, lsn_text, HEADER_WAL_LSN, WAL_CHANGE_NAMESPACE};
 pub use setup::{create_slot, slot_status, SlotStatus};
-pub use source::{LoadProgress, WalClaim, WalSource};
+pub use source::{LoadProgress, Streamed, WalClaim, WalSource};
 
 use std::time::Duration;
 
@@ -144,6 +146,26 @@ pub struct WalConfig {
     /// how a slot dropped, lost or created again is told from a slot that
     /// is simply ahead. Default: `outbox_wal_progress`.
     pub progress_table: String,
+    /// Ask the server (PostgreSQL 14 and later) to stream a transaction
+    /// while it runs once it outgrows the walsender's
+    /// `logical_decoding_work_mem` (pgoutput protocol 2), instead of
+    /// spilling it to the server's disk and decoding it after its commit.
+    /// Its events are still published at its commit, whole, in commit
+    /// order; they reach the broker sooner after a large commit. Default: true.
+    pub stream_in_progress: bool,
+    /// The walsender's `logical_decoding_work_mem` for this relay's
+    /// session, in kB (64 at least): a transaction larger than this is
+    /// streamed while it runs (see `stream_in_progress`). `None`: the
+    /// server's setting (64 MB unless changed). Default: `None`.
+    pub decoding_work_mem_kb: Option<u32>,
+    /// Bytes of streamed, uncommitted transactions the relay holds in
+    /// memory; past it, the largest continues in a file of `spill_dir`.
+    /// Default: 64 MiB.
+    pub in_progress_memory: usize,
+    /// Where a large uncommitted transaction spills: files without names,
+    /// gone when the relay ends however it ends. `None`: the system's
+    /// temporary directory. Default: `None`.
+    pub spill_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for WalConfig {
@@ -162,6 +184,10 @@ impl Default for WalConfig {
             status_interval: Duration::from_secs(1),
             standby_retry: Duration::from_secs(1),
             progress_table: "outbox_wal_progress".into(),
+            stream_in_progress: true,
+            decoding_work_mem_kb: None,
+            in_progress_memory: 64 << 20,
+            spill_dir: None,
         }
     }
 }
@@ -193,6 +219,11 @@ impl WalConfig {
         }
         if self.read_ahead == 0 {
             return Err(PgError::Config("read_ahead must be at least 1".into()));
+        }
+        if self.decoding_work_mem_kb.is_some_and(|kb| kb < 64) {
+            return Err(PgError::Config(
+                "decoding_work_mem_kb must be at least 64 (the server's minimum)".into(),
+            ));
         }
         if self.message_prefix.is_empty() {
             return Err(PgError::Config("message_prefix must not be empty".into()));

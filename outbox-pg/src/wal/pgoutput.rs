@@ -143,6 +143,13 @@ impl Cursor<'_> {
         Ok(self.i32()? as u32)
     }
 
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let b = self.take(8)?;
+        Ok(u64::from_be_bytes([
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+        ]))
+    }
+
     fn cstring(&mut self) -> Result<String, DecodeError> {
         let rest = &self.data[self.at.min(self.data.len())..];
         let len = rest
@@ -177,6 +184,77 @@ impl Cursor<'_> {
         }
         Ok(datums)
     }
+}
+
+/// A transaction's boundary or a logical message: what the reader handles
+/// itself; everything else goes to [`decode`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Boundary {
+    /// `B`: a transaction begins (`final_lsn` is its commit's position).
+    Begin {
+        /// Position of the commit record.
+        final_lsn: u64,
+        /// Commit time, microseconds since 2000-01-01.
+        commit_time_micros: i64,
+        /// Top-level transaction id.
+        xid: u32,
+    },
+    /// `C`: it committed; the stream is complete up to `end_lsn`.
+    Commit {
+        /// End of the commit record.
+        end_lsn: u64,
+    },
+    /// `M`: a logical message (`pg_logical_emit_message`).
+    Message {
+        /// Emitted inside its transaction (else at once).
+        transactional: bool,
+        /// Position of the message record.
+        lsn: u64,
+        /// The prefix it was emitted under.
+        prefix: String,
+        /// Its content.
+        content: Bytes,
+    },
+    /// Any other message.
+    Other,
+}
+
+/// Reads a boundary or logical message (protocol 1 form).
+pub fn boundary(data: &Bytes) -> Result<Boundary, DecodeError> {
+    let kind = *data.first().ok_or(DecodeError {
+        kind: '?',
+        reason: "empty message".into(),
+    })?;
+    let mut c = Cursor { data, at: 1, kind };
+    Ok(match kind {
+        b'B' => Boundary::Begin {
+            final_lsn: c.u64()?,
+            commit_time_micros: c.u64()? as i64,
+            xid: c.u32()?,
+        },
+        b'C' => {
+            let _flags = c.u8()?;
+            let _commit_lsn = c.u64()?;
+            Boundary::Commit { end_lsn: c.u64()? }
+        }
+        b'M' => {
+            let transactional = c.u8()? & 1 == 1;
+            let lsn = c.u64()?;
+            let prefix = c.cstring()?;
+            let len = c.i32()?;
+            let len =
+                usize::try_from(len).map_err(|_| c.fail(format!("content of length {len}")))?;
+            let start = c.at;
+            c.take(len)?;
+            Boundary::Message {
+                transactional,
+                lsn,
+                prefix,
+                content: data.slice(start..c.at),
+            }
+        }
+        _ => Boundary::Other,
+    })
 }
 
 /// Decodes one row message (the payload of an `XLogData` that is not a

@@ -10,17 +10,17 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use outbox_core::{system_time_to_ms, Event};
-use pgwire_replication::{
-    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
-};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::backfill::{Backfill, Decision, LOAD_PREFIX};
 use super::change::{lsn_text, Decoded, Decoder, Routing};
+use super::client::{ClientError, Connection, Replicated, Start};
 use super::load::{Chunk, Loader};
+use super::pgoutput::{boundary, Boundary};
 use super::source::{insert_dead_letters, Item, LoadMark, Shared};
+use super::stream::{Assembler, StreamError};
 use super::WalConfig;
 use crate::{PgConfig, PgError, SqlName};
 
@@ -120,17 +120,37 @@ impl Reader {
         };
         let start = prepared.at;
         self.shared.advance(start);
-        let mut client = ReplicationClient::connect_gated(self.replication_config(start))
+        let mut client = Connection::connect(
+            &self.pg,
+            &self.session_options(),
+            &format!("{}-wal", self.pg.application_name),
+        )
+        .await
+        .map_err(classify)?;
+        let system = client.identify_system().await.map_err(classify)?;
+        let streaming = client
+            .start(&Start {
+                slot: &self.config.slot,
+                publication: &self.config.publication,
+                from: start,
+                stream_in_progress: self.config.stream_in_progress,
+            })
             .await
             .map_err(classify)?;
-        let system = client.identify_system().await.map_err(classify)?;
-        client.start().await.map_err(classify)?;
-        client.wait_started().await.map_err(classify)?;
+        let mut assembler = Assembler::new(
+            self.config.in_progress_memory,
+            self.config
+                .spill_dir
+                .clone()
+                .unwrap_or_else(std::env::temp_dir),
+            self.shared.streamed.clone(),
+        );
         if let Some(since) = waiting_since.take() {
             info!(slot = %self.config.slot, waited_ms = since.elapsed().as_millis() as u64,
                   "took over the replication slot");
         }
-        info!(slot = %self.config.slot, from = %lsn_text(start), "streaming the write-ahead log");
+        info!(slot = %self.config.slot, from = %lsn_text(start), in_progress_transactions = streaming,
+              "streaming the write-ahead log");
         let mut decoder = Decoder::new(system.system_id.clone(), self.routing());
         // An unfinished initial load runs beside the stream, which checks
         // its chunks against the changes between their watermarks.
@@ -154,7 +174,7 @@ impl Reader {
         });
         // The server's WAL end when the session began: the stream has read
         // what was there once it reports a position at or past it.
-        let catch_up_to = system.xlogpos.as_u64();
+        let catch_up_to = system.xlogpos;
         let mut rewind = self.shared.rewind.subscribe();
         let mut confirm = self.shared.confirm.subscribe();
         let mut sent = start;
@@ -164,23 +184,18 @@ impl Reader {
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => {
-                    // The client sends a raised position at most once per
-                    // status interval, and not at all once stopped: give the
-                    // last one its interval, so a clean stop re-reads nothing.
-                    let before = sent;
-                    self.send_confirmed(&client, &mut sent).await?;
-                    if sent > before {
-                        tokio::time::sleep(self.config.status_interval + Duration::from_millis(50)).await;
-                    }
-                    let _ = client.shutdown().await;
+                    // The last position, read by the server before the
+                    // stream ends: a clean stop re-reads nothing.
+                    self.send_confirmed(&mut client, &mut sent).await?;
+                    client.stop().await;
                     return Ok(Ended::Stopped);
                 }
                 _ = rewind.changed() => return Ok(Ended::Rewind),
                 _ = tick.tick() => {
-                    self.send_confirmed(&client, &mut sent).await?;
+                    self.send_confirmed(&mut client, &mut sent).await?;
                     ticks += 1;
                     if ticks % SLOT_REPORT_TICKS == 1 {
-                        self.report_slot().await;
+                        self.report_slot(&assembler).await;
                     }
                 }
                 _ = confirm.changed() => {}
@@ -206,79 +221,91 @@ impl Reader {
                     }
                 }
                 received = client.recv() => {
-                    let Some(event) = received.map_err(classify)? else {
+                    let Some(replicated) = received.map_err(classify)? else {
                         return Err(SessionError::Failed(PgError::Replication {
                             detail: "the server ended the replication stream".into(),
                             retryable: true,
                         }));
                     };
-                    match event {
-                        ReplicationEvent::Begin { final_lsn, commit_time_micros, xid } => {
-                            decoder.begin(final_lsn.as_u64(), commit_time_micros, xid);
-                            events_in_transaction = 0;
+                    let data = match replicated {
+                        Replicated::XLogData { data } => data,
+                        Replicated::KeepAlive { wal_end, reply } => {
+                            if reply {
+                                self.send_confirmed(&mut client, &mut sent).await?;
+                            }
+                            if !decoder.in_transaction() {
+                                self.confirm_if_idle(wal_end, generation);
+                                // Not while a load runs: its chunks are pending too.
+                                if wal_end >= catch_up_to
+                                    && load.is_none()
+                                    && !self.shared.caught_up.swap(true, std::sync::atomic::Ordering::SeqCst)
+                                {
+                                    self.shared.arrived.notify_waiters();
+                                }
+                            }
+                            continue;
                         }
-                        ReplicationEvent::XLogData { data, .. } => {
-                            let decoded = decoder.row(&data).map_err(|e| SessionError::Failed(PgError::Replication {
-                                detail: format!("cannot decode the replication stream: {e}"),
-                                retryable: false,
-                            }))?;
-                            if let Some(run) = load.as_mut() {
-                                run.backfill.touched(decoder.take_touched());
+                    };
+                    let mut released = assembler.feed(data).map_err(stream_failed)?;
+                    while let Some(message) = released.next().map_err(|e| stream_failed(assembler.spill_error(e)))? {
+                        let undecodable = |e: &dyn std::fmt::Display| SessionError::Failed(PgError::Replication {
+                            detail: format!("cannot decode the replication stream: {e}"),
+                            retryable: false,
+                        });
+                        match boundary(&message).map_err(|e| undecodable(&e))? {
+                            Boundary::Begin { final_lsn, commit_time_micros, xid } => {
+                                decoder.begin(final_lsn, commit_time_micros, xid);
+                                events_in_transaction = 0;
                             }
-                            if self.take(decoded, generation).await? {
-                                events_in_transaction += 1;
+                            Boundary::Other => {
+                                let decoded = decoder.row(&message).map_err(|e| undecodable(&e))?;
+                                if let Some(run) = load.as_mut() {
+                                    run.backfill.touched(decoder.take_touched());
+                                }
+                                if self.take(decoded, generation).await? {
+                                    events_in_transaction += 1;
+                                }
                             }
-                        }
-                        ReplicationEvent::Message { prefix, content, .. } if prefix == LOAD_PREFIX => {
-                            let Some(run) = load.as_mut() else { continue };
-                            let Some(mark) = run.backfill.ours(&content) else { continue };
-                            if !mark.high {
-                                run.backfill.open(&mark);
-                                decoder.watch(run.backfill.watched());
-                                continue;
+                            Boundary::Message { prefix, content, .. } if prefix == LOAD_PREFIX => {
+                                let Some(run) = load.as_mut() else { continue };
+                                let Some(mark) = run.backfill.ours(&content) else { continue };
+                                if !mark.high {
+                                    run.backfill.open(&mark);
+                                    decoder.watch(run.backfill.watched());
+                                    continue;
+                                }
+                                decoder.watch(None);
+                                // Handed over before the loader wrote this mark.
+                                let Some(chunk) = run.handed.recv().await else { continue };
+                                if chunk.number != mark.chunk {
+                                    let _ = chunk.verdict.send(None);
+                                    continue;
+                                }
+                                let at = decoder.commit_lsn().unwrap_or_default();
+                                let published = self.publish_chunk(&mut run.backfill, &decoder, chunk, at, generation).await?;
+                                events_in_transaction += published;
                             }
-                            decoder.watch(None);
-                            // Handed over before the loader wrote this mark.
-                            let Some(chunk) = run.handed.recv().await else { continue };
-                            if chunk.number != mark.chunk {
-                                let _ = chunk.verdict.send(None);
-                                continue;
+                            Boundary::Message { prefix, content, lsn, transactional } => {
+                                let decoded = decoder.message(&prefix, &content, lsn);
+                                if self.take(decoded, generation).await? {
+                                    events_in_transaction += 1;
+                                    if !transactional {
+                                        self.push(Item::Commit(lsn), generation);
+                                    }
+                                }
                             }
-                            let at = decoder.commit_lsn().unwrap_or_default();
-                            let published = self.publish_chunk(&mut run.backfill, &decoder, chunk, at, generation).await?;
-                            events_in_transaction += published;
-                        }
-                        ReplicationEvent::Message { prefix, content, lsn, transactional } => {
-                            let decoded = decoder.message(&prefix, &content, lsn.as_u64());
-                            if self.take(decoded, generation).await? {
-                                events_in_transaction += 1;
-                                if !transactional {
-                                    self.push(Item::Commit(lsn.as_u64()), generation);
+                            Boundary::Commit { end_lsn } => {
+                                if let (Some(run), Some((xid, changed))) = (load.as_mut(), decoder.transaction()) {
+                                    run.backfill.committed(xid, changed);
+                                }
+                                decoder.commit();
+                                if events_in_transaction > 0 {
+                                    self.push(Item::Commit(end_lsn), generation);
+                                } else {
+                                    self.confirm_if_idle(end_lsn, generation);
                                 }
                             }
                         }
-                        ReplicationEvent::Commit { end_lsn, .. } => {
-                            if let (Some(run), Some((xid, changed))) = (load.as_mut(), decoder.transaction()) {
-                                run.backfill.committed(xid, changed);
-                            }
-                            decoder.commit();
-                            if events_in_transaction > 0 {
-                                self.push(Item::Commit(end_lsn.as_u64()), generation);
-                            } else {
-                                self.confirm_if_idle(end_lsn.as_u64(), generation);
-                            }
-                        }
-                        ReplicationEvent::KeepAlive { wal_end, .. } if !decoder.in_transaction() => {
-                            self.confirm_if_idle(wal_end.as_u64(), generation);
-                            // Not while a load runs: its chunks are pending too.
-                            if wal_end.as_u64() >= catch_up_to
-                                && load.is_none()
-                                && !self.shared.caught_up.swap(true, std::sync::atomic::Ordering::SeqCst)
-                            {
-                                self.shared.arrived.notify_waiters();
-                            }
-                        }
-                        _ => {}
                     }
                 }
             }
@@ -363,12 +390,14 @@ impl Reader {
     /// recognised).
     async fn send_confirmed(
         &self,
-        client: &ReplicationClient,
+        client: &mut Connection,
         sent: &mut u64,
     ) -> Result<(), SessionError> {
         let target = *self.shared.confirm.borrow();
         if target <= *sent {
-            return Ok(());
+            // Still a status: the server ends a session silent for
+            // wal_sender_timeout.
+            return client.send_status(*sent).await.map_err(classify);
         }
         let db = self.connection().await?;
         let table = SqlName::parse(&self.config.progress_table).map_err(SessionError::Failed)?;
@@ -384,7 +413,7 @@ impl Reader {
         )
         .await
         .map_err(|e| SessionError::Failed(PgError::query("record the WAL position", e)))?;
-        client.update_applied_lsn(Lsn::from_u64(target));
+        client.send_status(target).await.map_err(classify)?;
         *sent = target;
         Ok(())
     }
@@ -392,7 +421,16 @@ impl Reader {
     /// Sets the slot's gauges: WAL the server keeps for it, and WAL written
     /// since its confirmed position. A failed reading is skipped: the
     /// stream does not depend on it.
-    async fn report_slot(&self) {
+    async fn report_slot(&self, assembler: &Assembler) {
+        let slot = self.config.slot.clone();
+        metrics::gauge!("outbox_wal_in_progress_bytes", "slot" => slot.clone())
+            .set(assembler.in_memory() as f64);
+        metrics::counter!("outbox_wal_spilled_bytes_total", "slot" => slot).absolute(
+            self.shared
+                .streamed
+                .spilled
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
         let Ok(db) = self.pool.get().await else {
             return;
         };
@@ -497,28 +535,12 @@ impl Reader {
         }
     }
 
-    fn replication_config(&self, start: u64) -> ReplicationConfig {
-        let mut config = ReplicationConfig::new(
-            self.pg.host.clone(),
-            self.pg.user.clone(),
-            self.pg.password.clone(),
-            self.pg.dbname.clone(),
-            self.config.slot.clone(),
-            self.config.publication.clone(),
-        )
-        .with_port(self.pg.port)
-        .with_tls(crate::tls::replication_tls(
-            self.pg.ssl_mode,
-            self.pg.ssl_root_cert.clone(),
-        ))
-        .with_start_lsn(Lsn::from_u64(start))
-        .with_status_interval(self.config.status_interval)
-        .with_wakeup_interval(self.config.status_interval)
-        .with_buffer_size(1024)
-        .with_options(SESSION_OPTIONS)
-        .with_application_name(format!("{}-wal", self.pg.application_name));
-        config.ack_lsn = Some(Lsn::from_u64(start));
-        config
+    /// The replication session's settings (`options` of its startup).
+    fn session_options(&self) -> String {
+        match self.config.decoding_work_mem_kb {
+            Some(kb) => format!("{SESSION_OPTIONS} -c logical_decoding_work_mem={kb}kB"),
+            None => SESSION_OPTIONS.to_string(),
+        }
     }
 
     async fn connection(&self) -> Result<deadpool_postgres::Client, SessionError> {
@@ -569,103 +591,104 @@ impl From<PgError> for SessionError {
     }
 }
 
-/// Classifies an error of the replication connection.
-fn classify(err: PgWireError) -> SessionError {
-    let text = err.to_string();
-    let sqlstate = text
-        .split("SQLSTATE ")
-        .nth(1)
-        .map(|rest| rest.chars().take(5).collect::<String>());
-    match sqlstate.as_deref() {
-        // object_in_use: another session streams the slot.
-        Some("55006") => return SessionError::Held(text),
-        Some(code) => {
-            // 42710: another relay created the slot first.
-            let retryable =
-                matches!(&code[..2], "08" | "40" | "53" | "57" | "58") || code == "42710";
-            let hint = match code {
-                "42704" => "; the slot or publication does not exist: let the relay create it (WalConfig::create) or create it as docs/wal.md shows",
-                "42501" | "28000" => "; the user needs the REPLICATION attribute (ALTER ROLE ... REPLICATION) and a pg_hba.conf line that admits it",
-                "28P01" => "; check the postgres user and password",
-                "55000" => "; the server needs wal_level = logical (a restart)",
-                _ => "",
-            };
-            return SessionError::Failed(PgError::Replication {
-                detail: format!("{text}{hint}"),
-                retryable,
-            });
-        }
-        None => {}
-    }
-    let cut_off = matches!(&err, PgWireError::Tls(text) if tls_cut_off(text));
-    let hint = match &err {
-        PgWireError::Tls(_) if cut_off => "; the server closed the connection (restarting?)",
-        PgWireError::Tls(_) => {
-            "; check the TLS settings (sslmode and the CA file, as for the pool)"
-        }
-        PgWireError::Auth(_) => "; check the postgres user and password",
-        _ => "",
-    };
+/// A stream that cannot be put back together.
+fn stream_failed(err: StreamError) -> SessionError {
     SessionError::Failed(PgError::Replication {
-        retryable: err.is_transient() || cut_off || matches!(err, PgWireError::Protocol(_)),
-        detail: format!("{text}{hint}"),
+        retryable: err.is_retryable(),
+        detail: match &err {
+            StreamError::Spill { .. } => {
+                format!("{err}; free space there or choose another place (WalConfig::spill_dir)")
+            }
+            StreamError::Protocol(_) => err.to_string(),
+        },
     })
 }
 
-/// Whether a TLS failure is the connection's, not the trust settings': the
-/// replication client reports a handshake the server broke off (it was
-/// shutting down or starting) the same way as a certificate it refused.
-fn tls_cut_off(text: &str) -> bool {
-    let text = text.to_ascii_lowercase();
-    text.contains("handshake failed")
-        && !text.contains("certificate")
-        && [
-            "eof",
-            "reset",
-            "broken pipe",
-            "timed out",
-            "refused",
-            "aborted",
-        ]
-        .iter()
-        .any(|cause| text.contains(cause))
+/// Classifies an error of the replication connection.
+fn classify(err: ClientError) -> SessionError {
+    let text = err.to_string();
+    if let Some(code) = err.sqlstate() {
+        // object_in_use: another session streams the slot.
+        if code == "55006" {
+            return SessionError::Held(text);
+        }
+        // 42710: another relay created the slot first.
+        let retryable =
+            matches!(code.get(..2), Some("08" | "40" | "53" | "57" | "58")) || code == "42710";
+        let hint = match code {
+            "42704" => "; the slot or publication does not exist: let the relay create it (WalConfig::create) or create it as docs/wal.md shows",
+            "42501" | "28000" => "; the user needs the REPLICATION attribute (ALTER ROLE ... REPLICATION) and a pg_hba.conf line that admits it",
+            "28P01" => "; check the postgres user and password",
+            "55000" => "; the server needs wal_level = logical (a restart)",
+            _ => "",
+        };
+        return SessionError::Failed(PgError::Replication {
+            detail: format!("{text}{hint}"),
+            retryable,
+        });
+    }
+    let (retryable, hint) = match &err {
+        ClientError::Io(_) => (true, ""),
+        ClientError::Tls { refused: false, .. } => {
+            (true, "; the server broke off the handshake (restarting?)")
+        }
+        ClientError::Tls { refused: true, .. } => (
+            false,
+            "; check the TLS settings (sslmode and the CA file, as for the pool)",
+        ),
+        ClientError::Auth(_) => (false, ""),
+        // A stream garbled in transit: a new session reads it again.
+        ClientError::Protocol(_) => (true, ""),
+        ClientError::Server { .. } => (false, ""),
+    };
+    SessionError::Failed(PgError::Replication {
+        retryable,
+        detail: format!("{text}{hint}"),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn retryable(err: PgWireError) -> Option<bool> {
+    fn retryable(err: ClientError) -> Option<bool> {
         match classify(err) {
             SessionError::Failed(err) => Some(err.is_retryable()),
             SessionError::Held(_) => None,
         }
     }
 
-    #[test]
-    fn a_server_that_goes_away_during_the_tls_handshake_is_retried() {
-        // What a relay got while PostgreSQL restarted (chaos run): the
-        // server closed the connection in the middle of the handshake.
-        let eof = PgWireError::Tls("TLS handshake failed: tls handshake eof".into());
-        assert_eq!(retryable(eof), Some(true));
-        let reset = PgWireError::Tls(
-            "TLS handshake failed: Connection reset by peer (os error 104)".into(),
-        );
-        assert_eq!(retryable(reset), Some(true));
+    fn server(code: &str) -> ClientError {
+        ClientError::Server {
+            severity: "ERROR".into(),
+            code: code.into(),
+            message: "m".into(),
+            detail: None,
+        }
     }
 
     #[test]
-    fn a_certificate_the_trust_settings_refuse_is_permanent() {
-        for text in [
-            "TLS handshake failed: invalid peer certificate: UnknownIssuer",
-            "server does not support TLS (SSLRequest rejected)",
-            "TLS config error: build verifier: no root certificates",
-        ] {
-            assert_eq!(
-                retryable(PgWireError::Tls(text.into())),
-                Some(false),
-                "{text}"
-            );
-        }
+    fn a_server_that_goes_away_is_retried() {
+        let cut = ClientError::Tls {
+            detail: "unexpected EOF".into(),
+            refused: false,
+        };
+        assert_eq!(retryable(cut), Some(true));
+        let reset = ClientError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(retryable(reset), Some(true));
+        assert_eq!(retryable(server("57P01")), Some(true), "admin shutdown");
+    }
+
+    #[test]
+    fn what_waiting_cannot_mend_is_permanent() {
+        let refused = ClientError::Tls {
+            detail: "certificate verify failed".into(),
+            refused: true,
+        };
+        assert_eq!(retryable(refused), Some(false));
+        assert_eq!(retryable(ClientError::Auth("x".into())), Some(false));
+        assert_eq!(retryable(server("28P01")), Some(false), "wrong password");
+        assert_eq!(retryable(server("42704")), Some(false), "no slot");
+        assert_eq!(retryable(server("55006")), None, "held by another relay");
     }
 }

@@ -3,7 +3,6 @@
 //! the record of the last confirmed position.
 
 use deadpool_postgres::GenericClient;
-use pgwire_replication::Lsn;
 
 use super::backfill::LoadState;
 use super::change::lsn_text;
@@ -22,9 +21,8 @@ fn permanent(detail: String) -> PgError {
 }
 
 fn parse_lsn(text: &str) -> Result<u64, PgError> {
-    Lsn::parse(text)
-        .map(Lsn::as_u64)
-        .map_err(|e| permanent(format!("the server gave the position {text:?}: {e}")))
+    super::client::parse_lsn(text)
+        .ok_or_else(|| permanent(format!("the server gave the position {text:?}, not X/Y")))
 }
 
 /// What a session does after [`prepare`]: stream the slot from its

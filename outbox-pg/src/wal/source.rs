@@ -69,6 +69,20 @@ pub(super) struct Shared {
     pub(super) caught_up: std::sync::atomic::AtomicBool,
     /// How far the initial load has read.
     pub(super) load: watch::Sender<LoadProgress>,
+    /// Transactions streamed while they ran.
+    pub(super) streamed: Arc<super::stream::Counters>,
+}
+
+/// Large transactions this source received while they ran
+/// ([`WalConfig::stream_in_progress`](super::WalConfig::stream_in_progress)):
+/// [`WalSource::streamed`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Streamed {
+    /// Streamed transactions that committed, published at their commit.
+    pub transactions: u64,
+    /// Bytes of them written to spill files, past
+    /// [`WalConfig::in_progress_memory`](super::WalConfig::in_progress_memory).
+    pub spilled_bytes: u64,
 }
 
 /// How far the initial load of a [`WalSource`] has read (for a progress
@@ -205,6 +219,7 @@ impl WalSource {
             fatal: Mutex::new(None),
             caught_up: std::sync::atomic::AtomicBool::new(false),
             load: watch::channel(LoadProgress::default()).0,
+            streamed: Arc::default(),
         });
         let stop = CancellationToken::new();
         let reader = Reader {
@@ -224,6 +239,15 @@ impl WalSource {
             slot,
             stop,
         })
+    }
+
+    /// What this source received of transactions streamed while they ran.
+    pub fn streamed(&self) -> Streamed {
+        use std::sync::atomic::Ordering::Relaxed;
+        Streamed {
+            transactions: self.shared.streamed.transactions.load(Relaxed),
+            spilled_bytes: self.shared.streamed.spilled.load(Relaxed),
+        }
     }
 
     /// The position confirmed to the server so far (0 before the first).

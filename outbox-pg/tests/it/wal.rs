@@ -1451,3 +1451,174 @@ async fn an_acknowledgement_settles_only_the_prefix_before_a_failure() {
     drop(source);
     capture.drop_all().await;
 }
+
+/// Invariant (pgoutput protocol 2): a transaction larger than the
+/// walsender's `logical_decoding_work_mem` arrives while it runs, and its
+/// events still come out once, at its commit, whole, in commit order, with
+/// the ids and payloads a protocol-1 reader of the same WAL gives them
+/// (small transactions committed while it ran come before it); a rolled
+/// back savepoint's rows and an aborted large transaction leave nothing.
+/// The streaming relay holds 32 KiB in memory, so it spills to a file too.
+#[tokio::test]
+async fn large_transactions_stream_while_they_run_and_come_out_as_committed() {
+    let streamed = Capture::new("streamed").await;
+    let reference = Capture {
+        pool: streamed.pool.clone(),
+        config: WalConfig {
+            slot: "w_streamed_p1".into(),
+            stream_in_progress: false,
+            ..streamed.config.clone()
+        },
+        table: streamed.table.clone(),
+        dead: streamed.dead.clone(),
+    };
+    let client = streamed.pool.get().await.unwrap();
+    test_support::drop_slot(&client, &reference.config.slot)
+        .await
+        .unwrap();
+    let config = WalConfig {
+        decoding_work_mem_kb: Some(64),
+        in_progress_memory: 32 * 1024,
+        ..streamed.config.clone()
+    };
+    let source =
+        WalSource::start(&pg_config(), streamed.pool.clone(), config, &streamed.dead).unwrap();
+    wait_for_slot(&streamed).await;
+    settle_load(&streamed, &source).await;
+    let protocol_1 = reference.source();
+    wait_for_slot(&reference).await;
+    settle_load(&reference, &protocol_1).await;
+
+    let t = &streamed.table;
+    let large = streamed.pool.get().await.unwrap();
+    let note = "n".repeat(200);
+    let mut expected = 0;
+    large.batch_execute("BEGIN").await.unwrap();
+    for round in 0..6 {
+        // 500 rows (about 120 kB of changes) per round, then a small
+        // transaction that commits while the large one runs.
+        let from = round * 500 + 1;
+        large
+            .batch_execute(&format!(
+                "INSERT INTO {t} SELECT g, 'large', g, '{note}' FROM generate_series({from}, {}) g",
+                from + 499
+            ))
+            .await
+            .unwrap();
+        streamed
+            .sql(&format!(
+                "INSERT INTO {t} VALUES ({}, 'small', 0, NULL)",
+                100_000 + round
+            ))
+            .await;
+        expected += 501;
+    }
+    large
+        .batch_execute(&format!(
+            "SAVEPOINT a;
+             INSERT INTO {t} SELECT g, 'rolled back', g, '{note}' FROM generate_series(50001, 50500) g;
+             ROLLBACK TO SAVEPOINT a;
+             SAVEPOINT b;
+             UPDATE {t} SET amount = -amount WHERE id <= 100;
+             RELEASE SAVEPOINT b;
+             INSERT INTO {t} VALUES (60000, 'last of the large', 1, NULL);
+             COMMIT;"
+        ))
+        .await
+        .unwrap();
+    expected += 101;
+    large
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO {t} SELECT g, 'aborted', g, '{note}' FROM generate_series(70001, 73000) g;
+             ROLLBACK;"
+        ))
+        .await
+        .unwrap();
+    streamed
+        .sql(&format!(
+            "INSERT INTO {t} VALUES (200000, 'after', 0, NULL)"
+        ))
+        .await;
+    expected += 1;
+
+    let (events, claims) = streamed.claim(&source, expected).await;
+    acknowledge_all(&source, claims).await;
+    let (reference_events, claims) = reference.claim(&protocol_1, expected).await;
+    acknowledge_all(&protocol_1, claims).await;
+    let stats = |slot: String| {
+        let pool = streamed.pool.clone();
+        async move {
+            let client = pool.get().await.unwrap();
+            let row = client
+                .query_one(
+                    "SELECT stream_txns, total_txns FROM pg_stat_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .unwrap();
+            (row.get::<_, i64>(0), row.get::<_, i64>(1))
+        }
+    };
+    let server_streamed = stats(streamed.config.slot.clone()).await;
+    let server_reference = stats(reference.config.slot.clone()).await;
+    let owners = |events: &[Event]| {
+        let mut runs: Vec<(String, usize)> = Vec::new();
+        for event in events {
+            let owner = body(event)["after"]["owner"]
+                .as_str()
+                .unwrap_or("?")
+                .to_string();
+            match runs.last_mut() {
+                Some((last, n)) if *last == owner => *n += 1,
+                _ => runs.push((owner, 1)),
+            }
+        }
+        runs
+    };
+    let relay = source.streamed();
+    println!(
+        "events={} reference={} runs={:?} server stream_txns/total_txns: streamed slot {server_streamed:?}, \
+         protocol-1 slot {server_reference:?}; relay: {relay:?}",
+        events.len(),
+        reference_events.len(),
+        owners(&events)
+    );
+    let summary = |events: &[Event]| {
+        events
+            .iter()
+            .map(|e| (e.id, e.topic.clone(), e.key.clone(), e.payload.clone()))
+            .collect::<Vec<_>>()
+    };
+    let same = summary(&events) == summary(&reference_events);
+    drop(source);
+    drop(protocol_1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    test_support::drop_slot(&client, &reference.config.slot)
+        .await
+        .unwrap();
+    streamed.drop_all().await;
+
+    assert_eq!(events.len(), expected, "every committed change once");
+    assert!(same, "the same events, ids and order as protocol 1 gives");
+    assert_eq!(
+        owners(&events),
+        [
+            ("small".to_string(), 6),
+            ("large".to_string(), 3000 + 100),
+            ("last of the large".to_string(), 1),
+            ("after".to_string(), 1)
+        ],
+        "commit order: the small transactions first, the large one whole"
+    );
+    assert!(
+        server_streamed.0 >= 2,
+        "the server streamed the large transactions: {server_streamed:?}"
+    );
+    assert_eq!(server_reference.0, 0, "protocol 1 streams nothing");
+    assert_eq!(relay.transactions, 1, "one streamed transaction committed");
+    assert!(
+        relay.spilled_bytes > 0,
+        "past 32 KiB the relay spills: {relay:?}"
+    );
+}
