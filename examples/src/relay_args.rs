@@ -72,6 +72,31 @@ pub struct WalArgs {
         conflicts_with = "tables"
     )]
     pub messages_only: bool,
+    /// Receive each large transaction only once it committed (pgoutput
+    /// protocol 1): the server holds it meanwhile, in memory and its own
+    /// spill files. By default it is streamed while it runs (PostgreSQL 14
+    /// and later) and held by the relay until its commit.
+    #[arg(
+        long = "wal-no-stream-in-progress",
+        env = "OUTBOX_WAL_NO_STREAM_IN_PROGRESS"
+    )]
+    pub no_stream_in_progress: bool,
+    /// The walsender's `logical_decoding_work_mem` for the relay's session,
+    /// in kB (64 at least): larger transactions are streamed while they
+    /// run. Default: the server's setting.
+    #[arg(
+        long = "wal-decoding-work-mem-kb",
+        env = "OUTBOX_WAL_DECODING_WORK_MEM_KB"
+    )]
+    pub decoding_work_mem_kb: Option<u32>,
+    /// Bytes of streamed, uncommitted transactions held in memory; past
+    /// it, the largest continues in a spill file.
+    #[arg(long = "wal-in-progress-memory", env = "OUTBOX_WAL_IN_PROGRESS_MEMORY", default_value_t = outbox_pg::wal::WalConfig::default().in_progress_memory)]
+    pub in_progress_memory: usize,
+    /// Directory of the spill files (unnamed, gone with the process).
+    /// Default: the system's temporary directory.
+    #[arg(long = "wal-spill-dir", env = "OUTBOX_WAL_SPILL_DIR")]
+    pub spill_dir: Option<std::path::PathBuf>,
 }
 
 impl WalArgs {
@@ -111,6 +136,10 @@ impl WalArgs {
             initial_load: !self.no_initial_load,
             load_batch: self.load_batch,
             create,
+            stream_in_progress: !self.no_stream_in_progress,
+            decoding_work_mem_kb: self.decoding_work_mem_kb,
+            in_progress_memory: self.in_progress_memory,
+            spill_dir: self.spill_dir.clone(),
             ..WalConfig::default()
         };
         config

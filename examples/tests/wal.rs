@@ -206,6 +206,50 @@ async fn write(
     changes
 }
 
+/// Ids of the rows `write_large` inserts in a savepoint it rolls back.
+const ROLLED_BACK_IDS: i32 = 50_000_000;
+
+/// Writes `transactions` large transactions: 1,500 new rows, then a
+/// savepoint of 500 rows and 3 increments rolled back, then 3 increments
+/// of random rows among 1..=20; returns how many changes committed.
+async fn write_large(
+    pool: outbox_pg::deadpool_postgres::Pool,
+    table: String,
+    transactions: i32,
+) -> usize {
+    let client = pool.get().await.unwrap();
+    let mut changes = 0;
+    for t in 0..transactions {
+        let first = 10_000_000 + t * 10_000;
+        let rolled_back = ROLLED_BACK_IDS + t * 10_000;
+        // Rows locked in id order, so writers never deadlock.
+        let mut ids: Vec<i32> = (0..3).map(|_| fastrand::i32(1..=20)).collect();
+        ids.sort_unstable();
+        let increments: String = ids
+            .iter()
+            .map(|id| format!("UPDATE {table} SET n = n + 1 WHERE id = {id};"))
+            .collect();
+        client
+            .batch_execute(&format!(
+                "BEGIN;
+                 INSERT INTO {table} SELECT g, 0 FROM generate_series({first}, {}) g;
+                 SAVEPOINT s;
+                 INSERT INTO {table} SELECT g, 0 FROM generate_series({rolled_back}, {}) g;
+                 {increments}
+                 ROLLBACK TO SAVEPOINT s;
+                 {increments}
+                 COMMIT;",
+                first + 1499,
+                rolled_back + 499
+            ))
+            .await
+            .unwrap();
+        changes += 1500 + 3;
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(100..300))).await;
+    }
+    changes
+}
+
 /// Invariant (no loss, no duplicate effect, commit order per key): the
 /// relay is SIGKILLed at random points while two writers commit changes,
 /// once it published its initial load of the 20 rows the table already
@@ -217,22 +261,59 @@ async fn write(
 /// each once: plain `count()` = `uniqExact(event_id)` = rows + changes.
 #[tokio::test]
 async fn wal_relay_killed_at_random_points_loses_and_doubles_nothing() {
-    let name = unique("wal_kill");
+    killed_at_random_points(unique("wal_kill"), &[], 0).await;
+}
+
+/// Invariant: the same as `wal_relay_killed_at_random_points_loses_and_doubles_nothing`
+/// while a third writer commits large transactions (1,500 rows each, and a
+/// savepoint of 500 rows and 3 updates rolled back) that the server
+/// streams while they run (the relay's session sets
+/// `logical_decoding_work_mem` to 64 kB) and the relay spills past 64 KiB:
+/// kills land in the middle of streamed transactions, which the next
+/// relay receives again from their start. Nothing rolled back appears.
+#[tokio::test]
+async fn wal_relay_killed_while_large_transactions_stream_loses_and_doubles_nothing() {
+    let name = unique("wal_killstream");
+    let streamed = killed_at_random_points(
+        name,
+        &[
+            "--wal-decoding-work-mem-kb",
+            "64",
+            "--wal-in-progress-memory",
+            "65536",
+        ],
+        25,
+    )
+    .await;
+    assert!(streamed > 0, "the server streamed no transaction");
+}
+
+/// The kill test of `wal_relay_killed_at_random_points_loses_and_doubles_nothing`,
+/// with the relay's `extra` options and `large` transactions of a third
+/// writer; returns how many transactions the server streamed in progress.
+async fn killed_at_random_points(name: String, extra: &[&str], large: i32) -> i64 {
     let pipeline = WalPipeline::new(&name).await;
-    let mut relay = pipeline.relay();
+    let mut relay = pipeline.relay_with(extra);
     pipeline.wait_streaming().await;
     pipeline.wait_loaded().await;
-    let writers = [
+    let mut writers = vec![
         tokio::spawn(write(pipeline.pool.clone(), name.clone(), 1000, 150)),
         tokio::spawn(write(pipeline.pool.clone(), name.clone(), 5000, 150)),
     ];
+    if large > 0 {
+        writers.push(tokio::spawn(write_large(
+            pipeline.pool.clone(),
+            name.clone(),
+            large,
+        )));
+    }
     let mut kills = 0;
     while !writers.iter().all(|w| w.is_finished()) {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(200..900))).await;
         relay.0.kill().unwrap(); // SIGKILL
         relay.0.wait().unwrap();
         kills += 1;
-        relay = pipeline.relay();
+        relay = pipeline.relay_with(extra);
     }
     // The 20 rows the table held when the slot was created come first, loaded.
     let mut committed = 20;
@@ -250,12 +331,19 @@ async fn wal_relay_killed_at_random_points_loses_and_doubles_nothing() {
     let mut first = HashSet::new();
     let mut last_n: HashMap<String, i64> = HashMap::new();
     let mut out_of_order = 0;
+    let mut rolled_back = 0;
     for record in &by_position {
         if !first.insert(record.event_id) {
             continue;
         }
         let change: serde_json::Value = serde_json::from_str(&record.payload).unwrap();
         let n = change["after"]["n"].as_i64().unwrap();
+        if change["after"]["id"]
+            .as_i64()
+            .is_some_and(|id| id >= i64::from(ROLLED_BACK_IDS))
+        {
+            rolled_back += 1;
+        }
         let key = record.key.clone().unwrap_or_default();
         if let Some(previous) = last_n.insert(key, n) {
             if n != previous + 1 {
@@ -267,9 +355,22 @@ async fn wal_relay_killed_at_random_points_loses_and_doubles_nothing() {
     let (ok, out) = consume_into_clickhouse(&name);
     assert!(ok, "{out}");
     let (rows, distinct) = ch_counts(&name).await;
+    let streamed: i64 = pipeline
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT coalesce(max(stream_txns), 0) FROM pg_stat_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
     println!(
         "committed={committed} relay_kills={kills} in_kafka={in_kafka} distinct_in_kafka={distinct_in_kafka} \
-         copies={} out_of_order={out_of_order} clickhouse_rows={rows} distinct={distinct} lost={}",
+         copies={} out_of_order={out_of_order} rolled_back_seen={rolled_back} clickhouse_rows={rows} distinct={distinct} \
+         lost={} streamed_in_progress={streamed}",
         in_kafka - distinct_in_kafka,
         committed.saturating_sub(distinct_in_kafka)
     );
@@ -284,7 +385,9 @@ async fn wal_relay_killed_at_random_points_loses_and_doubles_nothing() {
         "every committed change reached Kafka once or more"
     );
     assert_eq!(out_of_order, 0, "each key's changes in commit order");
+    assert_eq!(rolled_back, 0, "nothing rolled back is published");
     assert_eq!((rows, distinct), (committed as u64, committed as u64));
+    streamed
 }
 
 /// Invariant (a load survives kill -9): the relay binary is SIGKILLed at
