@@ -83,18 +83,11 @@ impl Loader {
 
     /// Loads every table left; returns once the last chunk was published.
     pub(crate) async fn run(mut self) -> Result<(), PgError> {
-        let db = self.pool.get().await.map_err(|e| PgError::Connect {
+        let mut db = self.pool.get().await.map_err(|e| PgError::Connect {
             target: "postgres (initial load)".into(),
             detail: e.to_string(),
             retryable: true,
         })?;
-        // The session's text output is the one the stream's values are in.
-        db.batch_execute(
-            "SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; SET IntervalStyle = 'iso_8601'; \
-             SET bytea_output = 'hex'; SET extra_float_digits = 3;",
-        )
-        .await
-        .map_err(query("prepare the initial load's session"))?;
         let left: Vec<String> = self
             .config
             .tables
@@ -147,7 +140,7 @@ impl Loader {
                 };
                 emit(&db, &mark(false)).await?;
                 let (snapshot, rows, keys) =
-                    read_chunk(&db, &table, after.as_ref(), self.config.load_batch).await?;
+                    read_chunk(&mut db, &table, after.as_ref(), self.config.load_batch).await?;
                 let table_done = rows.len() < self.config.load_batch;
                 let last = keys.last().cloned().or_else(|| after.clone());
                 let mut state = self.state.clone();
@@ -259,7 +252,7 @@ async fn settle(db: &tokio_postgres::Client) -> Result<(), PgError> {
 /// The rows of `table` after `after` in key order, at most `limit`, with
 /// the snapshot they were read in.
 async fn read_chunk(
-    db: &tokio_postgres::Client,
+    db: &mut tokio_postgres::Client,
     table: &Table,
     after: Option<&Key>,
     limit: usize,
@@ -305,23 +298,36 @@ async fn read_chunk(
         .iter()
         .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
         .collect();
-    db.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await
-        .map_err(query("read a chunk of a captured table"))?;
+    // A transaction object, not BEGIN and COMMIT statements: when the
+    // session ends, this task is aborted wherever it is, and the object
+    // rolls back before the connection goes back to the pool (which may be
+    // the application's); a bare BEGIN would leave the next user of the
+    // connection inside this read-only snapshot.
     let read = async {
-        let snapshot: String = db
+        let tx = db
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        // The values' text output as the stream's, for this transaction only.
+        tx.batch_execute(
+            "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO'; \
+             SET LOCAL IntervalStyle = 'iso_8601'; SET LOCAL bytea_output = 'hex'; \
+             SET LOCAL extra_float_digits = 3;",
+        )
+        .await?;
+        let snapshot: String = tx
             .query_one("SELECT pg_current_snapshot()::text", &[])
             .await?
             .get(0);
-        let rows = db.query(&sql, &params).await?;
+        let rows = tx.query(&sql, &params).await?;
+        tx.commit().await?;
         Ok::<_, tokio_postgres::Error>((snapshot, rows))
-    }
-    .await;
-    let end = db
-        .batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" })
-        .await;
-    let (snapshot, rows) = read.map_err(query("read a chunk of a captured table"))?;
-    end.map_err(query("read a chunk of a captured table"))?;
+    };
+    let (snapshot, rows) = read
+        .await
+        .map_err(query("read a chunk of a captured table"))?;
     let snapshot = Snapshot::parse(&snapshot).map_err(|detail| PgError::Replication {
         detail,
         retryable: false,
