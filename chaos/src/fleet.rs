@@ -69,6 +69,12 @@ fn relay_command(cli: &Cli, bin_dir: &Path, name: &str) -> (PathBuf, Vec<String>
             &(CLAIM_TIMEOUT_SECS * 1000 * 4 / 5).to_string(),
             "--batch-size",
             "200",
+            // The writers' large transactions are streamed while they run,
+            // and spill past 64 KiB in the relay.
+            "--wal-decoding-work-mem-kb",
+            "64",
+            "--wal-in-progress-memory",
+            "65536",
         ];
         return (
             bin_dir.join("producer_pg_to_kafka"),

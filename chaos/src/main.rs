@@ -121,6 +121,10 @@ const CLAIM_TIMEOUT_SECS: u64 = 5;
 /// A consumer's partitions move after this long.
 const LEASE_TIMEOUT_MS: u64 = 4000;
 const KEYS: usize = 32;
+
+/// In WAL runs, one writer transaction in this many is large (see
+/// `writer::LARGE_EVENTS`): streamed while it runs, its savepoint rolled back.
+const LARGE_ONE_IN: u32 = 300;
 /// Rows of the captured table of a WAL run: about 1,000 per second of
 /// attack, so that the load takes long enough to be attacked (a relay loads
 /// some 10,000 rows a second here), within bounds that keep the set-up and
@@ -228,6 +232,11 @@ async fn run(cli: Cli, name: String) -> anyhow::Result<Verdict> {
                     / if cli.source == Source::Wal { 2 } else { 1 },
                 seed: writer_seed,
                 captured: (cli.source == Source::Wal).then(|| (format!("{name}_rows"), table_size)),
+                large_one_in: if cli.source == Source::Wal {
+                    LARGE_ONE_IN
+                } else {
+                    0
+                },
             },
             writing.clone(),
             attempted.clone(),
@@ -267,13 +276,14 @@ async fn run(cli: Cli, name: String) -> anyhow::Result<Verdict> {
                                                       // topic's first copies counting each row up to the table's rows.
     let table = if cli.source == Source::Wal {
         let loaded = stores.load_published().await?;
+        let streamed = stores.streamed_in_progress().await?;
         fleet.stop().await;
         stores.drop_slot().await;
         let rows = stores.table_rows().await?;
         let (brokers, topic) = (cli.kafka_brokers.clone(), format!("{name}_rows"));
         let records =
             tokio::task::spawn_blocking(move || verify::read_records(&brokers, &topic)).await??;
-        Some((loaded, verify::judge_table(&records, &rows)))
+        Some((loaded, streamed, verify::judge_table(&records, &rows)))
     } else {
         fleet.stop().await;
         None
@@ -293,8 +303,8 @@ async fn run(cli: Cli, name: String) -> anyhow::Result<Verdict> {
     };
     let counts = verify::judge(&committed, &rows, &still_pending, &in_kafka);
     let verdict = match &table {
-        Some((_, table)) if table.violations() > 0 => Verdict::Violated,
-        Some((false, _)) if Verdict::of(&counts, drained) == Verdict::Passed => {
+        Some((_, _, table)) if table.violations() > 0 => Verdict::Violated,
+        Some((false, _, _)) if Verdict::of(&counts, drained) == Verdict::Passed => {
             Verdict::DidNotDrain
         }
         _ => Verdict::of(&counts, drained),
@@ -318,9 +328,9 @@ async fn run(cli: Cli, name: String) -> anyhow::Result<Verdict> {
         },
     }
     .print();
-    if let Some((loaded, table)) = &table {
+    if let Some((loaded, streamed, table)) = &table {
         println!(
-            "chaos: captured table rows={table_size} load_published={loaded} loaded={} changes={} gaps={} backwards={} mismatched={}",
+            "chaos: captured table rows={table_size} load_published={loaded} loaded={} changes={} gaps={} backwards={} mismatched={} streamed_in_progress={streamed}",
             table.loaded, table.changes, table.gaps, table.backwards, table.mismatched
         );
     }

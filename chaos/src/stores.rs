@@ -140,6 +140,22 @@ impl Stores {
     }
 
     /// Whether the slot's initial load was published whole.
+    /// Transactions the server streamed to the run's slot while they ran
+    /// (`pg_stat_replication_slots`, kept across server restarts).
+    pub(crate) async fn streamed_in_progress(&self) -> anyhow::Result<i64> {
+        let config = wal_config(&self.name);
+        Ok(self
+            .pool
+            .get()
+            .await?
+            .query_one(
+                "SELECT coalesce(max(stream_txns), 0) FROM pg_stat_replication_slots WHERE slot_name = $1",
+                &[&config.slot],
+            )
+            .await?
+            .get(0))
+    }
+
     pub(crate) async fn load_published(&self) -> anyhow::Result<bool> {
         let config = wal_config(&self.name);
         Ok(self

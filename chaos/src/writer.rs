@@ -26,7 +26,18 @@ pub(crate) struct Writes {
     /// each transaction counts up (`n = n + 1`): its changes, and its
     /// initial load, are judged against its rows at the end.
     pub(crate) captured: Option<(String, i32)>,
+    /// One transaction in this many is large (WAL runs): [`LARGE_EVENTS`]
+    /// events, then a savepoint of [`DOOMED_EVENTS`] rolled back, which the
+    /// relay's session streams while it runs. 0: none.
+    pub(crate) large_one_in: u32,
 }
+
+/// Events of a large transaction: far past the 64 kB of decoding memory
+/// the WAL relay's session sets (see `fleet::relay_command`).
+pub(crate) const LARGE_EVENTS: usize = 1000;
+
+/// Events of a large transaction's savepoint that is rolled back.
+const DOOMED_EVENTS: usize = 200;
 
 /// Commits events of random keys in transactions of 1–10 events, a tenth of
 /// them rolled back, each with a ledger row in the same transaction.
@@ -44,12 +55,24 @@ pub(crate) async fn write_events(
     let insert = format!("INSERT INTO {ledger} (event_id) SELECT unnest($1::uuid[])");
     let take_seq = format!("UPDATE {ledger}_seq SET seq = seq + 1 WHERE key = $1 RETURNING seq");
     while writing.load(Ordering::SeqCst) {
-        let size = rng.usize(1..=10);
+        let large = writes.large_one_in > 0 && rng.u32(0..writes.large_one_in) == 0;
+        let size = if large {
+            LARGE_EVENTS
+        } else {
+            rng.usize(1..=10)
+        };
         let mut keys: Vec<usize> = (0..size).map(|_| rng.usize(0..KEYS)).collect();
+        let doomed_keys: Vec<usize> = if large {
+            let mut keys: Vec<usize> = (0..DOOMED_EVENTS).map(|_| rng.usize(0..KEYS)).collect();
+            keys.sort_unstable();
+            keys
+        } else {
+            Vec::new()
+        };
         let rollback = rng.u32(0..10) == 0;
         let result: anyhow::Result<()> = async {
             let mut client = pool.get().await?;
-            let tx = client.transaction().await?;
+            let mut tx = client.transaction().await?;
             let mut events = Vec::with_capacity(size);
             if writes.table_free {
                 // Keys locked in one order: two writers never deadlock.
@@ -84,6 +107,21 @@ pub(crate) async fn write_events(
             } else {
                 outbox.enqueue(&tx, &events).await?;
             }
+            if !doomed_keys.is_empty() {
+                // Events, ledger rows and sequence numbers of a rolled back
+                // savepoint: none may come out.
+                let savepoint = tx.savepoint("doomed").await?;
+                let mut doomed = Vec::with_capacity(doomed_keys.len());
+                for key in &doomed_keys {
+                    let key_id = *key as i32;
+                    let seq: i64 = savepoint.query_one(&take_seq, &[&key_id]).await?.get(0);
+                    doomed.push(event(&writes.topic, *key, seq));
+                }
+                let ids: Vec<Uuid> = doomed.iter().map(|e| e.id).collect();
+                savepoint.execute(&insert, &[&ids]).await?;
+                outbox.emit(&savepoint, &doomed).await?;
+                savepoint.rollback().await?;
+            }
             if rollback {
                 tx.rollback().await?;
             } else {
@@ -92,9 +130,13 @@ pub(crate) async fn write_events(
             Ok(())
         }
         .await;
-        attempted.fetch_add(size as u64, Ordering::SeqCst);
-        if result.is_ok() && rollback {
-            rolled_back.fetch_add(size as u64, Ordering::SeqCst);
+        let doomed = doomed_keys.len() as u64;
+        attempted.fetch_add(size as u64 + doomed, Ordering::SeqCst);
+        if result.is_ok() {
+            rolled_back.fetch_add(
+                if rollback { size as u64 } else { 0 } + doomed,
+                Ordering::SeqCst,
+            );
         }
         if result.is_err() {
             // PostgreSQL restarting: the outcome is in the ledger.

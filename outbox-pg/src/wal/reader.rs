@@ -41,6 +41,9 @@ const IDLE_CONFIRM_STEP: u64 = 64 * 1024;
 enum Ended {
     /// An acknowledgement asked to read again from the confirmed position.
     Rewind,
+    /// The stream's protocol must change: read again from the confirmed
+    /// position in a new session.
+    Reconnect,
     /// The relay is stopping.
     Stopped,
 }
@@ -54,6 +57,10 @@ pub(super) struct Reader {
     pub(super) config: WalConfig,
     pub(super) dead_letter: SqlName,
     pub(super) stop: CancellationToken,
+    /// Sessions read with protocol 1 until the confirmed position reaches
+    /// this (0: no limit): the end of a streamed transaction whose
+    /// messages could not be attributed (`StreamError::Unattributable`).
+    pub(super) unstreamed_until: std::sync::atomic::AtomicU64,
 }
 
 impl Reader {
@@ -69,6 +76,7 @@ impl Reader {
                     debug!(slot = %self.config.slot, "WAL stream starts over from the confirmed position");
                     backoff.reset();
                 }
+                Ok(Ended::Reconnect) => backoff.reset(),
                 Err(SessionError::Held(holder)) => {
                     if waiting_since.is_none() {
                         info!(slot = %self.config.slot, holder = %holder,
@@ -128,12 +136,15 @@ impl Reader {
         .await
         .map_err(classify)?;
         let system = client.identify_system().await.map_err(classify)?;
+        let unstreamed_until = self
+            .unstreamed_until
+            .load(std::sync::atomic::Ordering::SeqCst);
         let streaming = client
             .start(&Start {
                 slot: &self.config.slot,
                 publication: &self.config.publication,
                 from: start,
-                stream_in_progress: self.config.stream_in_progress,
+                stream_in_progress: self.config.stream_in_progress && unstreamed_until == 0,
             })
             .await
             .map_err(classify)?;
@@ -144,7 +155,12 @@ impl Reader {
                 .clone()
                 .unwrap_or_else(std::env::temp_dir),
             self.shared.streamed.clone(),
+            vec![self.config.message_prefix.clone(), LOAD_PREFIX.to_string()],
         );
+        self.shared
+            .streamed
+            .active
+            .store(streaming, std::sync::atomic::Ordering::SeqCst);
         if let Some(since) = waiting_since.take() {
             info!(slot = %self.config.slot, waited_ms = since.elapsed().as_millis() as u64,
                   "took over the replication slot");
@@ -193,6 +209,12 @@ impl Reader {
                 _ = rewind.changed() => return Ok(Ended::Rewind),
                 _ = tick.tick() => {
                     self.send_confirmed(&mut client, &mut sent).await?;
+                    if unstreamed_until != 0 && sent >= unstreamed_until {
+                        self.unstreamed_until.store(0, std::sync::atomic::Ordering::SeqCst);
+                        info!(slot = %self.config.slot, "past the transaction read unstreamed: streaming large transactions again");
+                        client.stop().await;
+                        return Ok(Ended::Reconnect);
+                    }
                     ticks += 1;
                     if ticks % SLOT_REPORT_TICKS == 1 {
                         self.report_slot(&assembler).await;
@@ -246,7 +268,18 @@ impl Reader {
                             continue;
                         }
                     };
-                    let mut released = assembler.feed(data).map_err(stream_failed)?;
+                    let mut released = match assembler.feed(data) {
+                        Ok(released) => released,
+                        Err(StreamError::Unattributable { xid, end_lsn }) => {
+                            warn!(slot = %self.config.slot, xid, end = %lsn_text(end_lsn),
+                                  "a streamed transaction has logical messages and a rolled back savepoint, which \
+                                   pgoutput does not tell apart: reading it again unstreamed (docs/wal.md)");
+                            self.unstreamed_until.store(end_lsn, std::sync::atomic::Ordering::SeqCst);
+                            client.stop().await;
+                            return Ok(Ended::Reconnect);
+                        }
+                        Err(err) => return Err(stream_failed(err)),
+                    };
                     while let Some(message) = released.next().map_err(|e| stream_failed(assembler.spill_error(e)))? {
                         let undecodable = |e: &dyn std::fmt::Display| SessionError::Failed(PgError::Replication {
                             detail: format!("cannot decode the replication stream: {e}"),
@@ -599,7 +632,7 @@ fn stream_failed(err: StreamError) -> SessionError {
             StreamError::Spill { .. } => {
                 format!("{err}; free space there or choose another place (WalConfig::spill_dir)")
             }
-            StreamError::Protocol(_) => err.to_string(),
+            StreamError::Protocol(_) | StreamError::Unattributable { .. } => err.to_string(),
         },
     })
 }

@@ -78,11 +78,16 @@ pub(super) struct Shared {
 /// [`WalSource::streamed`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Streamed {
-    /// Streamed transactions that committed, published at their commit.
+    /// Streamed transactions that committed with changes or messages for
+    /// this source, published at their commit.
     pub transactions: u64,
     /// Bytes of them written to spill files, past
     /// [`WalConfig::in_progress_memory`](super::WalConfig::in_progress_memory).
     pub spilled_bytes: u64,
+    /// The current session receives large transactions while they run
+    /// (false with protocol 1: asked for, before PostgreSQL 14, or for a
+    /// while after a transaction that had to be read unstreamed).
+    pub active: bool,
 }
 
 /// How far the initial load of a [`WalSource`] has read (for a progress
@@ -229,6 +234,7 @@ impl WalSource {
             config,
             dead_letter: dead_letter.clone(),
             stop: stop.clone(),
+            unstreamed_until: std::sync::atomic::AtomicU64::new(0),
         };
         tokio::spawn(reader.run());
         Ok(Self {
@@ -247,6 +253,7 @@ impl WalSource {
         Streamed {
             transactions: self.shared.streamed.transactions.load(Relaxed),
             spilled_bytes: self.shared.streamed.spilled.load(Relaxed),
+            active: self.shared.streamed.active.load(Relaxed),
         }
     }
 

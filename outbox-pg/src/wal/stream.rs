@@ -36,6 +36,14 @@ pub(crate) enum StreamError {
     /// The server's messages break protocol 2's rules.
     #[error("pgoutput stream: {0}")]
     Protocol(String),
+    /// Transaction `xid` committed after a savepoint of it rolled back, and
+    /// it holds logical messages: pgoutput tags a streamed message with the
+    /// top transaction's xid, not its subtransaction's, so which of them
+    /// the savepoint took cannot be told. Only a protocol-1 reading of it
+    /// (decoded at its commit, without what was rolled back) can; it ends
+    /// at `end_lsn`.
+    #[error("streamed transaction {xid} has logical messages and a rolled back savepoint: read it again unstreamed")]
+    Unattributable { xid: u32, end_lsn: u64 },
     /// A spill file cannot be written or read back.
     #[error("spill file of a large transaction in {dir}: {source}")]
     Spill {
@@ -48,7 +56,10 @@ pub(crate) enum StreamError {
 impl StreamError {
     /// A spill file may work again (space freed); the protocol will not.
     pub(crate) fn is_retryable(&self) -> bool {
-        matches!(self, StreamError::Spill { .. })
+        matches!(
+            self,
+            StreamError::Spill { .. } | StreamError::Unattributable { .. }
+        )
     }
 }
 
@@ -61,6 +72,8 @@ pub(crate) struct Counters {
     pub transactions: AtomicU64,
     /// Bytes written to spill files.
     pub spilled: AtomicU64,
+    /// Whether the current session streams transactions in progress.
+    pub active: std::sync::atomic::AtomicBool,
 }
 
 /// Puts streamed transactions back together (see the module's doc).
@@ -73,6 +86,9 @@ pub(crate) struct Assembler {
     memory_limit: usize,
     spill_dir: PathBuf,
     counters: Arc<Counters>,
+    /// Prefixes of the logical messages the source reads; a streamed
+    /// message under another is dropped at once.
+    prefixes: Vec<String>,
 }
 
 /// One streamed transaction not committed yet: a log of records (`u32`
@@ -85,6 +101,12 @@ struct Pending {
     log: Vec<u8>,
     /// Where each subtransaction's first message starts in the log.
     subxacts: HashMap<u32, u64>,
+    /// It holds logical messages (tagged with the top xid, whatever
+    /// subtransaction wrote them).
+    messages: bool,
+    /// A subtransaction aborted while it held messages: see
+    /// [`StreamError::Unattributable`].
+    unattributable: bool,
 }
 
 impl Pending {
@@ -227,7 +249,14 @@ impl Assembler {
     /// Holds at most `memory_limit` bytes of uncommitted transactions in
     /// memory; beyond, the largest moves to a file in `spill_dir` (a file
     /// without a name, gone with the process).
-    pub(crate) fn new(memory_limit: usize, spill_dir: PathBuf, counters: Arc<Counters>) -> Self {
+    /// Logical messages under other `prefixes` than the given ones are
+    /// not kept (they reach every slot of the database).
+    pub(crate) fn new(
+        memory_limit: usize,
+        spill_dir: PathBuf,
+        counters: Arc<Counters>,
+        prefixes: Vec<String>,
+    ) -> Self {
         Assembler {
             open: None,
             pending: HashMap::new(),
@@ -235,6 +264,7 @@ impl Assembler {
             memory_limit,
             spill_dir,
             counters,
+            prefixes,
         }
     }
 
@@ -301,6 +331,9 @@ impl Assembler {
                     ))
                 })?;
                 self.in_memory -= pending.log.len();
+                if pending.unattributable {
+                    return Err(StreamError::Unattributable { xid, end_lsn });
+                }
                 let records = pending.records_from(0).map_err(|e| self.spill_error(e))?;
                 let mut begin = BytesMut::with_capacity(21);
                 begin.put_u8(b'B');
@@ -313,7 +346,11 @@ impl Assembler {
                 commit.put_u64(commit_lsn);
                 commit.put_u64(end_lsn);
                 commit.put_u64(time);
-                self.counters.transactions.fetch_add(1, Ordering::Relaxed);
+                if pending.len() > 0 {
+                    // Not the empty ones: every slot of the database gets
+                    // each large transaction, whatever tables it wrote.
+                    self.counters.transactions.fetch_add(1, Ordering::Relaxed);
+                }
                 Ok(Released {
                     first: Some(begin.freeze()),
                     records: Some(records),
@@ -328,6 +365,7 @@ impl Assembler {
                         self.in_memory -= pending.log.len();
                     }
                 } else if let Some(pending) = self.pending.get_mut(&xid) {
+                    pending.unattributable |= pending.messages;
                     if let Some(&first) = pending.subxacts.get(&subxid) {
                         let change = match pending.truncate(first) {
                             Ok(change) => change,
@@ -345,6 +383,9 @@ impl Assembler {
                 // Inside a block, every message has its (sub)transaction's
                 // xid after the tag: kept as protocol 1 has it, without.
                 let subxid = get_u32(&mut body)?;
+                if tag == b'M' && !self.wanted(&body) {
+                    return Ok(Released::default());
+                }
                 let pending = self.pending.get_mut(&xid).ok_or_else(|| {
                     StreamError::Protocol(format!(
                         "a message of unknown streamed transaction {xid}"
@@ -354,6 +395,7 @@ impl Assembler {
                     let at = pending.len();
                     pending.subxacts.entry(subxid).or_insert(at);
                 }
+                pending.messages |= tag == b'M';
                 let mut record = Vec::with_capacity(message.len() - 4);
                 record.push(tag);
                 record.extend_from_slice(&body);
@@ -365,6 +407,17 @@ impl Assembler {
                 Ok(Released::default())
             }
         }
+    }
+
+    /// Whether a message body (flags, position, prefix, …) is under one
+    /// of the prefixes read.
+    fn wanted(&self, body: &[u8]) -> bool {
+        let Some(rest) = body.get(9..) else {
+            // Cut short: kept, for the decoder to report.
+            return true;
+        };
+        let prefix = rest.split(|b| *b == 0).next().unwrap_or_default();
+        self.prefixes.iter().any(|p| p.as_bytes() == prefix)
     }
 
     fn spill_largest(&mut self) -> Result<()> {
@@ -439,6 +492,20 @@ mod tests {
         m.freeze()
     }
 
+    /// A streamed logical message under `prefix`.
+    fn message(xid: u32, prefix: &str, content: &str) -> Bytes {
+        let mut m = BytesMut::new();
+        m.put_u8(b'M');
+        m.put_u32(xid);
+        m.put_u8(1);
+        m.put_u64(5);
+        m.put_slice(prefix.as_bytes());
+        m.put_u8(0);
+        m.put_u32(content.len() as u32);
+        m.put_slice(content.as_bytes());
+        m.freeze()
+    }
+
     fn abort(xid: u32, subxid: u32) -> Bytes {
         let mut m = BytesMut::new();
         m.put_u8(b'A');
@@ -473,7 +540,12 @@ mod tests {
     }
 
     fn assembler(limit: usize) -> Assembler {
-        Assembler::new(limit, std::env::temp_dir(), Arc::default())
+        Assembler::new(
+            limit,
+            std::env::temp_dir(),
+            Arc::default(),
+            vec!["ours".into()],
+        )
     }
 
     #[test]
@@ -604,6 +676,47 @@ mod tests {
         ]);
         let out = run(&mut a, &messages)?;
         assert_eq!(out, ["B lsn=9 xid=5", "Ikept", "Iafter", "C lsn=9 end=17"]);
+        Ok(())
+    }
+
+    #[test]
+    fn messages_under_a_rolled_back_savepoint_cannot_be_attributed() -> Result<()> {
+        // pgoutput tags a streamed message with the top xid (7), even when
+        // subtransaction 8 wrote it: after 8's abort, no cut is right.
+        let mut a = assembler(1 << 20);
+        let messages = [
+            start(7, true),
+            message(7, "ours", "emitted by 7"),
+            message(7, "ours", "emitted by 8"),
+            stop(),
+            abort(7, 8),
+        ];
+        assert!(run(&mut a, &messages)?.is_empty());
+        match a.feed(commit(7, 40)) {
+            Err(StreamError::Unattributable {
+                xid: 7,
+                end_lsn: 48,
+            }) => {}
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        // Aborted whole, the same transaction is simply dropped.
+        let mut a = assembler(1 << 20);
+        assert!(run(&mut a, &messages)?.is_empty());
+        assert!(run(&mut a, &[abort(7, 7)])?.is_empty());
+        // Row changes alone are attributed by their own xids.
+        let mut a = assembler(1 << 20);
+        let out = run(
+            &mut a,
+            &[
+                start(7, true),
+                change(b'I', 7, "top"),
+                change(b'I', 8, "sub"),
+                stop(),
+                abort(7, 8),
+                commit(7, 40),
+            ],
+        )?;
+        assert_eq!(out, ["B lsn=40 xid=7", "Itop", "C lsn=40 end=48"]);
         Ok(())
     }
 
