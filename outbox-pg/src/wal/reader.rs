@@ -295,7 +295,7 @@ impl Reader {
                                 if let Some(run) = load.as_mut() {
                                     run.backfill.touched(decoder.take_touched());
                                 }
-                                if self.take(decoded, generation).await? {
+                                if self.take(decoded, generation, &mut client, &mut sent).await? {
                                     events_in_transaction += 1;
                                 }
                             }
@@ -315,12 +315,12 @@ impl Reader {
                                     continue;
                                 }
                                 let at = decoder.commit_lsn().unwrap_or_default();
-                                let published = self.publish_chunk(&mut run.backfill, &decoder, chunk, at, generation).await?;
+                                let published = self.publish_chunk(&mut run.backfill, &decoder, chunk, at, generation, &mut client, &mut sent).await?;
                                 events_in_transaction += published;
                             }
                             Boundary::Message { prefix, content, lsn, transactional } => {
                                 let decoded = decoder.message(&prefix, &content, lsn);
-                                if self.take(decoded, generation).await? {
+                                if self.take(decoded, generation, &mut client, &mut sent).await? {
                                     events_in_transaction += 1;
                                     if !transactional {
                                         self.push(Item::Commit(lsn), generation);
@@ -349,6 +349,7 @@ impl Reader {
     /// transaction committing at `at`): queues the rows no change in its
     /// window touched, then its load mark, and tells the loader; or tells
     /// it to read the chunk again. Returns the items queued.
+    #[allow(clippy::too_many_arguments)]
     async fn publish_chunk(
         &self,
         backfill: &mut Backfill,
@@ -356,6 +357,8 @@ impl Reader {
         chunk: Chunk,
         at: u64,
         generation: u64,
+        client: &mut Connection,
+        sent: &mut u64,
     ) -> Result<usize, SessionError> {
         let keep = match backfill.close(chunk.number, &chunk.keys, &chunk.snapshot) {
             Decision::Publish(keep) => keep,
@@ -374,7 +377,10 @@ impl Reader {
                 continue;
             };
             let event = decoder.snapshot_row(&chunk.relation, row, at, now_ms);
-            if !self.take(Decoded::Event(event), generation).await? {
+            if !self
+                .take(Decoded::Event(event), generation, client, sent)
+                .await?
+            {
                 // A rewind or a stop: the session ends, the loader with it.
                 return Ok(queued);
             }
@@ -489,8 +495,18 @@ impl Reader {
             .set(queued as f64);
     }
 
-    /// Queues what the decoder made; true when it was an event.
-    async fn take(&self, decoded: Decoded, generation: u64) -> Result<bool, SessionError> {
+    /// Queues what the decoder made; true when it was an event. While the
+    /// queue is full (a slow broker), it still sends a status every status
+    /// interval: the server ends a session silent for `wal_sender_timeout`
+    /// (it reads replies while its own output waits), and acknowledgements
+    /// made meanwhile are confirmed.
+    async fn take(
+        &self,
+        decoded: Decoded,
+        generation: u64,
+        client: &mut Connection,
+        sent: &mut u64,
+    ) -> Result<bool, SessionError> {
         match decoded {
             Decoded::Nothing => Ok(false),
             Decoded::Truncated(tables) => {
@@ -528,6 +544,9 @@ impl Reader {
                     tokio::select! {
                         _ = space => {}
                         _ = self.stop.cancelled() => return Ok(false),
+                        _ = tokio::time::sleep(self.config.status_interval) => {
+                            self.send_confirmed(client, sent).await?;
+                        }
                     }
                 }
                 self.push(Item::Event(event), generation);

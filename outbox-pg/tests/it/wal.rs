@@ -1736,3 +1736,62 @@ async fn large_transactions_stream_while_they_run_and_come_out_as_committed() {
         "past 32 KiB the relay spills: {relay:?}"
     );
 }
+
+/// Invariant: a relay whose queue is full (the broker is slow) keeps its
+/// replication session past the server's `wal_sender_timeout` (10 s in the
+/// stack): the session is the same when the relay drains, and every event
+/// comes once. Ended sessions mean re-reading and, with standbys, a
+/// takeover at every slow moment of the broker.
+#[tokio::test]
+async fn a_full_queue_keeps_the_session_past_the_sender_timeout() {
+    let mut capture = Capture::new("fullq").await;
+    capture.config.read_ahead = 100;
+    let source = capture.source();
+    wait_for_slot(&capture).await;
+    settle_load(&capture, &source).await;
+    let session = || async {
+        let client = capture.pool.get().await.unwrap();
+        client
+            .query_one(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&capture.config.slot],
+            )
+            .await
+            .unwrap()
+            .get::<_, Option<i32>>(0)
+    };
+    let before = session().await;
+    let t = &capture.table;
+    capture
+        .sql(&format!(
+            "INSERT INTO {t} SELECT g, 'o', g, NULL FROM generate_series(1, 1000) g"
+        ))
+        .await;
+    let timeout: String = capture
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SHOW wal_sender_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Nothing claimed for longer than the server waits for a reply.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let during = session().await;
+    let (events, claims) = capture.claim(&source, 1000).await;
+    acknowledge_all(&source, claims).await;
+    let distinct: std::collections::HashSet<_> = events.iter().map(|e| e.id).collect();
+    println!(
+        "wal_sender_timeout={timeout} session before={before:?} after 15 s with a full queue={during:?} \
+         events={} distinct={}",
+        events.len(),
+        distinct.len()
+    );
+    drop(source);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    capture.drop_all().await;
+    assert!(before.is_some());
+    assert_eq!(during, before, "the same session streams the slot");
+    assert_eq!((events.len(), distinct.len()), (1000, 1000));
+}
