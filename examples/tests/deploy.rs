@@ -108,7 +108,9 @@ fn the_deployment_files_are_consistent_and_accepted_by_the_binaries() {
         let pod = &deployment["spec"]["template"];
         pod_labels.push(pod["metadata"]["labels"].clone());
         let spec = &pod["spec"];
-        // Mounted volumes: mount path → (ConfigMap or Secret data).
+        // Mounted volumes: mount path → (ConfigMap or Secret data; an
+        // emptyDir holds no files).
+        let empty = Value::Null;
         let volumes: BTreeMap<&str, &Value> = spec["volumes"]
             .as_sequence()
             .unwrap()
@@ -116,6 +118,8 @@ fn the_deployment_files_are_consistent_and_accepted_by_the_binaries() {
             .map(|v| {
                 let data = if let Some(cm) = v["configMap"]["name"].as_str() {
                     config_maps[cm]
+                } else if v["emptyDir"].is_mapping() {
+                    &empty
                 } else {
                     secrets[text(v, &["secret", "secretName"])]
                 };
@@ -139,6 +143,20 @@ fn the_deployment_files_are_consistent_and_accepted_by_the_binaries() {
                     })
                     .to_string()
             };
+            if container["command"][0].as_str() == Some("producer_pg_to_kafka") {
+                // Its root filesystem is read-only: the WAL source spills
+                // large transactions to the system's temporary directory.
+                assert_eq!(
+                    container["securityContext"]["readOnlyRootFilesystem"].as_bool(),
+                    Some(true)
+                );
+                let tmp = mounts.get("/tmp").unwrap_or_else(|| {
+                    panic!(
+                        "{name}: the relay has no writable /tmp for the WAL source's spill files"
+                    )
+                });
+                assert!(tmp.is_null(), "{name}: /tmp must be an emptyDir");
+            }
             let ports: BTreeSet<&str> = container["ports"]
                 .as_sequence()
                 .unwrap()
