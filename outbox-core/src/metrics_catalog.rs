@@ -168,6 +168,18 @@ pub const RELAY_WAL: &[Metric] = &[
         &["slot"],
         "Decoded events waiting for a claim in the relay.",
     ),
+    metric(
+        "outbox_wal_in_progress_bytes",
+        Gauge,
+        &["slot"],
+        "Bytes of large transactions streamed while they run, held in memory until their commit.",
+    ),
+    metric(
+        "outbox_wal_spilled_bytes_total",
+        Counter,
+        &["slot"],
+        "Bytes of large uncommitted transactions written to the relay's spill files.",
+    ),
 ];
 
 /// Metrics of the consume loop and the ClickHouse sink.
