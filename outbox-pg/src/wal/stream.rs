@@ -131,9 +131,23 @@ impl Pending {
         })
     }
 
-    fn append(&mut self, message: &[u8]) {
-        self.log.put_u32(message.len() as u32);
-        self.log.put_slice(message);
+    /// Appends the record of a message whose tag is `tag` and whose
+    /// fields are `fields` (written straight into the log: a streamed
+    /// message is copied once); returns the bytes it took.
+    /// All its records, the log moved rather than copied (at its commit).
+    fn into_records(mut self) -> std::io::Result<Records> {
+        let file = self.records_from(0)?.file;
+        Ok(Records {
+            file,
+            log: Bytes::from(std::mem::take(&mut self.log)),
+        })
+    }
+
+    fn append(&mut self, tag: u8, fields: &[u8]) -> usize {
+        self.log.put_u32(1 + fields.len() as u32);
+        self.log.put_u8(tag);
+        self.log.put_slice(fields);
+        4 + 1 + fields.len()
     }
 
     /// Moves the in-memory records to the file; returns the bytes moved.
@@ -173,7 +187,7 @@ impl Pending {
         }
         self.subxacts.retain(|_, first| *first < offset);
         for record in kept {
-            self.append(&record);
+            self.append(record[0], &record[1..]);
         }
         Ok(self.log.len() as isize - before)
     }
@@ -325,7 +339,7 @@ impl Assembler {
                         "stream commit of transaction {xid} inside a stream block"
                     )));
                 }
-                let mut pending = self.pending.remove(&xid).ok_or_else(|| {
+                let pending = self.pending.remove(&xid).ok_or_else(|| {
                     StreamError::Protocol(format!(
                         "stream commit of transaction {xid}, which was never streamed"
                     ))
@@ -334,7 +348,8 @@ impl Assembler {
                 if pending.unattributable {
                     return Err(StreamError::Unattributable { xid, end_lsn });
                 }
-                let records = pending.records_from(0).map_err(|e| self.spill_error(e))?;
+                let held = pending.len();
+                let records = pending.into_records().map_err(|e| self.spill_error(e))?;
                 let mut begin = BytesMut::with_capacity(21);
                 begin.put_u8(b'B');
                 begin.put_u64(commit_lsn);
@@ -346,7 +361,7 @@ impl Assembler {
                 commit.put_u64(commit_lsn);
                 commit.put_u64(end_lsn);
                 commit.put_u64(time);
-                if pending.len() > 0 {
+                if held > 0 {
                     // Not the empty ones: every slot of the database gets
                     // each large transaction, whatever tables it wrote.
                     self.counters.transactions.fetch_add(1, Ordering::Relaxed);
@@ -396,11 +411,7 @@ impl Assembler {
                     pending.subxacts.entry(subxid).or_insert(at);
                 }
                 pending.messages |= tag == b'M';
-                let mut record = Vec::with_capacity(message.len() - 4);
-                record.push(tag);
-                record.extend_from_slice(&body);
-                pending.append(&record);
-                self.in_memory += 4 + record.len();
+                self.in_memory += pending.append(tag, &body);
                 if self.in_memory > self.memory_limit {
                     self.spill_largest()?;
                 }
