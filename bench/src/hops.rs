@@ -43,7 +43,7 @@ impl Measured {
 /// compression, partitioner and `--kafka-properties`), with a longer
 /// message timeout: a raw limit must not drop messages the broker is slow
 /// to take.
-fn producer(env: &Env) -> anyhow::Result<FutureProducer> {
+pub(crate) fn producer(env: &Env) -> anyhow::Result<FutureProducer> {
     Ok(env
         .kafka
         .producer_config()
@@ -127,14 +127,7 @@ pub async fn raw_latency(env: &Env, rate: u32, length: Duration) -> anyhow::Resu
     let topic = env.name(&format!("rawlat{rate}"));
     outbox_kafka::ensure_topics(&env.kafka, &[topic.as_str()]).await?;
     let producer = producer(env)?;
-    // Warm up the connection and the topic's metadata, so start-up is not timed.
-    producer
-        .send(
-            FutureRecord::to(&topic).key("warm").payload("warm"),
-            Duration::from_secs(30),
-        )
-        .await
-        .map_err(|(err, _)| anyhow::anyhow!("raw latency warm-up: {err}"))?;
+    warm_up(&producer, &topic).await?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tap = crate::pipeline::tap_topic(&env.kafka.brokers, &topic, stop.clone())?;
     // The tap starts at the end of each partition: let it get there first.
@@ -142,6 +135,61 @@ pub async fn raw_latency(env: &Env, rate: u32, length: Duration) -> anyhow::Resu
     say(format!(
         "raw latency at {rate} messages/s for {length:?} (send → readable)"
     ));
+    let sent_at = send_paced(&producer, &topic, rate, length).await?;
+    // Let the tap read the last messages.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let readable_at = tap
+        .join()
+        .map_err(|_| anyhow::anyhow!("the topic tap thread panicked"))?
+        .seen;
+    let ms = crate::pipeline::delays_ms(&sent_at, &readable_at);
+    if ms.len() < sent_at.len() {
+        bail!(
+            "raw latency: the tap read {} of {} messages back",
+            ms.len(),
+            sent_at.len()
+        );
+    }
+    say(format!(
+        "raw latency at {rate} messages/s: {} messages, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        ms.len(),
+        crate::pipeline::quantile(&ms, 0.5),
+        crate::pipeline::quantile(&ms, 0.99),
+        crate::pipeline::quantile(&ms, 1.0),
+    ));
+    Ok(ms)
+}
+
+/// Sends one message with an event id and waits for its acknowledgement:
+/// the connection and the topic's metadata are then ready, so start-up is
+/// not timed.
+pub(crate) async fn warm_up(producer: &FutureProducer, topic: &str) -> anyhow::Result<()> {
+    let id = Uuid::now_v7().to_string();
+    let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+        key: HEADER_EVENT_ID,
+        value: Some(&id),
+    });
+    let record = FutureRecord::to(topic)
+        .key("warm")
+        .payload("warm")
+        .headers(headers);
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(err, _)| anyhow::anyhow!("warming up a producer on {topic}: {err}"))?;
+    Ok(())
+}
+
+/// Sends `rate` keyed messages a second for `length` into `topic`, each
+/// with a new event id, and waits for every acknowledgement: when each id
+/// was handed to the producer.
+pub(crate) async fn send_paced(
+    producer: &FutureProducer,
+    topic: &str,
+    rate: u32,
+    length: Duration,
+) -> anyhow::Result<std::collections::HashMap<Uuid, Instant>> {
     let mut sent_at = std::collections::HashMap::new();
     let mut deliveries = Vec::new();
     let mut pace = crate::pipeline::Pace::new(rate, length);
@@ -156,13 +204,13 @@ pub async fn raw_latency(env: &Env, rate: u32, length: Duration) -> anyhow::Resu
                 key: HEADER_EVENT_ID,
                 value: Some(&id_text),
             });
-            let record = FutureRecord::to(&topic)
+            let record = FutureRecord::to(topic)
                 .key(&key)
                 .payload(&payload)
                 .headers(headers);
             match producer.send_result(record) {
                 Ok(delivery) => deliveries.push(delivery),
-                Err((err, _)) => bail!("raw latency: send failed: {err}"),
+                Err((err, _)) => bail!("paced send to {topic}: {err}"),
             }
             sent_at.insert(id, Instant::now());
         }
@@ -174,31 +222,10 @@ pub async fn raw_latency(env: &Env, rate: u32, length: Duration) -> anyhow::Resu
             failed += 1;
         }
     }
-    // Let the tap read the last messages.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let readable_at = tap
-        .join()
-        .map_err(|_| anyhow::anyhow!("the topic tap thread panicked"))?
-        .seen;
     if failed > 0 {
-        bail!("raw latency: {failed} of {sent} messages were not acknowledged");
+        bail!("paced send to {topic}: {failed} of {sent} messages were not acknowledged");
     }
-    let ms = crate::pipeline::delays_ms(&sent_at, &readable_at);
-    if ms.len() < sent {
-        bail!(
-            "raw latency: the tap read {} of {sent} messages back",
-            ms.len()
-        );
-    }
-    say(format!(
-        "raw latency at {rate} messages/s: {} messages, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        ms.len(),
-        crate::pipeline::quantile(&ms, 0.5),
-        crate::pipeline::quantile(&ms, 0.99),
-        crate::pipeline::quantile(&ms, 1.0),
-    ));
-    Ok(ms)
+    Ok(sent_at)
 }
 
 /// A plain rdkafka consumer reading `topic` back from the start of every

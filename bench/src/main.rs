@@ -342,14 +342,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             report.figure("e2e_floor0_p99_ms", run.percentile(0.99));
             report.figure(
                 "e2e_floor0_inserts_per_min",
-                f64::from(rate) * 60.0 / run.consumer_budget.mean_batch,
+                f64::from(rate + pipeline::PROBE_RATE) * 60.0 / run.consumer_budget.mean_batch,
             );
         }
         let run = pipeline::latency(&env, rate, sizes.latency, false, None).await?;
         // One part per insert (the sink's tables have no partition key).
         report.figure(
             &format!("{prefix}_inserts_per_min"),
-            f64::from(rate) * 60.0 / run.consumer_budget.mean_batch,
+            f64::from(rate + pipeline::PROBE_RATE) * 60.0 / run.consumer_budget.mean_batch,
         );
         report.figure(&format!("{prefix}_p50_ms"), run.percentile(0.50));
         report.figure(&format!("{prefix}_p99_ms"), run.percentile(0.99));
@@ -361,6 +361,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         report.figure(
             &format!("{prefix}_kafka_p99_ms"),
             run.to_kafka_percentile(0.99),
+        );
+        report.figure(
+            &format!("{prefix}_hop_loaded_p50_ms"),
+            pipeline::quantile(&run.hop_under_load_ms, 0.50),
+        );
+        report.figure(
+            &format!("{prefix}_hop_loaded_p99_ms"),
+            pipeline::quantile(&run.hop_under_load_ms, 0.99),
         );
         report.figure(&format!("{prefix}_events"), run.latencies_ms.len() as f64);
         report.figure(&format!("{prefix}_cpu_busy_pct"), run.cpu_busy_pct);

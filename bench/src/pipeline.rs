@@ -426,6 +426,12 @@ pub struct LatencyRun {
     pub relay_budget: Budget,
     /// And in the consumer.
     pub consumer_budget: Budget,
+    /// The broker hop under this very load: send → readable, ms, sorted, of
+    /// a raw producer (the relay's settings) sending [`PROBE_RATE`] messages
+    /// a second into the same topic while the run writes, read by the same
+    /// tap. What an event would wait if the relay took no time at all, on a
+    /// machine as busy as this run made it.
+    pub hop_under_load_ms: Vec<f64>,
 }
 
 /// The machine's CPU time so far (busy, total), in clock ticks, from the
@@ -644,6 +650,11 @@ const TABLE_CHECK_EVERY: Duration = Duration::from_millis(100);
 /// after its insert returns; a poll may see the rows a little earlier).
 const PROBE_TOLERANCE: Duration = Duration::from_millis(50);
 
+/// Messages per second of the hop probe that runs beside each latency
+/// phase: few enough to add little to the broker's load (a produce request
+/// each), enough for a p99 over a 10 s phase.
+pub const PROBE_RATE: u32 = 20;
+
 /// Runs a relay and a consumer, enqueues `rate` events per second for
 /// `length`, and measures for each event the time from its enqueue
 /// transaction's commit to its row being written to ClickHouse: the time
@@ -706,6 +717,10 @@ pub async fn latency(
         launch(&consumer_bin, &consumer_args, &consumer_log),
     )?;
     let outbox = Outbox::new(&config).with_message_prefix(table.clone());
+    // The hop probe's producer, connected before anything is timed (its
+    // warm-up message is a row like the others).
+    let probe_producer = crate::hops::producer(env)?;
+    crate::hops::warm_up(&probe_producer, &topic).await?;
 
     // Warm up: one event through, so start-up is not measured.
     let warm = Event::new(topic.clone(), payload(0)).with_key(key(0));
@@ -776,6 +791,13 @@ pub async fn latency(
         })
     };
 
+    let probe = {
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            crate::hops::send_paced(&probe_producer, &topic, PROBE_RATE, length).await
+        })
+    };
+
     // Poll ClickHouse for new rows, by position.
     let mut seen_at: HashMap<Uuid, Instant> = HashMap::new();
     // Every partition of the topic from the start, so each poll reads only
@@ -841,6 +863,15 @@ pub async fn latency(
         .map_err(|_| anyhow::anyhow!("the topic tap thread panicked"))?;
     let committed = committed.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let written_at = written_from_log(&consumer_log, &topic, &tapped, &committed, &seen_at, clock)?;
+    let probed = probe.await??;
+    let hop_under_load_ms = delays_ms(&probed, &tapped.seen);
+    if hop_under_load_ms.len() < probed.len() {
+        bail!(
+            "the hop probe: the tap read {} of {} messages back",
+            hop_under_load_ms.len(),
+            probed.len()
+        );
+    }
     let in_kafka_at = tapped.seen;
     let since_commit = |arrivals: &HashMap<Uuid, Instant>| delays_ms(&committed, arrivals);
     let distinct: HashSet<&Uuid> = seen_at.keys().collect();
@@ -859,10 +890,12 @@ pub async fn latency(
             "sink batch acknowledged",
             &["poll_ms", "write_ms"],
         ),
+        hop_under_load_ms,
     };
     say(format!(
         "latency at {rate} events/s: {} events, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} rows seen); \
-         readable in Kafka: p50 {:.1} ms, p99 {:.1} ms; CPU {:.0}% busy",
+         readable in Kafka: p50 {:.1} ms, p99 {:.1} ms; the hop under this load: p50 {:.1} ms, \
+         p99 {:.1} ms; CPU {:.0}% busy",
         run.latencies_ms.len(),
         run.percentile(0.5),
         run.percentile(0.99),
@@ -870,6 +903,8 @@ pub async fn latency(
         distinct.len(),
         run.to_kafka_percentile(0.5),
         run.to_kafka_percentile(0.99),
+        quantile(&run.hop_under_load_ms, 0.5),
+        quantile(&run.hop_under_load_ms, 0.99),
         run.cpu_busy_pct,
     ));
     let cpu: Vec<String> = run

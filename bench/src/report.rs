@@ -116,6 +116,13 @@ impl Report {
                 format!("{prefix}_kafka_p99_vs_raw"),
                 self.get(&format!("{prefix}_kafka_p99_ms")) / hop,
             ));
+            // The same, against the hop as loaded as the run made the
+            // machine: the relay's own share of the distance.
+            latency_ratios.push((
+                format!("{prefix}_kafka_p99_vs_loaded_hop"),
+                self.get(&format!("{prefix}_kafka_p99_ms"))
+                    / self.get(&format!("{prefix}_hop_loaded_p99_ms")),
+            ));
             latency_ratios.push((
                 format!("{prefix}_p99_vs_floor"),
                 self.get(&format!("{prefix}_p99_ms")) / (hop + insert),
@@ -333,6 +340,16 @@ impl Report {
                 "(≤ 1.5)",
             ),
             (
+                "e2e_kafka_p99_vs_loaded_hop",
+                "ratio: to Kafka p99 / hop under the same load p99 @ 1k/s",
+                "",
+            ),
+            (
+                "e2e_5k_kafka_p99_vs_loaded_hop",
+                "ratio: to Kafka p99 / hop under the same load p99 @ 5k/s",
+                "",
+            ),
+            (
                 "e2e_p99_vs_floor",
                 "ratio: e2e p99 / (hop + insert) @ 1k/s",
                 "(≤ 1.5)",
@@ -527,6 +544,16 @@ impl Report {
 fn per_rate_rows() -> Vec<(String, String, &'static str)> {
     let mut rows = Vec::new();
     for (prefix, rate) in [("e2e", "1k"), ("e2e_5k", "5k")] {
+        rows.push((
+            format!("{prefix}_hop_loaded_p50_ms"),
+            format!("hop @ {rate}/s under the run's load, p50 (probe)"),
+            "ms",
+        ));
+        rows.push((
+            format!("{prefix}_hop_loaded_p99_ms"),
+            format!("hop @ {rate}/s under the run's load, p99 (probe)"),
+            "ms",
+        ));
         rows.push((
             format!("raw_{prefix}_cpu_s_per_1k"),
             format!("CPU @ {rate}/s: raw producer + tap"),
@@ -819,6 +846,7 @@ mod tests {
             ("raw_e2e_kafka_p99_ms", 30.0),
             ("e2e_5k_kafka_p99_ms", 90.0),
             ("raw_e2e_5k_kafka_p99_ms", 45.0),
+            ("e2e_5k_hop_loaded_p99_ms", 60.0),
             ("e2e_5k_p99_ms", 100.0),
             ("raw_insert_small_p99_ms", 5.0),
             ("consumer_cpu_s_per_1k", 0.3),
@@ -830,6 +858,7 @@ mod tests {
         report.derive_ratios();
         assert_eq!(report.get("e2e_kafka_p99_vs_raw"), 2.0);
         assert_eq!(report.get("e2e_5k_kafka_p99_vs_raw"), 2.0);
+        assert_eq!(report.get("e2e_5k_kafka_p99_vs_loaded_hop"), 1.5);
         assert_eq!(report.get("e2e_5k_p99_vs_floor"), 2.0);
         assert!((report.get("consumer_cpu_vs_raw") - 1.5).abs() < 1e-9);
         assert!(
@@ -852,7 +881,7 @@ mod tests {
         ] {
             assert!(keys.iter().any(|k| k == key), "{key} missing");
         }
-        assert_eq!(keys.len(), 2 * (1 + 6 + 7));
+        assert_eq!(keys.len(), 2 * (2 + 1 + 6 + 7));
     }
 
     #[test]
