@@ -19,6 +19,34 @@ pub fn client_for(config: &ClickHouseConfig) -> Result<Client, SinkError> {
     connector.set_nodelay(true);
     connector.set_keepalive(Some(std::time::Duration::from_secs(60)));
     connector.enforce_http(false);
+    let builder = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(2))
+        .clone();
+    // A plain `http://` server needs no TLS: building OpenSSL's connector
+    // loads the system's CA bundle, a start-up cost paid for each client.
+    let client = if config.url.starts_with("http://") && config.ca_file.is_none() {
+        Client::with_http_client(builder.build(connector))
+    } else {
+        Client::with_http_client(builder.build(hyper_tls::HttpsConnector::from((
+            connector,
+            tls_connector(config)?.into(),
+        ))))
+    };
+    let mut client = client
+        .with_url(&config.url)
+        .with_user(&config.user)
+        .with_password(&config.password)
+        .with_database(&config.database)
+        .with_validation(false);
+    for (name, value) in write_settings(config, &ServerFacts::default()) {
+        client = client.with_setting(name, value);
+    }
+    Ok(client)
+}
+
+/// OpenSSL's connector for `config`: the system's roots, or only the CAs
+/// of [`ClickHouseConfig::ca_file`] when set.
+fn tls_connector(config: &ClickHouseConfig) -> Result<native_tls::TlsConnector, SinkError> {
     let mut tls = native_tls::TlsConnector::builder();
     if let Some(path) = &config.ca_file {
         let unreadable =
@@ -35,23 +63,8 @@ pub fn client_for(config: &ClickHouseConfig) -> Result<Client, SinkError> {
             tls.add_root_certificate(cert);
         }
     }
-    let tls = tls
-        .build()
-        .map_err(|e| SinkError::Config(format!("cannot set up TLS: {e}")))?;
-    let https = hyper_tls::HttpsConnector::from((connector, tls.into()));
-    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(2))
-        .build(https);
-    let mut client = Client::with_http_client(http)
-        .with_url(&config.url)
-        .with_user(&config.user)
-        .with_password(&config.password)
-        .with_database(&config.database)
-        .with_validation(false);
-    for (name, value) in write_settings(config, &ServerFacts::default()) {
-        client = client.with_setting(name, value);
-    }
-    Ok(client)
+    tls.build()
+        .map_err(|e| SinkError::Config(format!("cannot set up TLS: {e}")))
 }
 
 /// What the sink learns of its server and table at start.

@@ -80,9 +80,17 @@ pub(crate) struct Plan {
     /// Records whose event id was written recently at another position (a
     /// relay's republished copy), or twice in this batch.
     pub copies: usize,
-    /// Ids of the records to write, with their partition and producer
-    /// timestamp, to remember once they are written.
-    pub new_ids: Vec<(PartitionKey, Uuid, i64)>,
+    /// Ids of the records to write, with their producer timestamp, grouped
+    /// by partition in the batch's order (a group per run of records of one
+    /// partition), to remember once they are written.
+    pub new_ids: Vec<(PartitionKey, Vec<(Uuid, i64)>)>,
+}
+
+/// Whether `record` is of the partition `key` names (without building a key:
+/// a batch comes in runs of one partition, and a key per record cost the
+/// sink an allocation and a hash each).
+fn of_partition(record: &Record, key: &PartitionKey) -> bool {
+    record.position.partition == key.1 && record.topic == key.0
 }
 
 /// Decides each record of `records`. `dedup` off (a window of 0) skips only
@@ -94,9 +102,17 @@ pub(crate) fn plan(
 ) -> Result<Plan, Regression> {
     let mut plan = Plan::default();
     let mut batch_ids: HashSet<Uuid> = HashSet::new();
+    let mut current: Option<(PartitionKey, Option<&PartitionState>)> = None;
     for record in records {
-        let key = (record.topic.clone(), record.position.partition);
-        let state = partitions.get(&key);
+        let state = match &current {
+            Some((key, state)) if of_partition(record, key) => *state,
+            _ => {
+                let key = (record.topic.clone(), record.position.partition);
+                let state = partitions.get(&key);
+                current = Some((key, state));
+                state
+            }
+        };
         let carried = record.headers.get(HEADER_EVENT_ID);
         if let Some(stored) = state.and_then(|state| state.stored.get(&record.position.offset)) {
             if !same_event(stored, carried.map(String::as_str)) {
@@ -120,8 +136,14 @@ pub(crate) fn plan(
                 plan.write.push(false);
                 continue;
             }
-            plan.new_ids
-                .push((key, id, record.timestamp_ms.unwrap_or(i64::MIN)));
+            let published_ms = record.timestamp_ms.unwrap_or(i64::MIN);
+            match plan.new_ids.last_mut() {
+                Some((key, ids)) if of_partition(record, key) => ids.push((id, published_ms)),
+                _ => plan.new_ids.push((
+                    (record.topic.clone(), record.position.partition),
+                    vec![(id, published_ms)],
+                )),
+            }
         }
         plan.write.push(true);
     }
@@ -133,17 +155,27 @@ pub(crate) fn plan(
 pub(crate) fn advance(
     partitions: &mut HashMap<PartitionKey, PartitionState>,
     records: &[Record],
-    new_ids: Vec<(PartitionKey, Uuid, i64)>,
+    new_ids: Vec<(PartitionKey, Vec<(Uuid, i64)>)>,
 ) {
-    for record in records {
-        let key = (record.topic.clone(), record.position.partition);
+    let mut run_start = 0;
+    while let Some(first) = records.get(run_start) {
+        let key = (first.topic.clone(), first.position.partition);
+        let run = records[run_start..]
+            .iter()
+            .take_while(|record| of_partition(record, &key));
+        let (count, last_offset) = run.fold((0, i64::MIN), |(count, last), record| {
+            (count + 1, last.max(record.position.offset))
+        });
         if let Some(state) = partitions.get_mut(&key) {
-            state.next_expected = state.next_expected.max(record.position.offset + 1);
+            state.next_expected = state.next_expected.max(last_offset + 1);
         }
+        run_start += count;
     }
-    for (key, id, published_ms) in new_ids {
+    for (key, ids) in new_ids {
         if let Some(state) = partitions.get_mut(&key) {
-            state.recent.insert_at(id, published_ms);
+            for (id, published_ms) in ids {
+                state.recent.insert_at(id, published_ms);
+            }
         }
     }
     for state in partitions.values_mut() {
@@ -277,6 +309,45 @@ mod tests {
         let off_state = HashMap::from([(("t".to_string(), 0), state(5, &[], &[]))]);
         let off = plan(&off_state, &records, false)?;
         assert_eq!(off.write, [true, true, true]);
+        Ok(())
+    }
+
+    /// A batch whose partitions alternate: each record is judged by its
+    /// own partition's state, and each partition advances past its own
+    /// last record and remembers its own ids.
+    #[test]
+    fn alternating_partitions_are_each_judged_and_advanced_on_their_own() -> Result<(), Regression>
+    {
+        let id = ids(5);
+        let mut partitions = HashMap::from([
+            (("t".to_string(), 0), state(0, &[(0, id[0])], &[])),
+            (("t".to_string(), 1), state(3, &[], &[id[4]])),
+        ]);
+        let records = [
+            record(0, 0, id[0]),
+            record(1, 3, id[1]),
+            record(1, 4, id[4]),
+            record(0, 1, id[2]),
+            record(1, 5, id[3]),
+        ];
+        let planned = plan(&partitions, &records, true)?;
+        assert_eq!(planned.write, [false, true, false, true, true]);
+        assert_eq!((planned.duplicates, planned.copies), (1, 1));
+        let groups: Vec<(i32, usize)> = planned
+            .new_ids
+            .iter()
+            .map(|((_, partition), ids)| (*partition, ids.len()))
+            .collect();
+        assert_eq!(groups, [(1, 1), (0, 1), (1, 1)]);
+        advance(&mut partitions, &records, planned.new_ids);
+        let (p0, p1) = (
+            &partitions[&("t".to_string(), 0)],
+            &partitions[&("t".to_string(), 1)],
+        );
+        assert_eq!((p0.next_expected, p1.next_expected), (2, 6));
+        assert!(p0.stored.is_empty());
+        assert!(p0.recent.contains(&id[2]) && !p0.recent.contains(&id[1]));
+        assert!(p1.recent.contains(&id[1]) && p1.recent.contains(&id[3]));
         Ok(())
     }
 
