@@ -291,6 +291,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     // Latency at steady rates.
+    report.figure(
+        "consumer_min_insert_interval_ms",
+        outbox_core::ConsumeConfig::default()
+            .min_write_interval
+            .as_secs_f64()
+            * 1000.0,
+    );
     for (rate, prefix) in [(1000u32, "e2e"), (5000u32, "e2e_5k")] {
         // The broker hop alone at the same rate, right before, on the same
         // broker: what the end-to-end figures cannot go below.
@@ -334,17 +341,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 report.figure(&format!("wal_e2e_cpu_s_per_1k_{process}"), *seconds);
             }
         }
-        if rate == 1000 {
-            // The latency-oriented insert cadence: an insert as soon as a
-            // batch is read, against the default floor between inserts.
-            let run = pipeline::latency(&env, rate, sizes.latency, false, Some(0)).await?;
-            report.figure("e2e_floor0_p50_ms", run.percentile(0.50));
-            report.figure("e2e_floor0_p99_ms", run.percentile(0.99));
-            report.figure(
-                "e2e_floor0_inserts_per_min",
-                f64::from(rate + pipeline::PROBE_RATE) * 60.0 / run.consumer_budget.mean_batch,
-            );
-        }
+        // The latency-oriented insert cadence: an insert as soon as a batch
+        // is read, against the default floor between inserts.
+        let run = pipeline::latency(&env, rate, sizes.latency, false, Some(0)).await?;
+        report.figure(&format!("{prefix}_floor0_p50_ms"), run.percentile(0.50));
+        report.figure(&format!("{prefix}_floor0_p99_ms"), run.percentile(0.99));
+        report.figure(
+            &format!("{prefix}_floor0_kafka_p99_ms"),
+            run.to_kafka_percentile(0.99),
+        );
+        report.figure(
+            &format!("{prefix}_floor0_hop_loaded_p99_ms"),
+            pipeline::quantile(&run.hop_under_load_ms, 0.99),
+        );
+        report.figure(
+            &format!("{prefix}_floor0_inserts_per_min"),
+            f64::from(rate + pipeline::PROBE_RATE) * 60.0 / run.consumer_budget.mean_batch,
+        );
         let run = pipeline::latency(&env, rate, sizes.latency, false, None).await?;
         // One part per insert (the sink's tables have no partition key).
         report.figure(

@@ -129,11 +129,19 @@ impl Report {
             ));
         }
         // The sink's latency-oriented cadence (no floor between inserts)
-        // against the same floors.
-        latency_ratios.push((
-            "e2e_floor0_p99_vs_floor".to_string(),
-            self.get("e2e_floor0_p99_ms") / (self.get("raw_e2e_kafka_p99_ms") + insert),
-        ));
+        // against the same floors, and against the hop under that run's
+        // load plus a lone insert.
+        for prefix in ["e2e", "e2e_5k"] {
+            let floor0 = self.get(&format!("{prefix}_floor0_p99_ms"));
+            latency_ratios.push((
+                format!("{prefix}_floor0_p99_vs_floor"),
+                floor0 / (self.get(&format!("raw_{prefix}_kafka_p99_ms")) + insert),
+            ));
+            latency_ratios.push((
+                format!("{prefix}_floor0_p99_vs_loaded_floor"),
+                floor0 / (self.get(&format!("{prefix}_floor0_hop_loaded_p99_ms")) + insert),
+            ));
+        }
         latency_ratios.push((
             "wal_e2e_p99_vs_floor".to_string(),
             self.get("wal_e2e_p99_ms") / (self.get("raw_e2e_kafka_p99_ms") + insert),
@@ -246,9 +254,34 @@ impl Report {
                 "  e2e p99 / (hop + insert) @ 1k/s, no floor",
                 "",
             ),
+            (
+                "e2e_floor0_p99_vs_loaded_floor",
+                "  e2e p99 / (hop under load + insert) @ 1k/s, no floor",
+                "",
+            ),
             ("e2e_5k_p50_ms", "ours: e2e p50 @ 5k/s", "ms"),
             ("e2e_5k_p99_ms", "ours: e2e p99 @ 5k/s", "ms"),
             ("e2e_5k_max_ms", "ours: e2e max @ 5k/s", "ms"),
+            (
+                "e2e_5k_floor0_p99_ms",
+                "ours: e2e p99 @ 5k/s, no insert floor",
+                "ms",
+            ),
+            (
+                "e2e_5k_floor0_inserts_per_min",
+                "  inserts (parts) per minute @ 5k/s, no floor",
+                "/min",
+            ),
+            (
+                "e2e_5k_floor0_p99_vs_floor",
+                "  e2e p99 / (hop + insert) @ 5k/s, no floor",
+                "",
+            ),
+            (
+                "e2e_5k_floor0_p99_vs_loaded_floor",
+                "  e2e p99 / (hop under load + insert) @ 5k/s, no floor",
+                "",
+            ),
             ("relay_rss_mb", "ours: relay peak RSS", "MiB"),
             (
                 "relay3_rss_mb",
@@ -434,10 +467,14 @@ impl Report {
                     Bound::AtLeast(bound) => value >= bound,
                     Bound::AtMost(bound) => value <= bound,
                 };
-                let note = if target.key == "e2e_p99_ms" && !met {
-                    self.latency_floor_note()
-                } else {
-                    None
+                let note = match target.key {
+                    _ if met => None,
+                    "e2e_p99_ms" => self.latency_floor_note(),
+                    "e2e_kafka_p99_vs_raw" => self.loaded_hop_note("e2e"),
+                    "e2e_5k_kafka_p99_vs_raw" => self.loaded_hop_note("e2e_5k"),
+                    "e2e_p99_vs_floor" => self.cadence_note("e2e"),
+                    "e2e_5k_p99_vs_floor" => self.cadence_note("e2e_5k"),
+                    _ => None,
                 };
                 Verdict {
                     key: target.key,
@@ -449,6 +486,40 @@ impl Report {
                 }
             })
             .collect()
+    }
+
+    /// A missed to-Kafka target read against the broker hop as loaded as
+    /// the run made the machine (the probe beside the run): whether the
+    /// distance is the relay's or the loaded broker's.
+    fn loaded_hop_note(&self, prefix: &str) -> Option<String> {
+        let loaded = self.get(&format!("{prefix}_hop_loaded_p99_ms"));
+        let ratio = self.get(&format!("{prefix}_kafka_p99_vs_loaded_hop"));
+        if loaded.is_nan() || ratio.is_nan() {
+            return None;
+        }
+        Some(format!(
+            "the hop under this run's load had p99 {loaded:.1} ms (alone {:.1} ms); \
+             ours / that = {ratio:.2}",
+            self.get(&format!("raw_{prefix}_kafka_p99_ms"))
+        ))
+    }
+
+    /// A missed end-to-end target read against the sink's insert cadence
+    /// (the default floor between inserts holds every row up to that long)
+    /// and against the run without it.
+    fn cadence_note(&self, prefix: &str) -> Option<String> {
+        let interval = self.get("consumer_min_insert_interval_ms");
+        let floor0 = self.get(&format!("{prefix}_floor0_p99_ms"));
+        let loaded = self.get(&format!("{prefix}_floor0_p99_vs_loaded_floor"));
+        if interval.is_nan() || floor0.is_nan() || loaded.is_nan() {
+            return None;
+        }
+        Some(format!(
+            "the default cadence holds a row up to {interval:.0} ms for the next insert; \
+             without it p99 {floor0:.1} ms = {:.2} × the floor, {loaded:.2} × (the hop under \
+             that run's load + a lone insert)",
+            self.get(&format!("{prefix}_floor0_p99_vs_floor"))
+        ))
     }
 
     /// Why the latency target was missed, from the floors of the same run:
@@ -934,6 +1005,55 @@ mod tests {
         assert!(verdict(&[("e2e_p99_ms", 40.0)], "e2e_p99_ms")?
             .note
             .is_none());
+        Ok(())
+    }
+
+    /// A missed latency ratio says how it reads against the hop under the
+    /// run's own load and without the insert cadence; a met one says nothing.
+    #[test]
+    fn missed_latency_ratios_carry_their_loaded_and_cadence_readings() -> Result<(), String> {
+        let figures = [
+            ("e2e_5k_kafka_p99_ms", 120.0),
+            ("raw_e2e_5k_kafka_p99_ms", 40.0),
+            ("e2e_5k_hop_loaded_p99_ms", 100.0),
+            ("e2e_5k_p99_ms", 300.0),
+            ("raw_insert_small_p99_ms", 10.0),
+            ("consumer_min_insert_interval_ms", 200.0),
+            ("e2e_5k_floor0_p99_ms", 110.0),
+            ("e2e_5k_floor0_hop_loaded_p99_ms", 100.0),
+        ];
+        let derived = |key: &str| {
+            let mut report = Report::new("test".into(), json!({}));
+            for (name, value) in figures {
+                report.figure(name, value);
+            }
+            report.derive_ratios();
+            report
+                .verdicts()
+                .into_iter()
+                .find(|v| v.key == key)
+                .ok_or_else(|| format!("no target {key}"))
+        };
+        let kafka = derived("e2e_5k_kafka_p99_vs_raw")?;
+        assert!(!kafka.met);
+        let note = kafka.note.ok_or("no note on a missed to-Kafka target")?;
+        assert!(note.contains("p99 100.0 ms (alone 40.0 ms)"), "{note}");
+        assert!(note.ends_with("ours / that = 1.20"), "{note}");
+
+        let e2e = derived("e2e_5k_p99_vs_floor")?;
+        let note = e2e.note.ok_or("no note on a missed e2e target")?;
+        assert!(note.contains("up to 200 ms"), "{note}");
+        assert!(note.contains("p99 110.0 ms = 2.20 × the floor"), "{note}");
+        assert!(note.contains("1.00 × (the hop under"), "{note}");
+
+        let met = verdict(
+            &[
+                ("e2e_kafka_p99_vs_raw", 1.2),
+                ("e2e_hop_loaded_p99_ms", 30.0),
+            ],
+            "e2e_kafka_p99_vs_raw",
+        )?;
+        assert!(met.met && met.note.is_none());
         Ok(())
     }
 }
