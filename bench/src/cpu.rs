@@ -7,6 +7,20 @@ pub fn per_1k(cpu_seconds: f64, events: usize) -> f64 {
     cpu_seconds * 1000.0 / events.max(1) as f64
 }
 
+/// Seconds of CPU per 1,000 events of a drain's steady state: from the
+/// moment its first events arrived (`at_first`: the CPU spent by then and
+/// the events done by then) to its end, so that start-up (connections,
+/// tables, the first batch's fetch) is left out as it is from the drain's
+/// rate. Over the whole run when nothing was seen before the end.
+pub fn steady_per_1k(at_first: Option<(f64, u64)>, cpu_at_end: f64, events: usize) -> f64 {
+    match at_first {
+        Some((cpu, done)) if (done as usize) < events => {
+            per_1k(cpu_at_end - cpu, events - done as usize)
+        }
+        _ => per_1k(cpu_at_end, events),
+    }
+}
+
 /// The pids of the local stack's services, from their pid files (none when
 /// the services run elsewhere: their CPU is then NaN).
 fn service_pids() -> [(&'static str, Option<u32>); 3] {
@@ -58,4 +72,19 @@ pub fn postgres_seconds() -> f64 {
     service_pids()[0]
         .1
         .map_or(f64::NAN, test_support::cpu::tree_seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_steady_state_leaves_start_up_out() {
+        // 0.5 s to start and write the first 10,000, then 1 s for 90,000.
+        let steady = steady_per_1k(Some((0.5, 10_000)), 1.5, 100_000);
+        assert!((steady - 1.0 / 90.0).abs() < 1e-12, "{steady}");
+        assert_eq!(steady_per_1k(None, 1.5, 100_000), 0.015);
+        // All of it seen at once: only the whole run is left.
+        assert_eq!(steady_per_1k(Some((0.5, 100_000)), 1.5, 100_000), 0.015);
+    }
 }

@@ -17,7 +17,7 @@ use crate::{key, payload, say, Env};
 use test_support::{Launch, Process};
 
 use crate::budget::{budget_of, Budget};
-use crate::cpu::{cpu_between, cpu_snapshot, per_1k};
+use crate::cpu::{cpu_between, cpu_snapshot, per_1k, steady_per_1k};
 use crate::steady::Progress;
 
 /// One drain of a backlog.
@@ -31,7 +31,7 @@ pub struct BacklogRun {
     pub startup_s: f64,
     pub peak_rss_mb: f64,
     /// Seconds of CPU the binaries spent per 1,000 events (all of them
-    /// together, start-up included).
+    /// together) from the first event seen, as the rate.
     pub cpu_s_per_1k: f64,
     /// Seconds of PostgreSQL CPU (all backends) per 1,000 events while the
     /// relays drained (NaN where not measured).
@@ -225,6 +225,7 @@ pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result
     }
     let reader = watermark_reader(env)?;
     let mut progress = Progress::default();
+    let mut at_first = None;
     let limit = Duration::from_secs(120 + (n / 2000) as u64);
     while procs.iter_mut().any(Process::running) {
         if started.elapsed() > limit {
@@ -235,7 +236,11 @@ pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result
         if let Ok(end) =
             tokio::task::block_in_place(|| topic_end(&reader, &topic, env.kafka.topic_partitions))
         {
-            progress.record(now, u64::try_from(end).unwrap_or(0));
+            let end = u64::try_from(end).unwrap_or(0);
+            progress.record(now, end);
+            if end > 0 && at_first.is_none() {
+                at_first = Some((procs.iter().map(Process::cpu_seconds).sum(), end));
+            }
         }
     }
     let elapsed = started.elapsed();
@@ -265,7 +270,7 @@ pub async fn relay_backlog(env: &Env, relays: usize, n: usize) -> anyhow::Result
     if left != 0 || in_topic < n as i64 {
         bail!("relay ×{relays} left {left} events pending and published {in_topic} of {n}");
     }
-    let cpu_s_per_1k = per_1k(cpu, n);
+    let cpu_s_per_1k = steady_per_1k(at_first, cpu, n);
     let mut run = BacklogRun::new(table, topic, n, elapsed, &progress, peak, cpu_s_per_1k);
     run.pg_cpu_s_per_1k = per_1k(crate::cpu::postgres_seconds() - pg_before, n);
     say(format!(
@@ -304,6 +309,7 @@ pub async fn sink_backlog(env: &Env, topic: &str, n: usize) -> anyhow::Result<Ba
     )?;
     let mut progress = Progress::default();
     let mut rows = 0;
+    let mut at_first = None;
     let limit = Duration::from_secs(120 + (n / 1000) as u64);
     let elapsed = loop {
         if started.elapsed() > limit {
@@ -319,6 +325,9 @@ pub async fn sink_backlog(env: &Env, topic: &str, n: usize) -> anyhow::Result<Ba
             .await
             .unwrap_or(0);
         progress.record(started.elapsed().as_secs_f64(), rows);
+        if rows > 0 && at_first.is_none() {
+            at_first = Some((proc.cpu_seconds(), rows));
+        }
         if rows >= n as u64 {
             break started.elapsed();
         }
@@ -334,7 +343,7 @@ pub async fn sink_backlog(env: &Env, topic: &str, n: usize) -> anyhow::Result<Ba
         bail!("the consumer wrote {rows} rows, {distinct} distinct, for {n} messages");
     }
     let peak = proc.peak_rss_mb();
-    let cpu_s_per_1k = per_1k(proc.cpu_seconds(), n);
+    let cpu_s_per_1k = steady_per_1k(at_first, proc.cpu_seconds(), n);
     drop_ch_tables(env, &table).await;
     let run = BacklogRun::new(
         table,
