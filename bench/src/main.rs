@@ -332,7 +332,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         if rate == 1000 {
             // The WAL source at the same rate, against the same floors.
-            let run = pipeline::latency(&env, rate, sizes.latency, true, None).await?;
+            let run =
+                pipeline::latency(&env, rate, sizes.latency, pipeline::Capture::Wal, None).await?;
             report.figure("wal_e2e_p50_ms", run.percentile(0.50));
             report.figure("wal_e2e_p99_ms", run.percentile(0.99));
             report.figure("wal_e2e_kafka_p50_ms", run.to_kafka_percentile(0.50));
@@ -341,9 +342,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 report.figure(&format!("wal_e2e_cpu_s_per_1k_{process}"), *seconds);
             }
         }
+        // The original demo's source, a flag table, at the same rate.
+        let run = pipeline::latency(
+            &env,
+            rate,
+            sizes.latency,
+            pipeline::Capture::FlagTable,
+            None,
+        )
+        .await?;
+        report.figure(&format!("{prefix}_flag_p50_ms"), run.percentile(0.50));
+        report.figure(&format!("{prefix}_flag_p99_ms"), run.percentile(0.99));
+        report.figure(
+            &format!("{prefix}_flag_kafka_p50_ms"),
+            run.to_kafka_percentile(0.50),
+        );
+        report.figure(
+            &format!("{prefix}_flag_kafka_p99_ms"),
+            run.to_kafka_percentile(0.99),
+        );
+        report.figure(
+            &format!("{prefix}_flag_hop_loaded_p99_ms"),
+            pipeline::quantile(&run.hop_under_load_ms, 0.99),
+        );
         // The latency-oriented insert cadence: an insert as soon as a batch
         // is read, against the default floor between inserts.
-        let run = pipeline::latency(&env, rate, sizes.latency, false, Some(0)).await?;
+        let run = pipeline::latency(
+            &env,
+            rate,
+            sizes.latency,
+            pipeline::Capture::Outbox,
+            Some(0),
+        )
+        .await?;
         report.figure(&format!("{prefix}_floor0_p50_ms"), run.percentile(0.50));
         report.figure(&format!("{prefix}_floor0_p99_ms"), run.percentile(0.99));
         report.figure(
@@ -358,7 +389,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             &format!("{prefix}_floor0_inserts_per_min"),
             f64::from(rate + pipeline::PROBE_RATE) * 60.0 / run.consumer_budget.mean_batch,
         );
-        let run = pipeline::latency(&env, rate, sizes.latency, false, None).await?;
+        let run =
+            pipeline::latency(&env, rate, sizes.latency, pipeline::Capture::Outbox, None).await?;
         // One part per insert (the sink's tables have no partition key).
         report.figure(
             &format!("{prefix}_inserts_per_min"),

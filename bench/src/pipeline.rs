@@ -142,17 +142,96 @@ pub(crate) async fn drop_slot(env: &Env, table: &str) {
 
 /// Writes `events` in the caller's transaction: into the outbox table, or
 /// with `wal` into the WAL (`Outbox::emit`).
-async fn write<C: outbox_pg::deadpool_postgres::GenericClient + Sync>(
-    outbox: &Outbox,
-    wal: bool,
-    client: &C,
-    events: &[Event],
-) -> Result<u64, outbox_pg::PgError> {
-    if wal {
-        outbox.emit(client, events).await
-    } else {
-        outbox.enqueue(client, events).await
+/// What a latency phase's relay reads, and so how its events are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capture {
+    /// The outbox table (`Outbox::enqueue`), claimed in batches.
+    Outbox,
+    /// The write-ahead log (`Outbox::emit`), through a replication slot.
+    Wal,
+    /// A business table with a "sent" flag (the original demo's source):
+    /// rows inserted, the relay publishes each and sets its flag.
+    FlagTable,
+}
+
+impl Capture {
+    fn suffix(self) -> &'static str {
+        match self {
+            Capture::Outbox => "",
+            Capture::Wal => "wal",
+            Capture::FlagTable => "flag",
+        }
     }
+}
+
+/// The flag table a [`Capture::FlagTable`] phase on `table` writes (the
+/// shape of the demo's `user_logins`).
+fn flag_table(table: &str) -> String {
+    format!("{table}_rows")
+}
+
+/// Writes the events `from..to` in one transaction, the way `capture`
+/// reads them, and commits; gives the ids the relay will publish them under.
+async fn write_events(
+    client: &mut outbox_pg::deadpool_postgres::Client,
+    outbox: &Outbox,
+    capture: Capture,
+    topic: &str,
+    table: &str,
+    range: std::ops::Range<usize>,
+) -> anyhow::Result<Vec<Uuid>> {
+    let tx = client.transaction().await?;
+    let ids = match capture {
+        Capture::FlagTable => {
+            let flag = flag_table(table);
+            let keys: Vec<String> = range.map(key).collect();
+            let rows = tx
+                .query(
+                    &format!(
+                        "INSERT INTO {flag} (username, event_type) \
+                         SELECT u, 'login' FROM unnest($1::text[]) AS u RETURNING id"
+                    ),
+                    &[&keys],
+                )
+                .await?;
+            rows.iter()
+                .map(|row| outbox_pg::flag_row_event_id(&flag, row.get::<_, i64>(0)))
+                .collect()
+        }
+        Capture::Outbox | Capture::Wal => {
+            let events: Vec<Event> = range
+                .map(|i| Event::new(topic.to_string(), payload(i)).with_key(key(i)))
+                .collect();
+            if capture == Capture::Wal {
+                outbox.emit(&tx, &events).await?;
+            } else {
+                outbox.enqueue(&tx, &events).await?;
+            }
+            events.iter().map(|event| event.id).collect()
+        }
+    };
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// The relay reading `table`'s flag table (see [`flag_table`]) into `topic`.
+fn flag_relay_args(env: &Env, table: &str, topic: &str) -> Vec<String> {
+    [
+        "--source",
+        "flag-table",
+        "--table",
+        &flag_table(table),
+        "--topic",
+        topic,
+        "--dead-letter-table",
+        &format!("{table}_dead"),
+        "--batch-size",
+        &env.relay_batch_size.to_string(),
+        "--topic-partitions",
+        &env.kafka.topic_partitions.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// The consumer binary writing `topic` into the raw table `table`.
@@ -672,25 +751,40 @@ pub const PROBE_RATE: u32 = 20;
 /// it. The table is polled every [`TABLE_CHECK_EVERY`] to check those
 /// times and to know when every row is in.
 ///
-/// With `wal`, the events are written with `Outbox::emit` and the relay
-/// streams them from a replication slot (the WAL source).
+/// `capture` says what the relay reads (see [`Capture`]) and so how the
+/// events are written.
 pub async fn latency(
     env: &Env,
     rate: u32,
     length: Duration,
-    wal: bool,
+    capture: Capture,
     insert_floor_ms: Option<u64>,
 ) -> anyhow::Result<LatencyRun> {
+    let wal = capture == Capture::Wal;
     let table = env.name(&format!(
         "lat{rate}{}{}",
-        if wal { "wal" } else { "" },
+        capture.suffix(),
         insert_floor_ms.map_or(String::new(), |ms| format!("floor{ms}"))
     ));
     let topic = table.clone();
     let config = outbox_config(&table)?;
+    // Also the dead-letter table every source writes to.
     migrate(&env.pool.get().await?, &config).await?;
     if wal {
         outbox_pg::wal::create_slot(&env.pool.get().await?, &wal_config(&table)).await?;
+    }
+    if capture == Capture::FlagTable {
+        let flag = flag_table(&table);
+        env.pool
+            .get()
+            .await?
+            .batch_execute(&format!(
+                "CREATE TABLE {flag} (id bigserial PRIMARY KEY, username text NOT NULL, \
+                 event_type text NOT NULL, event_time timestamptz NOT NULL DEFAULT now(), \
+                 sent_to_kafka boolean NOT NULL DEFAULT false); \
+                 CREATE INDEX ON {flag} (id) WHERE NOT sent_to_kafka"
+            ))
+            .await?;
     }
     outbox_kafka::ensure_topics(&env.kafka, &[topic.as_str()]).await?;
     let ch = sink_clickhouse::client_for(&env.ch)?;
@@ -711,10 +805,10 @@ pub async fn latency(
         log,
         gid: None,
     };
-    let relay_args = if wal {
-        wal_relay_args(env, &table)
-    } else {
-        relay_args(env, &table, false)
+    let relay_args = match capture {
+        Capture::Wal => wal_relay_args(env, &table),
+        Capture::Outbox => relay_args(env, &table, false),
+        Capture::FlagTable => flag_relay_args(env, &table, &topic),
     };
     let mut relay = Process::start("relay", launch(&relay_bin, &relay_args, &relay_log))?;
     let mut consumer_args = consumer_args(&topic, &table);
@@ -732,13 +826,15 @@ pub async fn latency(
     crate::hops::warm_up(&probe_producer, &topic).await?;
 
     // Warm up: one event through, so start-up is not measured.
-    let warm = Event::new(topic.clone(), payload(0)).with_key(key(0));
-    {
-        let mut client = env.pool.get().await?;
-        let tx = client.transaction().await?;
-        write(&outbox, wal, &tx, std::slice::from_ref(&warm)).await?;
-        tx.commit().await?;
-    }
+    write_events(
+        &mut env.pool.get().await?,
+        &outbox,
+        capture,
+        &topic,
+        &table,
+        0..1,
+    )
+    .await?;
     let warm_deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let rows = ch
@@ -774,7 +870,7 @@ pub async fn latency(
     let writer = {
         let committed = committed.clone();
         let pool = env.pool.clone();
-        let topic = topic.clone();
+        let (topic, table) = (topic.clone(), table.clone());
         tokio::spawn(async move {
             let mut client = pool.get().await?;
             let mut pace = Pace::new(rate, length);
@@ -783,16 +879,12 @@ pub async fn latency(
                 if due <= sent {
                     continue;
                 }
-                let events: Vec<Event> = (sent..due)
-                    .map(|i| Event::new(topic.clone(), payload(i)).with_key(key(i)))
-                    .collect();
-                let tx = client.transaction().await?;
-                write(&outbox, wal, &tx, &events).await?;
-                tx.commit().await?;
+                let ids =
+                    write_events(&mut client, &outbox, capture, &topic, &table, sent..due).await?;
                 let at = Instant::now();
                 let mut map = committed.lock().unwrap_or_else(|p| p.into_inner());
-                for event in &events {
-                    map.insert(event.id, at);
+                for id in ids {
+                    map.insert(id, at);
                 }
                 sent = due;
             }
@@ -944,7 +1036,11 @@ pub async fn latency(
     if wal {
         drop_slot(env, &table).await;
     }
-    drop_pg_tables(env, &[&table, &format!("{table}_dead")]).await;
+    drop_pg_tables(
+        env,
+        &[&table, &format!("{table}_dead"), &flag_table(&table)],
+    )
+    .await;
     drop_ch_tables(env, &table).await;
     Ok(run)
 }

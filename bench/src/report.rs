@@ -128,6 +128,18 @@ impl Report {
                 self.get(&format!("{prefix}_p99_ms")) / (hop + insert),
             ));
         }
+        // The flag-table source against the same floors.
+        for prefix in ["e2e", "e2e_5k"] {
+            let flag = self.get(&format!("{prefix}_flag_kafka_p99_ms"));
+            latency_ratios.push((
+                format!("{prefix}_flag_kafka_p99_vs_raw"),
+                flag / self.get(&format!("raw_{prefix}_kafka_p99_ms")),
+            ));
+            latency_ratios.push((
+                format!("{prefix}_flag_kafka_p99_vs_loaded_hop"),
+                flag / self.get(&format!("{prefix}_flag_hop_loaded_p99_ms")),
+            ));
+        }
         // The sink's latency-oriented cadence (no floor between inserts)
         // against the same floors, and against the hop under that run's
         // load plus a lone insert.
@@ -382,6 +394,38 @@ impl Report {
                 "ratio: to Kafka p99 / hop under the same load p99 @ 5k/s",
                 "",
             ),
+            (
+                "e2e_flag_kafka_p99_ms",
+                "flag table: to Kafka p99 @ 1k/s",
+                "ms",
+            ),
+            (
+                "e2e_flag_kafka_p99_vs_raw",
+                "ratio: flag table to Kafka p99 / raw hop p99 @ 1k/s",
+                "(≤ 1.5)",
+            ),
+            (
+                "e2e_flag_kafka_p99_vs_loaded_hop",
+                "ratio: flag table to Kafka p99 / hop under load @ 1k/s",
+                "",
+            ),
+            (
+                "e2e_5k_flag_kafka_p99_ms",
+                "flag table: to Kafka p99 @ 5k/s",
+                "ms",
+            ),
+            (
+                "e2e_5k_flag_kafka_p99_vs_raw",
+                "ratio: flag table to Kafka p99 / raw hop p99 @ 5k/s",
+                "(≤ 1.5)",
+            ),
+            (
+                "e2e_5k_flag_kafka_p99_vs_loaded_hop",
+                "ratio: flag table to Kafka p99 / hop under load @ 5k/s",
+                "",
+            ),
+            ("e2e_flag_p99_ms", "flag table: e2e p99 @ 1k/s", "ms"),
+            ("e2e_5k_flag_p99_ms", "flag table: e2e p99 @ 5k/s", "ms"),
             (
                 "e2e_p99_vs_floor",
                 "ratio: e2e p99 / (hop + insert) @ 1k/s",
