@@ -785,6 +785,18 @@ pub async fn latency(
                  CREATE INDEX ON {flag} (id) WHERE NOT sent_to_kafka"
             ))
             .await?;
+        // As the demo's table: the relay wakes at each insert's commit.
+        outbox_pg::install_flag_notify(
+            &env.pool.get().await?,
+            &outbox_pg::FlagTableConfig {
+                table: flag,
+                topic: topic.clone(),
+                dead_letter_table: format!("{table}_dead"),
+                ..outbox_pg::FlagTableConfig::default()
+            }
+            .validate()?,
+        )
+        .await?;
     }
     outbox_kafka::ensure_topics(&env.kafka, &[topic.as_str()]).await?;
     let ch = sink_clickhouse::client_for(&env.ch)?;

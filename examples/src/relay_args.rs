@@ -203,6 +203,14 @@ pub struct RelayArgs {
     /// Topic the flag table's rows go to.
     #[arg(long, env = "OUTBOX_TOPIC", default_value_t = FlagTableConfig::default().topic)]
     pub topic: String,
+    /// Install (idempotently) a statement-level trigger on the flag table
+    /// that wakes the relay at each insert's commit
+    /// (`outbox_pg::flag_notify_sql`); needs the table's owner. Without it
+    /// the relay wakes at a notification only if the trigger is already
+    /// there (the demo's init.sql installs it), and otherwise polls every
+    /// --idle-wait-ms.
+    #[arg(long, env = "OUTBOX_FLAG_NOTIFY_TRIGGER")]
+    pub flag_notify_trigger: bool,
     /// Publish events as CloudEvents (Kafka protocol binding, binary mode:
     /// `ce_*` headers) with this `ce_source` (a URI reference such as
     /// /orders-service) for events without their own.

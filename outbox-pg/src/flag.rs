@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::claim::PgClaim;
 use crate::source::AckPlan;
-use crate::{PgError, ValidFlagTableConfig};
+use crate::{PgConfig, PgError, ValidFlagTableConfig};
 
 /// Namespace of the deterministic event ids given to flag-table rows.
 pub const FLAG_ROW_NAMESPACE: Uuid = Uuid::from_u128(0x6f75_7462_6f78_4000_8000_666c_6167_726f);
@@ -56,6 +56,7 @@ pub struct FlagTableSource {
     claim_sql: String,
     mark_sql: String,
     dead_letter_sql: String,
+    listener: Option<crate::notify::Listener>,
 }
 
 impl FlagTableSource {
@@ -117,13 +118,75 @@ impl FlagTableSource {
             mark_sql,
             dead_letter_sql,
             config,
+            listener: None,
         }
     }
+
+    /// Wakes the relay as soon as rows are inserted into the table (`LISTEN`
+    /// on a connection of its own, to the server of `pg`), instead of at its
+    /// next poll; the table needs the trigger of [`flag_notify_sql`] for it
+    /// (without, the relay polls as before). Must be called inside a Tokio
+    /// runtime.
+    pub fn listen_for_events(mut self, pg: PgConfig) -> Self {
+        let channel = crate::notify::channel_for(&self.config.table_sql);
+        self.listener = Some(crate::notify::Listener::start(pg, channel));
+        self
+    }
+}
+
+/// The SQL that makes every `INSERT` into the flag table of `config` wake
+/// the relays that [`FlagTableSource::listen_for_events`] at its commit: a
+/// statement-level trigger `outbox_notify` on the table, calling the
+/// function `outbox_flag_notify` (created in the first schema of the
+/// `search_path`), which sends an empty `NOTIFY` on the table's channel.
+/// PostgreSQL delivers it at the commit, once per transaction and channel,
+/// so a business transaction pays one notification however many rows it
+/// inserts. Idempotent; the table's other triggers are left alone. Rows
+/// made pending again by an `UPDATE` of the flag are found by the poll.
+///
+/// ```
+/// use outbox_pg::{flag_notify_sql, FlagTableConfig};
+///
+/// let sql = flag_notify_sql(&FlagTableConfig::default().validate()?);
+/// assert!(sql.contains("AFTER INSERT ON \"user_logins\" FOR EACH STATEMENT"));
+/// # Ok::<(), outbox_pg::PgError>(())
+/// ```
+pub fn flag_notify_sql(config: &ValidFlagTableConfig) -> String {
+    let table = &config.table_sql;
+    // A string literal in the DDL: quotes doubled.
+    let channel = crate::notify::channel_for(table).replace('\'', "''");
+    format!(
+        "CREATE OR REPLACE FUNCTION outbox_flag_notify() RETURNS trigger LANGUAGE plpgsql AS \
+         $outbox$ BEGIN PERFORM pg_notify(TG_ARGV[0], ''); RETURN NULL; END $outbox$;\n\
+         DROP TRIGGER IF EXISTS outbox_notify ON {table};\n\
+         CREATE TRIGGER outbox_notify AFTER INSERT ON {table} FOR EACH STATEMENT \
+         EXECUTE FUNCTION outbox_flag_notify('{channel}');"
+    )
+}
+
+/// Runs [`flag_notify_sql`], as one transaction (the statements go in one
+/// simple query, which PostgreSQL runs as a single transaction).
+pub async fn install_flag_notify<C: deadpool_postgres::GenericClient + Sync>(
+    client: &C,
+    config: &ValidFlagTableConfig,
+) -> Result<(), PgError> {
+    client
+        .batch_execute(&flag_notify_sql(config))
+        .await
+        .map_err(|e| PgError::query("install the flag table's notify trigger", e))
 }
 
 #[async_trait]
 impl Source for FlagTableSource {
     type Claim = PgClaim;
+
+    async fn wait_for_events(&self, timeout: std::time::Duration) -> outbox_core::Result<()> {
+        match &self.listener {
+            Some(listener) => listener.wait(timeout).await,
+            None => tokio::time::sleep(timeout).await,
+        }
+        Ok(())
+    }
 
     async fn claim(&self, max_events: usize) -> outbox_core::Result<Option<Claimed<PgClaim>>> {
         let limit = i64::try_from(max_events).unwrap_or(i64::MAX);

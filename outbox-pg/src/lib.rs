@@ -26,7 +26,9 @@ pub use config::{FlagTableConfig, OutboxConfig, ValidFlagTableConfig, ValidOutbo
 pub use connect::{check_connection, connection, PgConfig};
 pub use enqueue::Outbox;
 pub use error::{describe, is_retryable_pg, PgError};
-pub use flag::{flag_row_event_id, FlagTableSource, FLAG_ROW_NAMESPACE};
+pub use flag::{
+    flag_notify_sql, flag_row_event_id, install_flag_notify, FlagTableSource, FLAG_ROW_NAMESPACE,
+};
 pub use ident::{SqlIdent, SqlName};
 pub use leases::{PartitionLeaseConfig, PartitionLeases};
 pub use message::{decode_message, encode_message, MessageError, DEFAULT_MESSAGE_PREFIX};

@@ -9,6 +9,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
 use examples::{
     init_tracing, retry_startup, shutdown_on_signals, KafkaArgs, LogArgs, OpsArgs, PgArgs,
@@ -123,7 +124,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 shutdown.clone(),
             );
             examples::spawn_background(backlog);
-            let source = FlagTableSource::new(pool, target, flag_config);
+            if cli.relay.flag_notify_trigger {
+                let client = pool.get().await.map_err(|e| {
+                    anyhow::anyhow!("postgres at {target}: no connection to install the flag table's trigger: {e}")
+                })?;
+                outbox_pg::install_flag_notify(&client, &flag_config)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "installing the notify trigger on {} (needs its owner; or run outbox_pg::flag_notify_sql once as the owner and drop --flag-notify-trigger)",
+                            flag_config.table
+                        )
+                    })?;
+            }
+            let source = FlagTableSource::new(pool, target, flag_config).listen_for_events(pg);
             run_relay(source, bus, relay_config, health, shutdown).await
         }
         SourceKind::Outbox => {
