@@ -205,7 +205,8 @@ pub struct RelayArgs {
     pub topic: String,
     /// Install (idempotently) a statement-level trigger on the flag table
     /// that wakes the relay at each insert's commit
-    /// (`outbox_pg::flag_notify_sql`); needs the table's owner. Without it
+    /// (`outbox_pg::flag_notify_sql`); needs the table's owner, and locks
+    /// the table for a moment: for one relay, or a deployment step. Without it
     /// the relay wakes at a notification only if the trigger is already
     /// there (the demo's init.sql installs it), and otherwise polls every
     /// --idle-wait-ms.

@@ -143,6 +143,9 @@ impl FlagTableSource {
 /// so a business transaction pays one notification however many rows it
 /// inserts. Idempotent; the table's other triggers are left alone. Rows
 /// made pending again by an `UPDATE` of the flag are found by the poll.
+/// Replacing the trigger locks the table exclusively for a moment, and two
+/// sessions replacing the function at once may fail ("tuple concurrently
+/// updated"): install it once, at deployment, not from every relay.
 ///
 /// ```
 /// use outbox_pg::{flag_notify_sql, FlagTableConfig};
