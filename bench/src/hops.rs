@@ -339,10 +339,30 @@ pub async fn raw_small_inserts(
 ) -> anyhow::Result<Vec<f64>> {
     let table = env.name("raw_small_insert");
     let sink = raw_sink(env, &table).await?;
-    let client = sink.client();
     say(format!(
         "raw small inserts: {rows} rows every {every:?} for {length:?} into {table}"
     ));
+    let times = timed_inserts(sink.client().clone(), table.clone(), rows, every, length).await?;
+    drop_ch_tables(env, &table).await;
+    say(format!(
+        "raw small inserts: {} inserts, p50 {:.1} ms, p99 {:.1} ms",
+        times.len(),
+        crate::pipeline::quantile(&times, 0.5),
+        crate::pipeline::quantile(&times, 0.99)
+    ));
+    Ok(times)
+}
+
+/// An insert of `rows` rows of the raw table `table` (created by
+/// [`insert_probe_table`]) every `every`, for `length`, each timed from its
+/// start until ClickHouse accepted it. Returns the times in ms, sorted.
+pub(crate) async fn timed_inserts(
+    client: clickhouse::Client,
+    table: String,
+    rows: usize,
+    every: Duration,
+    length: Duration,
+) -> anyhow::Result<Vec<f64>> {
     let mut times = Vec::new();
     let started = Instant::now();
     let mut tick = tokio::time::interval(every);
@@ -363,15 +383,17 @@ pub async fn raw_small_inserts(
         insert.end().await?;
         times.push(at.elapsed().as_secs_f64() * 1000.0);
     }
-    drop_ch_tables(env, &table).await;
     times.sort_by(f64::total_cmp);
-    say(format!(
-        "raw small inserts: {} inserts, p50 {:.1} ms, p99 {:.1} ms",
-        times.len(),
-        crate::pipeline::quantile(&times, 0.5),
-        crate::pipeline::quantile(&times, 0.99)
-    ));
     Ok(times)
+}
+
+/// Creates the raw table `table` for [`timed_inserts`] and returns a
+/// client for it.
+pub(crate) async fn insert_probe_table(
+    env: &Env,
+    table: &str,
+) -> anyhow::Result<clickhouse::Client> {
+    Ok(raw_sink(env, table).await?.client().clone())
 }
 
 /// The outbox settings of a benchmark table.

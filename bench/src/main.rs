@@ -386,6 +386,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pipeline::quantile(&run.hop_under_load_ms, 0.99),
         );
         report.figure(
+            &format!("{prefix}_floor0_insert_loaded_p50_ms"),
+            pipeline::quantile(&run.insert_under_load_ms, 0.50),
+        );
+        report.figure(
+            &format!("{prefix}_floor0_insert_loaded_p99_ms"),
+            pipeline::quantile(&run.insert_under_load_ms, 0.99),
+        );
+        report.figure(
             &format!("{prefix}_floor0_inserts_per_min"),
             f64::from(rate + pipeline::PROBE_RATE) * 60.0 / run.consumer_budget.mean_batch,
         );

@@ -520,6 +520,12 @@ pub struct LatencyRun {
     /// tap. What an event would wait if the relay took no time at all, on a
     /// machine as busy as this run made it.
     pub hop_under_load_ms: Vec<f64>,
+    /// ClickHouse under this very load, in the runs without a floor between
+    /// inserts (empty in the others): an insert of [`INSERT_PROBE_ROWS`]
+    /// rows into a table of its own every [`INSERT_PROBE_EVERY`], timed
+    /// from its start until ClickHouse accepted it, ms, sorted. What the
+    /// consumer's insert would take if our code took no time at all.
+    pub insert_under_load_ms: Vec<f64>,
 }
 
 /// The machine's CPU time so far (busy, total), in clock ticks, from the
@@ -743,6 +749,15 @@ const PROBE_TOLERANCE: Duration = Duration::from_millis(50);
 /// each), enough for a p99 over a 10 s phase.
 pub const PROBE_RATE: u32 = 20;
 
+/// How often the insert probe of a run without a floor between inserts
+/// inserts: a tenth of the parts the consumer makes at 1,000 events/s
+/// without the floor, and 100 samples in a 10 s phase.
+pub const INSERT_PROBE_EVERY: Duration = Duration::from_millis(100);
+
+/// Rows of each probe insert: as many as the lone inserts of the floor
+/// (`raw_insert_small_*`).
+pub const INSERT_PROBE_ROWS: usize = 20;
+
 /// Runs a relay and a consumer, enqueues `rate` events per second for
 /// `length`, and measures for each event the time from its enqueue
 /// transaction's commit to its row being written to ClickHouse: the time
@@ -836,6 +851,16 @@ pub async fn latency(
     // warm-up message is a row like the others).
     let probe_producer = crate::hops::producer(env)?;
     crate::hops::warm_up(&probe_producer, &topic).await?;
+    // Without a floor between inserts, ClickHouse's share is measured
+    // under the run's load too (its table created before anything is timed).
+    let insert_probe_table = format!("{table}_iprobe");
+    let insert_probe = match insert_floor_ms {
+        Some(0) => Some((
+            crate::hops::insert_probe_table(env, &insert_probe_table).await?,
+            insert_probe_table.clone(),
+        )),
+        _ => None,
+    };
 
     // Warm up: one event through, so start-up is not measured.
     write_events(
@@ -910,6 +935,15 @@ pub async fn latency(
             crate::hops::send_paced(&probe_producer, &topic, PROBE_RATE, length).await
         })
     };
+    let insert_probe = insert_probe.map(|(client, probe_table)| {
+        tokio::spawn(crate::hops::timed_inserts(
+            client,
+            probe_table,
+            INSERT_PROBE_ROWS,
+            INSERT_PROBE_EVERY,
+            length,
+        ))
+    });
 
     // Poll ClickHouse for new rows, by position.
     let mut seen_at: HashMap<Uuid, Instant> = HashMap::new();
@@ -985,6 +1019,10 @@ pub async fn latency(
             probed.len()
         );
     }
+    let insert_under_load_ms = match insert_probe {
+        Some(handle) => handle.await??,
+        None => Vec::new(),
+    };
     let in_kafka_at = tapped.seen;
     let since_commit = |arrivals: &HashMap<Uuid, Instant>| delays_ms(&committed, arrivals);
     let distinct: HashSet<&Uuid> = seen_at.keys().collect();
@@ -1004,6 +1042,7 @@ pub async fn latency(
             &["poll_ms", "write_ms"],
         ),
         hop_under_load_ms,
+        insert_under_load_ms,
     };
     say(format!(
         "latency at {rate} events/s: {} events, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} rows seen); \
@@ -1044,6 +1083,16 @@ pub async fn latency(
             budget.mean_batch,
             stages.join(", ")
         ));
+    }
+    if !run.insert_under_load_ms.is_empty() {
+        say(format!(
+            "latency at {rate} events/s: a lone insert under this load: {} inserts, p50 {:.1} ms, \
+             p99 {:.1} ms",
+            run.insert_under_load_ms.len(),
+            quantile(&run.insert_under_load_ms, 0.5),
+            quantile(&run.insert_under_load_ms, 0.99),
+        ));
+        drop_ch_tables(env, &insert_probe_table).await;
     }
     if wal {
         drop_slot(env, &table).await;

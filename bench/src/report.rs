@@ -153,6 +153,14 @@ impl Report {
                 format!("{prefix}_floor0_p99_vs_loaded_floor"),
                 floor0 / (self.get(&format!("{prefix}_floor0_hop_loaded_p99_ms")) + insert),
             ));
+            // And against both hops as loaded as the run made the machine:
+            // what is left is our own code's share.
+            latency_ratios.push((
+                format!("{prefix}_floor0_p99_vs_loaded_hops"),
+                floor0
+                    / (self.get(&format!("{prefix}_floor0_hop_loaded_p99_ms"))
+                        + self.get(&format!("{prefix}_floor0_insert_loaded_p99_ms"))),
+            ));
         }
         latency_ratios.push((
             "wal_e2e_p99_vs_floor".to_string(),
@@ -271,6 +279,16 @@ impl Report {
                 "  e2e p99 / (hop under load + insert) @ 1k/s, no floor",
                 "",
             ),
+            (
+                "e2e_floor0_insert_loaded_p99_ms",
+                "  a lone insert under that load, p99 @ 1k/s",
+                "ms",
+            ),
+            (
+                "e2e_floor0_p99_vs_loaded_hops",
+                "  e2e p99 / (hop + insert, both under load) @ 1k/s, no floor",
+                "",
+            ),
             ("e2e_5k_p50_ms", "ours: e2e p50 @ 5k/s", "ms"),
             ("e2e_5k_p99_ms", "ours: e2e p99 @ 5k/s", "ms"),
             ("e2e_5k_max_ms", "ours: e2e max @ 5k/s", "ms"),
@@ -292,6 +310,16 @@ impl Report {
             (
                 "e2e_5k_floor0_p99_vs_loaded_floor",
                 "  e2e p99 / (hop under load + insert) @ 5k/s, no floor",
+                "",
+            ),
+            (
+                "e2e_5k_floor0_insert_loaded_p99_ms",
+                "  a lone insert under that load, p99 @ 5k/s",
+                "ms",
+            ),
+            (
+                "e2e_5k_floor0_p99_vs_loaded_hops",
+                "  e2e p99 / (hop + insert, both under load) @ 5k/s, no floor",
                 "",
             ),
             ("relay_rss_mb", "ours: relay peak RSS", "MiB"),
@@ -558,12 +586,19 @@ impl Report {
         if interval.is_nan() || floor0.is_nan() || loaded.is_nan() {
             return None;
         }
-        Some(format!(
+        let mut note = format!(
             "the default cadence holds a row up to {interval:.0} ms for the next insert; \
              without it p99 {floor0:.1} ms = {:.2} × the floor, {loaded:.2} × (the hop under \
              that run's load + a lone insert)",
             self.get(&format!("{prefix}_floor0_p99_vs_floor"))
-        ))
+        );
+        let both = self.get(&format!("{prefix}_floor0_p99_vs_loaded_hops"));
+        if !both.is_nan() {
+            note.push_str(&format!(
+                ", {both:.2} × (hop + insert, both under that load)"
+            ));
+        }
+        Some(note)
     }
 
     /// Why the latency target was missed, from the floors of the same run:
@@ -1065,6 +1100,7 @@ mod tests {
             ("consumer_min_insert_interval_ms", 200.0),
             ("e2e_5k_floor0_p99_ms", 110.0),
             ("e2e_5k_floor0_hop_loaded_p99_ms", 100.0),
+            ("e2e_5k_floor0_insert_loaded_p99_ms", 10.0),
         ];
         let derived = |key: &str| {
             let mut report = Report::new("test".into(), json!({}));
@@ -1089,6 +1125,10 @@ mod tests {
         assert!(note.contains("up to 200 ms"), "{note}");
         assert!(note.contains("p99 110.0 ms = 2.20 × the floor"), "{note}");
         assert!(note.contains("1.00 × (the hop under"), "{note}");
+        assert!(
+            note.ends_with("1.00 × (hop + insert, both under that load)"),
+            "{note}"
+        );
 
         let met = verdict(
             &[
