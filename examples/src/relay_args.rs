@@ -240,11 +240,17 @@ pub struct RelayArgs {
     /// Most events per batch.
     #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = RelayConfig::default().batch_size)]
     pub batch_size: usize,
-    /// Batches in flight at once, with a source whose claims never share a
-    /// key (the outbox: each claim owns its lanes, so keys keep their
-    /// order). A flag table has one.
+    /// Batches in flight at once behind a backlog, with a source whose
+    /// claims never share a key (the outbox: each claim owns its lanes, so
+    /// keys keep their order). A flag table has one.
     #[arg(long, env = "OUTBOX_IN_FLIGHT_BATCHES", default_value_t = RelayConfig::default().max_in_flight_batches)]
     pub in_flight_batches: usize,
+    /// Batches in flight at once while caught up (the last claim was not
+    /// full): 1 sends what arrives meanwhile in one larger request, which
+    /// a broker whose cost follows its requests needs; as many as
+    /// --in-flight-batches for a distant broker with cheap requests.
+    #[arg(long, env = "OUTBOX_CAUGHT_UP_IN_FLIGHT_BATCHES", default_value_t = RelayConfig::default().caught_up_in_flight_batches)]
+    pub caught_up_in_flight_batches: usize,
     /// How long a claim that was not full stays open, taking the events
     /// that arrive in its lanes and publishing them as they come (ms; 0,
     /// the default: one publish per claim). Fewer claim transactions for a
@@ -281,6 +287,7 @@ impl RelayArgs {
             batch_size: self.batch_size,
             stop_when_idle: self.drain,
             max_in_flight_batches: self.in_flight_batches,
+            caught_up_in_flight_batches: self.caught_up_in_flight_batches,
             claim_window: Duration::from_millis(self.claim_window_ms),
             ..RelayConfig::default()
         };
