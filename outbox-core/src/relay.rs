@@ -51,7 +51,7 @@ pub struct RelayConfig {
     /// in the next one, instead of in a second, smaller batch beside it:
     /// fewer, larger produce requests, which is what a broker whose cost
     /// follows its requests needs (on tansu, at 5,000 events/s, one batch
-    /// at a time cut the to-Kafka p99 by a third;
+    /// at a time cut the to-Kafka p99 by about a quarter;
     /// `docs/performance.md`). Raise it to
     /// [`RelayConfig::max_in_flight_batches`] for a broker far away (each
     /// batch waits a round trip) whose requests are cheap. Default: 1.
