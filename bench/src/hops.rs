@@ -129,7 +129,7 @@ pub async fn raw_latency(env: &Env, rate: u32, length: Duration) -> anyhow::Resu
     let producer = producer(env)?;
     warm_up(&producer, &topic).await?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let tap = crate::pipeline::tap_topic(&env.kafka.brokers, &topic, stop.clone())?;
+    let tap = crate::latency::tap_topic(&env.kafka.brokers, &topic, stop.clone())?;
     // The tap starts at the end of each partition: let it get there first.
     tokio::time::sleep(Duration::from_secs(2)).await;
     say(format!(
@@ -143,7 +143,7 @@ pub async fn raw_latency(env: &Env, rate: u32, length: Duration) -> anyhow::Resu
         .join()
         .map_err(|_| anyhow::anyhow!("the topic tap thread panicked"))?
         .seen;
-    let ms = crate::pipeline::delays_ms(&sent_at, &readable_at);
+    let ms = crate::latency::delays_ms(&sent_at, &readable_at);
     if ms.len() < sent_at.len() {
         bail!(
             "raw latency: the tap read {} of {} messages back",
@@ -154,9 +154,9 @@ pub async fn raw_latency(env: &Env, rate: u32, length: Duration) -> anyhow::Resu
     say(format!(
         "raw latency at {rate} messages/s: {} messages, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         ms.len(),
-        crate::pipeline::quantile(&ms, 0.5),
-        crate::pipeline::quantile(&ms, 0.99),
-        crate::pipeline::quantile(&ms, 1.0),
+        crate::latency::quantile(&ms, 0.5),
+        crate::latency::quantile(&ms, 0.99),
+        crate::latency::quantile(&ms, 1.0),
     ));
     Ok(ms)
 }
@@ -192,7 +192,7 @@ pub(crate) async fn send_paced(
 ) -> anyhow::Result<std::collections::HashMap<Uuid, Instant>> {
     let mut sent_at = std::collections::HashMap::new();
     let mut deliveries = Vec::new();
-    let mut pace = crate::pipeline::Pace::new(rate, length);
+    let mut pace = crate::latency::Pace::new(rate, length);
     let mut sent = 0usize;
     while let Some(due) = pace.next().await {
         for i in sent..due {
@@ -347,8 +347,8 @@ pub async fn raw_small_inserts(
     say(format!(
         "raw small inserts: {} inserts, p50 {:.1} ms, p99 {:.1} ms",
         times.len(),
-        crate::pipeline::quantile(&times, 0.5),
-        crate::pipeline::quantile(&times, 0.99)
+        crate::latency::quantile(&times, 0.5),
+        crate::latency::quantile(&times, 0.99)
     ));
     Ok(times)
 }

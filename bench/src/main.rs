@@ -10,6 +10,7 @@ mod budget;
 mod cpu;
 mod encoder;
 mod hops;
+mod latency;
 mod pipeline;
 mod report;
 mod steady;
@@ -311,117 +312,71 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cpu,
             raw.len(),
         );
-        report.figure(
-            &format!("raw_{prefix}_kafka_p50_ms"),
-            pipeline::quantile(&raw, 0.5),
-        );
-        report.figure(
-            &format!("raw_{prefix}_kafka_p99_ms"),
-            pipeline::quantile(&raw, 0.99),
-        );
+        report.percentiles(&format!("raw_{prefix}_kafka"), &raw, &[0.5, 0.99]);
         if rate == 1000 {
             // ClickHouse alone at the consumer's pace at this rate (one
             // insert of about 20 rows every 20 ms).
             let inserts =
                 hops::raw_small_inserts(&env, 20, Duration::from_millis(20), sizes.latency).await?;
-            report.figure("raw_insert_small_p50_ms", pipeline::quantile(&inserts, 0.5));
-            report.figure(
-                "raw_insert_small_p99_ms",
-                pipeline::quantile(&inserts, 0.99),
-            );
+            report.percentiles("raw_insert_small", &inserts, &[0.5, 0.99]);
         }
         if rate == 1000 {
             // The WAL source at the same rate, against the same floors.
             let run =
-                pipeline::latency(&env, rate, sizes.latency, pipeline::Capture::Wal, None).await?;
-            report.figure("wal_e2e_p50_ms", run.percentile(0.50));
-            report.figure("wal_e2e_p99_ms", run.percentile(0.99));
-            report.figure("wal_e2e_kafka_p50_ms", run.to_kafka_percentile(0.50));
-            report.figure("wal_e2e_kafka_p99_ms", run.to_kafka_percentile(0.99));
+                latency::latency(&env, rate, sizes.latency, latency::Capture::Wal, None).await?;
+            report.percentiles("wal_e2e", &run.latencies_ms, &[0.5, 0.99]);
+            report.percentiles("wal_e2e_kafka", &run.to_kafka_ms, &[0.5, 0.99]);
             for (process, seconds) in &run.cpu_s_per_1k {
                 report.figure(&format!("wal_e2e_cpu_s_per_1k_{process}"), *seconds);
             }
         }
         // The original demo's source, a flag table, at the same rate.
-        let run = pipeline::latency(
-            &env,
-            rate,
-            sizes.latency,
-            pipeline::Capture::FlagTable,
-            None,
-        )
-        .await?;
-        report.figure(&format!("{prefix}_flag_p50_ms"), run.percentile(0.50));
-        report.figure(&format!("{prefix}_flag_p99_ms"), run.percentile(0.99));
-        report.figure(
-            &format!("{prefix}_flag_kafka_p50_ms"),
-            run.to_kafka_percentile(0.50),
+        let run =
+            latency::latency(&env, rate, sizes.latency, latency::Capture::FlagTable, None).await?;
+        report.percentiles(&format!("{prefix}_flag"), &run.latencies_ms, &[0.5, 0.99]);
+        report.percentiles(
+            &format!("{prefix}_flag_kafka"),
+            &run.to_kafka_ms,
+            &[0.5, 0.99],
         );
-        report.figure(
-            &format!("{prefix}_flag_kafka_p99_ms"),
-            run.to_kafka_percentile(0.99),
-        );
-        report.figure(
-            &format!("{prefix}_flag_hop_loaded_p99_ms"),
-            pipeline::quantile(&run.hop_under_load_ms, 0.99),
+        report.percentiles(
+            &format!("{prefix}_flag_hop_loaded"),
+            &run.hop_under_load_ms,
+            &[0.99],
         );
         // The latency-oriented insert cadence: an insert as soon as a batch
         // is read, against the default floor between inserts.
-        let run = pipeline::latency(
-            &env,
-            rate,
-            sizes.latency,
-            pipeline::Capture::Outbox,
-            Some(0),
-        )
-        .await?;
-        report.figure(&format!("{prefix}_floor0_p50_ms"), run.percentile(0.50));
-        report.figure(&format!("{prefix}_floor0_p99_ms"), run.percentile(0.99));
-        report.figure(
-            &format!("{prefix}_floor0_kafka_p99_ms"),
-            run.to_kafka_percentile(0.99),
+        let run =
+            latency::latency(&env, rate, sizes.latency, latency::Capture::Outbox, Some(0)).await?;
+        report.percentiles(&format!("{prefix}_floor0"), &run.latencies_ms, &[0.5, 0.99]);
+        report.percentiles(&format!("{prefix}_floor0_kafka"), &run.to_kafka_ms, &[0.99]);
+        report.percentiles(
+            &format!("{prefix}_floor0_hop_loaded"),
+            &run.hop_under_load_ms,
+            &[0.99],
         );
-        report.figure(
-            &format!("{prefix}_floor0_hop_loaded_p99_ms"),
-            pipeline::quantile(&run.hop_under_load_ms, 0.99),
-        );
-        report.figure(
-            &format!("{prefix}_floor0_insert_loaded_p50_ms"),
-            pipeline::quantile(&run.insert_under_load_ms, 0.50),
-        );
-        report.figure(
-            &format!("{prefix}_floor0_insert_loaded_p99_ms"),
-            pipeline::quantile(&run.insert_under_load_ms, 0.99),
+        report.percentiles(
+            &format!("{prefix}_floor0_insert_loaded"),
+            &run.insert_under_load_ms,
+            &[0.5, 0.99],
         );
         report.figure(
             &format!("{prefix}_floor0_inserts_per_min"),
-            f64::from(rate + pipeline::PROBE_RATE) * 60.0 / run.consumer_budget.mean_batch,
+            f64::from(rate + latency::PROBE_RATE) * 60.0 / run.consumer_budget.mean_batch,
         );
         let run =
-            pipeline::latency(&env, rate, sizes.latency, pipeline::Capture::Outbox, None).await?;
+            latency::latency(&env, rate, sizes.latency, latency::Capture::Outbox, None).await?;
         // One part per insert (the sink's tables have no partition key).
         report.figure(
             &format!("{prefix}_inserts_per_min"),
-            f64::from(rate + pipeline::PROBE_RATE) * 60.0 / run.consumer_budget.mean_batch,
+            f64::from(rate + latency::PROBE_RATE) * 60.0 / run.consumer_budget.mean_batch,
         );
-        report.figure(&format!("{prefix}_p50_ms"), run.percentile(0.50));
-        report.figure(&format!("{prefix}_p99_ms"), run.percentile(0.99));
-        report.figure(&format!("{prefix}_max_ms"), run.percentile(1.0));
-        report.figure(
-            &format!("{prefix}_kafka_p50_ms"),
-            run.to_kafka_percentile(0.50),
-        );
-        report.figure(
-            &format!("{prefix}_kafka_p99_ms"),
-            run.to_kafka_percentile(0.99),
-        );
-        report.figure(
-            &format!("{prefix}_hop_loaded_p50_ms"),
-            pipeline::quantile(&run.hop_under_load_ms, 0.50),
-        );
-        report.figure(
-            &format!("{prefix}_hop_loaded_p99_ms"),
-            pipeline::quantile(&run.hop_under_load_ms, 0.99),
+        report.percentiles(prefix, &run.latencies_ms, &[0.5, 0.99, 1.0]);
+        report.percentiles(&format!("{prefix}_kafka"), &run.to_kafka_ms, &[0.5, 0.99]);
+        report.percentiles(
+            &format!("{prefix}_hop_loaded"),
+            &run.hop_under_load_ms,
+            &[0.5, 0.99],
         );
         report.figure(&format!("{prefix}_events"), run.latencies_ms.len() as f64);
         report.figure(&format!("{prefix}_cpu_busy_pct"), run.cpu_busy_pct);

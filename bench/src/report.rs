@@ -30,6 +30,22 @@ impl Report {
         self.figures.push((key.to_string(), value));
     }
 
+    /// Records the quantiles `qs` of the sorted `values` as
+    /// `{stem}_p50_ms`, `{stem}_p99_ms`, … (1.0 as `{stem}_max_ms`).
+    pub fn percentiles(&mut self, stem: &str, values: &[f64], qs: &[f64]) {
+        for &q in qs {
+            let name = if q >= 1.0 {
+                "max".to_string()
+            } else {
+                format!("p{}", (q * 100.0).round())
+            };
+            self.figure(
+                &format!("{stem}_{name}_ms"),
+                crate::latency::quantile(values, q),
+            );
+        }
+    }
+
     pub fn get(&self, key: &str) -> f64 {
         self.figures
             .iter()
@@ -1139,5 +1155,15 @@ mod tests {
         )?;
         assert!(met.met && met.note.is_none());
         Ok(())
+    }
+
+    #[test]
+    fn percentiles_are_named_by_quantile() {
+        let mut report = Report::new("test".into(), json!({}));
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        report.percentiles("e2e_flag", &values, &[0.5, 0.99, 1.0]);
+        assert_eq!(report.get("e2e_flag_p50_ms"), 51.0);
+        assert_eq!(report.get("e2e_flag_p99_ms"), 99.0);
+        assert_eq!(report.get("e2e_flag_max_ms"), 100.0);
     }
 }
