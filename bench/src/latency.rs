@@ -431,9 +431,7 @@ pub async fn latency(
     outbox_kafka::ensure_topics(&env.kafka, &[topic.as_str()]).await?;
     let ch = sink_clickhouse::client_for(&env.ch)?;
     // Each batch logged (as JSON) for the time budget of an event.
-    let mut traced = env.child_env();
-    traced.push(("RUST_LOG".into(), "info,outbox_core=debug".into()));
-    traced.push(("OUTBOX_LOG_JSON".into(), "true".into()));
+    let traced = env.traced_env();
     let relay_log = env.log_dir.join(format!("{table}_relay.log"));
     let consumer_log = env.log_dir.join(format!("{table}_consumer.log"));
     let (relay_bin, consumer_bin) = (

@@ -64,8 +64,8 @@ impl Size {
                 claim_probes: 3,
             },
             Size::Small => Sizes {
-                backlog: 50_000,
-                raw: 50_000,
+                backlog: 150_000,
+                raw: 150_000,
                 naive: 2_000,
                 latency: Duration::from_secs(10),
                 claim_probes: 10,
@@ -85,7 +85,7 @@ impl Size {
 /// target/bench/report.json and target/bench/report.svg.
 #[derive(Debug, Parser)]
 struct Cli {
-    /// How much work: smoke (seconds), small (< 3 min), full (1M events).
+    /// How much work: smoke (seconds), small (150k events, about 3 min), full (1M events).
     #[arg(long, value_enum, default_value = "full")]
     size: Size,
     /// Where the report goes.
@@ -182,6 +182,18 @@ impl Env {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             ),
         ]
+    }
+}
+
+impl Env {
+    /// [`Env::child_env`] with each batch of the binaries logged as JSON
+    /// (`outbox_core` at debug): what the time budget of an event and the
+    /// consumer's drain rate are read from.
+    pub fn traced_env(&self) -> Vec<(String, String)> {
+        let mut env = self.child_env();
+        env.push(("RUST_LOG".into(), "info,outbox_core=debug".into()));
+        env.push(("OUTBOX_LOG_JSON".into(), "true".into()));
+        env
     }
 }
 

@@ -21,8 +21,9 @@ use crate::steady::Progress;
 pub struct BacklogRun {
     pub table: String,
     pub topic: String,
-    /// Events per second once the first arrived (see [`Progress`]); over
-    /// the whole run if it all arrived between two samples.
+    /// Events per second once the first arrived (see [`Progress`]; the
+    /// consumer's from its batch log, see [`crate::arrivals::drain_rate`]);
+    /// over the whole run if it all arrived between two samples.
     pub rate: f64,
     /// Seconds from the binaries' start to the first event arriving.
     pub startup_s: f64,
@@ -279,13 +280,18 @@ pub async fn sink_backlog(env: &Env, topic: &str, n: usize) -> anyhow::Result<Ba
         "consumer: writing {n} messages of {topic} into ClickHouse {table}"
     ));
     let ch = sink_clickhouse::client_for(&env.ch)?;
+    let log = env.log_dir.join(format!("{table}.log"));
     let started = Instant::now();
-    let mut proc = start(
-        env,
+    // Each batch logged: the drain's rate is read from the consumer's log.
+    let mut proc = Process::start(
         "consumer",
-        "consumer_to_clickhouse",
-        &consumer_args(topic, &table),
-        &env.log_dir.join(format!("{table}.log")),
+        Launch {
+            program: &env.bin_dir.join("consumer_to_clickhouse"),
+            args: &consumer_args(topic, &table),
+            env: &env.traced_env(),
+            log: &log,
+            gid: None,
+        },
     )?;
     let mut progress = Progress::default();
     let mut rows = 0;
@@ -325,7 +331,7 @@ pub async fn sink_backlog(env: &Env, topic: &str, n: usize) -> anyhow::Result<Ba
     let peak = proc.peak_rss_mb();
     let cpu_s_per_1k = steady_per_1k(at_first, proc.cpu_seconds(), n);
     drop_ch_tables(env, &table).await;
-    let run = BacklogRun::new(
+    let mut run = BacklogRun::new(
         table,
         topic.to_string(),
         n,
@@ -334,12 +340,18 @@ pub async fn sink_backlog(env: &Env, topic: &str, n: usize) -> anyhow::Result<Ba
         peak,
         cpu_s_per_1k,
     );
+    let sampled = run.rate;
+    if let Some(rate) = crate::arrivals::drain_rate(&std::fs::read_to_string(&log)?)? {
+        run.rate = rate;
+    }
     say(format!(
         "consumer: {n} rows in {:.2} s, the first after {:.2} s; steady {:.0} rows/s \
-         ({:.0} over the whole run), peak RSS {peak:.1} MiB, CPU {cpu_s_per_1k:.3} s per 1,000 rows",
+         (from its batches; {sampled:.0} from the table's count every {} ms, {:.0} over the \
+         whole run), peak RSS {peak:.1} MiB, CPU {cpu_s_per_1k:.3} s per 1,000 rows",
         elapsed.as_secs_f64(),
         run.startup_s,
         run.rate,
+        PROGRESS_EVERY.as_millis(),
         n as f64 / elapsed.as_secs_f64(),
     ));
     Ok(run)
