@@ -107,6 +107,24 @@ pub struct KafkaArgs {
     /// is bigger requests, less is lower latency.
     #[arg(long, env = "OUTBOX_KAFKA_LINGER_MS", default_value_t = millis(KafkaConfig::default().linger))]
     pub kafka_linger_ms: u64,
+    /// `linger.ms` of the producer of small batches (at most
+    /// --kafka-small-batch-events): it only has to outlast handing the
+    /// batch over; longer is an event's wait for nothing.
+    #[arg(
+        long,
+        env = "OUTBOX_KAFKA_SMALL_BATCH_LINGER_MS",
+        default_value_t = millis(KafkaConfig::default().small_batch_linger)
+    )]
+    pub kafka_small_batch_linger_ms: u64,
+    /// Batches of at most this many events go through the small-batch
+    /// producer (when it is free); 0: none, every batch waits
+    /// --kafka-linger-ms.
+    #[arg(
+        long,
+        env = "OUTBOX_KAFKA_SMALL_BATCH_EVENTS",
+        default_value_t = KafkaConfig::default().small_batch_events
+    )]
+    pub kafka_small_batch_events: usize,
     /// Use the idempotent producer. `false` for brokers that cannot take its
     /// epoch bump after a timeout (tansu 0.6); the guarantees hold either way.
     #[arg(
@@ -161,6 +179,8 @@ impl KafkaArgs {
             topic_partitions: self.topic_partitions,
             message_timeout: Duration::from_millis(self.kafka_message_timeout_ms),
             linger: Duration::from_millis(self.kafka_linger_ms),
+            small_batch_linger: Duration::from_millis(self.kafka_small_batch_linger_ms),
+            small_batch_events: self.kafka_small_batch_events,
             idempotence: self.kafka_idempotence,
             compression: self.kafka_compression,
             ..outbox_kafka::KafkaConfig::default()
@@ -324,6 +344,11 @@ impl std::fmt::Debug for KafkaArgs {
             .field("topic_partitions", &self.topic_partitions)
             .field("kafka_message_timeout_ms", &self.kafka_message_timeout_ms)
             .field("kafka_linger_ms", &self.kafka_linger_ms)
+            .field(
+                "kafka_small_batch_linger_ms",
+                &self.kafka_small_batch_linger_ms,
+            )
+            .field("kafka_small_batch_events", &self.kafka_small_batch_events)
             .field("kafka_compression", &self.kafka_compression)
             .field("kafka_idempotence", &self.kafka_idempotence)
             .field("kafka_property_keys", &property_keys)

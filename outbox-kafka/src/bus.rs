@@ -28,7 +28,9 @@ use crate::{ensure_topics, BusError, KafkaConfig};
 /// its id, so a copy published again always lands beside the first one. Topics are created on first use when
 /// [`KafkaConfig::create_topics`] is set. Publishes in flight at the same
 /// time each use a producer of their own (up to [`KafkaConfig::producers`]),
-/// so one batch never waits behind another's produce request. After a fatal
+/// so one batch never waits behind another's produce request; a small batch
+/// goes through a producer of its own with a shorter linger
+/// ([`KafkaConfig::small_batch_events`]) when that one is free. After a fatal
 /// producer error (for example a broker that lost the producer's id) that
 /// producer is replaced and the events it did not deliver are reported as
 /// retryable.
@@ -46,7 +48,10 @@ use crate::{ensure_topics, BusError, KafkaConfig};
 pub struct KafkaBus {
     config: KafkaConfig,
     context: Reporting,
-    producers: Pool<FutureProducer<Reporting>>,
+    producers: Producers,
+    /// The small-batch producer ([`KafkaConfig::small_batch_linger`]); none
+    /// when [`KafkaConfig::small_batch_events`] is 0.
+    small: Option<Producers>,
     known_topics: Mutex<HashSet<String>>,
     partition_counts: Mutex<HashMap<String, i32>>,
     /// Events refused together with others: their refusal may be the whole
@@ -66,10 +71,19 @@ impl KafkaBus {
         }
         let context = Reporting::default();
         let producers = (0..config.producers.max(1))
-            .map(|_| create_producer(&config, &context))
+            .map(|_| create_producer(&config, config.linger, &context))
             .collect::<Result<Vec<_>, _>>()?;
+        let small = match config.small_batch_events {
+            0 => None,
+            _ => Some(Pool::new(vec![create_producer(
+                &config,
+                config.small_batch_linger,
+                &context,
+            )?])),
+        };
         Ok(Self {
             producers: Pool::new(producers),
+            small,
             config,
             context,
             known_topics: Mutex::new(HashSet::new()),
@@ -102,7 +116,10 @@ impl KafkaBus {
     /// Waits until every message handed to a producer was delivered or
     /// failed (publishes in flight finish first).
     pub async fn flush(&self, timeout: Duration) -> Result<(), BusError> {
-        let producers = self.producers.with_all(<[_]>::to_vec).await;
+        let mut producers = self.producers.with_all(<[_]>::to_vec).await;
+        if let Some(small) = &self.small {
+            producers.extend(small.with_all(<[_]>::to_vec).await);
+        }
         let brokers = self.config.brokers.clone();
         tokio::task::spawn_blocking(move || {
             producers
@@ -122,15 +139,31 @@ impl KafkaBus {
 
     /// A producer for one publish: an idle one, or a new one in place of
     /// one dropped after a fatal error.
-    async fn take_producer(
-        &self,
-    ) -> Result<crate::pool::Taken<'_, FutureProducer<Reporting>>, BusError> {
+    async fn take_producer(&self) -> Result<Taken<'_>, BusError> {
         self.producers
             .take(|| {
                 info!("creating a kafka producer in place of the one that failed");
-                create_producer(&self.config, &self.context)
+                create_producer(&self.config, self.config.linger, &self.context)
             })
             .await
+    }
+
+    /// The producer for a publish of `events`, with the pool to give it
+    /// back to: the small-batch one if the batch is small and that producer
+    /// free, else one of the pool.
+    async fn producer_for(&self, events: &[Event]) -> Result<(Taken<'_>, &Producers), BusError> {
+        if let Some(small) = &self.small {
+            if is_small_batch(events.len(), self.config.small_batch_events) {
+                let taken = small.try_take(|| {
+                    info!("creating a kafka producer in place of the one that failed");
+                    create_producer(&self.config, self.config.small_batch_linger, &self.context)
+                })?;
+                if let Some(taken) = taken {
+                    return Ok((taken, small));
+                }
+            }
+        }
+        Ok((self.take_producer().await?, &self.producers))
     }
 
     async fn ensure_known_topics(&self, events: &[Event]) -> Result<(), BusError> {
@@ -183,12 +216,22 @@ impl KafkaBus {
     }
 }
 
+type Producers = Pool<FutureProducer<Reporting>>;
+type Taken<'a> = crate::pool::Taken<'a, FutureProducer<Reporting>>;
+
+/// Whether a batch of `len` events goes through the small-batch producer
+/// ([`KafkaConfig::small_batch_events`]; 0 means never).
+fn is_small_batch(len: usize, small_batch_events: usize) -> bool {
+    small_batch_events > 0 && len <= small_batch_events
+}
+
 fn create_producer(
     config: &KafkaConfig,
+    linger: Duration,
     context: &Reporting,
 ) -> Result<FutureProducer<Reporting>, BusError> {
     config
-        .producer_config()
+        .producer_config_with_linger(linger)
         .create_with_context(context.clone())
         .map_err(|source| BusError::Config {
             brokers: config.brokers.clone(),
@@ -350,7 +393,7 @@ fn answer(
 impl Bus for KafkaBus {
     async fn publish(&self, events: &[Event]) -> outbox_core::Result<Vec<Delivery>> {
         self.ensure_known_topics(events).await?;
-        let taken = self.take_producer().await?;
+        let (taken, pool) = self.producer_for(events).await?;
         let published = self.publish_with(&taken.producer, events).await;
         match taken.producer.client().fatal_error() {
             // Messages acknowledged before the fatal error stay acknowledged;
@@ -360,7 +403,7 @@ impl Bus for KafkaBus {
                 warn!(%code, reason, "kafka producer reported a fatal error: replacing it");
                 drop(taken);
             }
-            None => self.producers.give_back(taken),
+            None => pool.give_back(taken),
         }
         published
     }
@@ -448,6 +491,17 @@ impl KafkaBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_batches_up_to_the_bound_are_small() {
+        assert!(is_small_batch(1, 256));
+        assert!(is_small_batch(256, 256));
+        assert!(!is_small_batch(257, 256));
+        assert!(
+            !is_small_batch(1, 0),
+            "0 turns the small-batch producer off"
+        );
+    }
 
     fn rejected() -> Delivery {
         Delivery::Rejected("MESSAGE_TOO_LARGE".into())

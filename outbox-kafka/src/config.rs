@@ -26,6 +26,22 @@ pub struct KafkaConfig {
     pub message_timeout: Duration,
     /// How long the producer waits to fill a request (`linger.ms`). Default: 5 ms.
     pub linger: Duration,
+    /// `linger.ms` of the one producer of a [`crate::KafkaBus`] that
+    /// publishes small batches (see [`KafkaConfig::small_batch_events`]).
+    /// A producer carries one batch at a time, and the bus hands it the
+    /// whole batch at once, so its linger only has to outlast handing over
+    /// the batch: the rest is an event's wait for nothing (measured in
+    /// `docs/performance.md`: 5 ms of it twice in a caught-up event's path,
+    /// behind the batch in flight and in its own). Too short for the batch
+    /// and the producer sends it in several requests, which a broker such
+    /// as tansu pays for per request. Default: 1 ms.
+    pub small_batch_linger: Duration,
+    /// Batches of at most this many events go through the small-batch
+    /// producer (when it is not busy with another), larger ones through the
+    /// [`KafkaConfig::producers`] with [`KafkaConfig::linger`]: a backlog's
+    /// full batches take longer to hand over than a short linger, a caught-up
+    /// relay's few events do not. 0: no small-batch producer. Default: 256.
+    pub small_batch_events: usize,
     /// Use librdkafka's idempotent producer (`enable.idempotence`, up to 5
     /// requests in flight). Default: true.
     ///
@@ -68,6 +84,8 @@ impl Default for KafkaConfig {
             client_id: "outbox".into(),
             message_timeout: Duration::from_secs(10),
             linger: Duration::from_millis(5),
+            small_batch_linger: Duration::from_millis(1),
+            small_batch_events: 256,
             idempotence: true,
             compression: Compression::None,
             producers: 2,
@@ -87,6 +105,8 @@ impl std::fmt::Debug for KafkaConfig {
             .field("client_id", &self.client_id)
             .field("message_timeout", &self.message_timeout)
             .field("linger", &self.linger)
+            .field("small_batch_linger", &self.small_batch_linger)
+            .field("small_batch_events", &self.small_batch_events)
             .field("idempotence", &self.idempotence)
             .field("compression", &self.compression)
             .field("producers", &self.producers)
@@ -131,6 +151,12 @@ impl KafkaConfig {
     /// assert_eq!(properties.get("compression.type"), Some("none"));
     /// ```
     pub fn producer_config(&self) -> ClientConfig {
+        self.producer_config_with_linger(self.linger)
+    }
+
+    /// [`KafkaConfig::producer_config`] with another `linger.ms` (the
+    /// small-batch producer's).
+    pub(crate) fn producer_config_with_linger(&self, linger: Duration) -> ClientConfig {
         let mut config = self.client_config();
         let in_flight = if self.idempotence { "5" } else { "1" };
         config
@@ -141,7 +167,8 @@ impl KafkaConfig {
                 "message.timeout.ms",
                 self.message_timeout.as_millis().to_string(),
             )
-            .set("linger.ms", self.linger.as_millis().to_string())
+            // librdkafka takes fractions of a millisecond.
+            .set("linger.ms", (linger.as_secs_f64() * 1000.0).to_string())
             // Same key → same partition as the Java client computes.
             .set("partitioner", "murmur2_random")
             .set("compression.type", self.compression.as_str());

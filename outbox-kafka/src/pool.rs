@@ -59,6 +59,26 @@ impl<P> Pool<P> {
         })
     }
 
+    /// Takes a producer only if one is free now: `Ok(None)` when all are
+    /// taken (the caller then uses another pool rather than wait).
+    pub(crate) fn try_take<E>(
+        &self,
+        create: impl FnOnce() -> Result<P, E>,
+    ) -> Result<Option<Taken<'_, P>>, E> {
+        let Ok(permit) = self.permits.try_acquire() else {
+            return Ok(None);
+        };
+        let idle = self.lock().pop();
+        let producer = match idle {
+            Some(producer) => producer,
+            None => create()?,
+        };
+        Ok(Some(Taken {
+            producer,
+            _permit: permit,
+        }))
+    }
+
     /// Returns a producer for the next publish. One that must not serve
     /// again (after a fatal error) is dropped instead, and the next
     /// [`Pool::take`] that finds none idle makes a fresh one.
@@ -118,6 +138,20 @@ mod tests {
         let mut idle = pool.with_all(|idle| idle.to_vec()).await;
         idle.sort();
         assert_eq!(idle, vec![0, 1], "both kept for the next publishes");
+        Ok(())
+    }
+
+    #[test]
+    fn try_take_never_waits() -> Result<(), Box<dyn std::error::Error>> {
+        let pool = Pool::new(vec![0usize]);
+        let made = AtomicUsize::new(0);
+        let Some(a) = pool.try_take(counter(&made))? else {
+            return Err("the idle producer was not taken".into());
+        };
+        assert!(pool.try_take(counter(&made))?.is_none(), "all taken");
+        pool.give_back(a);
+        assert_eq!(pool.try_take(counter(&made))?.map(|t| t.producer), Some(0));
+        assert_eq!(made.load(Ordering::SeqCst), 0);
         Ok(())
     }
 

@@ -152,6 +152,75 @@ async fn concurrent_publishes_are_acknowledged_and_keep_each_keys_order() {
     assert_eq!(records.len(), published.len());
 }
 
+/// Invariant: small batches (through the small-batch producer, or the pool
+/// when it is busy) and large ones (through the pool) are all acknowledged
+/// whole, and a key keeps its order across batches whichever producer
+/// carried each: rounds of three small batches at once, then one large.
+#[tokio::test]
+async fn small_and_large_batches_keep_each_keys_order() {
+    let topic = unique("small_batches");
+    let bus = KafkaBus::new(KafkaConfig {
+        producers: 2,
+        small_batch_events: 50,
+        ..kafka()
+    })
+    .unwrap();
+    let event = |round: usize, batch: usize, i: usize| {
+        Event::new(topic.clone(), format!("{round}-{batch}-{i}")).with_key(format!("k{}", i % 9))
+    };
+    let mut published = Vec::new();
+    let mut position_of: HashMap<Uuid, outbox_core::Position> = HashMap::new();
+    for round in 0..3 {
+        // Three small batches at once carry distinct keys (as a relay's
+        // concurrent batches do); the large one after them, every key.
+        let small: Vec<Vec<Event>> = (0..3)
+            .map(|batch| {
+                (0..20)
+                    .map(|i| event(round, batch, i * 3 + batch))
+                    .collect()
+            })
+            .collect();
+        let large: Vec<Event> = (0..120).map(|i| event(round, 9, i)).collect();
+        let answers =
+            futures::future::join_all(small.iter().map(|events| bus.publish(events))).await;
+        let large_answer = bus.publish(&large).await;
+        for (events, answer) in small
+            .iter()
+            .chain(std::iter::once(&large))
+            .zip(answers.into_iter().chain(std::iter::once(large_answer)))
+        {
+            for (event, delivery) in events.iter().zip(answer.unwrap()) {
+                let Delivery::Acknowledged(position) = delivery else {
+                    panic!("not acknowledged: {delivery:?}");
+                };
+                position_of.insert(event.id, position);
+            }
+        }
+        // A key's order is the order of publishing: the small batches of a
+        // round (disjoint keys), then the large one.
+        published.extend(small.into_iter().flatten());
+        published.extend(large);
+    }
+    let mut last_of_key: HashMap<Vec<u8>, outbox_core::Position> = HashMap::new();
+    let mut out_of_order = 0;
+    for event in &published {
+        let position = position_of[&event.id];
+        let key = event.key.clone().unwrap().to_vec();
+        if let Some(last) = last_of_key.insert(key, position) {
+            if last.partition != position.partition || last.offset >= position.offset {
+                out_of_order += 1;
+            }
+        }
+    }
+    println!(
+        "published={} acknowledged={} out_of_order={out_of_order}",
+        published.len(),
+        position_of.len()
+    );
+    assert_eq!(position_of.len(), published.len());
+    assert_eq!(out_of_order, 0);
+}
+
 /// Invariant (a batch that grows in flight keeps each key's order): parts
 /// handed to a growing publish while the earlier parts are still on their
 /// way (the bus has two producers, so parts on different producers could
