@@ -1009,16 +1009,16 @@ mod tests {
             .ok_or_else(|| format!("no target {key}"))
     }
 
-    /// The latency ratios take the floor of their own rate, the CPU ratio
-    /// the raw hops the consumer stands for.
+    /// The throughput rows once said ≥ 0.8 where the verdict held 0.9.
     #[test]
     fn the_table_shows_each_target_with_the_verdicts_bound() {
-        // The throughput rows once said ≥ 0.8 where the verdict held 0.9.
         assert_eq!(unit_column("sink_vs_limit", ""), "(≥ 0.9)");
         assert_eq!(unit_column("relay_vs_limit", "(≥ 0.8)"), "(≥ 0.9)");
         assert_eq!(unit_column("raw_produce_eps", "msg/s"), "msg/s");
     }
 
+    /// The latency ratios take the floor of their own rate, the CPU ratio
+    /// the raw hops the consumer stands for.
     #[test]
     fn ratios_are_taken_against_the_limits_of_the_same_rate() {
         let mut report = Report::new("test".into(), json!({}));

@@ -149,6 +149,7 @@ impl KafkaConfig {
     /// let properties = config.producer_config();
     /// assert_eq!(properties.get("acks"), Some("all"));
     /// assert_eq!(properties.get("compression.type"), Some("none"));
+    /// assert_eq!(properties.get("linger.ms"), Some("5"));
     /// ```
     pub fn producer_config(&self) -> ClientConfig {
         self.producer_config_with_linger(self.linger)
@@ -168,7 +169,10 @@ impl KafkaConfig {
                 self.message_timeout.as_millis().to_string(),
             )
             // librdkafka takes fractions of a millisecond.
-            .set("linger.ms", (linger.as_secs_f64() * 1000.0).to_string())
+            .set(
+                "linger.ms",
+                (linger.as_micros() as f64 / 1000.0).to_string(),
+            )
             // Same key → same partition as the Java client computes.
             .set("partitioner", "murmur2_random")
             .set("compression.type", self.compression.as_str());
