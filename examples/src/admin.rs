@@ -341,6 +341,17 @@ async fn flag_table_status(
         backlog.pending,
         age_text(backlog.oldest_age)
     );
+    let trigger = if outbox_pg::flag_notify_installed(client, &config).await? {
+        "installed".to_string()
+    } else {
+        format!(
+            "missing: a relay finds new rows only at its next poll (--idle-wait-ms); \
+             install it once with `producer_pg_to_kafka --source flag-table --table {} \
+             --flag-notify-trigger`",
+            config.table
+        )
+    };
+    println!("  flag table wake-up trigger: {trigger}");
     Ok(())
 }
 

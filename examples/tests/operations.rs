@@ -339,6 +339,52 @@ async fn outbox_command_migrates_reports_and_replays_a_dead_letter() {
         .unwrap();
 }
 
+/// Invariant: `outbox status` says whether a flag table has its wake-up
+/// trigger, and how to install it when it has not (without it a relay
+/// finds new rows only at its next poll).
+#[tokio::test]
+async fn outbox_status_tells_whether_a_flag_table_wakes_the_relay() {
+    let name = unique("flag_status");
+    let admin = admin_client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE {name} (id bigserial PRIMARY KEY, username text NOT NULL,
+               event_type text NOT NULL, event_time timestamptz NOT NULL DEFAULT now(),
+               sent_to_kafka boolean NOT NULL DEFAULT false);"
+        ))
+        .await
+        .unwrap();
+    let status = || async {
+        let (ok, out, err) = outbox_command(&["--table", &name, "status"]).await;
+        assert!(ok, "{err}");
+        out.lines()
+            .find(|line| line.contains("wake-up trigger"))
+            .unwrap_or_else(|| panic!("no trigger line in:\n{out}"))
+            .to_string()
+    };
+    let before = status().await;
+    let config = outbox_pg::FlagTableConfig {
+        table: name.clone(),
+        ..outbox_pg::FlagTableConfig::default()
+    }
+    .validate()
+    .unwrap();
+    outbox_pg::install_flag_notify(&admin, &config)
+        .await
+        .unwrap();
+    let after = status().await;
+    println!("before: {before}\nafter: {after}");
+    assert!(
+        before.contains("missing") && before.contains("--flag-notify-trigger"),
+        "{before}"
+    );
+    assert!(after.ends_with("installed"), "{after}");
+    admin
+        .batch_execute(&format!("DROP TABLE {name}"))
+        .await
+        .unwrap();
+}
+
 /// `consumer_to_clickhouse` once, raw rows into `table` (dead letters into
 /// `{table}_dead`), until `topic` is idle.
 fn consume_raw(topic: &str, table: &str) -> String {

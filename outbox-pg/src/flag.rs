@@ -161,11 +161,32 @@ pub fn flag_notify_sql(config: &ValidFlagTableConfig) -> String {
     format!(
         "CREATE OR REPLACE FUNCTION outbox_flag_notify() RETURNS trigger LANGUAGE plpgsql AS \
          $outbox$ BEGIN PERFORM pg_notify(TG_ARGV[0], ''); RETURN NULL; END $outbox$;\n\
-         DROP TRIGGER IF EXISTS outbox_notify ON {table};\n\
-         CREATE TRIGGER outbox_notify AFTER INSERT ON {table} FOR EACH STATEMENT \
+         DROP TRIGGER IF EXISTS {FLAG_NOTIFY_TRIGGER} ON {table};\n\
+         CREATE TRIGGER {FLAG_NOTIFY_TRIGGER} AFTER INSERT ON {table} FOR EACH STATEMENT \
          EXECUTE FUNCTION outbox_flag_notify('{channel}');"
     )
 }
+
+/// Whether the flag table of `config` has the trigger of
+/// [`flag_notify_sql`] (`outbox_notify`): without it a relay finds new rows
+/// only at its next poll. `false` when the table does not exist either.
+pub async fn flag_notify_installed<C: deadpool_postgres::GenericClient + Sync>(
+    client: &C,
+    config: &ValidFlagTableConfig,
+) -> Result<bool, PgError> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger \
+             WHERE tgrelid = to_regclass($1) AND tgname = $2 AND NOT tgisinternal)",
+            &[&config.table_sql.to_string(), &FLAG_NOTIFY_TRIGGER],
+        )
+        .await
+        .map_err(|e| PgError::query("look up the flag table's notify trigger", e))?;
+    Ok(row.get(0))
+}
+
+/// The name of the trigger [`flag_notify_sql`] installs.
+const FLAG_NOTIFY_TRIGGER: &str = "outbox_notify";
 
 /// Runs [`flag_notify_sql`], as one transaction (the statements go in one
 /// simple query, which PostgreSQL runs as a single transaction).

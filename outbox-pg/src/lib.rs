@@ -27,7 +27,8 @@ pub use connect::{check_connection, connection, PgConfig};
 pub use enqueue::Outbox;
 pub use error::{describe, is_retryable_pg, PgError};
 pub use flag::{
-    flag_notify_sql, flag_row_event_id, install_flag_notify, FlagTableSource, FLAG_ROW_NAMESPACE,
+    flag_notify_installed, flag_notify_sql, flag_row_event_id, install_flag_notify,
+    FlagTableSource, FLAG_ROW_NAMESPACE,
 };
 pub use ident::{SqlIdent, SqlName};
 pub use leases::{PartitionLeaseConfig, PartitionLeases};

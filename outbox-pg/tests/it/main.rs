@@ -437,7 +437,8 @@ async fn claims_widen_to_every_pending_lane_once_caught_up() {
 
 /// Invariant: with the trigger of `flag_notify_sql`, an insert into a flag
 /// table wakes a listening source at its commit; without it, only the
-/// poll's timeout ends a wait. Prints how long each wait took while rows
+/// poll's timeout ends a wait; `flag_notify_installed` tells the two apart.
+/// Prints how long each wait took while rows
 /// were inserted every 50 ms.
 #[tokio::test]
 async fn flag_table_inserts_wake_a_listening_source_through_its_trigger() {
@@ -498,6 +499,9 @@ async fn flag_table_inserts_wake_a_listening_source_through_its_trigger() {
     source.wait_for_events(poll).await.unwrap();
     let without_trigger = started.elapsed();
 
+    assert!(!outbox_pg::flag_notify_installed(&client, &flag_config)
+        .await
+        .unwrap());
     outbox_pg::install_flag_notify(&client, &flag_config)
         .await
         .unwrap();
@@ -505,6 +509,9 @@ async fn flag_table_inserts_wake_a_listening_source_through_its_trigger() {
     outbox_pg::install_flag_notify(&client, &flag_config)
         .await
         .unwrap();
+    assert!(outbox_pg::flag_notify_installed(&client, &flag_config)
+        .await
+        .unwrap());
     let started = std::time::Instant::now();
     source
         .wait_for_events(Duration::from_secs(60))
