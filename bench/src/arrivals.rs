@@ -27,13 +27,7 @@ impl FirstWritten {
     pub fn from_log(text: &str, topic: &str) -> anyhow::Result<Self> {
         let mut written = FirstWritten::default();
         let mut covered: BTreeMap<i32, i64> = BTreeMap::new();
-        for line in text.lines() {
-            let Ok(value) = serde_json::from_str::<Value>(line) else {
-                continue;
-            };
-            if value["fields"]["message"] != "sink batch acknowledged" {
-                continue;
-            }
+        for (line, value) in batch_lines(text) {
             let (Some(at), Some(positions)) = (
                 value["timestamp"].as_str(),
                 value["fields"]["positions"].as_str(),
@@ -86,13 +80,7 @@ pub fn drain_rate(text: &str) -> anyhow::Result<Option<f64>> {
     let mut first: Option<SystemTime> = None;
     let mut last = None;
     let mut after_first = 0u64;
-    for line in text.lines() {
-        let Ok(value) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        if value["fields"]["message"] != "sink batch acknowledged" {
-            continue;
-        }
+    for (line, value) in batch_lines(text) {
         let (Some(at), Some(len)) = (
             value["timestamp"].as_str(),
             value["fields"]["batch_len"].as_u64(),
@@ -112,6 +100,16 @@ pub fn drain_rate(text: &str) -> anyhow::Result<Option<f64>> {
     };
     let seconds = last.duration_since(first).unwrap_or_default().as_secs_f64();
     Ok((seconds > 0.0).then(|| after_first as f64 / seconds))
+}
+
+/// The consumer's batch lines (`sink batch acknowledged`) of a JSON log,
+/// each with its text; lines that are not a batch, or not JSON, are
+/// skipped.
+fn batch_lines(text: &str) -> impl Iterator<Item = (&str, Value)> {
+    text.lines().filter_map(|line| {
+        let value = serde_json::from_str::<Value>(line).ok()?;
+        (value["fields"]["message"] == "sink batch acknowledged").then_some((line, value))
+    })
 }
 
 /// `topic:partition:first-last`.

@@ -44,6 +44,23 @@ async fn read(sub: &mut KafkaSubscription, expected: usize) -> Vec<outbox_core::
     records
 }
 
+/// Events of `published` (in publishing order) whose key's previous event
+/// is on another partition or not at a lower offset.
+fn out_of_order(published: &[Event], position_of: &HashMap<Uuid, outbox_core::Position>) -> usize {
+    let mut last_of_key: HashMap<Vec<u8>, outbox_core::Position> = HashMap::new();
+    let mut out_of_order = 0;
+    for event in published {
+        let position = position_of[&event.id];
+        let key = event.key.clone().unwrap().to_vec();
+        if let Some(last) = last_of_key.insert(key, position) {
+            if last.partition != position.partition || last.offset >= position.offset {
+                out_of_order += 1;
+            }
+        }
+    }
+    out_of_order
+}
+
 /// Invariant: every event of a batch gets the broker's answer; keys keep one
 /// partition and their order; the event id travels in the header.
 #[tokio::test]
@@ -128,17 +145,7 @@ async fn concurrent_publishes_are_acknowledged_and_keep_each_keys_order() {
         }
         published.extend(batches.into_iter().flatten());
     }
-    let mut last_of_key: HashMap<Vec<u8>, outbox_core::Position> = HashMap::new();
-    let mut out_of_order = 0;
-    for event in &published {
-        let position = position_of[&event.id];
-        let key = event.key.clone().unwrap().to_vec();
-        if let Some(last) = last_of_key.insert(key, position) {
-            if last.partition != position.partition || last.offset >= position.offset {
-                out_of_order += 1;
-            }
-        }
-    }
+    let out_of_order = out_of_order(&published, &position_of);
     let mut sub = KafkaSubscription::new(&kafka(), consumer_config(&unique("g"), &topic)).unwrap();
     let records = read(&mut sub, published.len()).await;
     println!(
@@ -201,17 +208,7 @@ async fn small_and_large_batches_keep_each_keys_order() {
         published.extend(small.into_iter().flatten());
         published.extend(large);
     }
-    let mut last_of_key: HashMap<Vec<u8>, outbox_core::Position> = HashMap::new();
-    let mut out_of_order = 0;
-    for event in &published {
-        let position = position_of[&event.id];
-        let key = event.key.clone().unwrap().to_vec();
-        if let Some(last) = last_of_key.insert(key, position) {
-            if last.partition != position.partition || last.offset >= position.offset {
-                out_of_order += 1;
-            }
-        }
-    }
+    let out_of_order = out_of_order(&published, &position_of);
     println!(
         "published={} acknowledged={} out_of_order={out_of_order}",
         published.len(),
